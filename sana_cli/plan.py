@@ -1,0 +1,319 @@
+"""Requests in, a Plan out: every image to make, its size, seed and path, and the GPU batches.
+
+Pure Python (no torch): `--dry-run` prints a Plan, and tests check planning without a model.
+
+Sizes: sana-cli renders exactly the size asked for. diffusers' resolution binning would render the
+4K model's 1024x1024 request at 4096x4096 and shrink it (16x the work), so we never bin. Instead a
+size far from the model's native scale (outside 0.5x-2x its pixel count) or outside the 1:4-4:1
+aspect range the models were trained on is refused with a suggestion, unless --force-size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import modelref, presets
+from .errors import UsageError
+from .modelref import ModelRef
+
+SIZE_MULTIPLE = 32
+MIN_SIDE = 32
+MAX_SIDE = 8192  # the largest side in any Sana bin table (2048x8192 in the 4K table)
+MAX_PIXELS = 4096 * 4096
+SCALE_RANGE = (0.5, 2.0)  # allowed pixel-count ratio to the model's native size
+ASPECT_RANGE = (0.25, 4.0)  # height / width, as in diffusers' bin tables
+SEED_LIMIT = 2**63
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+DEFAULT_OUTPUT_DIR = "sana-out"
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
+@dataclass
+class Request:
+    """What one user asked for with `sana generate` (or one batch row, once expanded)."""
+
+    prompt: str
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str = ""
+    seed: int | None = None
+    num_images: int = 1
+    pag_scale: float = 0.0
+    pag_layers: str | None = None
+    output: str | None = None
+    overwrite: bool = False
+    force_size: bool = False
+    revision: str | None = None
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to make, fully resolved."""
+
+    index: int
+    row: int  # source row number (1 for generate; the line number in a batch file)
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    pag_scale: float
+    pag_layers: str | None
+    path: str
+    key: str  # hash of everything that decides the pixels; the batch manifest matches on it
+
+    def group_key(self) -> tuple:
+        return (self.width, self.height, self.steps, self.guidance, self.pag_scale, self.pag_layers)
+
+
+@dataclass
+class Plan:
+    """Everything a runner needs, and everything --dry-run shows."""
+
+    command: str
+    model: ModelRef
+    jobs: list[ImageJob]
+    groups: list[list[int]]  # indices into jobs; each inner list is one GPU batch
+    output_dir: str
+    overwrite: bool = False
+    notes: list[str] = field(default_factory=list)
+    seed_rule: str = ""
+
+    @property
+    def needs_pag(self) -> bool:
+        return any(job.pag_scale > 0 for job in self.jobs)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (the --dry-run --json output)."""
+        return {
+            "command": self.command,
+            "model": {"name": self.model.name, "source": self.model.source, "pipeline": self.model.pipeline,
+                      "revision": self.model.revision, "native_size": self.model.native_size},
+            "output_dir": self.output_dir,
+            "seed_rule": self.seed_rule,
+            "images": [asdict(job) for job in self.jobs],
+            "groups": [[self.jobs[i].index for i in group] for group in self.groups],
+            "notes": self.notes,
+        }
+
+    def describe(self) -> str:
+        """Human-readable plan for --dry-run."""
+        lines = [f"model:   {self.model.describe()}", f"output:  {self.output_dir}"]
+        if self.seed_rule:
+            lines.append(f"seeds:   {self.seed_rule}")
+        lines.append(f"images:  {len(self.jobs)} in {len(self.groups)} GPU batch(es)")
+        for number, group in enumerate(self.groups, 1):
+            first = self.jobs[group[0]]
+            pag = f", PAG {first.pag_scale} on {first.pag_layers}" if first.pag_scale > 0 else ""
+            lines.append(f"batch {number}: {first.width}x{first.height} rendered as asked (no resize), "
+                         f"{first.steps} steps, guidance {first.guidance}{pag}")
+            for i in group:
+                job = self.jobs[i]
+                lines.append(f"  #{job.index} row {job.row} seed {job.seed} -> {job.path}  {_clip(job.prompt)}")
+        lines += [f"note:    {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _clip(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return json.dumps(text if len(text) <= width else text[: width - 1] + "…", ensure_ascii=False)
+
+
+# ---- validation helpers shared by generate and batch ---------------------------------------------
+
+def check_prompt(prompt: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UsageError("the prompt is empty")
+    if "\x00" in prompt:
+        raise UsageError("the prompt contains a NUL character")
+    return prompt
+
+
+def check_side(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name} must be a whole number of pixels, got {value!r}")
+    if value <= 0:
+        raise UsageError(f"{name} must be positive, got {value}")
+    if value % SIZE_MULTIPLE:
+        lower = max(SIZE_MULTIPLE, value - value % SIZE_MULTIPLE)
+        raise UsageError(f"{name} {value} is not a multiple of {SIZE_MULTIPLE}",
+                         hint=f"try {lower} or {lower + SIZE_MULTIPLE}")
+    if value < MIN_SIDE or value > MAX_SIDE:
+        raise UsageError(f"{name} {value} is outside {MIN_SIDE}..{MAX_SIDE}")
+    return value
+
+
+def resolve_size(model: ModelRef, width: int | None, height: int | None, force: bool) -> tuple[int, int, list[str]]:
+    """Width and height to render, checked against the model's scale. Returns (w, h, notes)."""
+    native = model.native_size
+    if width is None and height is None:
+        if native is None:
+            raise UsageError(f"the native size of '{model.name}' is unknown until it is downloaded",
+                             hint="pass --size or --width/--height")
+        return native, native, []
+    width = check_side("width", width if width is not None else height)
+    height = check_side("height", height if height is not None else width)
+    if width * height > MAX_PIXELS and not force:
+        raise UsageError(f"{width}x{height} is more than the 4096x4096 pixels any Sana model renders",
+                         hint="--force-size renders it anyway")
+    aspect = height / width
+    if not ASPECT_RANGE[0] <= aspect <= ASPECT_RANGE[1] and not force:
+        raise UsageError(f"aspect ratio {width}x{height} is outside 1:4..4:1, which Sana was trained on",
+                         hint="--force-size renders it anyway")
+    notes: list[str] = []
+    if native is None:
+        notes.append("model config not cached yet: the size is checked against the model after loading")
+        return width, height, notes
+    ratio = width * height / (native * native)
+    if not SCALE_RANGE[0] <= ratio <= SCALE_RANGE[1]:
+        if not force:
+            better = presets.for_size(width, height)
+            raise UsageError(
+                f"{model.name} is a {native}px model and {width}x{height} is {ratio:.2g}x its pixel count",
+                hint=f"use --model {better.name} for this size, or --force-size to render {width}x{height} "
+                     f"with {model.name} anyway")
+        notes.append(f"--force-size: rendering {width}x{height} with a {native}px model ({ratio:.2g}x its pixels)")
+    return width, height, notes
+
+
+def check_steps_guidance(model: ModelRef, steps: int, guidance: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise UsageError(f"steps must be a whole number, got {steps!r}")
+    if steps < 1:
+        raise UsageError(f"steps must be at least 1, got {steps}")
+    if steps > model.max_steps:
+        raise UsageError(f"{model.name} takes {model.min_steps}-{model.max_steps} steps, got {steps}")
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance != guidance:
+        raise UsageError(f"guidance must be a number, got {guidance!r}")
+    if guidance < 0:
+        raise UsageError(f"guidance must be 0 or more, got {guidance}")
+
+
+def check_pag(model: ModelRef, pag_scale: float) -> None:
+    if pag_scale < 0 or pag_scale != pag_scale:
+        raise UsageError(f"--pag-scale must be 0 or more, got {pag_scale}")
+    if pag_scale > 0 and not model.supports_pag:
+        raise UsageError(f"{model.name} cannot use PAG (perturbed-attention guidance)",
+                         hint="PAG works with the SanaPipeline models; drop --pag-scale")
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"seed must be a whole number in 0..2^63-1, got {seed!r}")
+    return seed
+
+
+def draw_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+def slugify(text: str, max_chars: int = 40) -> str:
+    """A file-name-safe stem from a prompt: Unicode letters and digits kept, anything else a dash."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    slug = re.sub(r"[^\w]+|_+", "-", text).strip("-")[:max_chars].strip("-")
+    slug = slug or "image"
+    return slug + "_" if slug.upper() in _WINDOWS_RESERVED else slug
+
+
+def job_key(model: ModelRef, **params) -> str:
+    """A short hash of everything that decides an image's pixels."""
+    data = {"model": model.source, "revision": model.revision, **params}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def image_format(path: str) -> str:
+    """PIL format name for a path's extension; anything else is a usage error."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise UsageError(f"cannot write '{suffix or path}' images", hint="use .png, .jpg or .webp")
+    return IMAGE_SUFFIXES[suffix]
+
+
+def group_jobs(jobs: list[ImageJob], batch_size: int) -> list[list[int]]:
+    """Jobs with equal size / steps / guidance / PAG go together, in order of first appearance,
+    then split into GPU batches of at most batch_size. Deterministic for a given job list."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        buckets.setdefault(job.group_key(), []).append(i)
+    return [members[start:start + batch_size] for members in buckets.values()
+            for start in range(0, len(members), batch_size)]
+
+
+# ---- generate --------------------------------------------------------------------------------------
+
+def default_batch_size(width: int, height: int) -> int:
+    """Images per GPU batch: 4 at 1024px and below, fewer above, one at 4K."""
+    return max(1, min(4, (1024 * 1024 * 4) // (width * height)))
+
+
+def model_for(request: Request, *, offline: bool = False) -> ModelRef:
+    """The model a request names; without --model, the default family member nearest its size."""
+    name = request.model
+    if name is None and (request.width or request.height):
+        width = check_side("width", request.width or request.height)
+        height = check_side("height", request.height or request.width)
+        name = presets.for_size(width, height).name
+    return modelref.resolve(name, revision=request.revision, offline=offline)
+
+
+def plan_generate(request: Request, model: ModelRef) -> Plan:
+    """Resolve a `sana generate` request into a Plan. Raises UsageError for anything invalid."""
+    prompt = check_prompt(request.prompt)
+    if request.num_images < 1:
+        raise UsageError(f"--num-images must be at least 1, got {request.num_images}")
+    width, height, notes = resolve_size(model, request.width, request.height, request.force_size)
+    steps = model.steps if request.steps is None else request.steps
+    guidance = model.guidance if request.guidance is None else request.guidance
+    check_steps_guidance(model, steps, guidance)
+    check_pag(model, request.pag_scale)
+    if request.negative_prompt and not model.uses_cfg:
+        raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt; drop --negative-prompt")
+    pag_layers = (request.pag_layers or model.pag_layers) if request.pag_scale > 0 else None
+    first_seed = check_seed(request.seed) if request.seed is not None else draw_seed()
+    seeds = [check_seed(first_seed + k) for k in range(request.num_images)]
+    paths = _generate_paths(request, prompt, seeds)
+    if not request.overwrite:
+        for path in paths:
+            if os.path.lexists(path):
+                raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it, or -o elsewhere")
+    jobs = []
+    for index, (seed, path) in enumerate(zip(seeds, paths), 1):
+        params = dict(prompt=prompt, negative_prompt=request.negative_prompt, seed=seed, width=width,
+                      height=height, steps=steps, guidance=float(guidance), pag_scale=float(request.pag_scale),
+                      pag_layers=pag_layers)
+        jobs.append(ImageJob(index=index, row=1, path=path, key=job_key(model, **params), **params))
+    batch_size = request.batch_size or default_batch_size(width, height)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    rule = "as given" if request.seed is not None else "drawn at random"
+    if len(seeds) > 1:
+        rule += ", +1 for each further image"
+    return Plan(command="generate", model=model, jobs=jobs, groups=group_jobs(jobs, batch_size),
+                output_dir=str(Path(paths[0]).parent), overwrite=request.overwrite, notes=notes, seed_rule=rule)
+
+
+def _generate_paths(request: Request, prompt: str, seeds: list[int]) -> list[str]:
+    """-o is a file (its extension picks the format) or a directory; default ./sana-out/<slug>-<seed>.png."""
+    target = request.output or DEFAULT_OUTPUT_DIR
+    as_dir = target.endswith(("/", os.sep)) or os.path.isdir(target) or not Path(target).suffix
+    if as_dir:
+        stem = slugify(prompt)
+        return [os.path.join(target, f"{stem}-{seed}.png") for seed in seeds]
+    image_format(target)
+    if len(seeds) == 1:
+        return [target]
+    base = Path(target)
+    return [str(base.with_name(f"{base.stem}-{k}{base.suffix}")) for k in range(1, len(seeds) + 1)]

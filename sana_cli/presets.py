@@ -1,0 +1,140 @@
+"""The Sana model family as data: one row per checkpoint, no if-chains elsewhere.
+
+Sources: the NVlabs model zoo, the diffusers Sana docs and the hub configs (see
+../shared/reference/diffusers-sana-notes.md). ``variant`` is the weight file suffix to ask for:
+the BF16 repos ship ``*.bf16.safetensors``, the older repos ``*.fp16.safetensors``, and Sprint and
+SANA 1.5 ship plain files only (asking them for a variant fails).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+# Pipelines sana-cli knows how to drive (the class name in model_index.json).
+SANA = "SanaPipeline"
+SANA_PAG = "SanaPAGPipeline"
+SANA_SPRINT = "SanaSprintPipeline"
+SUPPORTED_PIPELINES = (SANA, SANA_PAG, SANA_SPRINT)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One checkpoint and the settings its authors recommend."""
+
+    name: str
+    repo: str  # hub id, or "tiny:<variant>" for the built-in offline model
+    pipeline: str
+    dtype: str  # weights dtype on CUDA: "bfloat16" or "float16"
+    variant: str | None
+    native_size: int  # the side length the model was trained at
+    steps: int
+    guidance: float
+    flow_shift: float | None = None  # enforced on the DPM-Solver scheduler when set
+    pag_layers: str = "transformer_blocks.8"
+    min_steps: int = 1
+    max_steps: int = 1000
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    params: str = ""  # parameter count, for `sana models`
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.repo.startswith("tiny:")
+
+    @property
+    def supports_pag(self) -> bool:
+        # SanaPAGPipeline ignores timestep_scale, so the Sprint teacher cannot use it (see notes §1).
+        return self.pipeline == SANA and "no-pag" not in self.tags
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.pipeline != SANA_SPRINT
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("sana-4k", "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers", SANA, "bfloat16", "bf16", 4096,
+           20, 5.0, flow_shift=6.0, aliases=("4k", "sana-1600m-4k"), params="1.6B",
+           description="Sana 1600M, 4096px, BF16"),
+    Preset("sana-2k", "Efficient-Large-Model/Sana_1600M_2Kpx_BF16_diffusers", SANA, "bfloat16", "bf16", 2048,
+           20, 4.5, flow_shift=3.0, aliases=("2k", "sana-1600m-2k"), params="1.6B",
+           description="Sana 1600M, 2048px, BF16"),
+    Preset("sana-1600m-1024", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", SANA, "bfloat16", "bf16",
+           1024, 20, 4.5, flow_shift=3.0, aliases=("sana", "sana-1024", "1024"), params="1.6B",
+           description="Sana 1600M, 1024px, BF16 (the default model)"),
+    Preset("sana-1600m-512", "Efficient-Large-Model/Sana_1600M_512px_diffusers", SANA, "float16", "fp16", 512,
+           20, 4.5, flow_shift=3.0, aliases=("sana-512", "512"), params="1.6B",
+           description="Sana 1600M, 512px, FP16"),
+    Preset("sana-600m-1024", "Efficient-Large-Model/Sana_600M_1024px_diffusers", SANA, "float16", "fp16", 1024,
+           20, 4.5, flow_shift=3.0, aliases=("sana-600m",), params="0.6B",
+           description="Sana 600M, 1024px, FP16"),
+    Preset("sana-600m-512", "Efficient-Large-Model/Sana_600M_512px_diffusers", SANA, "float16", "fp16", 512,
+           20, 4.5, flow_shift=3.0, params="0.6B", description="Sana 600M, 512px, FP16"),
+    Preset("sana-multiling-1024", "Efficient-Large-Model/Sana_1600M_1024px_MultiLing_diffusers", SANA, "float16",
+           "fp16", 1024, 20, 4.5, flow_shift=3.0, aliases=("multiling",), params="1.6B",
+           description="Sana 1600M, 1024px, multilingual (English, Chinese, emoji), FP16"),
+    Preset("sana-1.5-1.6b", "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", SANA, "bfloat16", None, 1024,
+           20, 4.5, aliases=("sana1.5", "sana-1.5"), params="1.6B", description="SANA 1.5 1.6B, 1024px, BF16"),
+    Preset("sana-1.5-4.8b", "Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers", SANA, "bfloat16", None, 1024,
+           20, 4.5, aliases=("sana1.5-4.8b",), params="4.8B", description="SANA 1.5 4.8B, 1024px, BF16"),
+    Preset("sprint", "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers", SANA_SPRINT, "bfloat16", None,
+           1024, 2, 4.5, min_steps=1, max_steps=4, aliases=("sana-sprint", "sprint-1.6b"), params="1.6B",
+           description="SANA-Sprint 1.6B student, 1-4 steps, 1024px"),
+    Preset("sprint-0.6b", "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers", SANA_SPRINT, "bfloat16", None,
+           1024, 2, 4.5, min_steps=1, max_steps=4, params="0.6B",
+           description="SANA-Sprint 0.6B student, 1-4 steps, 1024px"),
+    Preset("sprint-teacher", "Efficient-Large-Model/SANA_Sprint_1.6B_1024px_teacher_diffusers", SANA, "bfloat16",
+           None, 1024, 20, 4.5, params="1.6B", tags=("no-pag",),
+           description="SANA-Sprint 1.6B teacher (qk_norm, dense timestep embedding) through SanaPipeline"),
+    Preset("tiny", "tiny:sana", SANA, "float32", None, 128, 4, 4.5, flow_shift=3.0,
+           pag_layers="transformer_blocks.1", params="tiny",
+           description="built-in random tiny Sana, offline, for tests and CI (not a real model)"),
+    Preset("tiny-sprint", "tiny:sprint", SANA_SPRINT, "float32", None, 128, 2, 4.5, min_steps=1, max_steps=4,
+           params="tiny", description="built-in random tiny SANA-Sprint student (qk_norm, guidance embeds)"),
+    Preset("tiny-teacher", "tiny:teacher", SANA, "float32", None, 128, 4, 4.5, flow_shift=3.0, params="tiny",
+           tags=("no-pag",), description="built-in random tiny Sprint-teacher config (qk_norm, timestep_scale)"),
+)
+
+_BY_NAME = {p.name: p for p in PRESETS}
+_BY_ALIAS = {alias: p for p in PRESETS for alias in p.aliases}
+_BY_REPO = {p.repo.lower(): p for p in PRESETS}
+
+DEFAULT_MODEL = "sana-1600m-1024"
+# Models `--size` picks from when no --model is given: the BF16 1600M family plus the 512px model.
+SIZE_DEFAULTS = ("sana-1600m-512", "sana-1600m-1024", "sana-2k", "sana-4k")
+
+
+def find(name: str) -> Preset | None:
+    """The preset with this name, alias or hub repo id (case-insensitive), or None."""
+    key = name.strip().lower()
+    return _BY_NAME.get(key) or _BY_ALIAS.get(key) or _BY_REPO.get(key)
+
+
+def suggest(name: str) -> str | None:
+    """The nearest preset name, for 'did you mean' messages."""
+    choices = [p.name for p in PRESETS] + list(_BY_ALIAS)
+    match = difflib.get_close_matches(name.strip().lower(), choices, n=1, cutoff=0.5)
+    if not match:
+        return None
+    return find(match[0]).name
+
+
+def get(name: str) -> Preset:
+    """Like find(), but an unknown name is a usage error with a suggestion."""
+    preset = find(name)
+    if preset is None:
+        near = suggest(name)
+        raise UsageError(f"unknown model preset '{name}'" + (f"; did you mean '{near}'?" if near else ""),
+                         hint="`sana models` lists them")
+    return preset
+
+
+def for_size(width: int, height: int) -> Preset:
+    """The default-family model whose native pixel count is nearest (in log scale) to width x height."""
+    pixels = width * height
+    return min((_BY_NAME[n] for n in SIZE_DEFAULTS),
+               key=lambda p: abs(math.log(pixels / (p.native_size * p.native_size))))
