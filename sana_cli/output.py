@@ -1,0 +1,222 @@
+"""Writing images and manifests so that nothing half-written can ever exist. PIL only, no torch.
+
+Every file is written to a hidden temp file in the target directory, flushed and fsynced, then
+renamed into place: a reader (or a rerun after `kill -9`) sees the whole file or none of it.
+
+Metadata goes in two dialects: an A1111-style `parameters` text (PNG text chunk, or EXIF
+UserComment for JPEG/WebP) that existing prompt readers understand, and a `sana` JSON document
+with everything needed to reproduce the image.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .errors import GenerationError, UsageError
+from .plan import image_format
+
+TEMP_MARK = ".sana-tmp-"
+_EXIF_USER_COMMENT = 0x9286
+_EXIF_IMAGE_DESCRIPTION = 0x010E
+_EXIF_IFD = 0x8769
+
+
+def temp_path_for(path: str | Path) -> Path:
+    """A hidden sibling temp name that a later run recognises as ours and may delete."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_temp_file(name: str) -> bool:
+    return name.startswith(".") and TEMP_MARK in name
+
+
+def remove_stray_temp_files(directory: str | Path) -> list[Path]:
+    """Delete temp files a killed run left behind; returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False) and is_temp_file(entry.name):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def ensure_directory(directory: str | Path) -> Path:
+    """Create the output directory (and parents); an impossible one is a usage error."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise UsageError(f"cannot create output directory {directory}: a file is in the way") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {directory}: {exc.strerror or exc}") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {directory} is not writable")
+    return directory
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool) -> None:
+    """Write data to path via temp file + fsync + rename. Without overwrite an existing path is
+    never replaced (FileExistsError), even if it appeared while we were writing."""
+    path = Path(path)
+    temp = temp_path_for(path)
+    try:
+        with open(temp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(temp, path)
+        else:
+            _rename_no_replace(temp, path)
+        _fsync_directory(path.parent)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _rename_no_replace(temp: Path, path: Path) -> None:
+    try:
+        os.link(temp, path)  # fails if path exists: no check-then-rename race
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(path):  # file system without hard links
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from exc
+        os.replace(temp, path)
+        return
+    os.unlink(temp)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- metadata --------------------------------------------------------------------------------------
+
+def a1111_parameters(meta: dict) -> str:
+    """The de-facto standard infotext: prompt, negative prompt, then 'Key: value' pairs."""
+    lines = [meta.get("prompt", "")]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    pairs = [("Steps", meta.get("steps")), ("Sampler", meta.get("scheduler")), ("CFG scale", meta.get("guidance")),
+             ("Seed", meta.get("seed")), ("Size", f"{meta.get('width')}x{meta.get('height')}"),
+             ("Model", meta.get("model")), ("PAG scale", meta.get("pag_scale") or None),
+             ("Version", f"sana-cli {meta.get('sana_cli', '')}".strip())]
+    lines.append(", ".join(f"{key}: {value}" for key, value in pairs if value not in (None, "")))
+    return "\n".join(lines)
+
+
+def encode_image(image: Image.Image, fmt: str, meta: dict) -> bytes:
+    """Encode to PNG / JPEG / WebP bytes with both metadata dialects embedded. Deterministic for
+    equal inputs (no timestamps), so sharded and resumed runs produce identical files."""
+    buffer = io.BytesIO()
+    sana_json = json.dumps(meta, ensure_ascii=False, sort_keys=True)
+    parameters = a1111_parameters(meta)
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)  # iTXt when not Latin-1, so any prompt survives
+        info.add_text("sana", sana_json)
+        image.save(buffer, format="PNG", pnginfo=info, compress_level=4)
+    else:
+        exif = Image.Exif()
+        exif[_EXIF_IMAGE_DESCRIPTION] = "sana:" + json.dumps(meta, ensure_ascii=True, sort_keys=True)
+        exif.get_ifd(_EXIF_IFD)[_EXIF_USER_COMMENT] = b"UNICODE\x00" + parameters.encode("utf-16-be")
+        options = {"quality": 95} if fmt == "JPEG" else {"quality": 95, "method": 4}
+        image.convert("RGB").save(buffer, format=fmt, exif=exif.tobytes(), **options)
+    return buffer.getvalue()
+
+
+def write_image(image: Image.Image, path: str | Path, meta: dict, *, overwrite: bool) -> "WrittenImage":
+    """Encode and atomically write one image; returns its path, size and sha256."""
+    data = encode_image(image, image_format(str(path)), meta)
+    try:
+        atomic_write_bytes(path, data, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it") from exc
+    except OSError as exc:
+        raise GenerationError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return WrittenImage(str(path), len(data), hashlib.sha256(data).hexdigest())
+
+
+@dataclass(frozen=True)
+class WrittenImage:
+    path: str
+    bytes: int
+    sha256: str
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Both metadata dialects from an image: {'sana': dict|None, 'parameters': str|None}."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = dict(getattr(image, "text", {}) or {})
+            exif = image.getexif()
+            fmt = image.format
+            size = image.size
+    except FileNotFoundError as exc:
+        raise UsageError(f"{path}: no such file") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UsageError(f"{path} is not a readable image: {exc}") from exc
+    sana = text.get("sana")
+    parameters = text.get("parameters")
+    description = exif.get(_EXIF_IMAGE_DESCRIPTION)
+    if sana is None and isinstance(description, str) and description.startswith("sana:"):
+        sana = description[len("sana:"):]
+    comment = exif.get_ifd(_EXIF_IFD).get(_EXIF_USER_COMMENT)
+    if parameters is None and isinstance(comment, bytes):
+        parameters = _decode_user_comment(comment)
+    try:
+        sana_meta = json.loads(sana) if sana else None
+    except ValueError:
+        sana_meta = None
+    return {"path": str(path), "format": fmt, "width": size[0], "height": size[1], "sana": sana_meta,
+            "parameters": parameters}
+
+
+def _decode_user_comment(raw: bytes) -> str:
+    header, body = raw[:8], raw[8:]
+    if header == b"UNICODE\x00":
+        # A1111 writes big-endian UTF-16; tolerate a little-endian writer too.
+        text = body.decode("utf-16-be", errors="replace")
+        return text if "\x00" not in text else body.decode("utf-16-le", errors="replace")
+    return body.decode("utf-8", errors="replace")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
