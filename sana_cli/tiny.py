@@ -1,0 +1,131 @@
+"""The built-in tiny model: real diffusers Sana pipelines made of tiny random components.
+
+Built deterministically offline (fixed seeds, a word-level tokenizer trained in-process), saved
+once with `save_pretrained` under the user cache, and then loaded through the same
+`from_pretrained` path as a hub model. Its images are noise-like: it exists so that every code
+path (Sana, PAG, Sprint, the Sprint-teacher config, decoding, writing) runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+VERSION = "v1"  # bump when the recipe changes, so stale caches are not reused
+VARIANTS = ("sana", "sprint", "teacher")
+
+# Words the tokenizer knows (anything else maps to <unk>). Prompts in tests and examples use them.
+_WORDS = """a an the of and with in on at to for from by is are this that it its as or
+cat dog fox panda bird fish horse cyberpunk neon sign city street night day sky sea mountain forest
+tree flower river lake snow rain sun moon star cloud light dark red green blue yellow white black
+orange purple pink gold silver cute small big old new beautiful portrait photo painting drawing ink
+style art digital cinematic lighting detailed high quality eating bamboo sitting standing running
+flying under over near inside outside house castle car robot astronaut space planet ocean beach
+desert garden window door table cup coffee book girl boy man woman face eyes hair hat wearing
+that says sana hello world""".split()
+
+
+def cache_root() -> Path:
+    """Where sana-cli keeps its own files: $SANA_CLI_CACHE, else $XDG_CACHE_HOME/sana-cli."""
+    if os.environ.get("SANA_CLI_CACHE"):
+        return Path(os.environ["SANA_CLI_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sana-cli"
+
+
+def tiny_path(variant: str) -> Path:
+    return cache_root() / f"tiny-{VERSION}" / variant
+
+
+def ensure(variant: str) -> Path:
+    """The directory of a tiny model, building it the first time. Safe when several processes
+    race: each builds in its own temp dir and only one rename wins."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}")
+    final = tiny_path(variant)
+    if (final / "model_index.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{variant}.build-", dir=final.parent))
+    try:
+        build(variant, staging)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def build(variant: str, directory: str | Path):
+    """Build a tiny pipeline of the given variant and save it to directory; returns the pipeline."""
+    import torch
+    from diffusers import (AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaSprintPipeline,
+                           SanaTransformer2DModel, SCMScheduler)
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Gemma2Model(Gemma2Config(
+        head_dim=16, hidden_size=8, initializer_range=0.02, intermediate_size=64, max_position_embeddings=8192,
+        num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer),
+        attn_implementation="eager"))
+    torch.manual_seed(0)
+    transformer_config = dict(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32)
+    if variant == "sprint":
+        transformer_config.update(qk_norm="rms_norm_across_heads", guidance_embeds=True, guidance_embeds_scale=0.1)
+    elif variant == "teacher":
+        # The Sprint teacher: qk_norm and a dense timestep embedding fed t in [0, 1] (timestep_scale).
+        transformer_config.update(qk_norm="rms_norm_across_heads", timestep_scale=0.001)
+    transformer = SanaTransformer2DModel(**transformer_config)
+    torch.manual_seed(0)
+    # Three decoder stages (two ResBlock stages, one attention stage) so the strip decoder has a
+    # real high-resolution tail to split, as in the full DC-AE.
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2,
+        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407)
+    if variant == "sprint":
+        scheduler = SCMScheduler(prediction_type="trigflow", sigma_data=0.5)
+        pipeline = SanaSprintPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                      transformer=transformer, scheduler=scheduler)
+    else:
+        scheduler = DPMSolverMultistepScheduler(
+            algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="flow_prediction",
+            use_flow_sigmas=True, flow_shift=3.0, final_sigmas_type="zero", lower_order_final=True,
+            timestep_spacing="linspace", num_train_timesteps=1000)
+        pipeline = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                transformer=transformer, scheduler=scheduler)
+    pipeline.save_pretrained(directory)
+    return pipeline
+
+
+def _tokenizer():
+    """A word-level tokenizer trained in-process on a fixed corpus (the CHI text plus _WORDS)."""
+    from diffusers import SanaPipeline
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    chi = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default or []
+    corpus = [" ".join(_WORDS)] + list(chi)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
