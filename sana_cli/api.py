@@ -1,0 +1,185 @@
+"""The Python API the CLI calls, and that users can call too.
+
+    import sana_cli
+    result = sana_cli.generate("a red fox in the snow", model="tiny", seed=7, output="fox.png")
+    print(result.images[0].written.path)
+
+    session = sana_cli.load("sana-1600m-1024")         # keep the model loaded
+    for seed in range(4):
+        session.generate("a lighthouse at dusk", seed=seed)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .errors import GenerationError, Interrupted
+from .modelref import ModelRef
+from .pipeline import LoadedModel, LoadOptions
+from .plan import Plan, Request, model_for, plan_generate
+from .runner import EventSink, ImageResult, RunOptions, RunReport, StopToken, _no_events
+
+
+@dataclass
+class GenerateResult:
+    plan: Plan
+    report: RunReport
+    model: dict  # LoadedModel.describe()
+    load_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[ImageResult]:
+        return self.report.results
+
+    def to_dict(self) -> dict:
+        timings = {"load": round(self.load_seconds, 4), **self.report.timings}
+        return {"ok": not self.report.failed, "command": self.plan.command, "model": self.model,
+                "images": [r.to_dict() for r in self.report.results], "timings": timings,
+                "peak_memory_bytes": self.report.peak_memory_bytes, "notes": self.notes + self.plan.notes}
+
+
+class Session:
+    """A loaded model that stays in memory across calls."""
+
+    def __init__(self, loaded: LoadedModel, load_seconds: float = 0.0, *, reusable: bool = True):
+        self.loaded = loaded
+        self.load_seconds = load_seconds
+        self.reusable = reusable
+
+    @property
+    def model(self) -> ModelRef:
+        return self.loaded.ref
+
+    def run(self, plan: Plan, *, decode: str = "auto", events: EventSink = _no_events,
+            stop: StopToken | None = None, abort_in_flight: bool = True, on_result=None) -> RunReport:
+        """Run a Plan on this model; returns the report (failures are recorded, not raised)."""
+        check_plan_fits(plan, self.loaded.ref)
+        options = RunOptions(decode=decode, abort_in_flight=abort_in_flight)
+        return _run(plan, self.loaded, options, events, stop, self.reusable, on_result)
+
+    def generate(self, prompt: str, *, decode: str = "auto", events: EventSink = _no_events,
+                 stop: StopToken | None = None, **request) -> GenerateResult:
+        """Make and write images for one prompt; keyword arguments are Request fields (width,
+        height, steps, guidance, negative_prompt, seed, num_images, pag_scale, output, ...)."""
+        request.setdefault("model", self.loaded.ref.name)
+        plan = plan_generate(Request(prompt=prompt, **request), self.loaded.ref)
+        prepare_outputs(plan)
+        report = self.run(plan, decode=decode, events=events, stop=stop)
+        return _finish(plan, report, self.loaded, self.load_seconds)
+
+
+def load(model: str | None = None, *, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+         offline: bool = False, allow_pickle: bool = False, low_memory: bool = False, compile: bool = False,
+         fp8: bool = False) -> Session:
+    """Load a model (preset name, hub id or local directory) and keep it for repeated generation."""
+    from .modelref import resolve
+    from .pipeline import load as load_model
+
+    ref = resolve(model, revision=revision, offline=offline)
+    started = time.perf_counter()
+    loaded = load_model(ref, LoadOptions(device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
+                                         low_memory=low_memory, compile=compile, fp8=fp8))
+    return Session(loaded, time.perf_counter() - started)
+
+
+def generate(prompt: str, *, model: str | None = None, size: int | None = None, decode: str = "auto",
+             device: str = "auto", dtype: str = "auto", offline: bool = False, allow_pickle: bool = False,
+             low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
+             events: EventSink = _no_events, stop: StopToken | None = None, **request) -> GenerateResult:
+    """One-shot: plan, load, generate, write. Raises GenerationError if any image failed and
+    Interrupted if a signal stopped it. Keyword arguments are Request fields."""
+    if size is not None:
+        request.setdefault("width", size)
+        request.setdefault("height", size)
+    req = Request(prompt=prompt, model=model, **request)
+    plan = plan_generate(req, model_for(req, offline=offline))
+    return run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
+                    low_memory=low_memory, compile=compile, fp8=fp8, events=events, stop=stop)
+
+
+def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: str = "auto", offline: bool = False,
+             allow_pickle: bool = False, low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
+             events: EventSink = _no_events, stop: StopToken | None = None, abort_in_flight: bool = True,
+             on_result=None, loaded: LoadedModel | None = None, verbose: bool = False) -> GenerateResult:
+    """Load the plan's model (unless given) and run the plan once; the model is not kept."""
+    from .pipeline import load as load_model
+
+    stop = stop or StopToken()
+    load_seconds = 0.0
+    prepare_outputs(plan)
+    if loaded is None:
+        events("load", {"model": plan.model})
+        started = time.perf_counter()
+        loaded = load_model(plan.model, LoadOptions(device=device, dtype=dtype, offline=offline,
+                                                    allow_pickle=allow_pickle, low_memory=low_memory,
+                                                    compile=_want_compile(compile, plan, device), fp8=fp8,
+                                                    verbose=verbose))
+        load_seconds = time.perf_counter() - started
+    check_plan_fits(plan, loaded.ref)
+    if stop.requested:
+        raise Interrupted("interrupted before generation started", signal_number=stop.signal_number)
+    report = _run(plan, loaded, RunOptions(decode=decode, abort_in_flight=abort_in_flight), events, stop,
+                  False, on_result)
+    return _finish(plan, report, loaded, load_seconds)
+
+
+def prepare_outputs(plan: Plan) -> None:
+    """Create output directories before loading, so an unwritable place fails in a second, not after
+    a model download."""
+    from pathlib import Path
+
+    from .output import ensure_directory
+
+    for directory in sorted({str(Path(job.path).parent) for job in plan.jobs}):
+        ensure_directory(directory)
+
+
+def _run(plan, loaded, options, events, stop, reusable, on_result) -> RunReport:
+    from .runner import run
+
+    return run(plan, loaded, options, events=events, stop=stop, reusable=reusable, on_result=on_result)
+
+
+def _finish(plan: Plan, report: RunReport, loaded: LoadedModel, load_seconds: float) -> GenerateResult:
+    result = GenerateResult(plan=plan, report=report, model=loaded.describe(), load_seconds=load_seconds)
+    if report.stopped_by is not None:
+        done = sum(r.ok for r in report.results)
+        raise Interrupted(f"interrupted; {done} of {len(plan.jobs)} image(s) written, nothing partial left",
+                          signal_number=report.stopped_by)
+    if plan.command == "generate" and report.failed:
+        first = report.failed[0]
+        error = GenerationError(first.error or "generation failed")
+        if first.error_exit_code:
+            error.exit_code = first.error_exit_code
+        error.result = result
+        raise error
+    return result
+
+
+def _want_compile(compile: str | bool, plan: Plan, device: str) -> bool:
+    if isinstance(compile, bool):
+        return compile
+    if compile == "on":
+        return True
+    if compile == "off":
+        return False
+    import torch
+
+    from .speed import compile_pays_off
+
+    return device != "cpu" and torch.cuda.is_available() and compile_pays_off(plan.jobs)
+
+
+def check_plan_fits(plan: Plan, ref: ModelRef) -> None:
+    """Re-check what planning could not know before loading (hub models not in the cache)."""
+    from .plan import check_pag, check_steps_guidance, resolve_size
+
+    if plan.model.native_size is not None and plan.model.pipeline is not None:
+        return
+    for job in plan.jobs:
+        check_steps_guidance(ref, job.steps, job.guidance)
+        check_pag(ref, job.pag_scale)
+        if "--force-size" not in " ".join(plan.notes):
+            resolve_size(ref, job.width, job.height, force=False)

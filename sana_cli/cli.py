@@ -1,0 +1,282 @@
+"""The `sana` command: parses options, calls the API, prints results. Nothing else lives here.
+
+torch, diffusers and transformers are imported only inside commands that load a model, so
+`sana --help`, `sana models` and `--dry-run` start instantly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import signal
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .errors import EXIT_SIGINT, EXIT_USAGE, Interrupted, SanaError
+
+DECODE_CHOICES = ("auto", "full", "strips", "patch-conv", "tiled")
+EPILOG = """\b
+Exit codes: 0 success, 1 generation failed, 2 bad usage or input, 3 batch partly
+failed, 4 environment (no CUDA, model missing or not cached offline, missing
+package), 130/143 interrupted by SIGINT/SIGTERM."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
+@click.version_option(__version__, "-V", "--version", prog_name="sana-cli")
+def cli() -> None:
+    """Run NVIDIA's Sana text-to-image models from the command line.
+
+    \b
+      sana generate "a cyberpunk cat with a neon sign" --size 4096
+      sana generate "a red fox" --model tiny --seed 1 --json
+      sana models
+    """
+
+
+def _model_options(function):
+    options = [
+        click.option("-m", "--model", envvar="SANA_MODEL", show_envvar=True, metavar="NAME|HUB_ID|DIR",
+                     help="Preset (see `sana models`), hub repo id or local diffusers directory. "
+                          "Default: picked from --size (1024 -> sana-1600m-1024, 2048 -> sana-2k, 4096 -> sana-4k)."),
+        click.option("--revision", metavar="REV", help="Hub branch, tag or commit to load."),
+        click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", show_envvar=True,
+                     help="Use only the local Hugging Face cache; never touch the network."),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cuda|cuda:N|cpu",
+                     help="Where to run. Real models need CUDA unless you pass --device cpu."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+                     help="Weights dtype. auto: the checkpoint's own on CUDA (bf16 or fp16), fp32 on CPU."),
+        click.option("--decode", default="auto", show_default=True, type=click.Choice(DECODE_CHOICES),
+                     help="VAE decode: full; strips (exact, low memory); patch-conv (model card helper); "
+                          "tiled (diffusers tiling, inexact). auto: full when it fits in free memory, else strips."),
+        click.option("--low-memory", is_flag=True,
+                     help="Keep one model component on the GPU at a time (CPU offload) and decode in strips."),
+        click.option("--compile", "compile_mode", default="auto", show_default=True,
+                     type=click.Choice(["auto", "on", "off"]),
+                     help="torch.compile the transformer (cached for later runs). auto: on for long GPU runs."),
+        click.option("--fp8", is_flag=True, help="fp8 linear layers via torchao (Hopper/Ada GPUs; changes pixels slightly)."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Allow loading pickle (.bin) weights. Only for sources you trust."),
+        click.option("--dry-run", is_flag=True, help="Validate and print the plan; load nothing."),
+        click.option("--json", "json_output", is_flag=True, help="Print one JSON object on stdout, nothing else."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress or log lines on stderr."),
+        click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("prompt")
+@click.option("-s", "--size", type=int, metavar="N", help="Square size in pixels (multiple of 32).")
+@click.option("-W", "--width", type=int, metavar="N", help="Width in pixels (multiple of 32).")
+@click.option("-H", "--height", type=int, metavar="N", help="Height in pixels (multiple of 32).")
+@click.option("--steps", type=int, metavar="N", help="Denoising steps. Default: the model's (20; Sprint 2).")
+@click.option("-g", "--guidance", type=float, metavar="X", help="Guidance scale. Default: the model's (4.5; 4K 5.0).")
+@click.option("--negative-prompt", default="", metavar="TEXT", help="What to steer away from.")
+@click.option("--seed", type=int, metavar="N", help="Seed of the first image (drawn at random if omitted); +1 per image.")
+@click.option("-n", "--num-images", type=int, default=1, show_default=True, metavar="N", help="Images to make.")
+@click.option("--pag-scale", type=float, default=0.0, metavar="X",
+              help="Perturbed-attention guidance scale; > 0 uses SanaPAGPipeline (model card: 2.0).")
+@click.option("--pag-layers", metavar="LAYERS", help="Comma-separated layers for PAG. Default: transformer_blocks.8.")
+@click.option("-o", "--output", envvar="SANA_OUTPUT_DIR", show_envvar=True, metavar="PATH",
+              help="Image file (.png/.jpg/.webp) or directory. Default: ./sana-out/<prompt>-<seed>.png")
+@click.option("--overwrite", is_flag=True, help="Replace existing files (never done otherwise).")
+@click.option("--force-size", is_flag=True, help="Render a size far from the model's native scale anyway.")
+@click.option("--batch-size", type=int, metavar="N", help="Images per GPU batch with -n. Default: by size.")
+@_model_options
+def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed, num_images, pag_scale, pag_layers,
+             output, overwrite, force_size, batch_size, model, revision, offline, device, dtype, decode, low_memory,
+             compile_mode, fp8, allow_pickle, dry_run, json_output, quiet, debug):
+    """Make images from one PROMPT ('-' reads it from stdin).
+
+    Paths of written images go to stdout, one per line (or one JSON object with --json);
+    progress and logs go to stderr.
+    """
+    with _reporting(json_output, debug):
+        from .plan import Request, model_for, plan_generate
+
+        if prompt == "-":
+            prompt = sys.stdin.read().strip()
+        if size is not None and (width is not None or height is not None):
+            raise click.UsageError("--size conflicts with --width/--height; give one or the other")
+        request = Request(prompt=prompt, model=model, width=width if size is None else size,
+                          height=height if size is None else size, steps=steps, guidance=guidance,
+                          negative_prompt=negative_prompt, seed=seed, num_images=num_images, pag_scale=pag_scale,
+                          pag_layers=pag_layers, output=output, overwrite=overwrite, force_size=force_size,
+                          revision=revision, batch_size=batch_size)
+        plan = plan_generate(request, model_for(request, offline=offline))
+        if dry_run:
+            _print_plan(plan, json_output)
+            return
+        from .api import run_plan
+        from .progress import Reporter
+        from .runner import StopToken
+
+        reporter = Reporter(len(plan.jobs), quiet=quiet)
+        stop = StopToken()
+        try:
+            with _graceful_signals(stop, reporter, "stopping at the next step"):
+                result = run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline,
+                                  allow_pickle=allow_pickle, low_memory=low_memory, compile=compile_mode, fp8=fp8,
+                                  events=reporter, stop=stop, abort_in_flight=True, verbose=debug)
+        finally:
+            reporter.close()
+        if json_output:
+            _emit_json(result.to_dict())
+        else:
+            for image in result.images:
+                click.echo(image.written.path)
+            seeds = ", ".join(str(image.job.seed) for image in result.images)
+            reporter.log(f"sana: {len(result.images)} image(s) in {result.report.timings['total'] + result.load_seconds:.1f} s "
+                         f"(seed {seeds}; decode {result.images[0].decode})")
+
+
+@cli.command()
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def models(json_output):
+    """List the model presets."""
+    from .presets import PRESETS
+
+    if json_output:
+        _emit_json([{"name": p.name, "repo": p.repo, "pipeline": p.pipeline, "params": p.params,
+                     "native_size": p.native_size, "dtype": p.dtype, "variant": p.variant, "steps": p.steps,
+                     "guidance": p.guidance, "flow_shift": p.flow_shift, "pag": p.supports_pag,
+                     "aliases": list(p.aliases), "description": p.description} for p in PRESETS])
+        return
+    rows = [("NAME", "PARAMS", "SIZE", "PIPELINE", "STEPS", "CFG", "REPO")]
+    rows += [(p.name, p.params, str(p.native_size), p.pipeline, str(p.steps), str(p.guidance), p.repo)
+             for p in PRESETS]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+@click.option("--command", "as_command", is_flag=True, help="Print the `sana generate` command that reproduces it.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def info(image, json_output, as_command, debug):
+    """Show the generation parameters embedded in an IMAGE."""
+    with _reporting(json_output, debug):
+        from .output import read_metadata
+
+        meta = read_metadata(image)
+        if as_command:
+            if not meta["sana"]:
+                raise SanaError(f"{image} has no sana metadata to rebuild a command from")
+            click.echo(reproduce_command(meta["sana"]))
+        elif json_output:
+            _emit_json(meta)
+        else:
+            if meta["parameters"]:
+                click.echo(meta["parameters"])
+            if meta["sana"]:
+                click.echo(json.dumps(meta["sana"], indent=2, ensure_ascii=False, sort_keys=True))
+            if not meta["parameters"] and not meta["sana"]:
+                raise SanaError(f"{image} has no generation metadata")
+
+
+def reproduce_command(meta: dict) -> str:
+    """The `sana generate` command line that makes this image again."""
+    model = meta.get("model") or meta.get("model_id")
+    parts = ["sana", "generate", meta.get("prompt", ""), "--model", model,
+             "--width", str(meta["width"]), "--height", str(meta["height"]), "--steps", str(meta["steps"]),
+             "--guidance", str(meta["guidance"]), "--seed", str(meta["seed"])]
+    if meta.get("negative_prompt"):
+        parts += ["--negative-prompt", meta["negative_prompt"]]
+    if meta.get("pag_scale"):
+        parts += ["--pag-scale", str(meta["pag_scale"]), "--pag-layers", meta.get("pag_layers") or ""]
+    if meta.get("revision"):
+        parts += ["--revision", meta["revision"]]
+    return " ".join(shlex.quote(str(part)) for part in parts)
+
+
+# ---- shared plumbing -------------------------------------------------------------------------------
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False, default=str))
+
+
+def _print_plan(plan, json_output: bool) -> None:
+    if json_output:
+        _emit_json({"ok": True, "dry_run": True, **plan.to_dict()})
+    else:
+        click.echo(plan.describe())
+
+
+@contextlib.contextmanager
+def _reporting(json_output: bool, debug: bool):
+    """Turn errors into one stderr line (and a JSON error object with --json) and the right exit code."""
+    try:
+        yield
+    except SanaError as exc:
+        _fail(exc.line(), exc.exit_code, json_output, debug)
+    except click.UsageError as exc:
+        _fail(exc.format_message(), EXIT_USAGE, json_output, debug)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_SIGINT, json_output, debug)
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line and exit 1
+        from .decode import is_out_of_memory
+
+        if is_out_of_memory(exc):
+            message = "out of memory; try --decode strips, --low-memory, a smaller --batch-size or size"
+        else:
+            message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        _fail(message, 1, json_output, debug, hint=None if debug else "run with --debug for the traceback")
+
+
+def _fail(message: str, code: int, json_output: bool, debug: bool, hint: str | None = None):
+    if debug:
+        traceback.print_exc()
+    if json_output:
+        _emit_json({"ok": False, "error": message, "exit_code": code})
+    click.echo(f"sana: error: {message}" + (f" ({hint})" if hint else ""), err=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def _graceful_signals(stop, reporter, what: str):
+    """First SIGINT/SIGTERM: ask the runner to stop cleanly. Second: abort at once."""
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.request(signum)
+        reporter.log(f"sana: {signal.Signals(signum).name} received, {what} (send it again to abort)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        number = stop.signal_number or signal.SIGINT
+        raise Interrupted("aborted; nothing partial was written", signal_number=number) from None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: Click's usage errors as one line and exit code 2."""
+    try:
+        code = cli.main(args=argv, prog_name="sana", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help())
+        sys.exit(0)
+    except click.UsageError as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"sana: error: {exc.format_message()}{where}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        click.echo(f"sana: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("sana: interrupted", err=True)
+        sys.exit(EXIT_SIGINT)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,309 @@
+"""Loading Sana pipelines: class, device, dtype, variant, revision, offline mode, safety.
+
+The one module that calls `from_pretrained`. It never passes `trust_remote_code` or
+`custom_pipeline`, loads safetensors only unless the user allows pickle, and maps every loading
+failure to a one-line error with the right exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import tiny
+from .errors import EnvironmentProblem, UsageError
+from .modelref import ModelRef
+from .presets import SANA, SANA_PAG, SANA_SPRINT
+
+# Weight files above this size on disk mean "a real model": it needs CUDA unless --device cpu.
+_BIG_MODEL_BYTES = 200 * 2**20
+
+
+@dataclass
+class LoadOptions:
+    device: str = "auto"  # auto | cuda | cpu | cuda:N
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    offline: bool = False
+    allow_pickle: bool = False
+    low_memory: bool = False  # accelerate model CPU offload: one component on the GPU at a time
+    compile: bool = False
+    fp8: bool = False
+    verbose: bool = False  # let diffusers / transformers log (for --debug)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline plus what the runner and the metadata need to know about it."""
+
+    pipe: object
+    ref: ModelRef
+    device: object  # torch.device
+    dtype: object  # torch.dtype of the transformer
+    commit: str | None = None
+    options: LoadOptions = field(default_factory=LoadOptions)
+    _pag: dict = field(default_factory=dict)
+    text_encoder_freed: bool = False
+
+    @property
+    def generator_device(self) -> str:
+        # Noise is drawn on the execution device, as the model cards do, so a seed gives the same
+        # image as the model card recipe on the same hardware.
+        return self.device.type
+
+    def pipeline_for(self, pag_layers: str | None):
+        """The base pipeline, or a SanaPAGPipeline sharing its weights (diffusers from_pipe)."""
+        if not pag_layers:
+            return self.pipe
+        if pag_layers not in self._pag:
+            from diffusers import SanaPAGPipeline
+
+            layers = [layer.strip() for layer in pag_layers.split(",") if layer.strip()]
+            try:
+                pag = SanaPAGPipeline.from_pipe(self.pipe, pag_applied_layers=layers)
+            except ValueError as exc:
+                raise UsageError(f"--pag-layers {pag_layers!r}: {exc}") from exc
+            pag.set_progress_bar_config(disable=True)
+            self._pag[pag_layers] = pag
+        return self._pag[pag_layers]
+
+    def free_text_encoder(self) -> None:
+        """Release the text encoder's GPU memory for good, once every prompt of a one-shot run is
+        encoded (the memory plan). Moving it to the meta device frees it instantly."""
+        encoder = getattr(self.pipe, "text_encoder", None)
+        if encoder is None or self.text_encoder_freed or self.device.type != "cuda" or self.options.low_memory:
+            return  # under CPU offload it already went back to the CPU after encoding
+        import torch
+
+        encoder.to("meta")
+        self.text_encoder_freed = True
+        torch.cuda.empty_cache()
+
+    def describe(self) -> dict:
+        import diffusers
+        import torch
+        import transformers
+
+        return {"model": self.ref.name, "model_id": self.ref.source,
+                "revision": self.ref.revision, "commit": self.commit, "pipeline": self.ref.pipeline,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "generator": self.generator_device,
+                "scheduler": type(self.pipe.scheduler).__name__,
+                "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                             "transformers": transformers.__version__}}
+
+
+def import_runtime(verbose: bool = False):
+    """Import torch and diffusers, turning a missing or broken install into exit code 4. Their own
+    log lines and per-component progress bars are silenced unless verbose (--debug)."""
+    try:
+        import diffusers
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise EnvironmentProblem(f"a required package is missing: {exc.name or exc}",
+                                 hint="reinstall sana-cli (see README)") from exc
+    if not verbose:
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    return torch
+
+
+def resolve_device(ref: ModelRef, requested: str, source_dir: Path | None):
+    torch = import_runtime()
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _is_big(ref, source_dir):
+            raise EnvironmentProblem(f"{ref.name} needs a CUDA GPU and none is available",
+                                     hint="--device cpu runs it on the CPU anyway, very slowly")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem("--device cuda was asked for but CUDA is not available",
+                                 hint="check the NVIDIA driver and that torch is a CUDA build (`sana doctor`)")
+    if device.type not in ("cuda", "cpu"):
+        raise UsageError(f"unsupported --device {requested!r}; use auto, cuda, cuda:N or cpu")
+    return device
+
+
+def _is_big(ref: ModelRef, source_dir: Path | None) -> bool:
+    if ref.kind == "tiny":
+        return False
+    if source_dir is None:
+        return True
+    size = sum(p.stat().st_size for p in (source_dir / "transformer").glob("*") if p.is_file())
+    return size > _BIG_MODEL_BYTES
+
+
+def _dtype_plan(ref: ModelRef, device, requested: str):
+    """(dtype argument for from_pretrained, transformer dtype)."""
+    import torch
+
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if requested != "auto":
+        if requested not in names:
+            raise UsageError(f"unknown --dtype {requested!r}; use auto, bf16, fp16 or fp32")
+        return names[requested], names[requested]
+    if device.type != "cuda":
+        return torch.float32, torch.float32
+    if ref.preset is not None and ref.preset.dtype == "float16":
+        # fp16 checkpoints: the transformer runs in fp16; Gemma and the DC-AE overflow in fp16 and
+        # must be bf16 (diffusers #10241).
+        return {"default": torch.bfloat16, "transformer": torch.float16}, torch.float16
+    return torch.bfloat16, torch.bfloat16
+
+
+def _variant(ref: ModelRef, source_dir: Path | None, offline: bool) -> str | None:
+    """The weight variant to request: the preset's, else the one the files on disk or hub have."""
+    if ref.preset is not None:
+        return ref.preset.variant
+    files: list[str] = []
+    if source_dir is not None:
+        files = [str(p.relative_to(source_dir)) for p in source_dir.rglob("*.safetensors")]
+    elif not offline:
+        try:
+            from huggingface_hub import list_repo_files
+
+            files = list_repo_files(ref.source, revision=ref.revision)
+        except Exception:  # noqa: BLE001 - the listing is only a hint; loading reports real errors
+            files = []
+    transformer_files = [f for f in files if f.startswith("transformer/")]
+    for variant in ("bf16", "fp16"):
+        if any(f".{variant}." in name for name in transformer_files):
+            return variant
+    return None
+
+
+def _source_dir(ref: ModelRef, offline: bool) -> Path | None:
+    """Local directory of the model when it is on disk (tiny, local, or fully cached hub snapshot)."""
+    if ref.kind == "tiny":
+        return tiny.ensure(ref.source.split(":", 1)[1])
+    if ref.kind == "local":
+        return Path(ref.source)
+    return None
+
+
+def _pipeline_class(ref: ModelRef, source: str, offline: bool, revision: str | None):
+    import diffusers
+
+    name = ref.pipeline
+    if name is None:  # a hub id we have not seen: read its model_index.json first, never run its code
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = hf_hub_download(source, "model_index.json", revision=revision, local_files_only=offline)
+            with open(index, encoding="utf-8") as handle:
+                name = json.load(handle).get("_class_name")
+        except Exception as exc:  # noqa: BLE001 - mapped to a clear message
+            raise _loading_error(ref, exc, offline) from exc
+        if name not in (SANA, SANA_PAG, SANA_SPRINT):
+            raise UsageError(f"{ref.name} holds a {name} pipeline; sana-cli runs Sana, Sana PAG and Sprint")
+    # A PAG checkpoint has the same components: load it as SanaPipeline and derive PAG with from_pipe.
+    return getattr(diffusers, SANA if name == SANA_PAG else name), name
+
+
+def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
+    """Load the pipeline a ModelRef names, ready to run. Raises SanaError subclasses on failure."""
+    options = options or LoadOptions()
+    import_runtime(options.verbose)
+    offline = options.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    source_dir = _source_dir(ref, offline)
+    device = resolve_device(ref, options.device, source_dir)
+    dtype_argument, transformer_dtype = _dtype_plan(ref, device, options.dtype)
+    source = str(source_dir) if source_dir is not None else ref.source
+    cls, class_name = _pipeline_class(ref, source, offline, ref.revision)
+    kwargs = dict(dtype=dtype_argument, use_safetensors=not options.allow_pickle)
+    variant = _variant(ref, source_dir, offline)
+    if variant:
+        kwargs["variant"] = variant
+    if ref.kind == "hub":
+        kwargs.update(revision=ref.revision, local_files_only=offline)
+    try:
+        pipe = cls.from_pretrained(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every loading failure becomes one clear line
+        raise _loading_error(ref, exc, offline, allow_pickle=options.allow_pickle) from exc
+    pipe.set_progress_bar_config(disable=True)
+    _apply_flow_shift(pipe, ref)
+    if options.low_memory and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    ref = _refine(ref, pipe, class_name)
+    loaded = LoadedModel(pipe=pipe, ref=ref, device=device, dtype=transformer_dtype,
+                         commit=_cached_commit(ref) if ref.kind == "hub" else None, options=options)
+    from . import speed
+
+    speed.apply(loaded, compile=options.compile, fp8=options.fp8)
+    return loaded
+
+
+def _apply_flow_shift(pipe, ref: ModelRef) -> None:
+    """Enforce the preset's scheduler shift (the 4K model needs 6.0) when the scheduler has one."""
+    shift = ref.preset.flow_shift if ref.preset is not None else None
+    config = pipe.scheduler.config
+    if shift is not None and "flow_shift" in config and config.get("flow_shift") != shift:
+        pipe.scheduler = type(pipe.scheduler).from_config(config, flow_shift=shift)
+
+
+def _refine(ref: ModelRef, pipe, class_name: str) -> ModelRef:
+    """Fill in what only the loaded configs can tell (for hub ids that were not cached)."""
+    transformer = pipe.transformer.config
+    native = ref.native_size or int(transformer.sample_size) * pipe.vae_scale_factor
+    pipeline = SANA_SPRINT if isinstance(pipe, _sprint_class()) else (ref.pipeline or class_name)
+    supports_pag = ref.supports_pag and pipeline == SANA and float(getattr(transformer, "timestep_scale", 1.0)) == 1.0
+    return replace(ref, native_size=native, pipeline=pipeline, supports_pag=supports_pag)
+
+
+def _sprint_class():
+    from diffusers import SanaSprintPipeline
+
+    return SanaSprintPipeline
+
+
+def _cached_commit(ref: ModelRef) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(ref.source, "model_index.json", revision=ref.revision)
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(found, str) and "/snapshots/" in found.replace(os.sep, "/"):
+        return found.replace(os.sep, "/").split("/snapshots/")[1].split("/")[0]
+    return None
+
+
+def _loading_error(ref: ModelRef, exc: Exception, offline: bool, allow_pickle: bool = False) -> Exception:
+    """Map an exception from hub / diffusers / safetensors to a SanaError with the right exit code."""
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    if isinstance(exc, (UsageError, EnvironmentProblem)):
+        return exc
+    if name in ("GatedRepoError",):
+        return EnvironmentProblem(f"{ref.name} is gated on the Hugging Face hub and needs an accepted licence",
+                                  hint="accept it on the model page, then `hf auth login`")
+    if name in ("RepositoryNotFoundError",):
+        return EnvironmentProblem(f"model '{ref.source}' was not found on the Hugging Face hub")
+    if name in ("RevisionNotFoundError",):
+        return EnvironmentProblem(f"revision '{ref.revision}' of {ref.source} was not found")
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or (
+            offline and ("local cache" in text or "offline" in text.lower() or "Cannot find" in text)):
+        return EnvironmentProblem(f"{ref.name} is not in the Hugging Face cache and offline mode is on",
+                                  hint=f"download it once online (`hf download {ref.source}`) or drop --offline")
+    if name in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeaderDeserialization") or \
+            "deserializ" in text.lower() or "incomplete metadata" in text.lower():
+        return EnvironmentProblem(f"the weights of {ref.name} are corrupt or truncated: {text}",
+                                  hint="delete and download them again")
+    if ("safetensors" in text.lower() or "no file named" in text.lower()) and not allow_pickle and \
+            ("bin" in text or "no file named" in text.lower()):
+        return EnvironmentProblem(f"{ref.name} has no safetensors weights; sana-cli does not load pickle files "
+                                  "by default", hint="--allow-pickle loads .bin weights if you trust the source")
+    if isinstance(exc, ImportError):
+        return EnvironmentProblem(f"loading {ref.name} needs a missing package: {text}")
+    if isinstance(exc, (OSError, ValueError, KeyError, EnvironmentError)):
+        return EnvironmentProblem(f"cannot load {ref.name}: {text}")
+    return exc

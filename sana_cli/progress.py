@@ -1,0 +1,68 @@
+"""What a run tells the person watching it, on stderr: a progress bar on a TTY, plain lines when
+stderr is a log file (CI), nothing with --quiet. stdout is left to results."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Reporter:
+    """Turns runner events into stderr output."""
+
+    def __init__(self, total_images: int, *, quiet: bool = False, stream=None, interval: float = 10.0):
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = self.stream.isatty()
+        self.total = total_images
+        self.done = 0
+        self.failed = 0
+        self.started = time.perf_counter()
+        self.interval = interval
+        self._last_line = 0.0
+        self._bar = None
+
+    def log(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if self.quiet:
+            return
+        if kind == "load":
+            self.log(f"sana: loading {data['model'].describe()}")
+        elif kind == "batch" and self.tty and self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, unit="img", file=self.stream, dynamic_ncols=True, leave=False)
+        elif kind == "step" and self._bar is not None:
+            self._bar.set_postfix_str(f"step {data['step']}/{data['total']}", refresh=True)
+        elif kind in ("written", "failed"):
+            self._image(kind, data["result"])
+
+    def _image(self, kind: str, result) -> None:
+        self.done += 1
+        self.failed += kind == "failed"
+        if self._bar is not None:
+            self._bar.update(1)
+            if kind == "failed":
+                self._bar.write(f"sana: failed {result.job.path}: {result.error}", file=self.stream)
+            return
+        now = time.perf_counter()
+        if kind == "failed":
+            self.log(f"sana: [{self.done}/{self.total}] failed {result.job.path}: {result.error}")
+        elif self.total <= 20 or now - self._last_line >= self.interval or self.done == self.total:
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            self.log(f"sana: [{self.done}/{self.total}] wrote {result.written.path} "
+                     f"({rate:.2f} img/s, ETA {eta:.0f} s)")
+            self._last_line = now
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,298 @@
+"""Execute a Plan on a loaded model: encode prompts, denoise each GPU batch, decode, hand images to a
+background writer. The only module that drives torch through a whole run.
+
+Memory plan: when every prompt of a one-shot run can be encoded up front, the text encoder is
+encoded first and then released, so the transformer and the decode never share the GPU with Gemma.
+Signals: the first SIGINT/SIGTERM asks the run to stop (after the current GPU batch in a batch run,
+at the next denoising step in generate); nothing partial is ever written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import __version__, decode as decoding
+from .errors import GenerationError, SanaError
+from .output import WrittenImage, write_image
+from .pipeline import LoadedModel
+from .plan import ImageJob, Plan
+
+ENCODE_AHEAD_MAX = 256  # prompts; ~2.8 MB of bf16 embeddings each with CFG
+EventSink = Callable[[str, dict], None]
+
+
+def _no_events(kind: str, data: dict) -> None:
+    pass
+
+
+class StopToken:
+    """Set from a signal handler; the runner checks it between steps and batches."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+
+    def request(self, signal_number: int) -> None:
+        if self.signal_number is None:
+            self.signal_number = signal_number
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+
+@dataclass
+class RunOptions:
+    decode: str = "auto"
+    abort_in_flight: bool = False  # generate: stop mid-denoise; batch: finish the current batch
+    encode_ahead: bool = True  # allow encoding every prompt first and freeing the text encoder
+    max_sequence_length: int = 300
+
+
+@dataclass
+class ImageResult:
+    job: ImageJob
+    written: WrittenImage | None = None
+    decode: str | None = None
+    fallbacks: tuple[str, ...] = ()
+    seconds: float = 0.0  # this image's share of encode + denoise, plus its own decode
+    error: str | None = None
+    error_exit_code: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.written is not None
+
+    def to_dict(self) -> dict:
+        job = self.job
+        data = {"index": job.index, "row": job.row, "prompt": job.prompt, "seed": job.seed,
+                "width": job.width, "height": job.height, "steps": job.steps, "guidance": job.guidance,
+                "pag_scale": job.pag_scale, "path": job.path, "key": job.key}
+        if self.ok:
+            data.update(sha256=self.written.sha256, bytes=self.written.bytes, decode=self.decode,
+                        seconds=round(self.seconds, 4))
+            if self.fallbacks:
+                data["decode_fallbacks"] = list(self.fallbacks)
+        else:
+            data["error"] = self.error
+        return data
+
+
+@dataclass
+class RunReport:
+    results: list[ImageResult] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    stopped_by: int | None = None  # signal number
+    peak_memory_bytes: int | None = None
+
+    @property
+    def failed(self) -> list[ImageResult]:
+        return [r for r in self.results if not r.ok]
+
+
+class Writer:
+    """Encodes and writes images on a background thread so the GPU never waits for PNG encoding.
+    The queue is short, so at most a couple of decoded images wait in memory."""
+
+    def __init__(self, overwrite: bool, on_written: Callable[[ImageResult], None]):
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._overwrite = overwrite
+        self._on_written = on_written
+        self._thread = threading.Thread(target=self._loop, name="sana-writer", daemon=True)
+        self._thread.start()
+        self.seconds = 0.0
+
+    def submit(self, result: ImageResult, image, meta: dict) -> None:
+        self._queue.put((result, image, meta))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            result, image, meta = item
+            started = time.perf_counter()
+            try:
+                result.written = write_image(image, result.job.path, meta, overwrite=self._overwrite)
+            except SanaError as exc:
+                result.error, result.error_exit_code = exc.line(), exc.exit_code
+            except Exception as exc:  # noqa: BLE001 - a write failure fails this image only
+                result.error = f"cannot write {result.job.path}: {exc}"
+            self.seconds += time.perf_counter() - started
+            self._on_written(result)
+
+
+def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, events: EventSink = _no_events,
+        stop: StopToken | None = None, reusable: bool = True,
+        on_result: Callable[[ImageResult], None] | None = None) -> RunReport:
+    """Run every GPU batch of the plan. A batch that fails is recorded per image and the run goes on;
+    callers decide what a failure means (generate: exit 1; batch: exit 3)."""
+    options = options or RunOptions()
+    stop = stop or StopToken()
+    report = RunReport()
+    timings = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
+    started = time.perf_counter()
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    lock = threading.Lock()
+
+    def written(result: ImageResult) -> None:
+        with lock:
+            report.results.append(result)
+        if on_result is not None:
+            on_result(result)
+        events("written" if result.ok else "failed", {"result": result})
+
+    writer = Writer(plan.overwrite, written)
+    embeddings: dict[int, tuple] = {}
+    try:
+        if options.encode_ahead and not reusable and len(plan.jobs) <= ENCODE_AHEAD_MAX:
+            for number, group in enumerate(plan.groups):
+                if stop.requested:
+                    break
+                embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options)
+                timings["encode"] += seconds
+            loaded.free_text_encoder()
+        for number, group in enumerate(plan.groups):
+            if stop.requested:
+                break
+            jobs = [plan.jobs[i] for i in group]
+            events("batch", {"number": number + 1, "total": len(plan.groups), "jobs": jobs})
+            try:
+                _run_group(loaded, jobs, embeddings.pop(number, None), options, events, stop, writer, timings)
+            except _Aborted:
+                break
+            except Exception as exc:  # noqa: BLE001 - recorded per image; the run goes on
+                error = exc.line() if isinstance(exc, SanaError) else _describe_failure(exc)
+                code = exc.exit_code if isinstance(exc, SanaError) else 1
+                for job in jobs:
+                    written(ImageResult(job=job, error=error, error_exit_code=code))
+                decoding.release_memory()
+    finally:
+        writer.close()
+    report.stopped_by = stop.signal_number
+    timings["write"] = writer.seconds
+    timings["total"] = time.perf_counter() - started
+    report.timings = {key: round(value, 4) for key, value in timings.items()}
+    if loaded.device.type == "cuda":
+        report.peak_memory_bytes = torch.cuda.max_memory_allocated(loaded.device)
+    report.results.sort(key=lambda r: r.job.index)
+    return report
+
+
+class _Aborted(Exception):
+    pass
+
+
+def _timed(function, *args):
+    started = time.perf_counter()
+    value = function(*args)
+    return value, time.perf_counter() - started
+
+
+def _describe_failure(exc: Exception) -> str:
+    if decoding.is_out_of_memory(exc):
+        return ("out of memory; try --decode strips, a smaller --batch-size, --low-memory, "
+                "or a smaller size")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _chi(pipe) -> list[str] | None:
+    """The pipeline's default complex human instruction (on by default, as in the model cards)."""
+    return inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+
+
+@torch.no_grad()
+def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions) -> tuple:
+    """Prompt embeddings for a GPU batch, exactly as the pipeline would compute them itself."""
+    pipe = loaded.pipeline_for(jobs[0].pag_layers)
+    prompts = [job.prompt for job in jobs]
+    common = dict(num_images_per_prompt=1, device=pipe._execution_device, clean_caption=False,
+                  max_sequence_length=options.max_sequence_length, complex_human_instruction=_chi(pipe))
+    if loaded.ref.is_sprint:
+        embeds, mask = pipe.encode_prompt(prompts, **common)
+        return embeds, mask, None, None
+    return tuple(pipe.encode_prompt(prompts, do_classifier_free_guidance=jobs[0].guidance > 1.0,
+                                    negative_prompt=[job.negative_prompt for job in jobs], **common))
+
+
+def _run_group(loaded: LoadedModel, jobs: list[ImageJob], embeddings, options: RunOptions, events: EventSink,
+               stop: StopToken, writer: Writer, timings: dict) -> None:
+    first = jobs[0]
+    pipe = loaded.pipeline_for(first.pag_layers)
+    batch_started = time.perf_counter()
+    if embeddings is None:
+        embeddings, seconds = _timed(_encode, loaded, jobs, options)
+        timings["encode"] += seconds
+    embeds, mask, negative_embeds, negative_mask = embeddings
+
+    def on_step(pipeline, step, timestep, callback_kwargs):
+        events("step", {"step": step + 1, "total": first.steps})
+        if stop.requested and options.abort_in_flight:
+            pipeline._interrupt = True
+        return {}
+
+    kwargs = dict(prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, height=first.height,
+                  width=first.width, num_inference_steps=first.steps, guidance_scale=first.guidance,
+                  generator=[torch.Generator(loaded.generator_device).manual_seed(job.seed) for job in jobs],
+                  output_type="latent", use_resolution_binning=False, callback_on_step_end=on_step,
+                  return_dict=False)
+    if loaded.ref.is_sprint:
+        if first.steps != 2:
+            kwargs["intermediate_timesteps"] = None  # diffusers raises for steps != 2 otherwise
+    else:
+        kwargs.update(negative_prompt=None, negative_prompt_embeds=negative_embeds,
+                      negative_prompt_attention_mask=negative_mask)
+    if first.pag_scale > 0:
+        kwargs["pag_scale"] = first.pag_scale
+    started = time.perf_counter()
+    with torch.no_grad():
+        latents = pipe(**kwargs)[0]
+    timings["denoise"] += time.perf_counter() - started
+    if stop.requested and options.abort_in_flight:
+        raise _Aborted()
+    shared = (time.perf_counter() - batch_started) / len(jobs)
+    for position, job in enumerate(jobs):
+        started = time.perf_counter()
+        image, decoded = decode_to_pil(loaded, latents[position:position + 1], options.decode)
+        seconds = time.perf_counter() - started
+        timings["decode"] += seconds
+        result = ImageResult(job=job, decode=decoded.strategy, fallbacks=decoded.fallbacks, seconds=shared + seconds)
+        events("decoded", {"result": result})
+        writer.submit(result, image, image_metadata(loaded, job, decoded.strategy))
+    del latents
+
+
+@torch.no_grad()
+def decode_to_pil(loaded: LoadedModel, latents: torch.Tensor, strategy: str):
+    """Decode one image's latents exactly as the pipeline would (cast, unscale, decode, postprocess)."""
+    vae = loaded.pipe.vae
+    latents = latents.to(vae.dtype)
+    decoded = decoding.decode(vae, latents / vae.config.scaling_factor, strategy)
+    image = loaded.pipe.image_processor.postprocess(decoded.image, output_type="pil")[0]
+    return image, decoded
+
+
+def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> dict:
+    """Everything needed to reproduce the image. No timestamps or host names, so equal work gives
+    byte-identical files whichever process, shard or GPU index made them."""
+    model = loaded.describe()
+    meta = {"sana_cli": __version__, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
+            "seed": job.seed, "steps": job.steps, "guidance": job.guidance, "width": job.width,
+            "height": job.height, "rendered": f"{job.width}x{job.height}", "pag_scale": job.pag_scale,
+            "pag_layers": job.pag_layers, "decode": decode_strategy, "chi": True, **model,
+            "device": loaded.device.type}
+    if loaded.ref.is_sprint:
+        meta["intermediate_timesteps"] = 1.3 if job.steps == 2 else None
+    return meta
