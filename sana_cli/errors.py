@@ -25,6 +25,9 @@ class SanaError(Exception):
         """The single line printed on stderr."""
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __str__(self) -> str:
+        return self.line()
+
 
 class UsageError(SanaError):
     """The user asked for something invalid (options, sizes, batch rows, paths)."""

@@ -182,7 +182,11 @@ def _variant(ref: ModelRef, source_dir: Path | None, offline: bool) -> str | Non
 def _source_dir(ref: ModelRef, offline: bool) -> Path | None:
     """Local directory of the model when it is on disk (tiny, local, or fully cached hub snapshot)."""
     if ref.kind == "tiny":
-        return tiny.ensure(ref.source.split(":", 1)[1])
+        try:
+            return tiny.ensure(ref.source.split(":", 1)[1])
+        except Exception as exc:  # noqa: BLE001 - usually a full or read-only disk
+            raise EnvironmentProblem(f"cannot build the tiny model in {tiny.cache_root()}: {exc}",
+                                     hint="set SANA_CLI_CACHE to a writable directory") from exc
     if ref.kind == "local":
         return Path(ref.source)
     return None

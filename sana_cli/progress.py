@@ -3,6 +3,7 @@ stderr is a log file (CI), nothing with --quiet. stdout is left to results."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -10,16 +11,19 @@ import time
 class Reporter:
     """Turns runner events into stderr output."""
 
-    def __init__(self, total_images: int, *, quiet: bool = False, stream=None, interval: float = 10.0):
+    def __init__(self, total_images: int, *, quiet: bool = False, stream=None, interval: float | None = None):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.tty = self.stream.isatty()
         self.total = total_images
         self.done = 0
         self.failed = 0
-        self.started = time.perf_counter()
-        self.interval = interval
+        self.started: float | None = None  # at the first batch, so loading does not count in img/s
+        # Seconds between plain progress lines in logs (SANA_PROGRESS_INTERVAL, default 10).
+        self.interval = interval if interval is not None else float(os.environ.get("SANA_PROGRESS_INTERVAL", 10))
         self._last_line = 0.0
+        self._last_step_line = 0.0
+        self._batch = ""
         self._bar = None
 
     def log(self, text: str) -> None:
@@ -35,12 +39,19 @@ class Reporter:
             return
         if kind == "load":
             self.log(f"sana: loading {data['model'].describe()}")
-        elif kind == "batch" and self.tty and self._bar is None:
-            from tqdm import tqdm
+        elif kind == "batch":
+            self.started = self.started or time.perf_counter()
+            self._batch = f"batch {data['number']}/{data['total']} "
+            if self.tty and self._bar is None:
+                from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, unit="img", file=self.stream, dynamic_ncols=True, leave=False)
-        elif kind == "step" and self._bar is not None:
-            self._bar.set_postfix_str(f"step {data['step']}/{data['total']}", refresh=True)
+                self._bar = tqdm(total=self.total, unit="img", file=self.stream, dynamic_ncols=True, leave=False)
+        elif kind == "step":
+            if self._bar is not None:
+                self._bar.set_postfix_str(f"step {data['step']}/{data['total']}", refresh=True)
+            elif time.perf_counter() - self._last_step_line >= self.interval:
+                self.log(f"sana: {self._batch}step {data['step']}/{data['total']}")
+                self._last_step_line = time.perf_counter()
         elif kind in ("written", "failed"):
             self._image(kind, data["result"])
 
@@ -56,7 +67,7 @@ class Reporter:
         if kind == "failed":
             self.log(f"sana: [{self.done}/{self.total}] failed {result.job.path}: {result.error}")
         elif self.total <= 20 or now - self._last_line >= self.interval or self.done == self.total:
-            rate = self.done / max(now - self.started, 1e-9)
+            rate = self.done / max(now - (self.started or now), 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else 0.0
             self.log(f"sana: [{self.done}/{self.total}] wrote {result.written.path} "
                      f"({rate:.2f} img/s, ETA {eta:.0f} s)")

@@ -1,0 +1,262 @@
+"""`sana generate` end to end on tiny pipelines saved on disk: through the installed `sana` (subprocess)
+and Click's CliRunner, compared pixel for pixel with direct diffusers calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import SanaPAGPipeline, SanaPipeline, SanaSprintPipeline
+from PIL import Image
+
+from sana_cli.cli import cli
+from sana_cli.output import read_metadata
+
+from .conftest import SANA, one_line_error
+
+PROMPT = "a cute panda eating bamboo, ink drawing style"
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def direct(cls, model_dir, steps, seed, size=128, **call) -> np.ndarray:
+    """The same image made by calling diffusers directly (no binning: sana-cli renders the size asked)."""
+    pipe = cls.from_pretrained(str(model_dir), dtype=torch.float32, **call.pop("load", {}))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt=PROMPT, num_inference_steps=steps, height=size, width=size,
+                 generator=torch.Generator("cpu").manual_seed(seed), use_resolution_binning=False, **call).images[0]
+    return np.asarray(image)
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_installed_sana_generates_a_png_identical_to_a_direct_diffusers_call(sana, tiny_dir, tmp_path):
+    target = tmp_path / "panda.png"
+    process = sana("generate", PROMPT, "--model", tiny_dir, "--seed", 7, "--steps", 4, "-o", target, "--json",
+                   check_json=True)
+    assert process.returncode == 0, process.stderr
+    data = process.json  # stdout is exactly one JSON object
+    assert data["ok"] is True and data["images"][0]["path"] == str(target)
+    assert data["images"][0]["seed"] == 7 and data["images"][0]["decode"] == "full"
+    assert set(data["timings"]) >= {"load", "encode", "denoise", "decode", "write", "total"}
+    assert "Traceback" not in process.stderr
+    expected = direct(SanaPipeline, tiny_dir, steps=4, seed=7, negative_prompt="", guidance_scale=4.5)
+    assert np.array_equal(pixels(target), expected)
+
+
+def test_pag_switches_pipeline_and_matches_diffusers(tiny_dir, tmp_path):
+    target = tmp_path / "pag.png"
+    result = invoke("generate", PROMPT, "--model", tiny_dir, "--seed", 3, "--steps", 3, "--pag-scale", 2.0,
+                    "--pag-layers", "transformer_blocks.1", "-o", target, "--json")
+    assert result.exit_code == 0, result.output
+    expected = direct(SanaPAGPipeline, tiny_dir, steps=3, seed=3, guidance_scale=4.5, pag_scale=2.0,
+                      load={"pag_applied_layers": ["transformer_blocks.1"]})
+    assert np.array_equal(pixels(target), expected)
+    without = direct(SanaPipeline, tiny_dir, steps=3, seed=3, guidance_scale=4.5)
+    assert not np.array_equal(pixels(target), without)  # PAG really changed the image
+    assert read_metadata(target)["sana"]["pag_scale"] == 2.0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_sprint_works_for_one_to_four_steps(tiny_models, tmp_path, steps):
+    target = tmp_path / f"sprint{steps}.png"
+    result = invoke("generate", PROMPT, "--model", tiny_models["sprint"], "--seed", 5, "--steps", steps,
+                    "-o", target)
+    assert result.exit_code == 0, result.output
+    extra = {} if steps == 2 else {"intermediate_timesteps": None}
+    expected = direct(SanaSprintPipeline, tiny_models["sprint"], steps=steps, seed=5, guidance_scale=4.5, **extra)
+    assert np.array_equal(pixels(target), expected)
+    assert read_metadata(target)["sana"]["pipeline"] == "SanaSprintPipeline"
+
+
+def test_sprint_teacher_config_runs_through_sana_pipeline(tiny_models, tmp_path):
+    target = tmp_path / "teacher.png"
+    result = invoke("generate", PROMPT, "--model", tiny_models["teacher"], "--seed", 9, "--steps", 3, "-o", target)
+    assert result.exit_code == 0, result.output
+    expected = direct(SanaPipeline, tiny_models["teacher"], steps=3, seed=9, guidance_scale=4.5)
+    assert np.array_equal(pixels(target), expected)
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(tiny_dir, tmp_path):
+    for name, seed in (("a.png", 11), ("b.png", 11), ("c.png", 12)):
+        assert invoke("generate", PROMPT, "--model", "tiny", "--seed", seed, "-o", tmp_path / name).exit_code == 0
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+    assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
+    # Same inputs, same bytes: no timestamps in the metadata.
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_several_images_default_names_and_stdout_paths(tmp_path):
+    result = invoke("generate", "a red fox", "--model", "tiny", "--seed", 100, "-n", 3, "-o", f"{tmp_path}/")
+    assert result.exit_code == 0, result.output
+    expected = [str(tmp_path / f"a-red-fox-{seed}.png") for seed in (100, 101, 102)]
+    assert result.stdout.splitlines() == expected
+    assert all(os.path.exists(p) for p in expected)
+
+
+def test_metadata_round_trips_through_sana_info(sana, tmp_path):
+    target = tmp_path / "fox.webp"
+    made = sana("generate", "一只狐狸 🦊 in the snow", "--model", "tiny", "--seed", 21, "--negative-prompt", "blurry",
+                "-W", 160, "-H", 96, "-o", target, "--json", check_json=True)
+    assert made.returncode == 0, made.stderr
+    shown = sana("info", target, "--json", check_json=True)
+    assert shown.returncode == 0
+    meta = shown.json["sana"]
+    assert (meta["prompt"], meta["negative_prompt"], meta["seed"]) == ("一只狐狸 🦊 in the snow", "blurry", 21)
+    assert (meta["width"], meta["height"], meta["rendered"]) == (160, 96, "160x96")
+    assert meta["pipeline"] == "SanaPipeline" and meta["decode"] == "full" and meta["model"] == "tiny"
+    assert set(meta["versions"]) == {"torch", "diffusers", "transformers"}
+    assert shown.json["parameters"].startswith("一只狐狸 🦊 in the snow\nNegative prompt: blurry\n")
+    command = sana("info", target, "--command").stdout.strip()
+    assert command.startswith("sana generate '一只狐狸 🦊 in the snow' --model tiny --width 160 --height 96")
+    assert "--seed 21" in command and "--negative-prompt blurry" in command
+
+
+def test_reproduce_command_makes_the_same_pixels(sana, tmp_path):
+    first = tmp_path / "one.png"
+    assert invoke("generate", "a blue bird", "--model", "tiny", "--seed", 5, "-o", first).exit_code == 0
+    command = invoke("info", first, "--command").stdout.strip()
+    import shlex
+
+    args = shlex.split(command)[1:] + ["-o", str(tmp_path / "two.png")]
+    assert invoke(*args).exit_code == 0
+    assert np.array_equal(pixels(first), pixels(tmp_path / "two.png"))
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(sana, tmp_path):
+    process = sana("generate", "a cyberpunk cat", "--size", 4096, "--seed", 1, "-o", f"{tmp_path}/out/",
+                   "--dry-run", "--json", check_json=True)
+    assert process.returncode == 0, process.stderr
+    plan = process.json
+    assert plan["dry_run"] and plan["model"]["name"] == "sana-4k"
+    assert plan["images"][0]["width"] == 4096 and plan["images"][0]["steps"] == 20
+    assert not (tmp_path / "out").exists()
+    text = sana("generate", "a cyberpunk cat", "--size", 1024, "--seed", 1, "--dry-run").stdout
+    assert "sana-1600m-1024" in text and "1024x1024 rendered as asked (no resize)" in text
+
+
+# ---- exit codes, each from a real case ---------------------------------------------------------------
+
+def test_exit_2_for_bad_usage_with_one_line(sana, tmp_path):
+    for args, fragment in [
+        (("generate", "x", "--size", 1000), "not a multiple of 32"),
+        (("generate", "x", "--model", "sana-4k", "--size", 1024), "4096px model"),
+        (("generate", "x", "--model", "sanaa-4k"), "did you mean 'sana-4k'"),
+        (("generate", "x", "--size", 1024, "--width", 512), "conflicts"),
+        (("generate", "x", "--steps", "many"), "'many' is not a valid integer"),
+        (("generate", "   "), "prompt is empty"),
+        (("generate", "x", "--bogus"), "No such option"),
+    ]:
+        process = sana(*args)
+        assert process.returncode == 2, (args, process.stderr)
+        assert fragment in one_line_error(process)
+        assert process.stdout == ""
+
+
+def test_exit_2_for_an_existing_output_and_the_file_is_untouched(sana, tmp_path):
+    target = tmp_path / "taken.png"
+    target.write_bytes(b"mine")
+    process = sana("generate", "x", "--model", "tiny", "-o", target)
+    assert process.returncode == 2 and "already exists" in one_line_error(process)
+    assert target.read_bytes() == b"mine"
+
+
+def test_exit_4_when_a_real_model_needs_cuda(sana, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    process = sana("generate", "x", "--model", "sana-1600m-1024", "--seed", 1, "-o", f"{tmp_path}/")
+    assert process.returncode == 4
+    assert "needs a CUDA GPU" in one_line_error(process)
+
+
+def test_exit_4_when_offline_and_the_model_is_not_cached(sana, tmp_path):
+    process = sana("generate", "x", "--model", "someone/not-cached-sana", "--offline", "--device", "cpu",
+                   "--size", 128, "-o", f"{tmp_path}/")
+    assert process.returncode == 4, process.stderr
+    assert "not in the Hugging Face cache and offline mode is on" in one_line_error(process)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exit_4_for_a_missing_model_directory(sana, tmp_path):
+    process = sana("generate", "x", "--model", tmp_path / "no-such-model")
+    assert process.returncode == 4 and "does not exist" in one_line_error(process)
+
+
+def test_exit_1_when_writing_fails_and_nothing_partial_is_left(tiny_models, tmp_path):
+    """A real failed write: RLIMIT_FSIZE makes write() fail with EFBIG, as a full disk would."""
+    def limit():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+
+    process = subprocess.run([SANA, "generate", PROMPT, "--model", "tiny", "--seed", "1", "-o", str(tmp_path / "a.png")],
+                             capture_output=True, text=True, preexec_fn=limit, timeout=180)
+    assert process.returncode == 1, process.stderr
+    assert "cannot write" in process.stderr.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_stop_cleanly_with_their_exit_code(tiny_models, tmp_path, sig, code):
+    """A real signal to a real process mid-denoising: no image, no temp file, exit 130/143."""
+    process = subprocess.Popen(
+        [SANA, "generate", PROMPT, "--model", "tiny", "--size", "512", "--force-size", "--steps", "400", "--seed", "1",
+         "-o", str(tmp_path / "a.png")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, SANA_PROGRESS_INTERVAL="0"))
+    for line in process.stderr:
+        if "step 2/" in line:
+            break
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert stdout == ""
+    assert "interrupted" in stderr.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_and_dry_run_never_import_torch():
+    code = """
+import sys
+from sana_cli.cli import main
+for argv in (["--help"], ["generate", "--help"], ["models"], ["models", "--json"],
+             ["generate", "a cat", "--size", "4096", "--seed", "1", "--dry-run"]):
+    try:
+        main(argv)
+    except SystemExit as exit:
+        assert exit.code == 0, (argv, exit.code)
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))
+print("HEAVY", heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "sana_cli", "models", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0
+    names = [row["name"] for row in json.loads(out.stdout)]
+    assert {"sana-4k", "sana-2k", "sana-1600m-1024", "sprint", "sprint-teacher", "tiny"} <= set(names)
+
+
+def test_progress_goes_to_stderr_and_stdout_has_only_the_path(sana, tmp_path):
+    process = sana("generate", "a red fox", "--model", "tiny", "--seed", 2, "-o", tmp_path / "f.png")
+    assert process.returncode == 0
+    assert process.stdout == f"{tmp_path / 'f.png'}\n"
+    assert "wrote" in process.stderr and "\r" not in process.stderr  # no bar when stderr is not a TTY
+    quiet = sana("generate", "a red fox", "--model", "tiny", "--seed", 3, "-o", tmp_path / "g.png", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == ""

@@ -1,0 +1,197 @@
+"""Planning is pure Python: sizes, scale checks, seeds, names and GPU batches, without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sana_cli import plan, presets
+from sana_cli.errors import EXIT_USAGE, EnvironmentProblem, UsageError
+from sana_cli.modelref import resolve
+from sana_cli.plan import Request, model_for, plan_generate
+
+
+def make(**kwargs) -> plan.Plan:
+    request = Request(**{"prompt": "a cyberpunk cat with a neon sign", "seed": 1, "output": "/tmp/x/", **kwargs})
+    return plan_generate(request, model_for(request))
+
+
+@pytest.mark.parametrize("size, preset", [(512, "sana-1600m-512"), (1024, "sana-1600m-1024"), (2048, "sana-2k"),
+                                          (4096, "sana-4k"), (1536, "sana-2k"), (768, "sana-1600m-1024")])
+def test_size_without_model_picks_the_nearest_native_model(size, preset):
+    result = make(width=size, height=size)
+    assert result.model.name == preset
+    assert (result.jobs[0].width, result.jobs[0].height) == (size, size)
+
+
+def test_default_is_the_1024_model_at_its_native_size():
+    result = make()
+    assert result.model.name == presets.DEFAULT_MODEL
+    job = result.jobs[0]
+    assert (job.width, job.height, job.steps, job.guidance) == (1024, 1024, 20, 4.5)
+
+
+def test_4k_model_uses_its_own_recommended_settings():
+    job = make(model="sana-4k").jobs[0]
+    assert (job.width, job.height, job.steps, job.guidance) == (4096, 4096, 20, 5.0)
+    assert presets.get("sana-4k").flow_shift == 6.0
+
+
+def test_4k_model_at_1024_is_refused_with_a_suggestion_not_silently_upscaled():
+    with pytest.raises(UsageError) as info:
+        make(model="sana-4k", width=1024, height=1024)
+    assert info.value.exit_code == EXIT_USAGE
+    assert "4096px model" in info.value.message and "sana-1600m-1024" in info.value.hint
+    assert "--force-size" in info.value.hint
+
+
+def test_force_size_renders_exactly_what_was_asked_and_says_so():
+    result = make(model="sana-4k", width=1024, height=1024, force_size=True)
+    assert (result.jobs[0].width, result.jobs[0].height) == (1024, 1024)
+    assert any("--force-size" in note for note in result.notes)
+    assert "rendered as asked (no resize)" in result.describe()
+
+
+@pytest.mark.parametrize("width, height, fragment", [
+    (1000, 1024, "not a multiple of 32"), (0, 1024, "must be positive"), (-64, 1024, "must be positive"),
+    (9000 - 9000 % 32, 1024, "outside 32..8192"), (8192, 8192, "more than the 4096x4096"),
+    (512, 4096, "aspect ratio"),
+])
+def test_bad_sizes_are_usage_errors(width, height, fragment):
+    with pytest.raises(UsageError) as info:
+        make(model="sana-4k", width=width, height=height)
+    assert fragment in info.value.line()
+
+
+def test_size_hint_names_the_neighbouring_multiples():
+    with pytest.raises(UsageError) as info:
+        make(width=1000, height=1000)
+    assert "try 992 or 1024" in info.value.line()
+
+
+def test_seeds_are_consecutive_and_drawn_when_missing():
+    assert [j.seed for j in make(num_images=3, seed=41).jobs] == [41, 42, 43]
+    drawn = make(seed=None).jobs[0].seed
+    assert 0 <= drawn < 2**32
+    assert make(seed=None).seed_rule.startswith("drawn")
+
+
+def test_default_names_are_deterministic_from_prompt_and_seed(tmp_path):
+    first = make(output=str(tmp_path) + "/", seed=7).jobs[0].path
+    again = make(output=str(tmp_path) + "/", seed=7).jobs[0].path
+    assert first == again == str(tmp_path / "a-cyberpunk-cat-with-a-neon-sign-7.png")
+
+
+def test_output_file_and_numbered_files_for_several_images(tmp_path):
+    single = make(output=str(tmp_path / "cat.webp")).jobs
+    assert [j.path for j in single] == [str(tmp_path / "cat.webp")]
+    several = make(output=str(tmp_path / "cat.jpg"), num_images=2).jobs
+    assert [j.path for j in several] == [str(tmp_path / "cat-1.jpg"), str(tmp_path / "cat-2.jpg")]
+
+
+def test_unknown_image_extension_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="use .png, .jpg or .webp"):
+        make(output=str(tmp_path / "cat.gif"))
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path):
+    target = tmp_path / "cat.png"
+    target.write_bytes(b"precious")
+    with pytest.raises(UsageError, match="already exists"):
+        make(output=str(target))
+    assert make(output=str(target), overwrite=True).jobs[0].path == str(target)
+    assert target.read_bytes() == b"precious"  # planning never writes
+
+
+def test_slug_keeps_letters_of_any_script_and_drops_the_rest():
+    assert plan.slugify("一只熊猫 🐼 eating, ink-drawing!!") == "一只熊猫-eating-ink-drawing"
+    assert plan.slugify("🐼🎋") == "image"
+    assert plan.slugify("CON") == "con_"
+    assert len(plan.slugify("word " * 100)) <= 40
+    assert "/" not in plan.slugify("../../etc/passwd") and ".." not in plan.slugify("../../etc/passwd")
+
+
+def test_groups_split_by_parameters_and_batch_size():
+    result = make(model="tiny", num_images=5, batch_size=2)
+    assert result.groups == [[0, 1], [2, 3], [4]]
+    jobs = result.jobs
+    mixed = [jobs[0], jobs[1].__class__(**{**jobs[1].__dict__, "steps": 9}), jobs[2]]
+    assert plan.group_jobs(mixed, 4) == [[0, 2], [1]]
+
+
+def test_job_key_changes_with_anything_that_changes_pixels():
+    base = make(model="tiny").jobs[0].key
+    assert make(model="tiny").jobs[0].key == base
+    assert make(model="tiny", steps=5).jobs[0].key != base
+    assert make(model="tiny", negative_prompt="blur").jobs[0].key != base
+    assert make(model="tiny", seed=2).jobs[0].key != base
+
+
+def test_sprint_steps_and_features_are_checked():
+    assert make(model="sprint").jobs[0].steps == 2
+    for steps in (1, 3, 4):
+        assert make(model="sprint", steps=steps).jobs[0].steps == steps
+    with pytest.raises(UsageError, match="1-4 steps"):
+        make(model="sprint", steps=5)
+    with pytest.raises(UsageError, match="cannot use PAG"):
+        make(model="sprint", pag_scale=2.0)
+    with pytest.raises(UsageError, match="no negative prompt"):
+        make(model="sprint", negative_prompt="blurry")
+    with pytest.raises(UsageError, match="cannot use PAG"):
+        make(model="sprint-teacher", pag_scale=2.0)
+
+
+def test_pag_defaults_to_the_model_card_layer():
+    job = make(pag_scale=2.0).jobs[0]
+    assert (job.pag_scale, job.pag_layers) == (2.0, "transformer_blocks.8")
+    assert make(pag_scale=0).jobs[0].pag_layers is None
+
+
+def test_unknown_preset_suggests_the_nearest():
+    with pytest.raises(UsageError) as info:
+        make(model="sana-4K-model")
+    assert "did you mean 'sana-4k'" in info.value.message
+
+
+def test_missing_local_directory_is_an_environment_error(tmp_path):
+    with pytest.raises(EnvironmentProblem, match="does not exist"):
+        resolve(str(tmp_path / "nope"))
+
+
+def test_local_directory_config_is_read_without_loading(tiny_models):
+    ref = resolve(str(tiny_models["sprint"]))
+    assert (ref.kind, ref.pipeline, ref.native_size, ref.max_steps, ref.supports_pag) == (
+        "local", "SanaSprintPipeline", 128, 4, False)
+    teacher = resolve(str(tiny_models["teacher"]))
+    assert teacher.pipeline == "SanaPipeline" and not teacher.supports_pag
+
+
+def test_presets_table_covers_the_family_with_correct_variants():
+    by_name = {p.name: p for p in presets.PRESETS}
+    for name in ("sana-4k", "sana-2k", "sana-1600m-1024"):
+        assert (by_name[name].variant, by_name[name].dtype) == ("bf16", "bfloat16")
+    for name in ("sana-1600m-512", "sana-600m-1024", "sana-600m-512", "sana-multiling-1024"):
+        assert (by_name[name].variant, by_name[name].dtype) == ("fp16", "float16")
+    for name in ("sana-1.5-1.6b", "sana-1.5-4.8b", "sprint", "sprint-teacher"):
+        assert by_name[name].variant is None
+    assert by_name["sprint"].pipeline == "SanaSprintPipeline"
+    assert by_name["sprint-teacher"].pipeline == "SanaPipeline"
+    assert by_name["sana-4k"].repo == "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers"
+    names = [n for p in presets.PRESETS for n in (p.name, *p.aliases)]
+    assert len(names) == len(set(names))
+
+
+def test_dry_run_plan_serialises_to_json():
+    data = make(model="tiny", num_images=2).to_dict()
+    assert json.loads(json.dumps(data))["groups"] == [[1, 2]]
+
+
+def test_planning_never_imports_torch():
+    code = ("import sys; from sana_cli.plan import Request, model_for, plan_generate;"
+            "r = Request(prompt='x', model='sana-4k', seed=1); plan_generate(r, model_for(r));"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','diffusers','transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
