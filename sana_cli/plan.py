@@ -317,3 +317,149 @@ def _generate_paths(request: Request, prompt: str, seeds: list[int]) -> list[str
         return [target]
     base = Path(target)
     return [str(base.with_name(f"{base.stem}-{k}{base.suffix}")) for k in range(1, len(seeds) + 1)]
+
+
+# ---- batch -----------------------------------------------------------------------------------------
+
+SEED_RULE = ("a row's own seed (+1 per extra image), else the first 4 bytes of sha256 of "
+             "'sana-cli-seed-v1', the base seed, the row's name (or prompt), its occurrence among rows with "
+             "that name (or prompt) and the image number: independent of position, batch size, shard and resume")
+_NAME_FORBIDDEN = set('/\\<>:"|?*')
+
+
+@dataclass
+class BatchDefaults:
+    """Options that apply to every row unless the row overrides them."""
+
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str = ""
+    pag_scale: float = 0.0
+    pag_layers: str | None = None
+    base_seed: int = 0
+    extension: str = ".png"
+    force_size: bool = False
+
+
+def derive_seed(base: int, identity: str, occurrence: int, image: int) -> int:
+    """The documented batch seed rule (SEED_RULE)."""
+    digest = hashlib.sha256(f"sana-cli-seed-v1\0{base}\0{identity}\0{occurrence}\0{image}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def check_name(name: str) -> str:
+    """A row `name` is a file stem inside the output directory, portable to Linux, macOS and Windows."""
+    stem = name.strip()
+    if not stem:
+        raise UsageError("'name' is empty")
+    if any(ch in _NAME_FORBIDDEN or ord(ch) < 32 for ch in stem):
+        raise UsageError(f"'name' {name!r} may not contain path separators or any of <>:\"|?* or control "
+                         "characters (names stay inside the output directory)")
+    if stem.startswith(".") or stem.endswith((".", " ")):
+        raise UsageError(f"'name' {name!r} may not start with a dot or end with a dot or space")
+    if stem.split(".")[0].upper() in _WINDOWS_RESERVED:
+        raise UsageError(f"'name' {name!r} is a reserved device name on Windows")
+    if len(stem.encode("utf-8")) > 200:
+        raise UsageError(f"'name' is {len(stem.encode('utf-8'))} bytes; the limit is 200")
+    return stem
+
+
+def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, *, batch_size: int | None = None,
+               shard: tuple[int, int] | None = None, overwrite: bool = False) -> tuple[Plan, list]:
+    """Rows (from batchfile.load) to a Plan of the valid rows, and a RowError for each invalid one."""
+    from .batchfile import RowError
+
+    extension = defaults.extension if defaults.extension.startswith(".") else "." + defaults.extension
+    image_format("x" + extension)
+    jobs: list[ImageJob] = []
+    errors: list[RowError] = []
+    occurrences: dict[str, int] = {}
+    for row in rows:
+        try:
+            jobs.extend(_row_jobs(row, model, defaults, extension, output_dir, occurrences, len(jobs)))
+        except UsageError as exc:
+            errors.append(RowError(row.line, exc.line()))
+    jobs = _disambiguate(jobs)
+    sizes = {(job.width, job.height) for job in jobs}
+    size = batch_size or min((default_batch_size(w, h) for w, h in sizes), default=1)
+    if size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {size}")
+    groups = group_jobs(jobs, size)
+    bad = {e.line for e in errors}
+    notes = sorted({note for row in rows if row.line not in bad for note in _size_notes(row, model, defaults)})
+    if shard is not None:
+        index, count = shard
+        groups = [group for number, group in enumerate(groups) if number % count == index]
+        notes.append(f"shard {index}/{count}: {len(groups)} GPU batch(es) of this run's {len(jobs)} images")
+        kept = [i for group in groups for i in group]
+        position = {old: new for new, old in enumerate(kept)}
+        jobs = [jobs[i] for i in kept]
+        groups = [[position[i] for i in group] for group in groups]
+    return Plan(command="batch", model=model, jobs=jobs, groups=groups, output_dir=output_dir, overwrite=overwrite,
+                notes=notes, seed_rule=SEED_RULE), errors
+
+
+def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start) -> list[ImageJob]:
+    prompt = check_prompt(row.prompt)
+    width = row.get("width", row.get("size", defaults.width))
+    height = row.get("height", row.get("size", defaults.height))
+    if row.get("size") is not None and (row.get("width") is not None or row.get("height") is not None):
+        raise UsageError("'size' conflicts with 'width'/'height'")
+    width, height, _ = resolve_size(model, width, height, defaults.force_size)
+    steps = row.get("steps", defaults.steps if defaults.steps is not None else model.steps)
+    guidance = row.get("guidance", defaults.guidance if defaults.guidance is not None else model.guidance)
+    check_steps_guidance(model, steps, guidance)
+    pag_scale = float(row.get("pag_scale", defaults.pag_scale))
+    check_pag(model, pag_scale)
+    negative = row.get("negative_prompt", defaults.negative_prompt)
+    if negative and not model.uses_cfg:
+        raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt")
+    count = row.get("n", 1)
+    if count < 1 or count > 10000:
+        raise UsageError(f"'n' must be 1..10000, got {count}")
+    name = check_name(row.get("name")) if row.get("name") is not None else None
+    identity = name if name is not None else prompt
+    occurrence = occurrences.get(identity, 0)
+    occurrences[identity] = occurrence + 1
+    own_seed = row.get("seed")
+    pag_layers = (defaults.pag_layers or model.pag_layers) if pag_scale > 0 else None
+    jobs = []
+    for image in range(count):
+        if own_seed is not None:
+            seed = check_seed(own_seed + image)
+        else:
+            seed = derive_seed(defaults.base_seed, identity, occurrence, image)
+        if name is not None:
+            stem = name if count == 1 else f"{name}-{image + 1}"
+        else:
+            stem = f"{row.line:05d}-{slugify(prompt, 48)}-{seed}"
+        params = dict(prompt=prompt, negative_prompt=negative, seed=seed, width=width, height=height, steps=steps,
+                      guidance=float(guidance), pag_scale=pag_scale, pag_layers=pag_layers)
+        jobs.append(ImageJob(index=start + len(jobs) + 1, row=row.line, path=os.path.join(output_dir, stem + extension),
+                             key=job_key(model, **params), **params))
+    return jobs
+
+
+def _size_notes(row, model, defaults) -> list[str]:
+    try:
+        return resolve_size(model, row.get("width", row.get("size", defaults.width)),
+                            row.get("height", row.get("size", defaults.height)), defaults.force_size)[2]
+    except UsageError:
+        return []
+
+
+def _disambiguate(jobs: list[ImageJob]) -> list[ImageJob]:
+    """Give colliding file names (ignoring case) -2, -3 ... suffixes, in plan order."""
+    seen: set[str] = set()
+    result = []
+    for job in jobs:
+        path = Path(job.path)
+        candidate, number = path, 1
+        while str(candidate).casefold() in seen:
+            number += 1
+            candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        seen.add(str(candidate).casefold())
+        result.append(job if candidate == path else ImageJob(**{**job.__dict__, "path": str(candidate)}))
+    return result
