@@ -16,6 +16,9 @@ import io
 import json
 import os
 import secrets
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,30 +33,56 @@ _EXIF_IMAGE_DESCRIPTION = 0x010E
 _EXIF_IFD = 0x8769
 
 
+def _host() -> str:
+    return "".join(ch for ch in socket.gethostname() if ch.isalnum() or ch == "-")[:32] or "host"
+
+
 def temp_path_for(path: str | Path) -> Path:
-    """A hidden sibling temp name that a later run recognises as ours and may delete."""
+    """A hidden sibling temp name (host and pid inside) that a later run recognises as ours."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    return path.with_name(f".{path.name}{TEMP_MARK}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def is_temp_file(name: str) -> bool:
     return name.startswith(".") and TEMP_MARK in name
 
 
+def _abandoned(name: str, age_seconds: float) -> bool:
+    """A temp file is left over when its process on this host is gone, or (other hosts sharing the
+    directory) when it is more than an hour old: a live writer renames it within seconds."""
+    try:
+        host, pid, _ = name.split(TEMP_MARK, 1)[1].rsplit("-", 2)
+        pid = int(pid)
+    except ValueError:
+        return age_seconds > 3600
+    if host != _host():
+        return age_seconds > 3600
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def remove_stray_temp_files(directory: str | Path) -> list[Path]:
-    """Delete temp files a killed run left behind; returns what was removed."""
+    """Delete temp files that killed runs left behind (never those of a writer still running)."""
     removed = []
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return removed
+    now = time.time()
     for entry in entries:
-        if entry.is_file(follow_symlinks=False) and is_temp_file(entry.name):
-            try:
+        if not (entry.is_file(follow_symlinks=False) and is_temp_file(entry.name)):
+            continue
+        try:
+            if _abandoned(entry.name, now - entry.stat(follow_symlinks=False).st_mtime):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass
     return removed
 
 
@@ -220,3 +249,132 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---- manifest ------------------------------------------------------------------------------------------
+
+MANIFEST = "results.jsonl"
+
+
+def manifest_name(shard: tuple[int, int] | None = None, rank: tuple[int, int] | None = None) -> str:
+    """results.jsonl, or a per-shard / per-process file that never shares appends with another writer."""
+    if rank is not None:
+        return f"results.rank-{rank[0]}-of-{rank[1]}.jsonl"
+    if shard is not None:
+        return f"results.shard-{shard[0]}-of-{shard[1]}.jsonl"
+    return MANIFEST
+
+
+class Manifest:
+    """One JSON object per line, appended, flushed and fsynced as each image is written or fails,
+    so a kill at any moment loses at most the line being written, which the next run repairs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        repair(self.path)
+        self._handle = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+        with self._lock:
+            self._handle.write(line)
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            self._handle.close()
+
+
+def repair(path: str | Path) -> int:
+    """Drop a torn last line or any unparsable line left by a crash; returns how many were dropped."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    lines = data.split(b"\n")
+    tail = lines.pop()  # bytes after the last newline: empty unless the last write was torn
+    good = [line for line in lines if _parses(line)]
+    dropped = len(lines) - len(good) + (1 if tail.strip() else 0)
+    if dropped:
+        atomic_write_bytes(path, b"".join(line + b"\n" for line in good), overwrite=True)
+    return dropped
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def read_manifests(directory: str | Path) -> list[dict]:
+    """Every record of every results*.jsonl in the directory, in file order."""
+    records = []
+    for path in sorted(Path(directory).glob("results*.jsonl")):
+        repair(path)
+        with open(path, encoding="utf-8") as handle:
+            records.extend(json.loads(line) for line in handle if line.strip())
+    return records
+
+
+def merge_manifests(directory: str | Path, parts: list[str]) -> Path:
+    """Fold per-process manifests into results.jsonl (atomically), then delete the parts."""
+    directory = Path(directory)
+    target = directory / MANIFEST
+    repair(target)
+    merged = target.read_bytes() if target.exists() else b""
+    for name in parts:
+        part = directory / name
+        if part.exists():
+            repair(part)
+            merged += part.read_bytes()
+    atomic_write_bytes(target, merged, overwrite=True)
+    for name in parts:
+        try:
+            (directory / name).unlink()
+        except FileNotFoundError:
+            pass
+    return target
+
+
+def existing_outputs(jobs, output_dir: str | Path, records: list[dict], overwrite: bool):
+    """Which planned images are already done. Returns (done positions, records to adopt, conflicts).
+
+    Done: the file exists and matches its manifest record (same job key and sha256), or, when the
+    manifest line was lost to a kill between rename and append, the file's own embedded job key
+    matches (it is then adopted into the manifest). A file made with other settings is a conflict,
+    unless overwrite, which redoes everything."""
+    latest = {r.get("file"): r for r in records if r.get("event") == "image"}
+    done: set[int] = set()
+    adopt: list[dict] = []
+    conflicts: list[str] = []
+    if overwrite:
+        return done, adopt, conflicts
+    for position, job in enumerate(jobs):
+        if not os.path.lexists(job.path):
+            continue
+        relative = os.path.relpath(job.path, output_dir)
+        record = latest.get(relative)
+        digest = sha256_file(job.path) if os.path.isfile(job.path) else None
+        if record is not None and record.get("key") == job.key and record.get("sha256") == digest:
+            done.add(position)
+            continue
+        try:
+            embedded = read_metadata(job.path)["sana"] or {}
+        except UsageError:
+            embedded = {}
+        if embedded.get("key") == job.key and digest is not None:
+            done.add(position)
+            adopt.append({**{k: embedded.get(k) for k in ("model", "model_id", "revision", "commit", "pipeline",
+                                                          "dtype", "device", "decode", "pag_layers")},
+                          "event": "image", "index": job.index, "row": job.row, "key": job.key, "file": relative,
+                          "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
+                          "width": job.width, "height": job.height, "steps": job.steps, "guidance": job.guidance,
+                          "pag_scale": job.pag_scale, "sha256": digest, "bytes": os.path.getsize(job.path),
+                          "adopted": True})
+            continue
+        conflicts.append(job.path)
+    return done, adopt, conflicts

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
-import signal
 import subprocess
 import sys
 
@@ -56,13 +54,29 @@ def test_existing_file_is_never_replaced_without_overwrite(tmp_path):
     assert output.read_metadata(target)["sana"]["seed"] == 42
 
 
-def test_stray_temp_files_are_recognised_and_removed(tmp_path):
-    stray = output.temp_path_for(tmp_path / "a.png")
-    stray.write_bytes(b"half")
+def test_stray_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = output.temp_path_for(tmp_path / "b.png")  # ours: this process is alive
+    stray = live.with_name(live.name.replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-"))
+    for path in (stray, live):
+        path.write_bytes(b"half")
     (tmp_path / "keep.png").write_bytes(b"x")
     assert output.is_temp_file(stray.name) and not output.is_temp_file("keep.png")
     assert output.remove_stray_temp_files(tmp_path) == [stray]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "keep.png"])
+
+
+def test_manifest_repair_drops_a_torn_last_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    manifest = output.Manifest(path)
+    manifest.append({"event": "image", "index": 1})
+    manifest.append({"event": "image", "index": 2})
+    manifest.close()
+    with open(path, "ab") as handle:
+        handle.write(b'{"event": "image", "ind')  # what kill -9 mid-write would leave
+    assert output.repair(path) == 1
+    assert [r["index"] for r in output.read_manifests(tmp_path)] == [1, 2]
+    assert path.read_bytes().endswith(b"}\n")
 
 
 def test_a_full_disk_leaves_no_partial_file(tmp_path):
