@@ -11,14 +11,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
-from .errors import GenerationError, Interrupted
+from .errors import GenerationError, Interrupted, UsageError
 from .modelref import ModelRef
 from .pipeline import LoadedModel, LoadOptions
 from .plan import Plan, Request, model_for, plan_generate
-from .runner import EventSink, ImageResult, RunOptions, RunReport, StopToken, _no_events
+from .results import EventSink, ImageResult, RunOptions, RunReport, StopToken, no_events
 
 
 @dataclass
@@ -52,14 +54,14 @@ class Session:
     def model(self) -> ModelRef:
         return self.loaded.ref
 
-    def run(self, plan: Plan, *, decode: str = "auto", events: EventSink = _no_events,
+    def run(self, plan: Plan, *, decode: str = "auto", events: EventSink = no_events,
             stop: StopToken | None = None, abort_in_flight: bool = True, on_result=None) -> RunReport:
         """Run a Plan on this model; returns the report (failures are recorded, not raised)."""
         check_plan_fits(plan, self.loaded.ref)
         options = RunOptions(decode=decode, abort_in_flight=abort_in_flight)
         return _run(plan, self.loaded, options, events, stop, self.reusable, on_result)
 
-    def generate(self, prompt: str, *, decode: str = "auto", events: EventSink = _no_events,
+    def generate(self, prompt: str, *, decode: str = "auto", events: EventSink = no_events,
                  stop: StopToken | None = None, **request) -> GenerateResult:
         """Make and write images for one prompt; keyword arguments are Request fields (width,
         height, steps, guidance, negative_prompt, seed, num_images, pag_scale, output, ...)."""
@@ -87,7 +89,7 @@ def load(model: str | None = None, *, revision: str | None = None, device: str =
 def generate(prompt: str, *, model: str | None = None, size: int | None = None, decode: str = "auto",
              device: str = "auto", dtype: str = "auto", offline: bool = False, allow_pickle: bool = False,
              low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
-             events: EventSink = _no_events, stop: StopToken | None = None, **request) -> GenerateResult:
+             events: EventSink = no_events, stop: StopToken | None = None, **request) -> GenerateResult:
     """One-shot: plan, load, generate, write. Raises GenerationError if any image failed and
     Interrupted if a signal stopped it. Keyword arguments are Request fields."""
     if size is not None:
@@ -101,7 +103,7 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
 
 def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: str = "auto", offline: bool = False,
              allow_pickle: bool = False, low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
-             events: EventSink = _no_events, stop: StopToken | None = None, abort_in_flight: bool = True,
+             events: EventSink = no_events, stop: StopToken | None = None, abort_in_flight: bool = True,
              on_result=None, loaded: LoadedModel | None = None, verbose: bool = False) -> GenerateResult:
     """Load the plan's model (unless given) and run the plan once; the model is not kept."""
     from .pipeline import load as load_model
@@ -183,3 +185,159 @@ def check_plan_fits(plan: Plan, ref: ModelRef) -> None:
         check_pag(ref, job.pag_scale)
         if "--force-size" not in " ".join(plan.notes):
             resolve_size(ref, job.width, job.height, force=False)
+
+
+# ---- batch -----------------------------------------------------------------------------------------
+
+@dataclass
+class BatchResult:
+    """What a batch run did. A batch never raises for failed rows: check .failed and .stopped_by."""
+
+    plan: Plan
+    output_dir: str
+    manifest: str
+    report: RunReport | None = None  # None when every image already existed
+    model: dict | None = None
+    already_done: int = 0
+    invalid_rows: list = field(default_factory=list)
+    removed_temp_files: int = 0
+    load_seconds: float = 0.0
+    source: str = ""
+
+    @property
+    def written(self) -> list[ImageResult]:
+        return [r for r in self.report.results if r.ok] if self.report else []
+
+    @property
+    def failed(self) -> list[ImageResult]:
+        return self.report.failed if self.report else []
+
+    @property
+    def stopped_by(self) -> int | None:
+        return self.report.stopped_by if self.report else None
+
+    def to_dict(self) -> dict:
+        timings = {"load": round(self.load_seconds, 4), **(self.report.timings if self.report else {})}
+        seconds = timings.get("total", 0.0)
+        return {
+            "ok": not self.failed and self.stopped_by is None, "command": "batch", "source": self.source,
+            "output_dir": self.output_dir, "manifest": self.manifest, "model": self.model,
+            "images_planned": len(self.plan.jobs), "written": len(self.written), "already_done": self.already_done,
+            "failed": len(self.failed), "invalid_rows": [{"line": e.line, "error": e.message} for e in self.invalid_rows],
+            "failures": [r.to_dict() for r in self.failed], "removed_temp_files": self.removed_temp_files,
+            "stopped_by_signal": self.stopped_by, "timings": timings,
+            "images_per_second": round(len(self.written) / seconds, 4) if seconds else None,
+            "peak_memory_bytes": self.report.peak_memory_bytes if self.report else None,
+            "images": [r.to_dict() for r in self.written],
+        }
+
+
+def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = "sana-out", defaults=None,
+                    batch_size: int | None = None, shard: tuple[int, int] | None = None, overwrite: bool = False,
+                    skip_invalid: bool = False, input_format: str = "auto", revision: str | None = None,
+                    offline: bool = False):
+    """Read, check and plan a batch file without loading anything: (plan, invalid rows, source name)."""
+    from . import batchfile
+    from .plan import BatchDefaults, plan_batch
+
+    defaults = defaults or BatchDefaults()
+    rows, invalid, name = batchfile.load(source, input_format)
+    ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height, revision=revision),
+                    offline=offline)
+    plan, unplannable = plan_batch(rows, ref, defaults, output_dir, batch_size=batch_size, shard=shard,
+                                   overwrite=overwrite)
+    good_rows = len({job.row for job in plan.jobs}) if shard is None else len(rows) - len(unplannable)
+    invalid = batchfile.settle(invalid + unplannable, name, skip_invalid, good_rows)
+    return plan, invalid, name
+
+
+def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out", defaults=None,
+          batch_size: int | None = None, shard: tuple[int, int] | None = None, overwrite: bool = False,
+          skip_invalid: bool = False, fail_fast: bool = False, input_format: str = "auto",
+          revision: str | None = None, decode: str = "auto", device: str = "auto", dtype: str = "auto",
+          offline: bool = False, allow_pickle: bool = False, low_memory: bool = False,
+          compile: str | bool = "auto", fp8: bool = False, events: EventSink = no_events,
+          stop: StopToken | None = None, verbose: bool = False) -> BatchResult:
+    """Render every row of a batch file into output_dir, resuming whatever an earlier run finished.
+
+    results.jsonl in output_dir gets one line per image written or failed. Launched with several
+    processes (accelerate / torchrun), each process takes its slice and the main one merges the
+    manifests at the end."""
+    from . import distributed
+    from .output import (Manifest, ensure_directory, existing_outputs, manifest_name, merge_manifests,
+                         read_manifests, remove_stray_temp_files)
+    from .pipeline import load as load_model
+
+    processes = distributed.launched_processes()
+    plan, invalid, name = plan_batch_file(
+        source, model=model, output_dir=output_dir, defaults=defaults, batch_size=batch_size,
+        shard=distributed.combine(shard, processes), overwrite=overwrite, skip_invalid=skip_invalid,
+        input_format=input_format, revision=revision, offline=offline)
+    ensure_directory(output_dir)
+    removed = remove_stray_temp_files(output_dir)
+    done, adopt, conflicts = existing_outputs(plan.jobs, output_dir, read_manifests(output_dir), overwrite)
+    if conflicts:
+        raise UsageError(f"{len(conflicts)} file(s) in {output_dir} were not made by this batch with these "
+                         f"settings (first: {conflicts[0]})",
+                         hint="use --overwrite to replace them, or another --output-dir")
+    rank = (processes.index, processes.count) if processes else None
+    manifest = Manifest(os.path.join(output_dir, manifest_name(shard, rank)))
+    result = BatchResult(plan=plan, output_dir=output_dir, manifest=str(manifest.path), already_done=len(done),
+                         invalid_rows=invalid, removed_temp_files=len(removed), source=name)
+    events("plan", {"todo": len(plan.jobs) - len(done), "done": len(done)})
+    try:
+        for record in adopt:
+            manifest.append({**record, "time": _now()})
+        if len(done) < len(plan.jobs):
+            events("load", {"model": plan.model})
+            started = time.perf_counter()
+            loaded = load_model(plan.model, LoadOptions(
+                device=processes.device if processes and device == "auto" else device, dtype=dtype,
+                offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
+                compile=_want_compile(compile, plan, device), fp8=fp8, verbose=verbose))
+            result.load_seconds = time.perf_counter() - started
+            result.model = loaded.describe()
+            check_plan_fits(plan, loaded.ref)
+            info = loaded.describe()
+
+            def record(image: ImageResult) -> None:
+                manifest.append(_manifest_record(image, info, output_dir))
+
+            result.report = _run_batch(plan, loaded, decode, fail_fast, events, stop, frozenset(done), record)
+    finally:
+        manifest.close()
+    if processes is not None:
+        processes.wait_for_everyone()
+        if processes.is_main:
+            parts = [manifest_name(shard, (i, processes.count)) for i in range(processes.count)]
+            result.manifest = str(merge_manifests(output_dir, parts))
+    return result
+
+
+def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result) -> RunReport:
+    from .runner import run
+
+    options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast)
+    return run(plan, loaded, options, events=events, stop=stop, reusable=False, on_result=on_result, done=done)
+
+
+def _manifest_record(image: ImageResult, info: dict, output_dir: str) -> dict:
+    job = image.job
+    record = {"event": "image" if image.ok else "error", "index": job.index, "row": job.row, "key": job.key,
+              "file": os.path.relpath(job.path, output_dir), "prompt": job.prompt,
+              "negative_prompt": job.negative_prompt, "seed": job.seed, "width": job.width, "height": job.height,
+              "steps": job.steps, "guidance": job.guidance, "pag_scale": job.pag_scale, "pag_layers": job.pag_layers,
+              "time": _now()}
+    if image.ok:
+        record.update(sha256=image.written.sha256, bytes=image.written.bytes, decode=image.decode,
+                      decode_fallbacks=list(image.fallbacks), retried_alone=image.retried_alone,
+                      seconds=round(image.seconds, 4),
+                      **{k: info[k] for k in ("model", "model_id", "revision", "commit", "pipeline", "dtype")},
+                      device=info["device"])
+    else:
+        record["error"] = image.error
+    return record
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

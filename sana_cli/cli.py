@@ -16,7 +16,7 @@ import traceback
 import click
 
 from . import __version__
-from .errors import EXIT_SIGINT, EXIT_USAGE, Interrupted, SanaError
+from .errors import EXIT_SIGINT, EXIT_USAGE, GenerationError, Interrupted, PartialFailure, SanaError
 
 DECODE_CHOICES = ("auto", "full", "strips", "patch-conv", "tiled")
 EPILOG = """\b
@@ -116,7 +116,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             return
         from .api import run_plan
         from .progress import Reporter
-        from .runner import StopToken
+        from .results import StopToken
 
         reporter = Reporter(len(plan.jobs), quiet=quiet)
         stop = StopToken()
@@ -135,6 +135,126 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             seeds = ", ".join(str(image.job.seed) for image in result.images)
             reporter.log(f"sana: {len(result.images)} image(s) in {result.report.timings['total'] + result.load_seconds:.1f} s "
                          f"(seed {seeds}; decode {result.images[0].decode})")
+
+
+def _parse_shard(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not I/N (for example 0/4)") from None
+    if count < 1 or not 0 <= index < count:
+        raise click.BadParameter(f"{value!r}: N must be at least 1 and I in 0..N-1 (shards count from 0)")
+    return index, count
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("file", metavar="FILE")
+@click.option("-o", "--output-dir", envvar="SANA_OUTPUT_DIR", show_envvar=True, default="sana-out",
+              show_default=True, metavar="DIR", help="Where images and results.jsonl go.")
+@click.option("-s", "--size", type=int, metavar="N", help="Default square size for rows without one.")
+@click.option("-W", "--width", type=int, metavar="N", help="Default width.")
+@click.option("-H", "--height", type=int, metavar="N", help="Default height.")
+@click.option("--steps", type=int, metavar="N", help="Default steps (the model's if omitted).")
+@click.option("-g", "--guidance", type=float, metavar="X", help="Default guidance scale.")
+@click.option("--negative-prompt", default="", metavar="TEXT", help="Default negative prompt.")
+@click.option("--pag-scale", type=float, default=0.0, metavar="X", help="Default PAG scale (> 0 uses SanaPAGPipeline).")
+@click.option("--pag-layers", metavar="LAYERS", help="Layers for PAG. Default: transformer_blocks.8.")
+@click.option("--seed", "base_seed", type=int, default=0, show_default=True, metavar="N",
+              help="Base seed for rows without their own seed (see README: seeds).")
+@click.option("--ext", "extension", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,
+              help="Image format of the files.")
+@click.option("--batch-size", type=int, metavar="N", help="Images per GPU batch. Default: 4 at 1024px, 1 at 4K.")
+@click.option("--shard", callback=_parse_shard, metavar="I/N",
+              help="Render only slice I of N (0-based), for job arrays. The union of all slices equals the whole run.")
+@click.option("--input-format", type=click.Choice(["auto", "txt", "jsonl", "csv"]), default="auto",
+              show_default=True, help="Format of FILE (auto: by extension; stdin: by content).")
+@click.option("--skip-invalid", is_flag=True, help="Report invalid rows and render the rest (default: refuse all).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed image (exit 1).")
+@click.option("--overwrite", is_flag=True, help="Redo every image, replacing existing files.")
+@click.option("--force-size", is_flag=True, help="Allow sizes far from the model's native scale.")
+@_model_options
+def batch(file, output_dir, size, width, height, steps, guidance, negative_prompt, pag_scale, pag_layers, base_seed,
+          extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, model, revision,
+          offline, device, dtype, decode, low_memory, compile_mode, fp8, allow_pickle, dry_run, json_output, quiet,
+          debug):
+    """Render every prompt of FILE (.txt, .jsonl or .csv; '-' reads stdin) into --output-dir.
+
+    \b
+    .txt:   one prompt per line; blank lines and lines starting with # are skipped.
+    .jsonl: {"prompt": ..., "negative_prompt", "seed", "size" | "width"/"height",
+            "steps", "guidance", "pag_scale", "name", "n"} per line.
+    .csv:   a header row with the same field names.
+
+    Every row is checked before anything loads. Rerunning the same command resumes: finished images are
+    kept, missing ones made. Paths of written images go to stdout (or one JSON summary with --json).
+    """
+    with _reporting(json_output, debug):
+        from .plan import BatchDefaults
+
+        if size is not None and (width is not None or height is not None):
+            raise click.UsageError("--size conflicts with --width/--height; give one or the other")
+        defaults = BatchDefaults(width=width if size is None else size, height=height if size is None else size,
+                                 steps=steps, guidance=guidance, negative_prompt=negative_prompt, pag_scale=pag_scale,
+                                 pag_layers=pag_layers, base_seed=base_seed, extension="." + extension,
+                                 force_size=force_size)
+        common = dict(model=model, output_dir=output_dir, defaults=defaults, batch_size=batch_size, shard=shard,
+                      overwrite=overwrite, skip_invalid=skip_invalid, input_format=input_format, revision=revision,
+                      offline=offline)
+        if dry_run:
+            from .api import plan_batch_file
+
+            plan, invalid, _ = plan_batch_file(file, **common)
+            for error in invalid:
+                click.echo(f"sana: skipping invalid {error}", err=True)
+            _print_plan(plan, json_output)
+            return
+        from .api import batch as run_batch
+        from .progress import Reporter
+        from .results import StopToken
+
+        reporter = Reporter(0, quiet=quiet)  # the total arrives with the "plan" event
+        stop = StopToken()
+        try:
+            with _graceful_signals(stop, reporter, "finishing the current GPU batch"):
+                result = run_batch(file, fail_fast=fail_fast, decode=decode, device=device, dtype=dtype,
+                                   allow_pickle=allow_pickle, low_memory=low_memory, compile=compile_mode, fp8=fp8,
+                                   events=reporter, stop=stop, verbose=debug, **common)
+        finally:
+            reporter.close()
+        for error in result.invalid_rows:
+            reporter.log(f"sana: skipped invalid row: {error}")
+        if json_output:
+            _emit_json(result.to_dict())
+        else:
+            for image in result.written:
+                click.echo(image.written.path)
+        reporter.log(_batch_summary(result))
+        error = None
+        if result.stopped_by is not None:
+            error = Interrupted(f"interrupted; {len(result.written)} image(s) written this run, manifest flushed",
+                                signal_number=result.stopped_by, hint="rerun the same command to resume")
+        elif result.failed:
+            rows = ", ".join(str(r.job.row) for r in result.failed[:10])
+            message = f"{len(result.failed)} image(s) failed (line(s) {rows}): {result.failed[0].error}"
+            error = (GenerationError(message, hint="rerun the same command to retry") if fail_fast else
+                     PartialFailure(message, hint="rerun the same command to retry the failed rows"))
+        if error is not None:
+            error.summary_printed = True
+            raise error
+
+
+def _batch_summary(result) -> str:
+    parts = [f"{len(result.written)} written", f"{result.already_done} already done"]
+    if result.failed:
+        parts.append(f"{len(result.failed)} failed")
+    if result.invalid_rows:
+        parts.append(f"{len(result.invalid_rows)} invalid row(s) skipped")
+    timings = result.to_dict()["timings"]
+    rate = result.to_dict()["images_per_second"]
+    speed = f" in {timings.get('total', 0):.1f} s ({rate:.2f} img/s)" if rate else ""
+    return f"sana: {len(result.plan.jobs)} image(s): {', '.join(parts)}{speed}; manifest {result.manifest}"
 
 
 @cli.command()
@@ -217,7 +337,11 @@ def _reporting(json_output: bool, debug: bool):
     try:
         yield
     except SanaError as exc:
-        _fail(exc.line(), exc.exit_code, json_output, debug)
+        for row in (exc.details or {}).get("invalid_rows", [])[3:]:  # the first three are in the message
+            click.echo(f"sana: line {row['line']}: {row['error']}", err=True)
+        # A batch summary already on stdout is the one JSON object; do not add an error object.
+        _fail(exc.line(), exc.exit_code, json_output and not getattr(exc, "summary_printed", False), debug,
+              details=exc.details)
     except click.UsageError as exc:
         _fail(exc.format_message(), EXIT_USAGE, json_output, debug)
     except KeyboardInterrupt:
@@ -232,11 +356,12 @@ def _reporting(json_output: bool, debug: bool):
         _fail(message, 1, json_output, debug, hint=None if debug else "run with --debug for the traceback")
 
 
-def _fail(message: str, code: int, json_output: bool, debug: bool, hint: str | None = None):
+def _fail(message: str, code: int, json_output: bool, debug: bool, hint: str | None = None,
+          details: dict | None = None):
     if debug:
         traceback.print_exc()
     if json_output:
-        _emit_json({"ok": False, "error": message, "exit_code": code})
+        _emit_json({"ok": False, "error": message, "exit_code": code, **(details or {})})
     click.echo(f"sana: error: {message}" + (f" ({hint})" if hint else ""), err=True)
     sys.exit(code)
 

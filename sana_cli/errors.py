@@ -16,10 +16,11 @@ class SanaError(Exception):
 
     exit_code = EXIT_FAILED
 
-    def __init__(self, message: str, *, hint: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, details: dict | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.details = details  # extra fields for the --json error object
 
     def line(self) -> str:
         """The single line printed on stderr."""

@@ -37,7 +37,11 @@ class Reporter:
     def __call__(self, kind: str, data: dict) -> None:
         if self.quiet:
             return
-        if kind == "load":
+        if kind == "plan":
+            self.total = data["todo"]
+            if data["done"]:
+                self.log(f"sana: resuming: {data['done']} of {data['done'] + data['todo']} image(s) already done")
+        elif kind == "load":
             self.log(f"sana: loading {data['model'].describe()}")
         elif kind == "batch":
             self.started = self.started or time.perf_counter()

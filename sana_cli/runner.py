@@ -13,87 +13,18 @@ import inspect
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from . import __version__, decode as decoding
-from .errors import GenerationError, SanaError
-from .output import WrittenImage, write_image
+from .errors import SanaError
+from .output import write_image
 from .pipeline import LoadedModel
 from .plan import ImageJob, Plan
+from .results import EventSink, ImageResult, RunOptions, RunReport, StopToken, no_events
 
 ENCODE_AHEAD_MAX = 256  # prompts; ~2.8 MB of bf16 embeddings each with CFG
-EventSink = Callable[[str, dict], None]
-
-
-def _no_events(kind: str, data: dict) -> None:
-    pass
-
-
-class StopToken:
-    """Set from a signal handler; the runner checks it between steps and batches."""
-
-    def __init__(self) -> None:
-        self.signal_number: int | None = None
-
-    def request(self, signal_number: int) -> None:
-        if self.signal_number is None:
-            self.signal_number = signal_number
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_number is not None
-
-
-@dataclass
-class RunOptions:
-    decode: str = "auto"
-    abort_in_flight: bool = False  # generate: stop mid-denoise; batch: finish the current batch
-    encode_ahead: bool = True  # allow encoding every prompt first and freeing the text encoder
-    max_sequence_length: int = 300
-
-
-@dataclass
-class ImageResult:
-    job: ImageJob
-    written: WrittenImage | None = None
-    decode: str | None = None
-    fallbacks: tuple[str, ...] = ()
-    seconds: float = 0.0  # this image's share of encode + denoise, plus its own decode
-    error: str | None = None
-    error_exit_code: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.written is not None
-
-    def to_dict(self) -> dict:
-        job = self.job
-        data = {"index": job.index, "row": job.row, "prompt": job.prompt, "seed": job.seed,
-                "width": job.width, "height": job.height, "steps": job.steps, "guidance": job.guidance,
-                "pag_scale": job.pag_scale, "path": job.path, "key": job.key}
-        if self.ok:
-            data.update(sha256=self.written.sha256, bytes=self.written.bytes, decode=self.decode,
-                        seconds=round(self.seconds, 4))
-            if self.fallbacks:
-                data["decode_fallbacks"] = list(self.fallbacks)
-        else:
-            data["error"] = self.error
-        return data
-
-
-@dataclass
-class RunReport:
-    results: list[ImageResult] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-    stopped_by: int | None = None  # signal number
-    peak_memory_bytes: int | None = None
-
-    @property
-    def failed(self) -> list[ImageResult]:
-        return [r for r in self.results if not r.ok]
 
 
 class Writer:
@@ -107,8 +38,10 @@ class Writer:
         self._thread = threading.Thread(target=self._loop, name="sana-writer", daemon=True)
         self._thread.start()
         self.seconds = 0.0
+        self.submitted: set[int] = set()  # job indices handed over, so a retry never writes twice
 
     def submit(self, result: ImageResult, image, meta: dict) -> None:
+        self.submitted.add(result.job.index)
         self._queue.put((result, image, meta))
 
     def close(self) -> None:
@@ -132,11 +65,13 @@ class Writer:
             self._on_written(result)
 
 
-def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, events: EventSink = _no_events,
+def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, events: EventSink = no_events,
         stop: StopToken | None = None, reusable: bool = True,
-        on_result: Callable[[ImageResult], None] | None = None) -> RunReport:
-    """Run every GPU batch of the plan. A batch that fails is recorded per image and the run goes on;
-    callers decide what a failure means (generate: exit 1; batch: exit 3)."""
+        on_result: Callable[[ImageResult], None] | None = None, done: frozenset[int] = frozenset()) -> RunReport:
+    """Run every GPU batch of the plan. `done` holds positions in plan.jobs that already have their
+    image: a batch whose images all exist is skipped, and a partly done batch is rendered whole (so
+    its pixels equal an uninterrupted run's) with only the missing images written. A failed batch is
+    retried one image at a time; what still fails is recorded and the run goes on (unless fail_fast)."""
     options = options or RunOptions()
     stop = stop or StopToken()
     report = RunReport()
@@ -145,6 +80,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loaded.device)
     lock = threading.Lock()
+    pending = [group for group in plan.groups if any(i not in done for i in group)]
 
     def written(result: ImageResult) -> None:
         with lock:
@@ -153,31 +89,42 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
             on_result(result)
         events("written" if result.ok else "failed", {"result": result})
 
+    def failed(job: ImageJob, failure: tuple[str, int], alone: bool) -> None:
+        written(ImageResult(job=job, error=failure[0], error_exit_code=failure[1], retried_alone=alone))
+
     writer = Writer(plan.overwrite, written)
     embeddings: dict[int, tuple] = {}
     try:
-        if options.encode_ahead and not reusable and len(plan.jobs) <= ENCODE_AHEAD_MAX:
-            for number, group in enumerate(plan.groups):
+        if options.encode_ahead and not reusable and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
+            for number, group in enumerate(pending):
                 if stop.requested:
                     break
                 embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options)
                 timings["encode"] += seconds
             loaded.free_text_encoder()
-        for number, group in enumerate(plan.groups):
-            if stop.requested:
+        for number, group in enumerate(pending):
+            if stop.requested or (options.fail_fast and report.failed):
                 break
             jobs = [plan.jobs[i] for i in group]
-            events("batch", {"number": number + 1, "total": len(plan.groups), "jobs": jobs})
-            try:
-                _run_group(loaded, jobs, embeddings.pop(number, None), options, events, stop, writer, timings)
-            except _Aborted:
-                break
-            except Exception as exc:  # noqa: BLE001 - recorded per image; the run goes on
-                error = exc.line() if isinstance(exc, SanaError) else _describe_failure(exc)
-                code = exc.exit_code if isinstance(exc, SanaError) else 1
-                for job in jobs:
-                    written(ImageResult(job=job, error=error, error_exit_code=code))
-                decoding.release_memory()
+            write = [i not in done for i in group]
+            events("batch", {"number": number + 1, "total": len(pending), "jobs": jobs})
+            failure = _attempt(_run_group, loaded, jobs, write, embeddings.pop(number, None), options, events, stop,
+                               writer, timings)
+            if failure is None:
+                continue
+            if len(jobs) == 1:
+                failed(jobs[0], failure, alone=False)
+                continue
+            for job, wanted in zip(jobs, write):  # isolate the failing image(s) at batch size 1
+                if not wanted or job.index in writer.submitted or stop.requested or (
+                        options.fail_fast and report.failed):
+                    continue
+                single = _attempt(_run_group, loaded, [job], [True], None, options, events, stop, writer, timings,
+                                  retried_alone=True)
+                if single is not None:
+                    failed(job, single, alone=True)
+    except _Aborted:
+        pass
     finally:
         writer.close()
     report.stopped_by = stop.signal_number
@@ -192,6 +139,20 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
 
 class _Aborted(Exception):
     pass
+
+
+def _attempt(function, *args, **kwargs) -> tuple[str, int] | None:
+    """Run one GPU batch; on failure return (message, exit code) instead of the exception, so the
+    traceback (and the tensors its frames hold) is gone before anything is retried."""
+    try:
+        function(*args, **kwargs)
+        return None
+    except _Aborted:
+        raise
+    except Exception as exc:  # noqa: BLE001 - recorded per image; the run goes on
+        failure = (exc.line(), exc.exit_code) if isinstance(exc, SanaError) else (_describe_failure(exc), 1)
+    decoding.release_memory()
+    return failure
 
 
 def _timed(function, *args):
@@ -227,8 +188,8 @@ def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions) -> t
                                     negative_prompt=[job.negative_prompt for job in jobs], **common))
 
 
-def _run_group(loaded: LoadedModel, jobs: list[ImageJob], embeddings, options: RunOptions, events: EventSink,
-               stop: StopToken, writer: Writer, timings: dict) -> None:
+def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], embeddings, options: RunOptions,
+               events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False) -> None:
     first = jobs[0]
     pipe = loaded.pipeline_for(first.pag_layers)
     batch_started = time.perf_counter()
@@ -264,11 +225,14 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], embeddings, options: R
         raise _Aborted()
     shared = (time.perf_counter() - batch_started) / len(jobs)
     for position, job in enumerate(jobs):
+        if not write[position]:
+            continue  # its image exists from an earlier run; rendered only to keep the batch intact
         started = time.perf_counter()
         image, decoded = decode_to_pil(loaded, latents[position:position + 1], options.decode)
         seconds = time.perf_counter() - started
         timings["decode"] += seconds
-        result = ImageResult(job=job, decode=decoded.strategy, fallbacks=decoded.fallbacks, seconds=shared + seconds)
+        result = ImageResult(job=job, decode=decoded.strategy, fallbacks=decoded.fallbacks, seconds=shared + seconds,
+                             retried_alone=retried_alone)
         events("decoded", {"result": result})
         writer.submit(result, image, image_metadata(loaded, job, decoded.strategy))
     del latents
@@ -288,7 +252,7 @@ def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> 
     """Everything needed to reproduce the image. No timestamps or host names, so equal work gives
     byte-identical files whichever process, shard or GPU index made them."""
     model = loaded.describe()
-    meta = {"sana_cli": __version__, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
+    meta = {"sana_cli": __version__, "key": job.key, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
             "seed": job.seed, "steps": job.steps, "guidance": job.guidance, "width": job.width,
             "height": job.height, "rendered": f"{job.width}x{job.height}", "pag_scale": job.pag_scale,
             "pag_layers": job.pag_layers, "decode": decode_strategy, "chi": True, **model,
