@@ -8,7 +8,6 @@ pipeline class and native size stay unknown until the runner has loaded it.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
