@@ -32,4 +32,21 @@ echo "ci-smoke: bad size exits 2: $(cat "$out/stderr")"
 before=$(sha256sum "$out/cat.png")
 set +e; sana generate "a cyberpunk cat with a neon sign" --model tiny --seed 42 -o "$out/cat.png" 2>/dev/null; code=$?; set -e
 test "$code" -eq 2 && test "$(sha256sum "$out/cat.png")" = "$before"
+echo "ci-smoke: existing file kept"
+
+# 5. A batch with per-row overrides (sizes forced onto the 128px tiny model), then a resume that
+#    finds everything done and loads nothing.
+sana batch examples/prompts.jsonl --model tiny --force-size -o "$out/batch" --json -q > "$out/batch.json"
+sana batch examples/prompts.jsonl --model tiny --force-size -o "$out/batch" --json -q > "$out/resume.json"
+python3 - "$out" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+first, again = (json.load(open(os.path.join(out, name))) for name in ("batch.json", "resume.json"))
+assert first["ok"] and first["written"] == 6 and first["failed"] == 0, first
+assert again["ok"] and again["written"] == 0 and again["already_done"] == 6, again
+lines = open(os.path.join(out, "batch", "results.jsonl")).read().splitlines()
+assert len(lines) == 6 and all(json.loads(line)["event"] == "image" for line in lines)
+assert os.path.exists(os.path.join(out, "batch", "fox.png"))
+print("ci-smoke: batch ok:", first["written"], "images, resume found", again["already_done"], "done")
+PY
 echo "ci-smoke: all checks passed"

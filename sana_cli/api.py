@@ -310,7 +310,8 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
         processes.wait_for_everyone()
         if processes.is_main:
             parts = [manifest_name(shard, (i, processes.count)) for i in range(processes.count)]
-            result.manifest = str(merge_manifests(output_dir, parts))
+            merge_manifests(output_dir, parts)
+        result.manifest = os.path.join(output_dir, manifest_name(shard))
     return result
 
 
