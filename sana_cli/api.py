@@ -39,7 +39,8 @@ class GenerateResult:
         timings = {"load": round(self.load_seconds, 4), **self.report.timings}
         return {"ok": not self.report.failed, "command": self.plan.command, "model": self.model,
                 "images": [r.to_dict() for r in self.report.results], "timings": timings,
-                "peak_memory_bytes": self.report.peak_memory_bytes, "notes": self.notes + self.plan.notes}
+                "peak_memory_bytes": self.report.peak_memory_bytes, "notes": self.notes + self.plan.notes,
+                "warnings": self.report.warnings}
 
 
 class Session:
@@ -228,6 +229,7 @@ class BatchResult:
             "stopped_by_signal": self.stopped_by, "timings": timings,
             "images_per_second": round(len(self.written) / seconds, 4) if seconds else None,
             "peak_memory_bytes": self.report.peak_memory_bytes if self.report else None,
+            "warnings": self.report.warnings if self.report else [],
             "images": [r.to_dict() for r in self.written],
         }
 

@@ -22,7 +22,11 @@ DECODE_CHOICES = ("auto", "full", "strips", "patch-conv", "tiled")
 EPILOG = """\b
 Exit codes: 0 success, 1 generation failed, 2 bad usage or input, 3 batch partly
 failed, 4 environment (no CUDA, model missing or not cached offline, missing
-package), 130/143 interrupted by SIGINT/SIGTERM."""
+package), 130/143 interrupted by SIGINT/SIGTERM.
+\b
+Every option can also come from the environment as SANA_<COMMAND>_<OPTION>
+(e.g. SANA_BATCH_BATCH_SIZE=8); SANA_MODEL and SANA_OUTPUT_DIR serve every command.
+Shell completion: eval "$(_SANA_COMPLETE=bash_source sana)" (zsh_source, fish_source)."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
@@ -390,7 +394,7 @@ def _graceful_signals(stop, reporter, what: str):
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: Click's usage errors as one line and exit code 2."""
     try:
-        code = cli.main(args=argv, prog_name="sana", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="sana", standalone_mode=False, auto_envvar_prefix="SANA")
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help())
         sys.exit(0)

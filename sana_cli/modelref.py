@@ -116,6 +116,7 @@ def _from_configs(name: str, source: str, kind: str, read, revision: str | None)
     if index is not None and pipeline not in SUPPORTED_PIPELINES:
         raise UsageError(f"'{name}' holds a {pipeline or 'unnamed'} pipeline; sana-cli runs "
                          f"{', '.join(SUPPORTED_PIPELINES)}")
+    check_components(name, index)
     transformer = read("transformer/config.json") or {}
     vae = read("vae/config.json") or {}
     native = None
@@ -130,6 +131,17 @@ def _from_configs(name: str, source: str, kind: str, read, revision: str | None)
     return ModelRef(name=name, source=source, kind=kind, pipeline=pipeline, native_size=native,
                     steps=2 if sprint else 20, guidance=4.5, revision=revision, supports_pag=supports_pag,
                     min_steps=1, max_steps=4 if sprint else 1000)
+
+
+def check_components(name: str, index: dict | None) -> None:
+    """Refuse a model_index.json whose components come from anywhere but diffusers or transformers:
+    such a repo ships its own Python code, and sana-cli never runs code from a model repo."""
+    for component, value in (index or {}).items():
+        if component.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        if value[0] not in ("diffusers", "transformers"):
+            raise UsageError(f"'{name}' wants custom code for its {component} ({value[0]}.{value[1]}); sana-cli "
+                             "never runs code from a model repository")
 
 
 def _read_json(path: Path) -> dict | None:

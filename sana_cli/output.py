@@ -91,7 +91,7 @@ def ensure_directory(directory: str | Path) -> Path:
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:
+    except (FileExistsError, NotADirectoryError) as exc:
         raise UsageError(f"cannot create output directory {directory}: a file is in the way") from exc
     except OSError as exc:
         raise UsageError(f"cannot create output directory {directory}: {exc.strerror or exc}") from exc

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import tiny
 from .errors import EnvironmentProblem, UsageError
-from .modelref import ModelRef
+from .modelref import ModelRef, check_components
 from .presets import SANA, SANA_PAG, SANA_SPRINT
 
 # Weight files above this size on disk mean "a real model": it needs CUDA unless --device cpu.
@@ -104,10 +104,10 @@ def import_runtime(verbose: bool = False):
     except ImportError as exc:
         raise EnvironmentProblem(f"a required package is missing: {exc.name or exc}",
                                  hint="reinstall sana-cli (see README)") from exc
-    if not verbose:
-        diffusers.utils.logging.set_verbosity_error()
+    if not verbose:  # our own error line says what went wrong; theirs would be a second one
+        diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
         diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity(transformers.utils.logging.CRITICAL)
         transformers.utils.logging.disable_progress_bar()
     return torch
 
@@ -202,9 +202,11 @@ def _pipeline_class(ref: ModelRef, source: str, offline: bool, revision: str | N
 
             index = hf_hub_download(source, "model_index.json", revision=revision, local_files_only=offline)
             with open(index, encoding="utf-8") as handle:
-                name = json.load(handle).get("_class_name")
+                data = json.load(handle)
         except Exception as exc:  # noqa: BLE001 - mapped to a clear message
             raise _loading_error(ref, exc, offline) from exc
+        name = data.get("_class_name")
+        check_components(ref.name, data)
         if name not in (SANA, SANA_PAG, SANA_SPRINT):
             raise UsageError(f"{ref.name} holds a {name} pipeline; sana-cli runs Sana, Sana PAG and Sprint")
     # A PAG checkpoint has the same components: load it as SanaPipeline and derive PAG with from_pipe.
@@ -221,7 +223,8 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     dtype_argument, transformer_dtype = _dtype_plan(ref, device, options.dtype)
     source = str(source_dir) if source_dir is not None else ref.source
     cls, class_name = _pipeline_class(ref, source, offline, ref.revision)
-    kwargs = dict(dtype=dtype_argument, use_safetensors=not options.allow_pickle)
+    # allow_pickle: prefer safetensors, fall back to .bin (use_safetensors=False would refuse safetensors)
+    kwargs = dict(dtype=dtype_argument, use_safetensors=None if options.allow_pickle else True)
     variant = _variant(ref, source_dir, offline)
     if variant:
         kwargs["variant"] = variant
@@ -299,7 +302,8 @@ def _loading_error(ref: ModelRef, exc: Exception, offline: bool, allow_pickle: b
         return EnvironmentProblem(f"{ref.name} is not in the Hugging Face cache and offline mode is on",
                                   hint=f"download it once online (`hf download {ref.source}`) or drop --offline")
     if name in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeaderDeserialization") or \
-            "deserializ" in text.lower() or "incomplete metadata" in text.lower():
+            "deserializ" in text.lower() or "incomplete metadata" in text.lower() or \
+            "unable to load weights from checkpoint" in text.lower():
         return EnvironmentProblem(f"the weights of {ref.name} are corrupt or truncated: {text}",
                                   hint="delete and download them again")
     if ("safetensors" in text.lower() or "no file named" in text.lower()) and not allow_pickle and \

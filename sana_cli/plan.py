@@ -279,6 +279,8 @@ def plan_generate(request: Request, model: ModelRef) -> Plan:
     guidance = model.guidance if request.guidance is None else request.guidance
     check_steps_guidance(model, steps, guidance)
     check_pag(model, request.pag_scale)
+    if request.pag_layers and not request.pag_scale:
+        raise UsageError("--pag-layers needs --pag-scale above 0")
     if request.negative_prompt and not model.uses_cfg:
         raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt; drop --negative-prompt")
     pag_layers = (request.pag_layers or model.pag_layers) if request.pag_scale > 0 else None

@@ -43,6 +43,8 @@ class Reporter:
                 self.log(f"sana: resuming: {data['done']} of {data['done'] + data['todo']} image(s) already done")
         elif kind == "load":
             self.log(f"sana: loading {data['model'].describe()}")
+        elif kind == "warning":
+            self.log(f"sana: warning: {data['message']}")
         elif kind == "batch":
             self.started = self.started or time.perf_counter()
             self._batch = f"batch {data['number']}/{data['total']} "

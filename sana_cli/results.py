@@ -78,6 +78,7 @@ class RunReport:
     timings: dict = field(default_factory=dict)
     stopped_by: int | None = None  # signal number
     peak_memory_bytes: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[ImageResult]:

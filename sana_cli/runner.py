@@ -82,6 +82,11 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     lock = threading.Lock()
     pending = [group for group in plan.groups if any(i not in done for i in group)]
 
+    def warn(kind: str, data: dict) -> None:
+        if kind == "warning" and data["message"] not in report.warnings:
+            report.warnings.append(data["message"])
+        events(kind, data)
+
     def written(result: ImageResult) -> None:
         with lock:
             report.results.append(result)
@@ -99,7 +104,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
             for number, group in enumerate(pending):
                 if stop.requested:
                     break
-                embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options)
+                embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options, warn)
                 timings["encode"] += seconds
             loaded.free_text_encoder()
         for number, group in enumerate(pending):
@@ -108,7 +113,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
             jobs = [plan.jobs[i] for i in group]
             write = [i not in done for i in group]
             events("batch", {"number": number + 1, "total": len(pending), "jobs": jobs})
-            failure = _attempt(_run_group, loaded, jobs, write, embeddings.pop(number, None), options, events, stop,
+            failure = _attempt(_run_group, loaded, jobs, write, embeddings.pop(number, None), options, warn, stop,
                                writer, timings)
             if failure is None:
                 continue
@@ -119,7 +124,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
                 if not wanted or job.index in writer.submitted or stop.requested or (
                         options.fail_fast and report.failed):
                     continue
-                single = _attempt(_run_group, loaded, [job], [True], None, options, events, stop, writer, timings,
+                single = _attempt(_run_group, loaded, [job], [True], None, options, warn, stop, writer, timings,
                                   retried_alone=True)
                 if single is not None:
                     failed(job, single, alone=True)
@@ -174,11 +179,24 @@ def _chi(pipe) -> list[str] | None:
     return inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
 
 
+def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink) -> None:
+    """Gemma reads at most max_sequence_length tokens of a prompt (the pipeline truncates silently)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return
+    for job in jobs:
+        count = len(tokenizer(job.prompt, add_special_tokens=False).input_ids)
+        if count > budget:
+            events("warning", {"message": f"the prompt of row {job.row} is {count} tokens; the text encoder reads "
+                                          f"the first {budget} and ignores the rest"})
+
+
 @torch.no_grad()
-def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions) -> tuple:
+def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions, events: EventSink = no_events) -> tuple:
     """Prompt embeddings for a GPU batch, exactly as the pipeline would compute them itself."""
     pipe = loaded.pipeline_for(jobs[0].pag_layers)
     prompts = [job.prompt for job in jobs]
+    _warn_truncation(pipe, jobs, options.max_sequence_length - 2, events)
     common = dict(num_images_per_prompt=1, device=pipe._execution_device, clean_caption=False,
                   max_sequence_length=options.max_sequence_length, complex_human_instruction=_chi(pipe))
     if loaded.ref.is_sprint:
@@ -194,7 +212,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
     pipe = loaded.pipeline_for(first.pag_layers)
     batch_started = time.perf_counter()
     if embeddings is None:
-        embeddings, seconds = _timed(_encode, loaded, jobs, options)
+        embeddings, seconds = _timed(_encode, loaded, jobs, options, events)
         timings["encode"] += seconds
     embeds, mask, negative_embeds, negative_mask = embeddings
 

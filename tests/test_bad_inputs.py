@@ -1,0 +1,221 @@
+"""Every bad input gets one clear line and its documented exit code, through the installed `sana`.
+
+CASES is the table in the README ("Bad input and what sana says"): a test checks that the two agree,
+so the documentation cannot drift from the behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .conftest import SANA, one_line_error
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@dataclass
+class Case:
+    name: str  # the README's "input" column
+    args: list  # placeholders: {tmp} a fresh temp dir, {tiny} the tiny model dir, {files} prepared inputs
+    code: int
+    says: str  # a fragment of the single stderr error line (or of a warning, for exit 0)
+    stdin: str | None = None
+    env: dict = field(default_factory=dict)
+    limit_file_size: int | None = None
+
+
+CASES = [
+    Case("empty prompt", ["generate", "", "--model", "tiny"], 2, "the prompt is empty"),
+    Case("whitespace-only prompt", ["generate", " \t ", "--model", "tiny"], 2, "the prompt is empty"),
+    Case("prompt longer than the text encoder reads", ["generate", "{long_prompt}", "--model", "tiny", "--seed", "1",
+                                                       "-o", "{tmp}/long.png"], 0, "the text encoder reads the first 298"),
+    Case("size not a multiple of 32", ["generate", "a cat", "--size", "1000"], 2, "is not a multiple of 32 (try 992 or 1024)"),
+    Case("size zero", ["generate", "a cat", "--size", "0"], 2, "must be positive"),
+    Case("negative size", ["generate", "a cat", "--width", "-64", "--height", "64"], 2, "must be positive"),
+    Case("non-numeric size", ["generate", "a cat", "--size", "big"], 2, "'big' is not a valid integer"),
+    Case("absurdly large side", ["generate", "a cat", "--size", "65536"], 2, "is outside 32..8192"),
+    Case("more pixels than any model renders", ["generate", "a cat", "--model", "sana-4k", "--size", "8192"], 2,
+         "more than the 4096x4096 pixels"),
+    Case("aspect ratio beyond 1:4", ["generate", "a cat", "--model", "sana-4k", "-W", "1024", "-H", "8192"], 2,
+         "outside 1:4..4:1"),
+    Case("size far from the model's scale", ["generate", "a cat", "--model", "sana-4k", "--size", "1024"], 2,
+         "use --model sana-1600m-1024 for this size, or --force-size"),
+    Case("zero steps", ["generate", "a cat", "--steps", "0"], 2, "steps must be at least 1"),
+    Case("negative steps", ["generate", "a cat", "--steps", "-5"], 2, "steps must be at least 1"),
+    Case("negative guidance", ["generate", "a cat", "--guidance", "-1"], 2, "guidance must be 0 or more"),
+    Case("Sprint with more than 4 steps", ["generate", "a cat", "--model", "sprint", "--steps", "8"], 2,
+         "sprint takes 1-4 steps"),
+    Case("PAG on a model that cannot do PAG", ["generate", "a cat", "--model", "sprint", "--pag-scale", "2"], 2,
+         "sprint cannot use PAG"),
+    Case("negative prompt on SANA-Sprint", ["generate", "a cat", "--model", "sprint", "--negative-prompt", "blur"],
+         2, "has no negative prompt"),
+    Case("unknown preset", ["generate", "a cat", "--model", "sana-4kk"], 2, "did you mean 'sana-4k'?"),
+    Case("model directory that does not exist", ["generate", "a cat", "--model", "{tmp}/no-such-model"], 4,
+         "does not exist"),
+    Case("directory without model_index.json", ["generate", "a cat", "--model", "{files}/not-a-model"], 2,
+         "has no model_index.json"),
+    Case("truncated safetensors file", ["generate", "a cat", "--model", "{files}/corrupt", "-o", "{tmp}/"], 4,
+         "are corrupt or truncated"),
+    Case("only pickle .bin weights", ["generate", "a cat", "--model", "{files}/pickle", "-o", "{tmp}/"], 4,
+         "does not load pickle files by default (--allow-pickle"),
+    Case("model repo that wants custom code", ["generate", "a cat", "--model", "{files}/custom-code"], 2,
+         "never runs code from a model repository"),
+    Case("offline, model not in the cache", ["generate", "a cat", "--model", "someone/uncached-sana", "--offline",
+                                             "--device", "cpu", "--size", "128"], 4,
+         "not in the Hugging Face cache and offline mode is on"),
+    Case("real model without CUDA", ["generate", "a cat", "--model", "sana-1600m-1024", "-o", "{tmp}/"], 4,
+         "needs a CUDA GPU and none is available"),
+    Case("--device cuda without CUDA", ["generate", "a cat", "--model", "tiny", "--device", "cuda", "-o", "{tmp}/"],
+         4, "CUDA is not available"),
+    Case("--fp8 without a CUDA GPU", ["generate", "a cat", "--model", "tiny", "--fp8", "-o", "{tmp}/"], 4,
+         "--fp8 needs a CUDA GPU"),
+    Case("output directory that cannot be created", ["generate", "a cat", "--model", "tiny", "-o",
+                                                     "{files}/a-file/sub/"], 2, "a file is in the way"),
+    Case("output file that exists", ["generate", "a cat", "--model", "tiny", "-o", "{files}/taken.png"], 2,
+         "already exists (pass --overwrite"),
+    Case("unsupported image extension", ["generate", "a cat", "-o", "{tmp}/cat.gif"], 2,
+         "cannot write '.gif' images (use .png, .jpg or .webp)"),
+    Case("disk full while writing", ["generate", "a cat", "--model", "tiny", "--seed", "1", "-o", "{tmp}/full.png"],
+         1, "cannot write", limit_file_size=4000),
+    Case("empty batch file", ["batch", "{files}/empty.txt", "--model", "tiny"], 2, "has no prompts"),
+    Case("binary batch file", ["batch", "{files}/binary.txt", "--model", "tiny"], 2, "is a binary file"),
+    Case("batch file not UTF-8", ["batch", "{files}/latin1.txt", "--model", "tiny"], 2,
+         "is not UTF-8 (first bad byte on line 2)"),
+    Case("bad JSON line", ["batch", "{files}/bad.jsonl", "--model", "tiny"], 2, "line 2: not valid JSON"),
+    Case("CSV without a prompt column", ["batch", "{files}/noprompt.csv", "--model", "tiny"], 2,
+         "has no 'prompt' column"),
+    Case("unknown field", ["batch", "{files}/unknown.jsonl", "--model", "tiny"], 2, "line 1: unknown field(s) 'colour'"),
+    Case("wrong type", ["batch", "{files}/types.jsonl", "--model", "tiny"], 2,
+         "line 1: 'steps' must be a whole number, got 'many'"),
+    Case("duplicate names", ["batch", "{files}/dupes.jsonl", "--model", "tiny"], 2,
+         "line 2: name 'Cat' is already used on line 1"),
+    Case("name escaping the output directory", ["batch", "{files}/escape.jsonl", "--model", "tiny"], 2,
+         "line 1: 'name' '../../x' may not contain path separators"),
+    Case("absolute path as a name", ["batch", "{files}/absolute.jsonl", "--model", "tiny"], 2,
+         "line 1: 'name' '/etc/cron.d/x' may not contain path separators"),
+    Case("batch file that does not exist", ["batch", "{tmp}/missing.txt"], 2, "missing.txt: no such file"),
+    Case("--shard 3/2", ["batch", "{files}/ok.txt", "--shard", "3/2"], 2, "I in 0..N-1"),
+    Case("--shard 0/0", ["batch", "{files}/ok.txt", "--shard", "0/0"], 2, "N must be at least 1"),
+    Case("--size with --width", ["generate", "a cat", "--size", "1024", "--width", "512"], 2,
+         "--size conflicts with --width/--height"),
+    Case("--pag-layers without --pag-scale", ["generate", "a cat", "--pag-layers", "transformer_blocks.8"], 2,
+         "--pag-layers needs --pag-scale above 0"),
+    Case("unknown option", ["generate", "a cat", "--colour", "red"], 2, "No such option '--colour'"),
+    Case("unknown command", ["paint", "a cat"], 2, "No such command 'paint'"),
+    Case("sana info on a file that is not an image", ["info", "{files}/ok.txt"], 2, "is not a readable image"),
+    Case("emoji, Chinese and quotes in a prompt", ["generate", 'a "cute" 🐼 熊猫 eating 🎋, it\'s ink', "--model",
+                                                    "tiny", "--seed", "3", "-o", "{tmp}/"], 0, ""),
+    Case("newlines in a JSONL prompt", ["batch", "{files}/newline.jsonl", "--model", "tiny", "-o", "{tmp}/nl"], 0, ""),
+    Case("very long prompt becomes a short file name", ["generate", "{long_prompt}", "--model", "tiny", "--seed", "5",
+                                                        "-o", "{tmp}/"], 0, ""),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_models) -> Path:
+    """Every prepared bad (and good odd) input."""
+    root = tmp_path_factory.mktemp("inputs")
+    tiny = tiny_models["sana"]
+    (root / "not-a-model").mkdir()
+    shutil.copytree(tiny, root / "corrupt")
+    weights = next((root / "corrupt" / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:3000])
+    shutil.copytree(tiny, root / "pickle")
+    transformer = root / "pickle" / "transformer"
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(next(transformer.glob("*.safetensors"))))
+    for path in transformer.glob("*.safetensors"):
+        path.unlink()
+    torch.save(state, transformer / "diffusion_pytorch_model.bin")
+    shutil.copytree(tiny, root / "custom-code")
+    index = json.loads((root / "custom-code" / "model_index.json").read_text())
+    index["vae"] = ["my_evil_module", "MyVAE"]
+    (root / "custom-code" / "model_index.json").write_text(json.dumps(index))
+    (root / "a-file").write_text("in the way")
+    (root / "taken.png").write_bytes(b"precious")
+    (root / "empty.txt").write_text("# nothing here\n\n")
+    (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (root / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    (root / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b",\n')
+    (root / "noprompt.csv").write_text("text,seed\na cat,1\n")
+    (root / "unknown.jsonl").write_text('{"prompt": "a", "colour": "red"}\n')
+    (root / "types.jsonl").write_text('{"prompt": "a", "steps": "many"}\n')
+    (root / "dupes.jsonl").write_text('{"prompt": "a", "name": "cat"}\n{"prompt": "b", "name": "Cat"}\n')
+    (root / "escape.jsonl").write_text('{"prompt": "a", "name": "../../x"}\n')
+    (root / "absolute.jsonl").write_text('{"prompt": "a", "name": "/etc/cron.d/x"}\n')
+    (root / "ok.txt").write_text("a cat\n")
+    (root / "newline.jsonl").write_text(json.dumps({"prompt": "first line\nsecond line \"quoted\" 🐼", "seed": 2}) + "\n")
+    return root
+
+
+def expand(value: str, tmp: Path, files: Path, tiny: Path) -> str:
+    long_prompt = " ".join(["a cute red fox sitting in the snow under the moon"] * 40)
+    return value.format(tmp=tmp, files=files, tiny=tiny, long_prompt=long_prompt)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, files, tiny_dir, tmp_path):
+    args = [expand(str(a), tmp_path, files, tiny_dir) for a in case.args]
+
+    def limit():
+        if case.limit_file_size:
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (case.limit_file_size, case.limit_file_size))
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    process = subprocess.run([SANA, *args], input=case.stdin, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, **case.env), preexec_fn=limit)
+    assert process.returncode == case.code, process.stderr
+    if case.code == 0:
+        assert "Traceback" not in process.stderr
+        assert case.says in process.stderr
+        for line in process.stdout.splitlines():  # written paths: inside the chosen directory, short names
+            assert Path(line).exists() and len(Path(line).name.encode()) <= 80
+        return
+    line = one_line_error(process)
+    assert case.says in line
+    assert process.stdout == ""
+    after = sorted(p.name for p in tmp_path.iterdir())
+    assert after == before, "a failed run left files behind"
+    if "taken.png" in " ".join(args):
+        assert (files / "taken.png").read_bytes() == b"precious"
+
+
+def test_allow_pickle_loads_what_the_default_refuses(sana, files, tmp_path):
+    process = sana("generate", "a cat", "--model", files / "pickle", "--allow-pickle", "--seed", 1, "-o", f"{tmp_path}/")
+    assert process.returncode == 0, process.stderr
+    assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
+    assert len([c for c in CASES if c.code != 0]) >= 30
+    readme = README.read_text()
+    table = readme.split("### Bad input and what sana says", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].isdigit():
+            rows[cells[0]] = (int(cells[1]), cells[2])
+    for case in CASES:
+        assert case.name in rows, f"README table lacks {case.name!r}"
+        code, says = rows[case.name]
+        assert code == case.code, case.name
+        assert re.sub(r"`", "", says).find(case.says.replace("|", "\\|")) >= 0 or case.says == "", case.name
+
+
+if __name__ == "__main__":  # print the README table rows
+    for case in CASES:
+        print(f"| {case.name} | {case.code} | {('`' + case.says + '`') if case.says else 'works'} |")
