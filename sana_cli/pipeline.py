@@ -97,6 +97,9 @@ class LoadedModel:
 def import_runtime(verbose: bool = False):
     """Import torch and diffusers, turning a missing or broken install into exit code 4. Their own
     log lines and per-component progress bars are silenced unless verbose (--debug)."""
+    from .speed import compile_cache_dir
+
+    compile_cache_dir()  # before torch: inductor fixes its cache directory the first time it looks
     try:
         import diffusers
         import torch

@@ -45,7 +45,6 @@ def compile_cache_dir() -> str:
 
 
 def enable_compile(loaded) -> None:
-    compile_cache_dir()
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True  # on by default in recent torch; made explicit
