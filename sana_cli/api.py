@@ -184,8 +184,7 @@ def check_plan_fits(plan: Plan, ref: ModelRef) -> None:
     for job in plan.jobs:
         check_steps_guidance(ref, job.steps, job.guidance)
         check_pag(ref, job.pag_scale)
-        if "--force-size" not in " ".join(plan.notes):
-            resolve_size(ref, job.width, job.height, force=False)
+        resolve_size(ref, job.width, job.height, force=plan.force_size)
 
 
 # ---- batch -----------------------------------------------------------------------------------------

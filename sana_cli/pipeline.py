@@ -45,6 +45,7 @@ class LoadedModel:
     options: LoadOptions = field(default_factory=LoadOptions)
     _pag: dict = field(default_factory=dict)
     text_encoder_freed: bool = False
+    _description: dict | None = None
 
     @property
     def generator_device(self) -> str:
@@ -81,6 +82,12 @@ class LoadedModel:
         torch.cuda.empty_cache()
 
     def describe(self) -> dict:
+        """Model facts for metadata and JSON output (the same dict for every image of a run)."""
+        if self._description is None:
+            self._description = self._describe()
+        return self._description
+
+    def _describe(self) -> dict:
         import diffusers
         import torch
         import transformers

@@ -91,6 +91,7 @@ class Plan:
     overwrite: bool = False
     notes: list[str] = field(default_factory=list)
     seed_rule: str = ""
+    force_size: bool = False
 
     @property
     def needs_pag(self) -> bool:
@@ -304,7 +305,8 @@ def plan_generate(request: Request, model: ModelRef) -> Plan:
     if len(seeds) > 1:
         rule += ", +1 for each further image"
     return Plan(command="generate", model=model, jobs=jobs, groups=group_jobs(jobs, batch_size),
-                output_dir=str(Path(paths[0]).parent), overwrite=request.overwrite, notes=notes, seed_rule=rule)
+                output_dir=str(Path(paths[0]).parent), overwrite=request.overwrite, notes=notes, seed_rule=rule,
+                force_size=request.force_size)
 
 
 def _generate_paths(request: Request, prompt: str, seeds: list[int]) -> list[str]:
@@ -400,7 +402,7 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
         jobs = [jobs[i] for i in kept]
         groups = [[position[i] for i in group] for group in groups]
     return Plan(command="batch", model=model, jobs=jobs, groups=groups, output_dir=output_dir, overwrite=overwrite,
-                notes=notes, seed_rule=SEED_RULE), errors
+                notes=notes, seed_rule=SEED_RULE, force_size=defaults.force_size), errors
 
 
 def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start) -> list[ImageJob]:
