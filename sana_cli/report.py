@@ -242,7 +242,8 @@ def _anchor(file: str) -> str:
 def _card(entry: Entry) -> str:
     r = entry.record
     pag = r.get("pag_scale")
-    pag_text = f"{pag:g} on {r.get('pag_layers') or 'default layers'}" if isinstance(pag, (int, float)) and pag else "off"
+    uses_pag = isinstance(pag, (int, float)) and pag
+    pag_text = f"{pag:g} on {r.get('pag_layers') or 'default layers'}" if uses_pag else "off"
     seconds = r.get("seconds")
     rows = [("prompt", r.get("prompt")), ("negative", r.get("negative_prompt") or None), ("seed", r.get("seed")),
             ("size", f"{r.get('width')}×{r.get('height')}" if r.get("width") and r.get("height") else None),
@@ -306,7 +307,8 @@ def step_summary(summary: dict, records: list[dict], *, gallery: str | None = No
     summary = summary or {}
     output_dir = summary.get("output_dir")
     invalid_rows = summary.get("invalid_rows")
-    invalid = [i if isinstance(i, dict) else {"error": i} for i in invalid_rows] if isinstance(invalid_rows, list) else []
+    invalid = ([i if isinstance(i, dict) else {"error": i} for i in invalid_rows]
+               if isinstance(invalid_rows, list) else [])
     invalid_count = len(invalid_rows) if isinstance(invalid_rows, list) else invalid_rows
     if records and output_dir:
         failures = [{"row": e.record.get("row"), "file": e.file, "error": e.error}
