@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
-from .output import atomic_write_bytes, read_manifests
+from .output import atomic_write_bytes, read_manifests, remove_stray_temp_files
 
 GALLERY = "index.html"
 THUMBNAILS = "thumbnails"
@@ -126,6 +126,7 @@ def make_thumbnail(image_path: str | Path, target: str | Path, max_side: int = T
     except (OSError, ValueError, SyntaxError):
         pass  # missing or unreadable: make it
     with Image.open(image_path) as image:
+        image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster for 4K
         image = ImageOps.exif_transpose(image)
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         if image.mode not in ("RGB", "L"):
@@ -151,6 +152,8 @@ def write_gallery(output_dir: str | Path, records: list[dict], summary: dict, *,
     any dict with some of its keys. Thumbnails go to output_dir/thumbnails/ and are remade only when
     missing or older than their image."""
     output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stray_temp_files(output_dir / THUMBNAILS)  # left by a report killed mid-write
     entries = latest_entries(output_dir, records)
     for entry in entries:
         if not entry.ok:
