@@ -203,6 +203,7 @@ class BatchResult:
     removed_temp_files: int = 0
     load_seconds: float = 0.0
     source: str = ""
+    is_main_process: bool = True  # False in the other processes of a multi-process launch
 
     @property
     def written(self) -> list[ImageResult]:
@@ -309,6 +310,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
         manifest.close()
     if processes is not None:
         processes.wait_for_everyone()
+        result.is_main_process = processes.is_main
         if processes.is_main:
             parts = [manifest_name(shard, (i, processes.count)) for i in range(processes.count)]
             merge_manifests(output_dir, parts)

@@ -178,11 +178,14 @@ def _parse_shard(ctx, param, value):
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed image (exit 1).")
 @click.option("--overwrite", is_flag=True, help="Redo every image, replacing existing files.")
 @click.option("--force-size", is_flag=True, help="Allow sizes far from the model's native scale.")
+@click.option("--report", is_flag=True,
+              help="Write index.html (a gallery with thumbnails, failures highlighted, relative links) in the output "
+                   "directory, and append a Markdown summary to $GITHUB_STEP_SUMMARY when it is set.")
 @_model_options
 def batch(file, output_dir, size, width, height, steps, guidance, negative_prompt, pag_scale, pag_layers, base_seed,
-          extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, model, revision,
-          offline, device, dtype, decode, low_memory, compile_mode, fp8, allow_pickle, dry_run, json_output, quiet,
-          debug):
+          extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, report, model,
+          revision, offline, device, dtype, decode, low_memory, compile_mode, fp8, allow_pickle, dry_run, json_output,
+          quiet, debug):
     """Render every prompt of FILE (.txt, .jsonl or .csv; '-' reads stdin) into --output-dir.
 
     \b
@@ -229,8 +232,11 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
             reporter.close()
         for error in result.invalid_rows:
             reporter.log(f"sana: skipped invalid row: {error}")
+        summary = result.to_dict()
+        if report and result.is_main_process:
+            summary["report"] = _write_report(output_dir, summary, reporter)
         if json_output:
-            _emit_json(result.to_dict())
+            _emit_json(summary)
         else:
             for image in result.written:
                 click.echo(image.written.path)
@@ -247,6 +253,20 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         if error is not None:
             error.summary_printed = True
             raise error
+
+
+def _write_report(output_dir: str, summary: dict, reporter) -> dict | None:
+    """The gallery and the CI step summary; a failure here is a warning, not the batch's exit code."""
+    from .report import write_report
+
+    try:
+        written = write_report(output_dir, summary)
+    except OSError as exc:
+        reporter.log(f"sana: warning: could not write the report: {exc}")
+        return None
+    reporter.log(f"sana: gallery {written['gallery']}"
+                 + ("; step summary appended to $GITHUB_STEP_SUMMARY" if written["step_summary"] else ""))
+    return written
 
 
 def _batch_summary(result) -> str:
@@ -279,6 +299,31 @@ def models(json_output):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@cli.command()
+@click.option("-m", "--model", envvar="SANA_MODEL", metavar="NAME|HUB_ID|DIR",
+              help="Also check that this model can be loaded here (cached, when offline).")
+@click.option("--gpu", "require_gpu", is_flag=True, help="Fail (exit 4) when no CUDA GPU is usable.")
+@click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", help="Check as if offline (HF_HUB_OFFLINE).")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def doctor(model, require_gpu, offline, json_output, debug):
+    """Check this machine: versions, GPU and free memory, caches, which presets are downloaded.
+
+    Exits 4, with the command that fixes it, when something needed is missing.
+    """
+    with _reporting(json_output, debug):
+        from .doctor import diagnose, format_text
+
+        report = diagnose(model, require_gpu=require_gpu, offline=True if offline else None)
+        click.echo(json.dumps(report, default=str) if json_output else format_text(report))
+        failed = [check for check in report["checks"] if not check["ok"] and check.get("exit_code")]
+        if report["exit_code"]:
+            first = failed[0] if failed else {"detail": "a check failed", "fix": None}
+            click.echo(f"sana: error: {first['detail']}" + (f" (fix: {first['fix']})" if first.get("fix") else ""),
+                       err=True)
+            sys.exit(report["exit_code"])
 
 
 @cli.command()

@@ -227,7 +227,8 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     """Load the pipeline a ModelRef names, ready to run. Raises SanaError subclasses on failure."""
     options = options or LoadOptions()
     import_runtime(options.verbose)
-    offline = options.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = options.offline or any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+                                     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     source_dir = _source_dir(ref, offline)
     device = resolve_device(ref, options.device, source_dir)
     dtype_argument, transformer_dtype = _dtype_plan(ref, device, options.dtype)
