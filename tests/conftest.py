@@ -50,6 +50,23 @@ def tiny_dir(tiny_models) -> Path:
     return tiny_models["sana"]
 
 
+def full_size_dcae():
+    """The dc-ae-f32c32-sana-1.0 architecture (Sana's VAE) with random weights, in fp32 on the CPU."""
+    import torch
+    from diffusers import AutoencoderDC
+
+    blocks = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
+    torch.manual_seed(0)
+    return AutoencoderDC(
+        in_channels=3, latent_channels=32, attention_head_dim=32, encoder_block_types=blocks,
+        decoder_block_types=blocks, encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+        decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024], encoder_layers_per_block=[2, 2, 2, 3, 3, 3],
+        decoder_layers_per_block=[3, 3, 3, 3, 3, 3], encoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
+        decoder_qkv_multiscales=[[], [], [], [5], [5], [5]], upsample_block_type="interpolate",
+        downsample_block_type="Conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407).eval()
+
+
 def run_sana(*args, cwd=None, env=None, input=None, timeout=180, check_json=False, **kwargs):
     """Run the installed `sana` console script; returns CompletedProcess (text)."""
     assert SANA, "the sana console script is not installed next to this Python"

@@ -17,6 +17,8 @@ from diffusers import AutoencoderDC
 
 from sana_cli import decode
 
+from .conftest import full_size_dcae
+
 EXACT = 1e-5
 
 
@@ -27,17 +29,7 @@ def tiny_vae(tiny_dir):
 
 @pytest.fixture(scope="module")
 def full_size_vae():
-    """The dc-ae-f32c32-sana-1.0 architecture with random weights (decoder only is exercised)."""
-    torch.manual_seed(0)
-    blocks = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
-    return AutoencoderDC(
-        in_channels=3, latent_channels=32, attention_head_dim=32, encoder_block_types=blocks,
-        decoder_block_types=blocks, encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
-        decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024], encoder_layers_per_block=[2, 2, 2, 3, 3, 3],
-        decoder_layers_per_block=[3, 3, 3, 3, 3, 3], encoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
-        decoder_qkv_multiscales=[[], [], [], [5], [5], [5]], upsample_block_type="interpolate",
-        downsample_block_type="Conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-        scaling_factor=0.41407).eval()
+    return full_size_dcae()
 
 
 def plain(vae, z):
@@ -110,6 +102,8 @@ OOM_SCRIPT = """
 import resource, sys, torch
 from diffusers import AutoencoderDC
 from sana_cli import decode
+
+from .conftest import full_size_dcae
 vae = AutoencoderDC.from_pretrained(sys.argv[1]).eval()
 z = torch.randn(1, 4, 512, 512, generator=torch.Generator().manual_seed(5))
 reference = torch.load(sys.argv[2])

@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from .conftest import full_size_dcae
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -69,18 +71,7 @@ def test_pag_on_cuda_changes_the_image(tiny_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def full_vae_bf16():
-    from diffusers import AutoencoderDC
-
-    blocks = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
-    torch.manual_seed(0)
-    return AutoencoderDC(
-        in_channels=3, latent_channels=32, attention_head_dim=32, encoder_block_types=blocks,
-        decoder_block_types=blocks, encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
-        decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024], encoder_layers_per_block=[2, 2, 2, 3, 3, 3],
-        decoder_layers_per_block=[3, 3, 3, 3, 3, 3], encoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
-        decoder_qkv_multiscales=[[], [], [], [5], [5], [5]], upsample_block_type="interpolate",
-        downsample_block_type="Conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-        scaling_factor=0.41407).to("cuda", torch.bfloat16).eval()
+    return full_size_dcae().to("cuda", torch.bfloat16)
 
 
 def _decode_peak(vae, z, strategy, **kwargs):
