@@ -3,7 +3,6 @@ GitHub step summary, and environment-variable defaults."""
 
 from __future__ import annotations
 
-import json
 
 import torch
 

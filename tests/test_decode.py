@@ -102,8 +102,6 @@ OOM_SCRIPT = """
 import resource, sys, torch
 from diffusers import AutoencoderDC
 from sana_cli import decode
-
-from .conftest import full_size_dcae
 vae = AutoencoderDC.from_pretrained(sys.argv[1]).eval()
 z = torch.randn(1, 4, 512, 512, generator=torch.Generator().manual_seed(5))
 reference = torch.load(sys.argv[2])
