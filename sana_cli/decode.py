@@ -132,22 +132,25 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def full_decode_bytes(height: int, width: int, batch: int, dtype: torch.dtype) -> int:
-    """Estimated peak of a full decode, scaled from the measured 4096x4096 bf16 figure."""
-    element = torch.finfo(dtype).bits // 8
-    return int(FULL_DECODE_BYTES_PER_PIXEL_BF16 * element / 2 * height * width * batch)
+def full_decode_bytes(vae, height: int, width: int, batch: int = 1) -> int:
+    """Estimated peak of a full decode: the measured 4096x4096 bf16 figure of the DC-AE, scaled by
+    pixels, dtype size and the width of the decoder's last stage (128 channels in the DC-AE), which
+    holds the largest activations."""
+    element = torch.finfo(next(vae.parameters()).dtype).bits // 8
+    width_ratio = vae.config.decoder_block_out_channels[0] / 128
+    return int(FULL_DECODE_BYTES_PER_PIXEL_BF16 * element / 2 * width_ratio * height * width * batch)
 
 
 def choose(vae, height: int, width: int, batch: int = 1, free_bytes: int | None = None) -> tuple[str, int | None]:
     """auto: a full decode when it fits in 85% of free memory, else strips sized to fit."""
     if free_bytes is None:
         free_bytes = free_memory_bytes(next(vae.parameters()).device)
-    dtype = next(vae.parameters()).dtype
     budget = int(free_bytes * 0.85)
-    if full_decode_bytes(height, width, batch, dtype) <= budget or not strip_decodable(vae):
+    needed = full_decode_bytes(vae, height, width, batch)
+    if needed <= budget or not strip_decodable(vae):
         return "full", None
-    tail_rows = height // spatial_ratio(vae) * _tail_scale(vae)
-    per_row = full_decode_bytes(height, width, batch, dtype) / tail_rows
+    tail_rows = height // _tail_scale(vae)  # rows of the tail's input feature map
+    per_row = needed / tail_rows
     rows = max(MIN_STRIP_ROWS, min(tail_rows, int(budget / per_row)))
     return "strips", rows
 

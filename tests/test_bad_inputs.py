@@ -31,6 +31,7 @@ class Case:
     stdin: str | None = None
     env: dict = field(default_factory=dict)
     limit_file_size: int | None = None
+    limit_memory: int | None = None  # address-space cap in bytes: a real out-of-memory
 
 
 CASES = [
@@ -86,6 +87,11 @@ CASES = [
          "cannot write '.gif' images (use .png, .jpg or .webp)"),
     Case("disk full while writing", ["generate", "a cat", "--model", "tiny", "--seed", "1", "-o", "{tmp}/full.png"],
          1, "cannot write", limit_file_size=4000),
+    Case("out of memory", ["generate", "a cat", "--model", "tiny", "--size", "4096", "--force-size", "--steps", "1",
+                           "-o", "{tmp}/"], 1, "out of memory; try --decode strips", limit_memory=2 * 2**30),
+    Case("out of memory in one batch row", ["batch", "{files}/one-huge.jsonl", "--model", "tiny", "--force-size",
+                                            "--steps", "1", "-o", "{tmp}/oom"], 3,
+         "1 image(s) failed (line(s) 2): out of memory", limit_memory=2 * 2**30),
     Case("empty batch file", ["batch", "{files}/empty.txt", "--model", "tiny"], 2, "has no prompts"),
     Case("binary batch file", ["batch", "{files}/binary.txt", "--model", "tiny"], 2, "is a binary file"),
     Case("batch file not UTF-8", ["batch", "{files}/latin1.txt", "--model", "tiny"], 2,
@@ -155,6 +161,7 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "escape.jsonl").write_text('{"prompt": "a", "name": "../../x"}\n')
     (root / "absolute.jsonl").write_text('{"prompt": "a", "name": "/etc/cron.d/x"}\n')
     (root / "ok.txt").write_text("a cat\n")
+    (root / "one-huge.jsonl").write_text('{"prompt": "small"}\n{"prompt": "huge", "size": 4096}\n{"prompt": "small too"}\n')
     (root / "newline.jsonl").write_text(json.dumps({"prompt": "first line\nsecond line \"quoted\" 🐼", "seed": 2}) + "\n")
     return root
 
@@ -169,11 +176,13 @@ def test_bad_input(case: Case, files, tiny_dir, tmp_path):
     args = [expand(str(a), tmp_path, files, tiny_dir) for a in case.args]
 
     def limit():
-        if case.limit_file_size:
-            import resource
+        import resource
 
+        if case.limit_file_size:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (case.limit_file_size, case.limit_file_size))
+        if case.limit_memory:
+            resource.setrlimit(resource.RLIMIT_AS, (case.limit_memory, case.limit_memory))
 
     before = sorted(p.name for p in tmp_path.iterdir())
     process = subprocess.run([SANA, *args], input=case.stdin, capture_output=True, text=True, timeout=300,
@@ -187,6 +196,9 @@ def test_bad_input(case: Case, files, tiny_dir, tmp_path):
         return
     line = one_line_error(process)
     assert case.says in line
+    if case.code == 3:  # the batch carried on: the other rows are written, their paths on stdout
+        assert len(process.stdout.splitlines()) == 2
+        return
     assert process.stdout == ""
     after = sorted(p.name for p in tmp_path.iterdir())
     assert after == before, "a failed run left files behind"

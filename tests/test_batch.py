@@ -343,3 +343,35 @@ def test_shard_option_is_validated(sana, prompts_txt):
     for value in ("3/2", "0/0", "2", "a/b", "-1/2"):
         process = sana("batch", prompts_txt, "--model", "tiny", "--shard", value, "--dry-run")
         assert process.returncode == 2 and "--shard" in one_line_error(process)
+
+
+OOM_BATCH = """
+import json, os, resource, sys
+from sana_cli import batchfile
+from sana_cli.modelref import resolve
+from sana_cli.pipeline import load
+from sana_cli.plan import BatchDefaults, plan_batch
+from sana_cli.runner import run
+loaded = load(resolve("tiny"))
+rows, _, _ = batchfile.load(sys.argv[1])
+plan, _ = plan_batch(rows, loaded.ref, BatchDefaults(width=1024, height=1024, steps=2, force_size=True), sys.argv[2],
+                     batch_size=8)
+os.makedirs(sys.argv[2])
+size = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
+limit = size + 550 * 2**20      # one 1024px tiny image fits (~350 MB); a GPU batch of 8 does not
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+report = run(plan, loaded, reusable=False)
+print(json.dumps([[r.ok, r.retried_alone, r.error] for r in report.results]))
+"""
+
+
+def test_an_out_of_memory_gpu_batch_is_retried_one_image_at_a_time(tmp_path, tiny_models):
+    """Real OOM: with the address space capped, the batch of 8 fails in the allocator; each image
+    alone fits, so every image is still made, marked as retried alone."""
+    prompts = write(tmp_path / "p.txt", "\n".join(f"a red fox number {i}" for i in range(8)))
+    out = subprocess.run([sys.executable, "-c", OOM_BATCH, str(prompts), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results == [[True, True, None]] * 8
+    assert len(images(tmp_path / "out")) == 8
