@@ -62,6 +62,10 @@ class Session:
         options = RunOptions(decode=decode, abort_in_flight=abort_in_flight)
         return _run(plan, self.loaded, options, events, stop, self.reusable, on_result)
 
+    def batch(self, source: str, **options) -> "BatchResult":
+        """`sana batch` on this loaded model; keyword arguments as for sana_cli.batch()."""
+        return batch(source, session=self, **options)
+
     def generate(self, prompt: str, *, decode: str = "auto", events: EventSink = no_events,
                  stop: StopToken | None = None, **request) -> GenerateResult:
         """Make and write images for one prompt; keyword arguments are Request fields (width,
@@ -259,18 +263,21 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
           revision: str | None = None, decode: str = "auto", device: str = "auto", dtype: str = "auto",
           offline: bool = False, allow_pickle: bool = False, low_memory: bool = False,
           compile: str | bool = "auto", fp8: bool = False, events: EventSink = no_events,
-          stop: StopToken | None = None, verbose: bool = False) -> BatchResult:
+          stop: StopToken | None = None, verbose: bool = False, session: "Session | None" = None) -> BatchResult:
     """Render every row of a batch file into output_dir, resuming whatever an earlier run finished.
 
     results.jsonl in output_dir gets one line per image written or failed. Launched with several
     processes (accelerate / torchrun), each process takes its slice and the main one merges the
-    manifests at the end."""
+    manifests at the end. With `session`, its loaded model is used (and kept) instead of loading
+    one; `model` then defaults to the session's."""
     from . import distributed
     from .output import (Manifest, ensure_directory, existing_outputs, manifest_name, merge_manifests,
                          read_manifests, remove_stray_temp_files)
     from .pipeline import load as load_model
 
     processes = distributed.launched_processes()
+    if session is not None and model is None:
+        model = session.loaded.ref.source if session.loaded.ref.kind == "local" else session.loaded.ref.name
     plan, invalid, name = plan_batch_file(
         source, model=model, output_dir=output_dir, defaults=defaults, batch_size=batch_size,
         shard=distributed.combine(shard, processes), overwrite=overwrite, skip_invalid=skip_invalid,
@@ -291,21 +298,24 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
         for record in adopt:
             manifest.append({**record, "time": _now()})
         if len(done) < len(plan.jobs):
-            events("load", {"model": plan.model})
-            started = time.perf_counter()
-            loaded = load_model(plan.model, LoadOptions(
-                device=processes.device if processes and device == "auto" else device, dtype=dtype,
-                offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
-                compile=_want_compile(compile, plan, device), fp8=fp8, verbose=verbose))
-            result.load_seconds = time.perf_counter() - started
-            result.model = loaded.describe()
+            if session is not None:
+                loaded = session.loaded
+            else:
+                events("load", {"model": plan.model})
+                started = time.perf_counter()
+                loaded = load_model(plan.model, LoadOptions(
+                    device=processes.device if processes and device == "auto" else device, dtype=dtype,
+                    offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
+                    compile=_want_compile(compile, plan, device), fp8=fp8, verbose=verbose))
+                result.load_seconds = time.perf_counter() - started
+            result.model = info = loaded.describe()
             check_plan_fits(plan, loaded.ref)
-            info = loaded.describe()
 
             def record(image: ImageResult) -> None:
                 manifest.append(_manifest_record(image, info, output_dir))
 
-            result.report = _run_batch(plan, loaded, decode, fail_fast, events, stop, frozenset(done), record)
+            result.report = _run_batch(plan, loaded, decode, fail_fast, events, stop, frozenset(done), record,
+                                       reusable=session is not None)
     finally:
         manifest.close()
     if processes is not None:
@@ -318,11 +328,11 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     return result
 
 
-def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result) -> RunReport:
+def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result, reusable: bool) -> RunReport:
     from .runner import run
 
     options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast)
-    return run(plan, loaded, options, events=events, stop=stop, reusable=False, on_result=on_result, done=done)
+    return run(plan, loaded, options, events=events, stop=stop, reusable=reusable, on_result=on_result, done=done)
 
 
 def _manifest_record(image: ImageResult, info: dict, output_dir: str) -> dict:
