@@ -56,15 +56,31 @@ WORKLOAD_KEYS = ("4k", "1024", "batch", "sprint")
 
 # What the recipe side runs, recorded verbatim in the results (MODEL_DIR etc. filled in per workload).
 RECIPE_CODE = """\
-pipe = {cls}.from_pretrained(MODEL_DIR{variant}, torch_dtype=torch.bfloat16)
-pipe.to(device)
+pipe = {cls}.from_pretrained({model_dir!r}{variant}, torch_dtype=torch.bfloat16)
+pipe.to({device!r})
 pipe.vae.to(torch.bfloat16)
 pipe.text_encoder.to(torch.bfloat16)
 if pipe.transformer.config.sample_size == 128:
     pipe.vae = patch_conv.convert_model(pipe.vae, splits=32)
-image = pipe(prompt=PROMPT, height=H, width=W, guidance_scale=G, num_inference_steps=STEPS,
-             generator=torch.Generator(device=device).manual_seed(SEED){binning})[0][0]
-image.save(PATH)"""
+{loop}image = pipe(prompt={prompt}, height={height}, width={width}, guidance_scale={guidance}, num_inference_steps={steps},
+{indent}             generator=torch.Generator(device={device!r}).manual_seed({seed}){binning})[0][0]
+{indent}image.save({path})"""
+
+
+def recipe_code(workload: "Workload", model_dir, device, *, variant: str | None, cls: str, binning: bool,
+                cast_text_encoder: bool = True) -> str:
+    """The recipe code exactly as recipe_side runs it, for the results."""
+    batch = workload.prompts > 1
+    code = RECIPE_CODE.format(
+        cls=cls, model_dir=str(model_dir), variant=f", variant={variant!r}" if variant else "", device=device.type,
+        loop="for i, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS)):\n    " if batch else "",
+        indent="    " if batch else "", prompt="prompt" if batch else repr(PROMPT), height=workload.height,
+        width=workload.width, guidance=workload.guidance, steps=workload.steps, seed="seed" if batch else SEED,
+        binning="" if binning else ", use_resolution_binning=False",
+        path='f"{i:03d}.png"' if batch else '"image.png"')
+    if not cast_text_encoder:
+        code = code.replace("pipe.text_encoder.to(torch.bfloat16)\n", "")
+    return code
 
 
 @dataclass(frozen=True)
@@ -271,11 +287,12 @@ def release(device) -> None:
 
 
 def measure_in_process(side: Side, run_once: Callable[[], dict], device, *, warmup: int, repeats: int,
-                       clock: StageClock | None = None) -> Side:
-    """Call run_once() warmup times unmeasured, then repeats times measured. run_once returns
-    {"outputs": [paths], "images": n, optional "decode", "reported"}. Keeps the median run's stages."""
+                       clock: StageClock | None = None, warm: Callable[[], object] | None = None) -> Side:
+    """Call warm() (default run_once) warmup times unmeasured, then run_once() repeats times measured.
+    run_once returns {"outputs": [paths], "images": n, optional "decode", "reported"}. Keeps the
+    median run's stages."""
     for _ in range(warmup):
-        run_once()
+        (warm or run_once)()
     runs = []
     for _ in range(repeats):
         if clock is not None:
@@ -390,6 +407,8 @@ def recipe_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, w
         # Only the tiny models get here: binning would render another size and resize the result,
         # so the recipe is called at the exact size instead (the one change to it).
         call_kwargs["use_resolution_binning"] = False
+    side.command = recipe_code(workload, model_dir, device, variant=spec.variant, cls=spec.pipeline,
+                               binning=not call_kwargs, cast_text_encoder=cast_text_encoder)
     if cast_text_encoder:
         would = f"render {binned[0]}x{binned[1]} and resize" if binned else "raise"
         notes.append(f"recipe as written: binning maps {workload.width}x{workload.height} to itself"
@@ -401,8 +420,8 @@ def recipe_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, w
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = StageClock(pipe, device)
 
-    def run_once() -> dict:
-        for prompt, seed, path in zip(prompts, seeds, paths):
+    def run_once(limit: int | None = None) -> dict:
+        for prompt, seed, path in list(zip(prompts, seeds, paths))[:limit]:
             image = pipe(prompt=prompt, height=workload.height, width=workload.width,
                          guidance_scale=workload.guidance, num_inference_steps=workload.steps,
                          generator=torch.Generator(device=device).manual_seed(seed), **call_kwargs)[0][0]
@@ -413,7 +432,9 @@ def recipe_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, w
         return {"outputs": paths, "images": len(paths)}
 
     try:
-        measure_in_process(side, run_once, device, warmup=warmup, repeats=repeats, clock=clock)
+        # A batch warms up on one image: 64 more would add nothing but time.
+        measure_in_process(side, run_once, device, warmup=warmup, repeats=repeats, clock=clock,
+                           warm=lambda: run_once(limit=1))
     finally:
         clock.remove()
         del pipe
@@ -490,7 +511,8 @@ def sana_batch_workload(model_dir: Path, prompts: list[str], seeds: list[int], *
           - in-process (model loaded once, warm):
                 session = sana_cli.api.load(str(model_dir), device=device.type, dtype="bf16")
                 clock = StageClock(session.loaded.pipe, device)
-                measure_in_process(Side("api"), run_once, device, warmup=warmup, repeats=repeats, clock=clock)
+                measure_in_process(Side("api"), run_once, device, warmup=warmup, repeats=repeats, clock=clock,
+                                   warm=<a run of one image>)
             where run_once() runs the whole batch once and returns {"outputs": [...], "images": n,
             "decode": ..., "reported": result.report.timings}; call clock.remove() afterwards;
           - fresh process: write the prompts/seeds file, then
@@ -535,14 +557,15 @@ def run_workload(workload: Workload, checkpoints: Path, device, work: Path, args
             return [Side(name, status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])]
         return value if isinstance(value, list) else [value]
 
+    repeats = args.batch_repeats if workload.prompts > 1 else args.repeats
     sides += attempt("recipe", recipe_side, workload, model_dir, device, out / "recipe", warmup=args.warmup,
-                     repeats=args.repeats, notes=notes)
+                     repeats=repeats, notes=notes)
     if args.exactness and workload.prompts == 1:
         sides += attempt("recipe_no_te_cast", recipe_side, workload, model_dir, device, out / "recipe_no_te_cast",
                          warmup=0, repeats=1, notes=notes, cast_text_encoder=False)
     if workload.key == "batch":
         sides += attempt("sana batch", batch_sana_sides, workload, model_dir, device, out, warmup=args.warmup,
-                         repeats=args.repeats, decode=args.decode)
+                         repeats=repeats, decode=args.decode)
     else:
         sides += attempt("api", api_side, workload, model_dir, device, out / "api", warmup=args.warmup,
                          repeats=args.repeats, decode=args.decode)
@@ -626,7 +649,8 @@ def markdown(results: dict) -> str:
                 note.replace("|", "/")]) + " |")
         for note in record["notes"]:
             lines.append(f"| {label} | note | | | | | | | | | | | | {note.replace('|', '/')} |")
-    lines += ["", "Recipe code (each workload fills in its model dir, size, steps, guidance):", "", "```python",
+    lines += ["", "Recipe code (per workload, exactly as run, in each recipe side's `command` in the JSON):", "",
+              "```python",
               results["recipe_code"], "```", ""]
     return "\n".join(lines)
 
@@ -646,6 +670,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None,
                         help="measured runs, median reported (recipe, api; default 3 full, 1 tiny)")
     parser.add_argument("--cli-repeats", type=int, default=1, help="cold CLI processes, median reported")
+    parser.add_argument("--batch-repeats", type=int, default=1, help="measured runs of the whole batch workload")
     parser.add_argument("--batch-prompts", type=int, default=None, help="prompts in the batch workload (64 full, 4 tiny)")
     parser.add_argument("--decode", default="auto", help="sana-cli decode strategy for api and cli (default auto)")
     parser.add_argument("--no-exactness", dest="exactness", action="store_false",
@@ -691,15 +716,23 @@ def main(argv=None) -> int:
                "checkpoints": {"path": str(checkpoints), "scale": manifest.get("scale"),
                                "seed": manifest.get("seed")},
                "settings": {"warmup": args.warmup, "repeats": args.repeats, "cli_repeats": args.cli_repeats,
+                            "batch_repeats": args.batch_repeats,
                             "dtype": "bfloat16", "decode": args.decode, "seed": SEED},
-               "recipe_code": RECIPE_CODE.format(cls="SanaPipeline", variant=', variant="bf16"', binning=""),
+               "recipe_code": recipe_code(chosen[args.workloads[0]], "MODEL_DIR", device, variant="bf16",
+                                          cls="SanaPipeline", binning=True),
                "workloads": []}
     for key in args.workloads:
         results["workloads"].append(run_workload(chosen[key], checkpoints, device, work, args, log))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["load_average_at_end"] = _common.load_average()
     name = f"{date:%Y-%m-%d}_{_common.slug(results['device']['name'])}_{args.scale}"
+    if list(args.workloads) != list(WORKLOAD_KEYS):
+        name += "_" + "-".join(args.workloads)
     results_dir = Path(args.results)
+    stem, number = name, 1
+    while (results_dir / f"{name}.json").exists():  # never overwrite an earlier run of the same day
+        number += 1
+        name = f"{stem}_{number}"
     _common.write_json(results_dir / f"{name}.json", results)
     (results_dir / f"{name}.md").write_text(markdown(results))
     log(f"run.py: {results['seconds']} s; wrote {results_dir / name}.json and .md")
