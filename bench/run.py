@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -101,7 +101,7 @@ class Workload:
         return [SEED + i for i in range(self.prompts)]
 
 
-def workloads(scale: str, batch_prompts_count: int | None = None) -> dict[str, Workload]:
+def workloads(scale: str, batch_prompts_count: int | None = None, size: int | None = None) -> dict[str, Workload]:
     """Full: the issue's sizes. Tiny: 128x128 everywhere, the native size of the tiny 1024 and
     Sprint models (sample_size 32 x VAE ratio 4). The tiny 4K model (sample_size 128) is native
     512, but bf16 convolutions are slow on a CPU, so it renders 128x128 too (--force-size)."""
@@ -109,10 +109,14 @@ def workloads(scale: str, batch_prompts_count: int | None = None) -> dict[str, W
         big, small, count = 4096, 1024, batch_prompts_count or 64
     else:
         big, small, count = 128, 128, batch_prompts_count or 2
-    return {"4k": Workload("4k", "4k", big, big, 20, 5.0, force_size=scale == "tiny"),
-            "1024": Workload("1024", "1024", small, small, 20, 4.5),
-            "batch": Workload("batch", "1024", small, small, 20, 4.5, prompts=count),
-            "sprint": Workload("sprint", "sprint", small, small, 2, 4.5)}
+    chosen = {"4k": Workload("4k", "4k", big, big, 20, 5.0, force_size=scale == "tiny"),
+              "1024": Workload("1024", "1024", small, small, 20, 4.5),
+              "batch": Workload("batch", "1024", small, small, 20, 4.5, prompts=count),
+              "sprint": Workload("sprint", "sprint", small, small, 2, 4.5)}
+    if size is not None:  # a quick check at another size (--size): sana-cli needs force_size for it
+        chosen = {key: replace(w, width=size, height=size, force_size=w.force_size or size != w.width)
+                  for key, w in chosen.items()}
+    return chosen
 
 
 def batch_prompts(count: int) -> list[str]:
@@ -572,7 +576,7 @@ def run_workload(workload: Workload, checkpoints: Path, device, work: Path, args
         sides += attempt("cli", cli_side, workload, model_dir, device, out / "cli", repeats=args.cli_repeats,
                          decode=args.decode)
     if workload.force_size:
-        notes.append("sana-cli called with force_size (--force-size): the tiny 4K model is native 512")
+        notes.append("sana-cli called with force_size (--force-size): the size is not near the model's native one")
     references = {s.side: s for s in sides if s.side in ("recipe", "recipe_no_te_cast") and s.status == "ok"}
     for side in sides:
         for name, reference in references.items():
@@ -672,6 +676,9 @@ def parse_args(argv=None):
     parser.add_argument("--cli-repeats", type=int, default=1, help="cold CLI processes, median reported")
     parser.add_argument("--batch-repeats", type=int, default=1, help="measured runs of the whole batch workload")
     parser.add_argument("--batch-prompts", type=int, default=None, help="prompts in the batch workload (64 full, 4 tiny)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="render every workload at SIZExSIZE instead (quick checks only: not the issue's "
+                             "workloads; sana-cli then runs with force_size)")
     parser.add_argument("--decode", default="auto", help="sana-cli decode strategy for api and cli (default auto)")
     parser.add_argument("--no-exactness", dest="exactness", action="store_false",
                         help="skip the extra recipe run without the text-encoder cast (one image per workload)")
@@ -702,9 +709,9 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     checkpoints = Path(args.checkpoints or HERE / "checkpoints" / args.scale).resolve()
-    chosen = workloads(args.scale, args.batch_prompts)
+    chosen = workloads(args.scale, args.batch_prompts, args.size)
     needed = sorted({chosen[key].model for key in args.workloads}, key=make_checkpoints.MODEL_KEYS.index)
-    manifest = make_checkpoints.build(checkpoints, needed, args.scale, log=log)
+    manifest = make_checkpoints.build(checkpoints, needed, args.scale, device=device.type, log=log)
     work = Path(args.work or tempfile.mkdtemp(prefix="sana-bench-")).resolve()
     log(f"run.py: images under {work}")
     date = _common.now()
