@@ -497,34 +497,56 @@ def cli_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, repe
                    outputs=[str(path)])
 
 
-# ==================================================================================================
-# FILL IN WHEN `sana batch` LANDS. This is the only unfinished part of the benchmark.
-# ==================================================================================================
 def sana_batch_workload(model_dir: Path, prompts: list[str], seeds: list[int], *, width: int, height: int,
                         steps: int, guidance: float, device, out_dir: Path, warmup: int, repeats: int,
-                        decode: str) -> list[Side]:
-    """Make len(prompts) images with sana-cli's batch path; return the measured sides.
+                        decode: str, force_size: bool = False) -> list[Side]:
+    """The batch workload through `sana batch`: image i is prompts[i] with seeds[i] (given per row, so
+    the work equals the recipe's loop), in GPU batches of sana-cli's default size, prompts encoded
+    once per batch, PNGs written on the background thread. Returns the warm API side (model loaded
+    once, Session.batch) and the cold CLI side (a fresh `sana batch` process)."""
+    from sana_cli import api
+    from sana_cli.plan import BatchDefaults
 
-    Contract (what the rest of run.py relies on):
-      * image i is prompts[i] with seeds[i], width x height, `steps` steps, guidance `guidance`,
-        dtype bf16 on `device` -- the same work as the recipe's loop of pipe calls, so that
-        diff_vs_recipe compares like with like;
-      * return [Side("api", ...), Side("cli", ...)] (either may be missing), each with
-        side.outputs = the written image paths in prompt order, under out_dir/<side>/;
-      * measure with the helpers above so the figures mean the same as for the other workloads:
-          - in-process (model loaded once, warm):
-                session = sana_cli.api.load(str(model_dir), device=device.type, dtype="bf16")
-                clock = StageClock(session.loaded.pipe, device)
-                measure_in_process(Side("api"), run_once, device, warmup=warmup, repeats=repeats, clock=clock,
-                                   warm=<a run of one image>)
-            where run_once() runs the whole batch once and returns {"outputs": [...], "images": n,
-            "decode": ..., "reported": result.report.timings}; call clock.remove() afterwards;
-          - fresh process: write the prompts/seeds file, then
-                run_cli(Side("cli"), [sys.executable, "-m", "sana_cli", "batch", FILE, "--model",
-                        str(model_dir), ..., "--device", device.type, "--dtype", "bf16", "--json"],
-                        device, outputs=[...])
-    """
-    raise NotImplementedError("filled in when sana batch lands")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = out_dir / "prompts.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "seed": s, "name": f"{i:04d}"}, ensure_ascii=False) + "\n"
+                            for i, (p, s) in enumerate(zip(prompts, seeds))))
+    one_row = out_dir / "warm.jsonl"
+    one_row.write_text(rows.read_text().splitlines()[0] + "\n")
+    defaults = BatchDefaults(width=width, height=height, steps=steps, guidance=guidance, force_size=force_size)
+
+    side = Side("api")
+    _sync(device)
+    started = time.perf_counter()
+    session = api.load(str(model_dir), device=device.type, dtype="bf16")
+    _sync(device)
+    side.load_seconds = round(time.perf_counter() - started, 3)
+    clock = StageClock(session.loaded.pipe, device)
+    counter = iter(range(10**6))
+
+    def run_once(source: Path = rows) -> dict:
+        target = out_dir / "api" / f"run-{next(counter)}"  # a fresh directory: a rerun would resume
+        result = session.batch(str(source), output_dir=str(target), defaults=defaults, decode=decode)
+        if result.failed:
+            raise RuntimeError(f"sana batch failed: {result.failed[0].error}")
+        return {"outputs": [image.written.path for image in result.written], "images": len(result.written),
+                "decode": ",".join(sorted({image.decode for image in result.written})),
+                "reported": dict(result.report.timings, peak_memory_bytes=result.report.peak_memory_bytes)}
+
+    try:
+        measure_in_process(side, run_once, device, warmup=warmup, repeats=repeats, clock=clock,
+                           warm=lambda: run_once(one_row))
+        side.stages["write"] = side.reported.get("write")
+    finally:
+        clock.remove()
+        del session
+        release(device)
+    argv = [sys.executable, "-m", "sana_cli", "batch", str(rows), "--model", str(model_dir), "--width", str(width),
+            "--height", str(height), "--steps", str(steps), "--guidance", str(guidance), "-o", str(out_dir / "cli"),
+            "--device", device.type, "--dtype", "bf16", "--decode", decode, "--json", "--quiet"]
+    cli = run_cli(Side("cli"), argv + (["--force-size"] if force_size else []), device, repeats=1,
+                  outputs=[str(out_dir / "cli" / f"{i:04d}.png") for i in range(len(prompts))])
+    return [side, cli]
 
 
 def batch_sana_sides(workload: Workload, model_dir: Path, device, out_dir: Path, *, warmup: int, repeats: int,
@@ -532,7 +554,8 @@ def batch_sana_sides(workload: Workload, model_dir: Path, device, out_dir: Path,
     try:
         return sana_batch_workload(model_dir, workload.prompt_list(), workload.seeds(), width=workload.width,
                                    height=workload.height, steps=workload.steps, guidance=workload.guidance,
-                                   device=device, out_dir=out_dir, warmup=warmup, repeats=repeats, decode=decode)
+                                   device=device, out_dir=out_dir, warmup=warmup, repeats=repeats, decode=decode,
+                                   force_size=workload.force_size)
     except NotImplementedError as exc:
         note = f"skipped: sana_batch_workload() is not implemented yet ({exc})"
         return [Side("api", status="skipped", note=note), Side("cli", status="skipped", note=note)]

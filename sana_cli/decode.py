@@ -29,7 +29,9 @@ from torch import nn
 STRATEGIES = ("auto", "full", "strips", "patch-conv", "tiled")
 # Peak bytes per output pixel of a full bf16 decode (34.6 GiB at 4096x4096, H100, reference notes).
 FULL_DECODE_BYTES_PER_PIXEL_BF16 = 34.6 * 2**30 / (4096 * 4096)
-MIN_STRIP_ROWS = 2  # in rows of the tail's input feature map
+# In rows of the tail's input feature map. Measured on the full-size DC-AE (bench/results/decode-cpu_*):
+# below ~16 rows memory stops falling (the attention stages' floor) while time keeps growing.
+MIN_STRIP_ROWS = 8
 TILE_SIZE = 1024  # NVlabs' 4K setting: 1024px tiles, stride 896 (an eighth overlaps)
 
 

@@ -49,8 +49,9 @@ class LoadedModel:
 
     @property
     def generator_device(self) -> str:
-        # Noise is drawn on the execution device, as the model cards do, so a seed gives the same
-        # image as the model card recipe on the same hardware.
+        # Noise is drawn on the execution device, as the model cards do, so a seed gives the card's noise.
+        # Pixels equal a plain from_pretrained pipeline's; the card's extra `text_encoder.to(bf16)` also
+        # casts Gemma's rotary frequencies to bf16, which moves pixels by a few levels (bench/README.md).
         return self.device.type
 
     def pipeline_for(self, pag_layers: str | None):

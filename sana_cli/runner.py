@@ -160,9 +160,16 @@ def _attempt(function, *args, **kwargs) -> tuple[str, int] | None:
     return failure
 
 
-def _timed(function, *args):
+def _sync(loaded: LoadedModel) -> None:
+    """CUDA work is asynchronous: wait for it before reading a clock, or stage times smear."""
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
+
+
+def _timed(function, loaded: LoadedModel, *args):
     started = time.perf_counter()
-    value = function(*args)
+    value = function(loaded, *args)
+    _sync(loaded)
     return value, time.perf_counter() - started
 
 
@@ -238,6 +245,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
     started = time.perf_counter()
     with torch.no_grad():
         latents = pipe(**kwargs)[0]
+    _sync(loaded)
     timings["denoise"] += time.perf_counter() - started
     if stop.requested and options.abort_in_flight:
         raise _Aborted()
@@ -247,6 +255,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
             continue  # its image exists from an earlier run; rendered only to keep the batch intact
         started = time.perf_counter()
         image, decoded = decode_to_pil(loaded, latents[position:position + 1], options.decode)
+        _sync(loaded)
         seconds = time.perf_counter() - started
         timings["decode"] += seconds
         result = ImageResult(job=job, decode=decoded.strategy, fallbacks=decoded.fallbacks, seconds=shared + seconds,

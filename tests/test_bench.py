@@ -152,7 +152,7 @@ def test_recipe_binning_note_and_patch_conv(smoke):
     assert by_key["1024"]["sides"]["recipe"]["decode"].startswith("vae.decode")
 
 
-def test_batch_workload_skips_cleanly_until_sana_batch_exists(smoke):
+def test_batch_workload_makes_the_recipes_images_through_sana_batch(smoke):
     results, _, _ = smoke
     batch = next(w for w in results["workloads"] if w["workload"] == "batch")
     recipe = batch["sides"]["recipe"]
@@ -161,12 +161,11 @@ def test_batch_workload_skips_cleanly_until_sana_batch_exists(smoke):
     assert all(Path(p).is_file() for p in recipe["outputs"])
     for name in ("api", "cli"):
         side = batch["sides"][name]
-        if side["status"] == "skipped":
-            assert "not implemented" in side["note"]
-            assert side["seconds"] is None and side["diff_vs_recipe"] == {}
-        else:  # sana batch landed: it must make the same images as the recipe's loop
-            assert side["status"] == "ok" and side["images"] == 2
-            assert side["diff_vs_recipe"]["images"] == 2
+        assert side["status"] == "ok", side
+        assert side["images"] == 2 and side["images_per_second"] > 0
+        assert [Path(p).name for p in side["outputs"]] == ["0000.png", "0001.png"]
+        assert side["diff_vs_recipe"]["images"] == 2
+        assert side["diff_vs_recipe"]["psnr_db"] > 40, side["diff_vs_recipe"]
 
 
 def test_markdown_table(smoke):
@@ -176,7 +175,7 @@ def test_markdown_table(smoke):
     for label in ("4k 128x128, 20 steps", "1024 128x128, 20 steps", "batch 128x128, 20 steps, 2 prompts",
                   "sprint 128x128, 2 steps"):
         assert f"| {label} | recipe |" in markdown
-    assert "identical (0)" in markdown and "**skipped**" in markdown
+    assert "identical (0)" in markdown and "**skipped**" not in markdown
 
 
 def test_checkpoint_layout(smoke):
