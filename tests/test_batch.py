@@ -266,7 +266,7 @@ def test_batch_size_changes_pixels_by_at_most_one_level(sana, tmp_path, prompts_
 def slow_batch(tmp_path: Path, prompts_txt: Path, out: Path, **popen):
     """A batch slow enough on the tiny model to be interrupted mid-run."""
     return subprocess.Popen([SANA, "batch", str(prompts_txt), "--model", "tiny", "-o", str(out), "--size", "256",
-                             "--force-size", "--steps", "60", "--batch-size", "1"],
+                             "--force-size", "--steps", "30", "--batch-size", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, SANA_PROGRESS_INTERVAL="0", **DETERMINISTIC), **popen)
 
