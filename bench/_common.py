@@ -107,7 +107,6 @@ def run_child(argv: list[str], *, env: dict | None = None, cwd=None, stdout_path
               timeout: float | None = None) -> dict:
     """Run a child process; returns its wall seconds (timed from outside), exit code, its own peak
     RSS (ru_maxrss from wait4, so other children do not mix in), stdout and stderr."""
-    import resource
     import tempfile
 
     scratch = tempfile.mkdtemp(prefix="bench-child-")

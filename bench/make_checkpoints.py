@@ -45,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # benchmark this checkout's sana_cli, not an installed copy
 
+from sana_cli import tiny  # noqa: E402 - after the path fix above; torch-free at import
+
 SEED = 20260101
 MODEL_KEYS = ("4k", "1024", "sprint")
 SHARED = ("tokenizer", "text_encoder", "vae")
@@ -56,10 +58,7 @@ TRANSFORMER_1600M = dict(
     in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
     num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
     mlp_ratio=2.5, dropout=0.0, attention_bias=False, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6)
-TRANSFORMER_TINY = dict(  # as sana_cli/tiny.py
-    in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4, num_layers=2,
-    num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-    patch_size=1)
+TRANSFORMER_TINY = {k: v for k, v in tiny.TRANSFORMER_CONFIG.items() if k != "sample_size"}
 
 # Gemma-2 2B (google/gemma-2-2b): the Sana text encoder is its Gemma2Model.
 GEMMA2_2B = dict(
@@ -68,9 +67,7 @@ GEMMA2_2B = dict(
     hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
     attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rope_theta=10000.0,
     pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.02)
-GEMMA2_TINY = dict(  # as sana_cli/tiny.py; vocab_size is set to the tokenizer's length
-    hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-    intermediate_size=64, max_position_embeddings=8192, initializer_range=0.02)
+GEMMA2_TINY = tiny.GEMMA2_CONFIG  # vocab_size is set to the tokenizer's length
 
 # DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers, notes §3).
 DCAE_F32C32 = dict(
@@ -83,20 +80,9 @@ DCAE_F32C32 = dict(
     encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)), decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
     downsample_block_type="Conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
     decoder_act_fns="silu", scaling_factor=0.41407)
-DCAE_TINY = dict(  # as sana_cli/tiny.py: two local ResBlock stages and an attention stage (ratio 4)
-    in_channels=3, latent_channels=4, attention_head_dim=2,
-    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-    encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
-    encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-    encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), downsample_block_type="conv",
-    upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+DCAE_TINY = tiny.VAE_CONFIG  # two local ResBlock stages and an attention stage (ratio 4)
 
-# Flow-DPM-Solver, the hub scheduler_config.json of the Sana repos (notes §5).
-FLOW_DPM = dict(
-    algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="flow_prediction",
-    use_flow_sigmas=True, final_sigmas_type="zero", lower_order_final=True, timestep_spacing="linspace",
-    num_train_timesteps=1000)
+FLOW_DPM = tiny.FLOW_DPM_CONFIG  # the hub scheduler_config.json of the Sana repos (notes §5)
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
 import shlex
 import sys
 import tempfile
@@ -446,9 +444,8 @@ def recipe_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, w
     return side
 
 
-def api_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, warmup: int, repeats: int,
-             decode: str) -> Side:
-    """sana-cli's Python API with the model loaded once."""
+def _loaded_session(model_dir: Path, device) -> tuple[Side, object]:
+    """The API side's model, loaded once in bf16; its load time goes on the side."""
     from sana_cli import api
 
     side = Side("api")
@@ -458,6 +455,14 @@ def api_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, warm
     _sync(device)
     side.load_seconds = round(time.perf_counter() - started, 3)
     side.text_encoder_rope_dtype = rope_dtype(session.loaded.pipe)
+    return side, session
+
+
+def api_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, warmup: int, repeats: int,
+             decode: str) -> Side:
+    """sana-cli's Python API with the model loaded once."""
+
+    side, session = _loaded_session(model_dir, device)
     path = out_dir / "image.png"
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = StageClock(session.loaded.pipe, device)
@@ -504,7 +509,6 @@ def sana_batch_workload(model_dir: Path, prompts: list[str], seeds: list[int], *
     the work equals the recipe's loop), in GPU batches of sana-cli's default size, prompts encoded
     once per batch, PNGs written on the background thread. Returns the warm API side (model loaded
     once, Session.batch) and the cold CLI side (a fresh `sana batch` process)."""
-    from sana_cli import api
     from sana_cli.plan import BatchDefaults
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -515,12 +519,7 @@ def sana_batch_workload(model_dir: Path, prompts: list[str], seeds: list[int], *
     one_row.write_text(rows.read_text().splitlines()[0] + "\n")
     defaults = BatchDefaults(width=width, height=height, steps=steps, guidance=guidance, force_size=force_size)
 
-    side = Side("api")
-    _sync(device)
-    started = time.perf_counter()
-    session = api.load(str(model_dir), device=device.type, dtype="bf16")
-    _sync(device)
-    side.load_seconds = round(time.perf_counter() - started, 3)
+    side, session = _loaded_session(model_dir, device)
     clock = StageClock(session.loaded.pipe, device)
     counter = iter(range(10**6))
 

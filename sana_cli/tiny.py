@@ -28,6 +28,29 @@ desert garden window door table cup coffee book girl boy man woman face eyes hai
 that says sana hello world""".split()
 
 
+# The tiny components (bench/make_checkpoints.py --scale tiny builds its models from these too).
+GEMMA2_CONFIG = dict(head_dim=16, hidden_size=8, initializer_range=0.02, intermediate_size=64,
+                     max_position_embeddings=8192, num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2)
+TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+    num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8, sample_size=32)
+# Three decoder stages (two ResBlock stages, one attention stage) so the strip decoder has a real
+# high-resolution tail to split, as in the full DC-AE.
+VAE_CONFIG = dict(
+    in_channels=3, latent_channels=4, attention_head_dim=2,
+    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+    encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+    encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), downsample_block_type="conv",
+    upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+# Flow-DPM-Solver: the scheduler_config.json of the Sana hub repos (flow_shift is per model).
+FLOW_DPM_CONFIG = dict(
+    algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="flow_prediction",
+    use_flow_sigmas=True, final_sigmas_type="zero", lower_order_final=True, timestep_spacing="linspace",
+    num_train_timesteps=1000)
+
+
 def cache_root() -> Path:
     """Where sana-cli keeps its own files: $SANA_CLI_CACHE, else $XDG_CACHE_HOME/sana-cli."""
     if os.environ.get("SANA_CLI_CACHE"):
@@ -71,15 +94,9 @@ def build(variant: str, directory: str | Path):
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    text_encoder = Gemma2Model(Gemma2Config(
-        head_dim=16, hidden_size=8, initializer_range=0.02, intermediate_size=64, max_position_embeddings=8192,
-        num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer),
-        attn_implementation="eager"))
+    text_encoder = Gemma2Model(Gemma2Config(**GEMMA2_CONFIG, vocab_size=len(tokenizer), attn_implementation="eager"))
     torch.manual_seed(0)
-    transformer_config = dict(
-        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-        sample_size=32)
+    transformer_config = dict(TRANSFORMER_CONFIG)
     if variant == "sprint":
         transformer_config.update(qk_norm="rms_norm_across_heads", guidance_embeds=True, guidance_embeds_scale=0.1)
     elif variant == "teacher":
@@ -87,26 +104,13 @@ def build(variant: str, directory: str | Path):
         transformer_config.update(qk_norm="rms_norm_across_heads", timestep_scale=0.001)
     transformer = SanaTransformer2DModel(**transformer_config)
     torch.manual_seed(0)
-    # Three decoder stages (two ResBlock stages, one attention stage) so the strip decoder has a
-    # real high-resolution tail to split, as in the full DC-AE.
-    vae = AutoencoderDC(
-        in_channels=3, latent_channels=4, attention_head_dim=2,
-        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
-        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), downsample_block_type="conv",
-        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-        scaling_factor=0.41407)
+    vae = AutoencoderDC(**VAE_CONFIG)
     if variant == "sprint":
         scheduler = SCMScheduler(prediction_type="trigflow", sigma_data=0.5)
         pipeline = SanaSprintPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                       transformer=transformer, scheduler=scheduler)
     else:
-        scheduler = DPMSolverMultistepScheduler(
-            algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="flow_prediction",
-            use_flow_sigmas=True, flow_shift=3.0, final_sigmas_type="zero", lower_order_final=True,
-            timestep_spacing="linspace", num_train_timesteps=1000)
+        scheduler = DPMSolverMultistepScheduler(**FLOW_DPM_CONFIG, flow_shift=3.0)
         pipeline = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                 transformer=transformer, scheduler=scheduler)
     pipeline.save_pretrained(directory)
