@@ -208,6 +208,7 @@ class BatchResult:
     load_seconds: float = 0.0
     source: str = ""
     is_main_process: bool = True  # False in the other processes of a multi-process launch
+    already_done_paths: list[str] = field(default_factory=list)  # images an earlier run made
 
     @property
     def written(self) -> list[ImageResult]:
@@ -235,6 +236,7 @@ class BatchResult:
             "peak_memory_bytes": self.report.peak_memory_bytes if self.report else None,
             "warnings": self.report.warnings if self.report else [],
             "images": [r.to_dict() for r in self.written],
+            "already_done_paths": self.already_done_paths,
         }
 
 
@@ -292,7 +294,8 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     rank = (processes.index, processes.count) if processes else None
     manifest = Manifest(os.path.join(output_dir, manifest_name(shard, rank)))
     result = BatchResult(plan=plan, output_dir=output_dir, manifest=str(manifest.path), already_done=len(done),
-                         invalid_rows=invalid, removed_temp_files=len(removed), source=name)
+                         invalid_rows=invalid, removed_temp_files=len(removed), source=name,
+                         already_done_paths=[plan.jobs[i].path for i in sorted(done)])
     events("plan", {"todo": len(plan.jobs) - len(done), "done": len(done)})
     try:
         for record in adopt:

@@ -45,7 +45,8 @@ def _model_options(function):
     options = [
         click.option("-m", "--model", envvar="SANA_MODEL", show_envvar=True, metavar="NAME|HUB_ID|DIR",
                      help="Preset (see `sana models`), hub repo id or local diffusers directory. "
-                          "Default: picked from --size (1024 -> sana-1600m-1024, 2048 -> sana-2k, 4096 -> sana-4k)."),
+                          "Default: picked from --size (512 -> sana-1600m-512, 1024 -> sana-1600m-1024, 2048 -> sana-2k, "
+                          "4096 -> sana-4k)."),
         click.option("--revision", metavar="REV", help="Hub branch, tag or commit to load."),
         click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", show_envvar=True,
                      help="Use only the local Hugging Face cache; never touch the network."),
@@ -340,7 +341,7 @@ def info(image, json_output, as_command, debug):
         if as_command:
             if not meta["sana"]:
                 raise SanaError(f"{image} has no sana metadata to rebuild a command from")
-            click.echo(reproduce_command(meta["sana"]))
+            click.echo(reproduce_command(meta["sana"], image))
         elif json_output:
             _emit_json(meta)
         else:
@@ -352,8 +353,9 @@ def info(image, json_output, as_command, debug):
                 raise SanaError(f"{image} has no generation metadata")
 
 
-def reproduce_command(meta: dict) -> str:
-    """The `sana generate` command line that makes this image again."""
+def reproduce_command(meta: dict, image_path: str | None = None) -> str:
+    """The `sana generate` command line that makes this image again, into a sibling file (the
+    original name is taken, and sana never overwrites)."""
     model = meta.get("model") or meta.get("model_id")
     parts = ["sana", "generate", meta.get("prompt", ""), "--model", model,
              "--width", str(meta["width"]), "--height", str(meta["height"]), "--steps", str(meta["steps"]),
@@ -364,6 +366,11 @@ def reproduce_command(meta: dict) -> str:
         parts += ["--pag-scale", str(meta["pag_scale"]), "--pag-layers", meta.get("pag_layers") or ""]
     if meta.get("revision"):
         parts += ["--revision", meta["revision"]]
+    if image_path:
+        from pathlib import Path
+
+        path = Path(image_path)
+        parts += ["-o", str(path.with_name(f"{path.stem}-again{path.suffix}"))]
     return " ".join(shlex.quote(str(part)) for part in parts)
 
 

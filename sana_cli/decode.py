@@ -49,8 +49,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, UnboundLocalError):
         return "image" in str(exc)
     text = str(exc).lower()
+    # oneDNN (CPU convolutions) reports a failed scratchpad allocation as "could not create a primitive".
     return isinstance(exc, RuntimeError) and any(
-        marker in text for marker in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+        marker in text for marker in ("out of memory", "can't allocate memory", "cannot allocate memory",
+                                      "could not create a primitive"))
 
 
 def decode(vae, latents: torch.Tensor, strategy: str = "auto", *, strip_rows: int | None = None,

@@ -62,7 +62,7 @@ class ImageJob:
     """One image to make, fully resolved."""
 
     index: int
-    row: int  # source row number (1 for generate; the line number in a batch file)
+    row: int  # the line number in a batch file; 0 for generate
     prompt: str
     negative_prompt: str
     seed: int
@@ -297,7 +297,7 @@ def plan_generate(request: Request, model: ModelRef) -> Plan:
         params = dict(prompt=prompt, negative_prompt=request.negative_prompt, seed=seed, width=width,
                       height=height, steps=steps, guidance=float(guidance), pag_scale=float(request.pag_scale),
                       pag_layers=pag_layers)
-        jobs.append(ImageJob(index=index, row=1, path=path, key=job_key(model, **params), **params))
+        jobs.append(ImageJob(index=index, row=0, path=path, key=job_key(model, **params), **params))
     batch_size = request.batch_size or default_batch_size(width, height)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")

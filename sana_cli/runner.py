@@ -194,8 +194,9 @@ def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink)
     for job in jobs:
         count = len(tokenizer(job.prompt, add_special_tokens=False).input_ids)
         if count > budget:
-            events("warning", {"message": f"the prompt of row {job.row} is {count} tokens; the text encoder reads "
-                                          f"the first {budget} and ignores the rest"})
+            which = f"the prompt of row {job.row}" if job.row else "the prompt"
+            events("warning", {"message": f"{which} is {count} tokens; the text encoder reads the first {budget} "
+                                          "and ignores the rest"})
 
 
 @torch.no_grad()

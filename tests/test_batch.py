@@ -199,6 +199,7 @@ def test_batch_writes_images_and_a_manifest_then_resumes_without_work(sana, tmp_
     again = sana("batch", prompts_txt, "--model", "tiny", "-o", out, "--json", "--batch-size", 4, check_json=True)
     assert again.returncode == 0
     assert (again.json["written"], again.json["already_done"], again.json["model"]) == (0, 6, None)  # nothing loaded
+    assert sorted(again.json["already_done_paths"]) == sorted(str(out / r["file"]) for r in records)
     assert "resuming: 6 of 6" in again.stderr
     # A deleted image is redone, identical to the first time (its GPU batch is re-rendered whole).
     victim = out / records[2]["file"]
@@ -354,11 +355,11 @@ from sana_cli.plan import BatchDefaults, plan_batch
 from sana_cli.runner import run
 loaded = load(resolve("tiny"))
 rows, _, _ = batchfile.load(sys.argv[1])
-plan, _ = plan_batch(rows, loaded.ref, BatchDefaults(width=1024, height=1024, steps=2, force_size=True), sys.argv[2],
-                     batch_size=8)
+plan, _ = plan_batch(rows, loaded.ref, BatchDefaults(width=768, height=768, steps=2, force_size=True), sys.argv[2],
+                     batch_size=16)
 os.makedirs(sys.argv[2])
 size = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
-limit = size + 550 * 2**20      # one 1024px tiny image fits (~350 MB); a GPU batch of 8 does not
+limit = size + 500 * 2**20      # one 768px tiny image fits (~200 MB); a GPU batch of 16 (~750 MB) does not
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 report = run(plan, loaded, reusable=False)
 print(json.dumps([[r.ok, r.retried_alone, r.error] for r in report.results]))
@@ -366,12 +367,12 @@ print(json.dumps([[r.ok, r.retried_alone, r.error] for r in report.results]))
 
 
 def test_an_out_of_memory_gpu_batch_is_retried_one_image_at_a_time(tmp_path, tiny_models):
-    """Real OOM: with the address space capped, the batch of 8 fails in the allocator; each image
+    """Real OOM: with the address space capped, the batch of 16 fails in the allocator; each image
     alone fits, so every image is still made, marked as retried alone."""
-    prompts = write(tmp_path / "p.txt", "\n".join(f"a red fox number {i}" for i in range(8)))
+    prompts = write(tmp_path / "p.txt", "\n".join(f"a red fox number {i}" for i in range(16)))
     out = subprocess.run([sys.executable, "-c", OOM_BATCH, str(prompts), str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert results == [[True, True, None]] * 8
-    assert len(images(tmp_path / "out")) == 8
+    assert results == [[True, True, None]] * 16
+    assert len(images(tmp_path / "out")) == 16

@@ -122,6 +122,7 @@ def test_metadata_round_trips_through_sana_info(sana, tmp_path):
     command = sana("info", target, "--command").stdout.strip()
     assert command.startswith("sana generate '一只狐狸 🦊 in the snow' --model tiny --width 160 --height 96")
     assert "--seed 21" in command and "--negative-prompt blurry" in command
+    assert command.endswith(f"-o {tmp_path / 'fox-again.webp'}")
 
 
 def test_reproduce_command_makes_the_same_pixels(sana, tmp_path):
@@ -130,9 +131,8 @@ def test_reproduce_command_makes_the_same_pixels(sana, tmp_path):
     command = invoke("info", first, "--command").stdout.strip()
     import shlex
 
-    args = shlex.split(command)[1:] + ["-o", str(tmp_path / "two.png")]
-    assert invoke(*args).exit_code == 0
-    assert np.array_equal(pixels(first), pixels(tmp_path / "two.png"))
+    assert invoke(*shlex.split(command)[1:]).exit_code == 0  # runnable as printed: writes one-again.png
+    assert np.array_equal(pixels(first), pixels(tmp_path / "one-again.png"))
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(sana, tmp_path):
