@@ -59,7 +59,8 @@ class Session:
             stop: StopToken | None = None, abort_in_flight: bool = True, on_result=None) -> RunReport:
         """Run a Plan on this model; returns the report (failures are recorded, not raised)."""
         check_plan_fits(plan, self.loaded.ref)
-        options = RunOptions(decode=decode, abort_in_flight=abort_in_flight)
+        options = RunOptions(decode=_decode_for(decode, self.loaded.options.low_memory),
+                             abort_in_flight=abort_in_flight)
         return _run(plan, self.loaded, options, events, stop, self.reusable, on_result)
 
     def batch(self, source: str, **options) -> "BatchResult":
@@ -127,8 +128,8 @@ def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: s
     check_plan_fits(plan, loaded.ref)
     if stop.requested:
         raise Interrupted("interrupted before generation started", signal_number=stop.signal_number)
-    report = _run(plan, loaded, RunOptions(decode=decode, abort_in_flight=abort_in_flight), events, stop,
-                  False, on_result)
+    report = _run(plan, loaded, RunOptions(decode=_decode_for(decode, low_memory), abort_in_flight=abort_in_flight),
+                  events, stop, False, on_result)
     return _finish(plan, report, loaded, load_seconds)
 
 
@@ -141,6 +142,12 @@ def prepare_outputs(plan: Plan) -> None:
 
     for directory in sorted({str(Path(job.path).parent) for job in plan.jobs}):
         ensure_directory(directory)
+
+
+def _decode_for(decode: str, low_memory: bool) -> str:
+    """--low-memory decodes in strips unless a strategy was chosen: with CPU offload the GPU looks
+    empty to the `auto` estimate, which would pick a full decode."""
+    return "strips" if low_memory and decode == "auto" else decode
 
 
 def _run(plan, loaded, options, events, stop, reusable, on_result) -> RunReport:
@@ -317,8 +324,8 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
             def record(image: ImageResult) -> None:
                 manifest.append(_manifest_record(image, info, output_dir))
 
-            result.report = _run_batch(plan, loaded, decode, fail_fast, events, stop, frozenset(done), record,
-                                       reusable=session is not None)
+            result.report = _run_batch(plan, loaded, _decode_for(decode, loaded.options.low_memory), fail_fast,
+                                       events, stop, frozenset(done), record, reusable=session is not None)
     finally:
         manifest.close()
     if processes is not None:

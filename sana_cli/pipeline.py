@@ -190,8 +190,9 @@ def _variant(ref: ModelRef, source_dir: Path | None, offline: bool) -> str | Non
     return None
 
 
-def _source_dir(ref: ModelRef, offline: bool) -> Path | None:
-    """Local directory of the model when it is on disk (tiny, local, or fully cached hub snapshot)."""
+def _source_dir(ref: ModelRef) -> Path | None:
+    """The model's directory when it is local (a tiny model, built on first use, or a local path);
+    None for a hub model, which from_pretrained resolves through the HF cache."""
     if ref.kind == "tiny":
         try:
             return tiny.ensure(ref.source.split(":", 1)[1])
@@ -230,7 +231,7 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     import_runtime(options.verbose)
     offline = options.offline or any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
                                      for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    source_dir = _source_dir(ref, offline)
+    source_dir = _source_dir(ref)
     device = resolve_device(ref, options.device, source_dir)
     dtype_argument, transformer_dtype = _dtype_plan(ref, device, options.dtype)
     source = str(source_dir) if source_dir is not None else ref.source
