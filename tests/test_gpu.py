@@ -135,6 +135,15 @@ def test_size_4096_end_to_end_with_the_full_size_4k_config(tmp_path, sana):
 
 
 @needs_checkpoints
+def test_low_memory_mode_keeps_4096_under_8_gib(tmp_path, sana):
+    process = sana("generate", PROMPT, "--model", CHECKPOINTS / "sana-1600m-4k", "--size", 4096, "--steps", 2,
+                   "--seed", 1, "--low-memory", "-o", tmp_path / "low.png", "--json", check_json=True, timeout=900)
+    assert process.returncode == 0, process.stderr
+    assert process.json["images"][0]["decode"].startswith("strips:")
+    assert process.json["peak_memory_bytes"] <= 8 * GiB, process.json["peak_memory_bytes"] / GiB
+
+
+@needs_checkpoints
 def test_pag_scale_2_with_the_full_size_1024_config(tmp_path, sana):
     process = sana("generate", PROMPT, "--model", CHECKPOINTS / "sana-1600m-1024", "--pag-scale", 2, "--guidance", 5,
                    "--steps", 4, "--seed", 1, "-o", tmp_path / "pag.png", "--json", check_json=True, timeout=900)
