@@ -85,7 +85,7 @@ def load(model: str | None = None, *, revision: str | None = None, device: str =
     from .modelref import resolve
     from .pipeline import load as load_model
 
-    ref = resolve(model, revision=revision, offline=offline)
+    ref = resolve(model, revision=revision)
     started = time.perf_counter()
     loaded = load_model(ref, LoadOptions(device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
                                          low_memory=low_memory, compile=compile, fp8=fp8))
@@ -102,7 +102,7 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
         request.setdefault("width", size)
         request.setdefault("height", size)
     req = Request(prompt=prompt, model=model, **request)
-    plan = plan_generate(req, model_for(req, offline=offline))
+    plan = plan_generate(req, model_for(req))
     return run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
                     low_memory=low_memory, compile=compile, fp8=fp8, events=events, stop=stop)
 
@@ -249,20 +249,17 @@ class BatchResult:
 
 def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = "sana-out", defaults=None,
                     batch_size: int | None = None, shard: tuple[int, int] | None = None, overwrite: bool = False,
-                    skip_invalid: bool = False, input_format: str = "auto", revision: str | None = None,
-                    offline: bool = False):
+                    skip_invalid: bool = False, input_format: str = "auto", revision: str | None = None):
     """Read, check and plan a batch file without loading anything: (plan, invalid rows, source name)."""
     from . import batchfile
     from .plan import BatchDefaults, plan_batch
 
     defaults = defaults or BatchDefaults()
     rows, invalid, name = batchfile.load(source, input_format)
-    ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height, revision=revision),
-                    offline=offline)
+    ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height, revision=revision))
     plan, unplannable = plan_batch(rows, ref, defaults, output_dir, batch_size=batch_size, shard=shard,
                                    overwrite=overwrite)
-    good_rows = len({job.row for job in plan.jobs}) if shard is None else len(rows) - len(unplannable)
-    invalid = batchfile.settle(invalid + unplannable, name, skip_invalid, good_rows)
+    invalid = batchfile.settle(invalid + unplannable, name, skip_invalid, len(rows) - len(unplannable))
     return plan, invalid, name
 
 
@@ -290,7 +287,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     plan, invalid, name = plan_batch_file(
         source, model=model, output_dir=output_dir, defaults=defaults, batch_size=batch_size,
         shard=distributed.combine(shard, processes), overwrite=overwrite, skip_invalid=skip_invalid,
-        input_format=input_format, revision=revision, offline=offline)
+        input_format=input_format, revision=revision)
     ensure_directory(output_dir)
     removed = remove_stray_temp_files(output_dir)
     done, adopt, conflicts = existing_outputs(plan.jobs, output_dir, read_manifests(output_dir), overwrite)

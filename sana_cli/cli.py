@@ -115,7 +115,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
                           negative_prompt=negative_prompt, seed=seed, num_images=num_images, pag_scale=pag_scale,
                           pag_layers=pag_layers, output=output, overwrite=overwrite, force_size=force_size,
                           revision=revision, batch_size=batch_size)
-        plan = plan_generate(request, model_for(request, offline=offline))
+        plan = plan_generate(request, model_for(request))
         if dry_run:
             _print_plan(plan, json_output)
             return
@@ -208,8 +208,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
                                  pag_layers=pag_layers, base_seed=base_seed, extension="." + extension,
                                  force_size=force_size)
         common = dict(model=model, output_dir=output_dir, defaults=defaults, batch_size=batch_size, shard=shard,
-                      overwrite=overwrite, skip_invalid=skip_invalid, input_format=input_format, revision=revision,
-                      offline=offline)
+                      overwrite=overwrite, skip_invalid=skip_invalid, input_format=input_format, revision=revision)
         if dry_run:
             from .api import plan_batch_file
 
@@ -227,8 +226,8 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         try:
             with _graceful_signals(stop, reporter, "finishing the current GPU batch"):
                 result = run_batch(file, fail_fast=fail_fast, decode=decode, device=device, dtype=dtype,
-                                   allow_pickle=allow_pickle, low_memory=low_memory, compile=compile_mode, fp8=fp8,
-                                   events=reporter, stop=stop, verbose=debug, **common)
+                                   offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
+                                   compile=compile_mode, fp8=fp8, events=reporter, stop=stop, verbose=debug, **common)
         finally:
             reporter.close()
         for error in result.invalid_rows:

@@ -58,7 +58,7 @@ def looks_like_path(value: str) -> bool:
     return "\\" in value or value.count("/") > 1
 
 
-def resolve(value: str | None, *, revision: str | None = None, offline: bool = False) -> ModelRef:
+def resolve(value: str | None, *, revision: str | None = None) -> ModelRef:
     """Resolve a --model value; None means the default model. Reads JSON only."""
     if value is None:
         value = presets.DEFAULT_MODEL
@@ -77,7 +77,7 @@ def resolve(value: str | None, *, revision: str | None = None, offline: bool = F
             raise UsageError(f"unknown model '{value}'; did you mean '{near}'?", hint="`sana models` lists presets")
         raise EnvironmentProblem(f"model directory '{value}' does not exist",
                                  hint="give a preset name, a hub id like org/name, or an existing directory")
-    return _from_hub(value, revision, offline)
+    return _from_hub(value, revision)
 
 
 def _from_preset(preset: Preset, revision: str | None) -> ModelRef:
@@ -99,7 +99,7 @@ def _from_local(value: str, path: Path, revision: str | None) -> ModelRef:
     return _from_configs(value, str(path), "local", lambda name: _read_json(path / name), revision=None)
 
 
-def _from_hub(repo: str, revision: str | None, offline: bool) -> ModelRef:
+def _from_hub(repo: str, revision: str | None) -> ModelRef:
     def cached(name: str) -> dict | None:
         from huggingface_hub import try_to_load_from_cache  # light import; no torch
 

@@ -260,14 +260,14 @@ def default_batch_size(width: int, height: int) -> int:
     return max(1, min(4, (1024 * 1024 * 4) // (width * height)))
 
 
-def model_for(request: Request, *, offline: bool = False) -> ModelRef:
+def model_for(request: Request) -> ModelRef:
     """The model a request names; without --model, the default family member nearest its size."""
     name = request.model
     if name is None and (request.width or request.height):
         width = check_side("width", request.width or request.height)
         height = check_side("height", request.height or request.width)
         name = presets.for_size(width, height).name
-    return modelref.resolve(name, revision=request.revision, offline=offline)
+    return modelref.resolve(name, revision=request.revision)
 
 
 def plan_generate(request: Request, model: ModelRef) -> Plan:
