@@ -29,7 +29,6 @@ class GenerateResult:
     report: RunReport
     model: dict  # LoadedModel.describe()
     load_seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def images(self) -> list[ImageResult]:
@@ -39,17 +38,16 @@ class GenerateResult:
         timings = {"load": round(self.load_seconds, 4), **self.report.timings}
         return {"ok": not self.report.failed, "command": self.plan.command, "model": self.model,
                 "images": [r.to_dict() for r in self.report.results], "timings": timings,
-                "peak_memory_bytes": self.report.peak_memory_bytes, "notes": self.notes + self.plan.notes,
+                "peak_memory_bytes": self.report.peak_memory_bytes, "notes": self.plan.notes,
                 "warnings": self.report.warnings}
 
 
 class Session:
-    """A loaded model that stays in memory across calls."""
+    """A loaded model that stays in memory across calls (so its text encoder is never released)."""
 
-    def __init__(self, loaded: LoadedModel, load_seconds: float = 0.0, *, reusable: bool = True):
+    def __init__(self, loaded: LoadedModel, load_seconds: float = 0.0):
         self.loaded = loaded
         self.load_seconds = load_seconds
-        self.reusable = reusable
 
     @property
     def model(self) -> ModelRef:
@@ -61,7 +59,7 @@ class Session:
         check_plan_fits(plan, self.loaded.ref)
         options = RunOptions(decode=_decode_for(decode, self.loaded.options.low_memory),
                              abort_in_flight=abort_in_flight)
-        return _run(plan, self.loaded, options, events, stop, self.reusable, on_result)
+        return _run(plan, self.loaded, options, events, stop, True, on_result)
 
     def batch(self, source: str, **options) -> "BatchResult":
         """`sana batch` on this loaded model; keyword arguments as for sana_cli.batch()."""
@@ -167,7 +165,6 @@ def _finish(plan: Plan, report: RunReport, loaded: LoadedModel, load_seconds: fl
         error = GenerationError(first.error or "generation failed")
         if first.error_exit_code:
             error.exit_code = first.error_exit_code
-        error.result = result
         raise error
     return result
 
