@@ -93,10 +93,6 @@ class Plan:
     seed_rule: str = ""
     force_size: bool = False
 
-    @property
-    def needs_pag(self) -> bool:
-        return any(job.pag_scale > 0 for job in self.jobs)
-
     def to_dict(self) -> dict:
         """JSON-ready form (the --dry-run --json output)."""
         return {

@@ -35,7 +35,6 @@ class StopToken:
 class RunOptions:
     decode: str = "auto"
     abort_in_flight: bool = False  # generate: stop mid-denoise; batch: finish the current batch
-    encode_ahead: bool = True  # allow encoding every prompt first and freeing the text encoder
     max_sequence_length: int = 300
     fail_fast: bool = False  # stop at the first failed image
 

@@ -100,7 +100,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     writer = Writer(plan.overwrite, written)
     embeddings: dict[int, tuple] = {}
     try:
-        if options.encode_ahead and not reusable and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
+        if not reusable and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
             for number, group in enumerate(pending):
                 if stop.requested:
                     break
