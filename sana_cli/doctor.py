@@ -220,10 +220,11 @@ def _sana_cache(checks: list[dict]) -> dict:
     return info
 
 
-def _quote(path) -> str:
-    import shlex
+def _quote(value) -> str:
+    """One shell word; control characters as visible $'...' escapes, so a copied fix runs as shown."""
+    from .reproduce import shell_quote
 
-    return shlex.quote(str(path))
+    return shell_quote(str(value))
 
 
 # ---- is a model in the HF cache? -----------------------------------------------------------------------

@@ -119,22 +119,27 @@ def _from_local(value: str, path: Path, revision: str | None) -> ModelRef:
         raise UsageError(f"'{value}' is not a diffusers model directory: it has no model_index.json")
     if revision:
         raise UsageError("--revision applies to hub models, not to a local directory")
-    return _from_configs(value, str(path), "local", lambda name: _read_json(path / name), revision=None)
+    return _from_configs(value, str(path), "local", lambda name: _read_json(path / name), revision=None, root=path)
 
 
 def _from_hub(repo: str, revision: str | None) -> ModelRef:
-    def cached(name: str) -> dict | None:
+    def locate(name: str) -> Path | None:
         try:
-            found = cached_file(repo, name, revision=revision)
+            return cached_file(repo, name, revision=revision)
         except (OSError, ValueError) as exc:
             raise EnvironmentProblem(f"the HF cache entry of {repo} is unreadable: {exc}",
                                      hint=f"`sana doctor --model {repo}` diagnoses it") from exc
+
+    def cached(name: str) -> dict | None:
+        found = locate(name)
         return _read_json(found) if found is not None else None
 
-    return _from_configs(repo, repo, "hub", cached, revision=revision)
+    index_file = locate("model_index.json")
+    return _from_configs(repo, repo, "hub", cached, revision=revision,
+                         root=index_file.parent if index_file is not None else None)
 
 
-def _from_configs(name: str, source: str, kind: str, read, revision: str | None) -> ModelRef:
+def _from_configs(name: str, source: str, kind: str, read, revision: str | None, root: Path | None = None) -> ModelRef:
     """Build a ModelRef from model_index.json and the transformer / vae configs, where readable."""
     index = read("model_index.json")
     pipeline = index.get("_class_name") if index else None
@@ -142,6 +147,8 @@ def _from_configs(name: str, source: str, kind: str, read, revision: str | None)
         raise UsageError(f"'{name}' holds a {pipeline or 'unnamed'} pipeline; sana-cli runs "
                          f"{', '.join(SUPPORTED_PIPELINES)}")
     check_components(name, index)
+    if root is not None:
+        check_model_files(name, root, index)
     transformer = read("transformer/config.json") or {}
     vae = read("vae/config.json") or {}
     native = None
@@ -167,6 +174,39 @@ def check_components(name: str, index: dict | None) -> None:
         if value[0] not in ("diffusers", "transformers"):
             raise UsageError(f"'{name}' wants custom code for its {component} ({value[0]}.{value[1]}); sana-cli "
                              "never runs code from a model repository")
+
+
+def check_model_files(name: str, root: Path, index: dict | None) -> None:
+    """Refuse a model whose files include something that is not a regular file (a FIFO, a device, a
+    link to /dev/zero) or a JSON file too large to be a config, before any loader opens it: the
+    loaders read such files without limits and would hang or exhaust memory."""
+    import os
+    import stat
+
+    from .safeio import MAX_JSON_BYTES
+
+    folders = [root] + [root / component for component in (index or {}) if not component.startswith("_")]
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise UsageError(f"cannot read model directory {folder}: {exc.strerror or exc}") from exc
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    continue
+                info = entry.stat()
+            except FileNotFoundError:
+                continue  # a dangling link: an unfinished download, which loading reports
+            except OSError as exc:
+                raise UsageError(f"cannot read {entry.path} of '{name}': {exc.strerror or exc}") from exc
+            if not stat.S_ISREG(info.st_mode):
+                raise UsageError(f"'{name}' has {entry.path}, which is not a regular file (a FIFO, device or "
+                                 "socket); sana-cli does not load it")
+            if entry.name.endswith(".json") and info.st_size > MAX_JSON_BYTES:
+                raise UsageError(f"{entry.path} of '{name}' is {info.st_size} bytes, too large for a config file")
 
 
 def _read_json(path: Path) -> dict | None:

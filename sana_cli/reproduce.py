@@ -249,6 +249,8 @@ def shell_quote(text: str, *, force: bool = False) -> str:
         code = ord(char)
         if char in "\\'":
             out.append("\\" + char)
+        elif char in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[char])
         elif char == "!":
             out.append("\\x21")  # never a history expansion in an interactive shell
         elif is_unsafe(char):
