@@ -7,6 +7,7 @@ pipeline class and native size stay unknown until the runner has loaded it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,7 @@ def _from_local(value: str, path: Path, revision: str | None) -> ModelRef:
     if not path.is_dir():
         raise UsageError(f"model path '{value}' is a file, not a diffusers directory",
                          hint="pass the folder that holds model_index.json")
-    if not (path / "model_index.json").is_file():
+    if not os.path.lexists(path / "model_index.json"):  # present but not a file: the bounded read says why
         raise UsageError(f"'{value}' is not a diffusers model directory: it has no model_index.json")
     if revision:
         raise UsageError("--revision applies to hub models, not to a local directory")
@@ -180,7 +181,6 @@ def check_model_files(name: str, root: Path, index: dict | None) -> None:
     """Refuse a model whose files include something that is not a regular file (a FIFO, a device, a
     link to /dev/zero) or a JSON file too large to be a config, before any loader opens it: the
     loaders read such files without limits and would hang or exhaust memory."""
-    import os
     import stat
 
     from .safeio import MAX_JSON_BYTES
@@ -228,8 +228,6 @@ _COMMIT = re.compile(r"[0-9a-f]{40}", re.ASCII)
 def hub_cache_dir() -> Path:
     """The HF hub cache as huggingface_hub computes it (HF_HUB_CACHE, else HF_HOME/hub, else
     $XDG_CACHE_HOME/huggingface/hub), read from the environment now rather than at import time."""
-    import os
-
     def expand(value: str) -> str:
         return os.path.expandvars(os.path.expanduser(value))
 
