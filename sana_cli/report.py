@@ -132,8 +132,8 @@ def render_thumbnail(image_path: str | Path, max_side: int = THUMBNAIL_MAX_SIDE)
     of at most the largest size sana-cli writes are decoded; JPEG at a reduced scale."""
     with image_file(image_path) as image:
         image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster for 4K
-        image = ImageOps.exif_transpose(image)
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # in place: no full-size copy
+        image = ImageOps.exif_transpose(image)  # on the small image (the box is square, so order is free)
         if image.mode not in ("RGB", "L"):
             background = Image.new("RGB", image.size, "white")
             rgba = image.convert("RGBA")

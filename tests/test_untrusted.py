@@ -543,3 +543,27 @@ def test_doctor_diagnoses_a_broken_cache_instead_of_crashing(breakage, tmp_path)
     else:
         assert report["models"]["sana-4k"]["status"] in ("partial", "missing")
         assert "offline mode is on" in error
+
+
+# ---- decided: the step summary's headline and thumbnails' orientation -----------------------------------
+
+def test_step_summary_headline_counts_the_failures_it_lists(tmp_path):
+    from sana_cli.report import step_summary
+
+    out = tmp_path / "out"
+    out.mkdir()
+    records = [{"event": "error", "file": "a.png", "row": 3, "index": 1, "error": "out of memory"}]
+    markdown = step_summary({"ok": True, "written": 2, "failed": 0, "output_dir": str(out)}, records)
+    assert markdown.startswith("## ❌ sana batch: 2 written, 1 failed")
+    assert "| failed | 1 |" in markdown and "| failed this run | 0 |" in markdown
+    assert "### Failed images (1)" in markdown
+
+
+def test_thumbnail_follows_exif_orientation_after_shrinking(tmp_path):
+    from sana_cli.report import render_thumbnail
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.new("RGB", (600, 300), "red").save(tmp_path / "r.jpg", exif=exif.tobytes())
+    data, size = render_thumbnail(tmp_path / "r.jpg")
+    assert size == (128, 256)
