@@ -86,6 +86,8 @@ def resolve(value: str | None, *, revision: str | None = None) -> ModelRef:
 def classify(value: str):
     """What a --model value names, by the rules `generate` uses: ("preset", Preset), ("local",
     absolute Path) or ("hub", repo id). Anything else raises the error `generate` gives."""
+    if not value or not value.strip():
+        raise UsageError("--model is empty")
     preset = presets.find(value)
     if preset is not None:
         return "preset", preset

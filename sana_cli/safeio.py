@@ -110,17 +110,28 @@ def close_image(image) -> None:
 
 
 class image_file:
-    """`with image_file(path) as image:` open_image with the file closed afterwards."""
+    """`with image_file(path) as image:` open_image with the file closed afterwards, and Pillow's
+    warnings (truncated EXIF, large images) kept off stderr for everything done inside."""
 
     def __init__(self, path, **options):
         self.path, self.options = path, options
 
     def __enter__(self):
-        self.image = open_image(self.path, **self.options)
+        self._quiet = warnings.catch_warnings()
+        self._quiet.__enter__()
+        warnings.simplefilter("ignore")
+        try:
+            self.image = open_image(self.path, **self.options)
+        except BaseException:
+            self._quiet.__exit__(None, None, None)
+            raise
         return self.image
 
     def __exit__(self, *exc):
-        close_image(self.image)
+        try:
+            close_image(self.image)
+        finally:
+            self._quiet.__exit__(*exc)
         return False
 
 
