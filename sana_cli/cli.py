@@ -340,6 +340,8 @@ def info(image, json_output, as_command, debug):
         from .output import read_metadata
 
         meta = read_metadata(image)
+        if not meta["parameters"] and not meta["sana"]:
+            raise UsageError(f"{image} has no generation metadata")
         if as_command:
             if not meta["sana"]:
                 raise UsageError(f"{image} has no sana metadata to rebuild a command from")
@@ -361,8 +363,6 @@ def info(image, json_output, as_command, debug):
         elif json_output:
             _emit_json(meta)
         else:
-            if not meta["parameters"] and not meta["sana"]:
-                raise UsageError(f"{image} has no generation metadata")
             if meta["parameters"]:
                 click.echo(printable(meta["parameters"], keep_newlines=True))
             if meta["sana"]:

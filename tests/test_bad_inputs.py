@@ -133,7 +133,7 @@ CASES = [
     Case("decompression bomb given to sana info", ["info", "{files}/bomb.png"], 2,
          "is too large to be an image sana-cli wrote"),
     Case("image without generation metadata", ["info", "{files}/plain.png"], 2, "has no generation metadata"),
-    Case("--command on an image without sana metadata", ["info", "{files}/plain.png", "--command"], 2,
+    Case("--command on an image without sana metadata", ["info", "{files}/params-only.png", "--command"], 2,
          "has no sana metadata to rebuild a command from"),
     Case("--command on metadata without a model", ["info", "{files}/no-model.png", "--command"], 2,
          "names no model, so no command can reproduce it"),
@@ -214,6 +214,11 @@ def _untrusted_files(root: Path, tiny: Path) -> None:
     (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
                                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
     Image.new("RGB", (16, 16)).save(root / "plain.png")
+    from PIL import PngImagePlugin
+
+    other_tool = PngImagePlugin.PngInfo()
+    other_tool.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a, Seed: 1")
+    Image.new("RGB", (16, 16)).save(root / "params-only.png", pnginfo=other_tool)
     meta = {"prompt": "p", "width": 128, "height": 128, "steps": 2, "guidance": 4.5, "seed": 1}
     (root / "no-model.png").write_bytes(encode_image(Image.new("RGB", (16, 16)), "PNG", meta))
     (root / "bad-steps.png").write_bytes(encode_image(Image.new("RGB", (16, 16)), "PNG",
