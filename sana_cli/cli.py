@@ -7,8 +7,6 @@ torch, diffusers and transformers are imported only inside commands that load a 
 from __future__ import annotations
 
 import contextlib
-import json
-import shlex
 import signal
 import sys
 import traceback
@@ -16,7 +14,8 @@ import traceback
 import click
 
 from . import __version__
-from .errors import EXIT_SIGINT, EXIT_USAGE, GenerationError, Interrupted, PartialFailure, SanaError
+from .errors import EXIT_SIGINT, EXIT_USAGE, GenerationError, Interrupted, PartialFailure, SanaError, UsageError
+from .terminal import json_text, printable
 
 DECODE_CHOICES = ("auto", "full", "strips", "patch-conv", "tiled")
 EPILOG = """\b
@@ -136,7 +135,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             _emit_json(result.to_dict())
         else:
             for image in result.images:
-                click.echo(image.written.path)
+                _echo_result(image.written.path)
             seeds = ", ".join(str(image.job.seed) for image in result.images)
             reporter.log(f"sana: {len(result.images)} image(s) in {result.report.timings['total'] + result.load_seconds:.1f} s "
                          f"(seed {seeds}; decode {result.images[0].decode})")
@@ -214,7 +213,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
 
             plan, invalid, _ = plan_batch_file(file, **common)
             for error in invalid:
-                click.echo(f"sana: skipping invalid {error}", err=True)
+                click.echo(printable(f"sana: skipping invalid {error}"), err=True)
             _print_plan(plan, json_output)
             return
         from .api import batch as run_batch
@@ -234,12 +233,12 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
             reporter.log(f"sana: skipped invalid row: {error}")
         summary = result.to_dict()
         if report and result.is_main_process:
-            summary["report"] = _write_report(output_dir, summary, reporter)
+            summary["report"] = _write_report(output_dir, summary, reporter, overwrite=overwrite)
         if json_output:
             _emit_json(summary)
         else:
             for image in result.written:
-                click.echo(image.written.path)
+                _echo_result(image.written.path)
         reporter.log(_batch_summary(result))
         error = None
         if result.stopped_by is not None:
@@ -255,12 +254,12 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
             raise error
 
 
-def _write_report(output_dir: str, summary: dict, reporter) -> dict | None:
+def _write_report(output_dir: str, summary: dict, reporter, overwrite: bool = False) -> dict | None:
     """The gallery and the CI step summary; a failure here is a warning, not the batch's exit code."""
     from .report import write_report
 
     try:
-        written = write_report(output_dir, summary)
+        written = write_report(output_dir, summary, overwrite=overwrite)
     except OSError as exc:
         reporter.log(f"sana: warning: could not write the report: {exc}")
         return None
@@ -317,12 +316,12 @@ def doctor(model, require_gpu, offline, json_output, debug):
         from .doctor import diagnose, format_text
 
         report = diagnose(model, require_gpu=require_gpu, offline=True if offline else None)
-        click.echo(json.dumps(report, default=str) if json_output else format_text(report))
+        click.echo(json_text(report) if json_output else printable(format_text(report), keep_newlines=True))
         failed = [check for check in report["checks"] if not check["ok"] and check.get("exit_code")]
         if report["exit_code"]:
             first = failed[0] if failed else {"detail": "a check failed", "fix": None}
-            click.echo(f"sana: error: {first['detail']}" + (f" (fix: {first['fix']})" if first.get("fix") else ""),
-                       err=True)
+            click.echo(printable(f"sana: error: {first['detail']}"
+                                 + (f" (fix: {first['fix']})" if first.get("fix") else "")), err=True)
             sys.exit(report["exit_code"])
 
 
@@ -332,58 +331,67 @@ def doctor(model, require_gpu, offline, json_output, debug):
 @click.option("--command", "as_command", is_flag=True, help="Print the `sana generate` command that reproduces it.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def info(image, json_output, as_command, debug):
-    """Show the generation parameters embedded in an IMAGE."""
+    """Show the generation parameters embedded in an IMAGE (PNG, JPEG or WebP).
+
+    Text from the image is shown with control and invisible characters escaped; --json is strict
+    JSON; --command prints a command quoted for the shell, with the prompt after `--`.
+    """
     with _reporting(json_output, debug):
         from .output import read_metadata
 
         meta = read_metadata(image)
+        if not meta["parameters"] and not meta["sana"]:
+            raise UsageError(f"{image} has no generation metadata")
         if as_command:
             if not meta["sana"]:
-                raise SanaError(f"{image} has no sana metadata to rebuild a command from")
-            click.echo(reproduce_command(meta["sana"], image))
+                raise UsageError(f"{image} has no sana metadata to rebuild a command from")
+            from .reproduce import BadMetadata, model_argument, unknown_fields
+
+            try:
+                command = reproduce_command(meta["sana"], image)
+                model, local = model_argument(meta["sana"])
+            except BadMetadata as exc:
+                raise UsageError(f"{image}: {exc.message}") from None
+            unknown = unknown_fields(meta["sana"])
+            if unknown:
+                click.echo(printable(f"sana: warning: {image} records {', '.join(unknown)}, which this sana-cli "
+                                     "does not know; the command may not reproduce it exactly"), err=True)
+            if local:
+                click.echo(printable(f"sana: note: the image names the local model directory {model}; check that "
+                                     "it is the model you mean before running the command"), err=True)
+            click.echo(command)
         elif json_output:
             _emit_json(meta)
         else:
             if meta["parameters"]:
-                click.echo(meta["parameters"])
+                click.echo(printable(meta["parameters"], keep_newlines=True))
             if meta["sana"]:
-                click.echo(json.dumps(meta["sana"], indent=2, ensure_ascii=False, sort_keys=True))
-            if not meta["parameters"] and not meta["sana"]:
-                raise SanaError(f"{image} has no generation metadata")
+                click.echo(json_text(meta["sana"], indent=2, sort_keys=True))
 
 
 def reproduce_command(meta: dict, image_path: str | None = None) -> str:
-    """The `sana generate` command line that makes this image again, into a sibling file (the
-    original name is taken, and sana never overwrites)."""
-    model = meta.get("model") or meta.get("model_id")
-    parts = ["sana", "generate", meta.get("prompt", ""), "--model", model,
-             "--width", str(meta["width"]), "--height", str(meta["height"]), "--steps", str(meta["steps"]),
-             "--guidance", str(meta["guidance"]), "--seed", str(meta["seed"])]
-    if meta.get("negative_prompt"):
-        parts += ["--negative-prompt", meta["negative_prompt"]]
-    if meta.get("pag_scale"):
-        parts += ["--pag-scale", str(meta["pag_scale"]), "--pag-layers", meta.get("pag_layers") or ""]
-    if meta.get("revision"):
-        parts += ["--revision", meta["revision"]]
-    if image_path:
-        from pathlib import Path
+    """The `sana generate` command line that makes this image again (see sana_cli.reproduce)."""
+    from .reproduce import reproduce_command as build
 
-        path = Path(image_path)
-        parts += ["-o", str(path.with_name(f"{path.stem}-again{path.suffix}"))]
-    return " ".join(shlex.quote(str(part)) for part in parts)
+    return build(meta, image_path)
 
 
 # ---- shared plumbing -------------------------------------------------------------------------------
 
 def _emit_json(data) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False, default=str))
+    click.echo(json_text(data))  # strict: never NaN or Infinity; control characters as \u escapes
+
+
+def _echo_result(path: str) -> None:
+    """A result path on stdout: as is for scripts, escaped when a person sees it on a terminal."""
+    click.echo(printable(path) if sys.stdout.isatty() else path)
 
 
 def _print_plan(plan, json_output: bool) -> None:
     if json_output:
         _emit_json({"ok": True, "dry_run": True, **plan.to_dict()})
     else:
-        click.echo(plan.describe())
+        click.echo(printable(plan.describe(), keep_newlines=True))
 
 
 @contextlib.contextmanager
@@ -393,7 +401,7 @@ def _reporting(json_output: bool, debug: bool):
         yield
     except SanaError as exc:
         for row in (exc.details or {}).get("invalid_rows", [])[3:]:  # the first three are in the message
-            click.echo(f"sana: line {row['line']}: {row['error']}", err=True)
+            click.echo(printable(f"sana: line {row['line']}: {row['error']}"), err=True)
         # A batch summary already on stdout is the one JSON object; do not add an error object.
         _fail(exc.line(), exc.exit_code, json_output and not getattr(exc, "summary_printed", False), debug,
               details=exc.details)
@@ -417,7 +425,7 @@ def _fail(message: str, code: int, json_output: bool, debug: bool, hint: str | N
         traceback.print_exc()
     if json_output:
         _emit_json({"ok": False, "error": message, "exit_code": code, **(details or {})})
-    click.echo(f"sana: error: {message}" + (f" ({hint})" if hint else ""), err=True)
+    click.echo(printable(f"sana: error: {message}" + (f" ({hint})" if hint else "")), err=True)
     sys.exit(code)
 
 
@@ -451,10 +459,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except click.UsageError as exc:
         where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(f"sana: error: {exc.format_message()}{where}", err=True)
+        click.echo(printable(f"sana: error: {exc.format_message()}{where}"), err=True)
         sys.exit(EXIT_USAGE)
     except click.ClickException as exc:
-        click.echo(f"sana: error: {exc.format_message()}", err=True)
+        click.echo(printable(f"sana: error: {exc.format_message()}"), err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("sana: interrupted", err=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import json
 import os
 import platform
 import sys
@@ -52,8 +51,9 @@ def diagnose(model: str | None = None, require_gpu: bool = False, *, offline: bo
     gpu = _gpu(modules.get("torch"), require_gpu, checks)
     hf = _hf_cache(offline)
     sana_cache = _sana_cache(checks)
-    models = {p.name: {"repo": p.repo, "variant": p.variant, **cache_status(p.repo, p.variant, hf["hub_cache"])}
+    models = {p.name: {"repo": p.repo, "variant": p.variant, **safe_cache_status(p.repo, p.variant, hf["hub_cache"])}
               for p in presets.PRESETS if not p.is_tiny}
+    _unreadable_entries(models, hf, checks)
     target = _check_model(model, hf, models, gpu, checks) if model else None
     failed = [c for c in checks if not c["ok"]]
     exit_code = max((c.get("exit_code", EXIT_ENVIRONMENT) for c in failed), default=EXIT_OK)
@@ -137,7 +137,7 @@ def _gpu(torch, require_gpu: bool, checks: list[dict]) -> dict:
         else:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             fix = "nvidia-smi  # must list the GPU; check the NVIDIA driver" + (
-                f" and CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")
+                f" and CUDA_VISIBLE_DEVICES={_quote(visible)}" if visible is not None else "")
         _check(checks, "gpu", False, f"no CUDA GPU: {info['reason']}", fix)
     else:
         _check(checks, "gpu", True, f"none ({info['reason']}): only --model tiny or --device cpu will run")
@@ -162,15 +162,10 @@ def _gib(value) -> str:
 # ---- caches ------------------------------------------------------------------------------------------
 
 def hub_cache_dir() -> Path:
-    """The HF hub cache as huggingface_hub computes it (HF_HUB_CACHE, else HF_HOME/hub, else
-    $XDG_CACHE_HOME/huggingface/hub), read from the environment now rather than at import time."""
-    def expand(value: str) -> str:
-        return os.path.expandvars(os.path.expanduser(value))
+    """The HF hub cache as huggingface_hub computes it, read from the environment now."""
+    from .modelref import hub_cache_dir as compute
 
-    home = expand(os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"))
-    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-    return Path(expand(hub))
+    return compute()
 
 
 def offline_mode() -> bool:
@@ -179,24 +174,31 @@ def offline_mode() -> bool:
 
 def _hf_cache(offline: bool | None) -> dict:
     hub = hub_cache_dir()
-    return {"hub_cache": str(hub), "exists": hub.is_dir(), "writable": _writable(hub),
+    return {"hub_cache": str(hub), "exists": _is_dir(hub), "writable": _writable(hub),
             "offline": offline_mode() if offline is None else bool(offline),
             "hf_home": os.environ.get("HF_HOME"), "hf_hub_cache_env": os.environ.get("HF_HUB_CACHE")}
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # an unreadable parent: not usable either
+        return False
 
 
 def _writable(directory: Path) -> bool:
     """Whether directory is writable, or could be created writable (nearest existing parent), by
     trying: os.access lies on read-only mounts for root."""
     path = Path(directory)
-    while not path.exists():
-        if path.parent == path:
-            return False
-        path = path.parent
-    if not path.is_dir():
-        return False
     import tempfile
 
     try:
+        while not path.exists():
+            if path.parent == path:
+                return False
+            path = path.parent
+        if not path.is_dir():
+            return False
         with tempfile.TemporaryFile(dir=path):
             return True
     except OSError:
@@ -205,9 +207,9 @@ def _writable(directory: Path) -> bool:
 
 def _sana_cache(checks: list[dict]) -> dict:
     root = tiny.cache_root()
-    built = [v for v in tiny.VARIANTS if (tiny.tiny_path(v) / "model_index.json").is_file()]
+    built = [v for v in tiny.VARIANTS if _is_file(tiny.tiny_path(v) / "model_index.json")]
     writable = _writable(root)
-    info = {"path": str(root), "exists": root.is_dir(), "writable": writable, "tiny_version": tiny.VERSION,
+    info = {"path": str(root), "exists": _is_dir(root), "writable": writable, "tiny_version": tiny.VERSION,
             "tiny_built": built}
     if writable:
         _check(checks, "sana-cli cache", True, f"{root} (tiny models built: {', '.join(built) or 'none yet'})")
@@ -218,10 +220,11 @@ def _sana_cache(checks: list[dict]) -> dict:
     return info
 
 
-def _quote(path) -> str:
-    import shlex
+def _quote(value) -> str:
+    """One shell word; control characters as visible $'...' escapes, so a copied fix runs as shown."""
+    from .reproduce import shell_quote
 
-    return shlex.quote(str(path))
+    return shell_quote(str(value))
 
 
 # ---- is a model in the HF cache? -----------------------------------------------------------------------
@@ -232,16 +235,16 @@ def cache_status(repo_id: str, variant: str | None, cache_dir: str | Path | None
     "complete" when the snapshot has model_index.json and, for each component it names, its config
     and weights (the `variant` files, every shard an index lists); "partial" when some of it is
     there; "missing" when none is. variant "auto" accepts bf16, fp16 or plain weights."""
-    from huggingface_hub import try_to_load_from_cache
+    from .modelref import cached_file
 
     cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
     result = {"status": MISSING, "snapshot": None, "problems": [], "size_bytes": 0}
     if not repo_dir.is_dir():
         return result
-    found = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=str(cache_dir), revision=revision)
-    if isinstance(found, str):
-        snapshot = Path(found).parent
+    found = cached_file(repo_id, "model_index.json", revision=revision, cache_dir=cache_dir)
+    if found is not None:
+        snapshot = found.parent
     else:  # no refs/<revision> pointing at a snapshot with the index: look at the newest snapshot
         snapshots = sorted((p for p in (repo_dir / "snapshots").glob("*") if p.is_dir()),
                            key=lambda p: p.stat().st_mtime) if revision is None else []
@@ -264,6 +267,38 @@ def cache_status(repo_id: str, variant: str | None, cache_dir: str | Path | None
     result["problems"] = problems
     result["status"] = PARTIAL if problems else COMPLETE
     return result
+
+
+UNREADABLE = "unreadable"
+
+
+def safe_cache_status(repo_id: str, variant: str | None, cache_dir: str | Path | None = None,
+                      revision: str | None = None) -> dict:
+    """cache_status, with a cache entry that cannot be read (permissions, a refs file that is not a
+    commit hash, a FIFO or device where a file should be, links that loop, nesting too deep) reported
+    as status "unreadable" and the reason, instead of raised."""
+    try:
+        return cache_status(repo_id, variant, cache_dir, revision)
+    except (OSError, ValueError, RecursionError) as exc:
+        repo_dir = Path(cache_dir if cache_dir is not None else hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (OSError, ValueError)) or not str(exc) else str(exc)
+        return {"status": UNREADABLE, "snapshot": None, "problems": [reason], "size_bytes": 0,
+                "path": str(repo_dir)}
+
+
+def _unreadable_entries(models: dict, hf: dict, checks: list[dict]) -> None:
+    for name, info in models.items():
+        if info.get("status") == UNREADABLE:
+            _check(checks, f"hf cache {name}", False,
+                   f"the HF cache entry of {info['repo']} cannot be read: {info['problems'][0]}",
+                   f"rm -rf {_quote(info['path'])}  # then download it again")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _component_problems(directory: Path, name: str, class_name: str, variant: str | None) -> list[str]:
@@ -306,22 +341,35 @@ def _weight_problems(directory: Path, variant: str | None) -> list[str]:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A JSON file from the cache, read as untrusted (bounded, regular files only); None when it is
+    missing, unreadable or not a JSON object."""
+    from .safeio import read_json
+
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = read_json(path)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
 def _size(directory: Path) -> int:
+    """Bytes under directory, following the links to blobs (as the HF cache uses) but never into
+    linked directories; iterative, so no nesting depth can exhaust the stack."""
     total = 0
-    for root, _, files in os.walk(directory):
-        for name in files:
+    pending = [str(directory)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue
+        for entry in entries:
             try:
-                total += os.path.getsize(os.path.join(root, name))
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file():
+                    total += entry.stat().st_size
             except OSError:
-                pass  # a dangling link to a blob that never finished
+                pass  # a dangling link to a blob that never finished, or a loop
     return total
 
 
@@ -329,33 +377,40 @@ def _size(directory: Path) -> int:
 
 def _check_model(model: str, hf: dict, models: dict, gpu: dict, checks: list[dict]) -> dict:
     """Whether `model` can be loaded as things stand: a failure only when offline and not cached."""
-    preset = presets.find(model)
-    path = Path(model).expanduser()
+    from .errors import SanaError
+    from .modelref import classify
+
+    model = model.strip()
+    try:  # exactly the names `generate` accepts, by its own rules
+        kind, target = classify(model)
+    except SanaError as exc:
+        _check(checks, f"model {model}", False, exc.message, "sana models  # lists the presets",
+               exit_code=exc.exit_code)
+        return {"name": model, "kind": "unknown", "status": MISSING}
+    preset = target if kind == "preset" else None
+    path = target if kind == "local" else Path("")
     if preset is not None and preset.is_tiny:
         info = {"name": preset.name, "kind": "tiny", "status": "built" if (
             tiny.tiny_path(preset.repo.split(":", 1)[1]) / "model_index.json").is_file() else "built on first use"}
         _check(checks, f"model {preset.name}", True, f"built-in tiny model ({info['status']})")
         return info
-    if preset is None and path.exists():
-        ok = (path / "model_index.json").is_file()
+    if kind == "local":
+        ok = _is_file(path / "model_index.json")
         info = {"name": model, "kind": "local", "path": str(path.resolve()), "status": COMPLETE if ok else MISSING}
         _check(checks, f"model {model}", ok, f"local directory {path}" + ("" if ok else " has no model_index.json"),
                None if ok else "pass the folder that holds model_index.json", exit_code=EXIT_USAGE)
         return info
-    if preset is None and (model.count("/") != 1 or model.startswith((".", "/", "~"))):
-        near = presets.suggest(model)
-        _check(checks, f"model {model}", False, "not a preset, hub id (org/name) or existing directory"
-               + (f"; did you mean '{near}'?" if near else ""), "sana models  # lists the presets",
-               exit_code=EXIT_USAGE)
-        return {"name": model, "kind": "unknown", "status": MISSING}
     if preset is not None:
         info = {"name": preset.name, "kind": "hub", **models[preset.name]}
     else:
         info = {"name": model, "kind": "hub", "repo": model, "variant": "auto",
-                **cache_status(model, "auto", hf["hub_cache"])}
+                **safe_cache_status(model, "auto", hf["hub_cache"])}
     repo, status = info["repo"], info["status"]
-    download = f"env HF_HUB_OFFLINE=0 hf download {repo}  # needs the network once"
-    if status == COMPLETE:
+    download = f"env HF_HUB_OFFLINE=0 hf download {_quote(repo)}  # needs the network once"
+    if status == UNREADABLE:
+        if preset is None:  # a preset's entry is already reported with the cache
+            _unreadable_entries({model: info}, hf, checks)
+    elif status == COMPLETE:
         detail = f"{repo} is in the HF cache ({_gib(info['size_bytes'])}, snapshot {str(info['snapshot'])[:12]})"
         _check(checks, f"model {info['name']}", True, detail + _gpu_note(gpu))
     elif hf["offline"]:
@@ -370,7 +425,7 @@ def _check_model(model: str, hf: dict, models: dict, gpu: dict, checks: list[dic
     else:
         _check(checks, f"model {info['name']}", True,
                f"{repo} is {status} in the HF cache: the first run downloads it" + _gpu_note(gpu),
-               f"hf download {repo}  # to fetch it ahead of time")
+               f"hf download {_quote(repo)}  # to fetch it ahead of time")
     return info
 
 

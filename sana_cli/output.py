@@ -206,32 +206,37 @@ class WrittenImage:
 
 
 def read_metadata(path: str | Path) -> dict:
-    """Both metadata dialects from an image: {'sana': dict|None, 'parameters': str|None}."""
+    """Both metadata dialects from an image: {'sana': dict|None, 'parameters': str|None}.
+
+    The file is untrusted: only a regular PNG, JPEG or WebP file is opened (see safeio), and only its
+    header and metadata are read, never its pixels, so any size costs the same few kilobytes."""
+    from .safeio import image_file, image_problem
+
     try:
-        with Image.open(path) as image:
-            image.load()
-            text = dict(getattr(image, "text", {}) or {})
-            exif = image.getexif()
+        with image_file(path, max_pixels=None) as image:
             fmt = image.format
             size = image.size
-    except FileNotFoundError as exc:
-        raise UsageError(f"{path}: no such file") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UsageError(f"{path} is not a readable image: {exc}") from exc
+            # PNG text chunks before the pixel data are in .info after open (sana-cli writes them
+            # there); PNG's .text and .getexif() would decode the whole image to look past it.
+            text = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
+            exif = image.getexif() if fmt in ("JPEG", "WEBP") else None
+    except Exception as exc:  # noqa: BLE001 - whatever a crafted file makes Pillow raise is bad input
+        raise UsageError(image_problem(path, exc)) from exc
     sana = text.get("sana")
     parameters = text.get("parameters")
-    description = exif.get(_EXIF_IMAGE_DESCRIPTION)
-    if sana is None and isinstance(description, str) and description.startswith("sana:"):
-        sana = description[len("sana:"):]
-    comment = exif.get_ifd(_EXIF_IFD).get(_EXIF_USER_COMMENT)
-    if parameters is None and isinstance(comment, bytes):
-        parameters = _decode_user_comment(comment)
+    if exif is not None:
+        description = exif.get(_EXIF_IMAGE_DESCRIPTION)
+        if sana is None and isinstance(description, str) and description.startswith("sana:"):
+            sana = description[len("sana:"):]
+        comment = exif.get_ifd(_EXIF_IFD).get(_EXIF_USER_COMMENT)
+        if parameters is None and isinstance(comment, bytes):
+            parameters = _decode_user_comment(comment)
     try:
         sana_meta = json.loads(sana) if sana else None
-    except ValueError:
+    except (ValueError, RecursionError):
         sana_meta = None
-    return {"path": str(path), "format": fmt, "width": size[0], "height": size[1], "sana": sana_meta,
-            "parameters": parameters}
+    return {"path": str(path), "format": fmt, "width": size[0], "height": size[1],
+            "sana": sana_meta if isinstance(sana_meta, dict) else None, "parameters": parameters}
 
 
 def _decode_user_comment(raw: bytes) -> str:

@@ -357,6 +357,11 @@ def check_name(name: str) -> str:
     if any(ch in _NAME_FORBIDDEN or ord(ch) < 32 for ch in stem):
         raise UsageError(f"'name' {name!r} may not contain path separators or any of <>:\"|?* or control "
                          "characters (names stay inside the output directory)")
+    from .terminal import is_unsafe
+
+    if any(is_unsafe(ch) for ch in stem):
+        raise UsageError(f"'name' {name!r} may not contain invisible or direction-changing characters (right-to-left "
+                         "overrides, zero-width spaces): a file name must read as what it is")
     if stem.startswith(".") or stem.endswith((".", " ")):
         raise UsageError(f"'name' {name!r} may not start with a dot or end with a dot or space")
     if stem.split(".")[0].upper() in _WINDOWS_RESERVED:

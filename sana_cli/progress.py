@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from .terminal import printable
+
 
 class Reporter:
     """Turns runner events into stderr output."""
@@ -29,6 +31,7 @@ class Reporter:
     def log(self, text: str) -> None:
         if self.quiet:
             return
+        text = printable(text)  # prompts, paths and errors may hold terminal control characters
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         else:
@@ -54,7 +57,7 @@ class Reporter:
                 self._bar = tqdm(total=self.total, unit="img", file=self.stream, dynamic_ncols=True, leave=False)
         elif kind == "step":
             if self._bar is not None:
-                self._bar.set_postfix_str(f"step {data['step']}/{data['total']}", refresh=True)
+                self._bar.set_postfix_str(f"step {data['step']}/{data['total']}", refresh=True)  # numbers only
             elif time.perf_counter() - self._last_step_line >= self.interval:
                 self.log(f"sana: {self._batch}step {data['step']}/{data['total']}")
                 self._last_step_line = time.perf_counter()
@@ -67,7 +70,7 @@ class Reporter:
         if self._bar is not None:
             self._bar.update(1)
             if kind == "failed":
-                self._bar.write(f"sana: failed {result.job.path}: {result.error}", file=self.stream)
+                self._bar.write(printable(f"sana: failed {result.job.path}: {result.error}"), file=self.stream)
             return
         now = time.perf_counter()
         if kind == "failed":

@@ -7,6 +7,9 @@ standard library only, no torch, so a report can be rebuilt from a manifest on a
 
 Everything taken from a manifest is data, not markup: prompts and errors are HTML-escaped, and a
 manifest `file` that would point outside the output directory is shown as an error, never read.
+Images are opened only as PNG, JPEG or WebP (safeio). Thumbnails are written only into the real
+`thumbnails/` directory under flat names, through a descriptor of that directory, so neither a
+tampered manifest nor a symlink can make the report write or delete anything elsewhere.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import html
 import io
 import os
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +27,8 @@ from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
-from .output import atomic_write_bytes, read_manifests, remove_stray_temp_files
+from .output import _abandoned, atomic_write_bytes, is_temp_file, read_manifests, temp_path_for
+from .safeio import UnsafeFile, image_file, image_problem, is_regular_or_absent, open_regular
 
 GALLERY = "index.html"
 THUMBNAILS = "thumbnails"
@@ -109,26 +114,26 @@ def _number(value) -> float:
 
 # ---- thumbnails ------------------------------------------------------------------------------------
 
+def thumbnail_name(file: str) -> str:
+    """The thumbnail's file name inside thumbnails/: `<file>.jpg` for a plain file name (what batch
+    writes), else a hash of the name, so it never holds a path separator or starts with a dot."""
+    if file and "/" not in file and "\\" not in file and not file.startswith(".") and len(file.encode()) <= 200:
+        return file + ".jpg"
+    return "t-" + hashlib.sha256(file.encode("utf-8", "surrogatepass")).hexdigest()[:20] + ".jpg"
+
+
 def thumbnail_path(output_dir: str | Path, file: str) -> Path:
-    """Where the thumbnail of `file` (relative to output_dir) goes: thumbnails/<file>.jpg."""
-    return Path(output_dir) / THUMBNAILS / (file + ".jpg")
+    """Where the thumbnail of `file` (relative to output_dir) goes: thumbnails/<flat name>.jpg."""
+    return Path(output_dir) / THUMBNAILS / thumbnail_name(file)
 
 
-def make_thumbnail(image_path: str | Path, target: str | Path, max_side: int = THUMBNAIL_MAX_SIDE) -> tuple[int, int]:
-    """Write a JPEG thumbnail (longest side <= max_side) atomically, unless an up-to-date one exists
-    (newer than the image). Returns its size."""
-    image_path, target = Path(image_path), Path(target)
-    try:
-        if target.stat().st_mtime_ns >= image_path.stat().st_mtime_ns:
-            with Image.open(target) as existing:
-                if max(existing.size) <= max_side:
-                    return existing.size
-    except (OSError, ValueError, SyntaxError):
-        pass  # missing or unreadable: make it
-    with Image.open(image_path) as image:
+def render_thumbnail(image_path: str | Path, max_side: int = THUMBNAIL_MAX_SIDE) -> tuple[bytes, tuple[int, int]]:
+    """JPEG bytes of a thumbnail (longest side <= max_side) and its size. Only PNG, JPEG or WebP files
+    of at most the largest size sana-cli writes are decoded; JPEG at a reduced scale."""
+    with image_file(image_path) as image:
         image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster for 4K
-        image = ImageOps.exif_transpose(image)
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # in place: no full-size copy
+        image = ImageOps.exif_transpose(image)  # on the small image (the box is square, so order is free)
         if image.mode not in ("RGB", "L"):
             background = Image.new("RGB", image.size, "white")
             rgba = image.convert("RGBA")
@@ -136,39 +141,159 @@ def make_thumbnail(image_path: str | Path, target: str | Path, max_side: int = T
             image = background
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=_THUMBNAIL_QUALITY, optimize=True)
-        size = image.size
+        return buffer.getvalue(), image.size
+
+
+def make_thumbnail(image_path: str | Path, target: str | Path, max_side: int = THUMBNAIL_MAX_SIDE) -> tuple[int, int]:
+    """Write a JPEG thumbnail (longest side <= max_side) atomically, unless an up-to-date one exists
+    (newer than the image). Returns its size. target's directory is created; for the gallery's own
+    thumbnails use write_gallery, which also refuses a symlinked thumbnails/ directory."""
+    image_path, target = Path(image_path), Path(target)
+    existing = _fresh_thumbnail_size(image_path, target, max_side)
+    if existing is not None:
+        return existing
+    data, size = render_thumbnail(image_path, max_side)
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, buffer.getvalue(), overwrite=True)
+    atomic_write_bytes(target, data, overwrite=True)
     return size
+
+
+def _fresh_thumbnail_size(image_path: Path, target: Path, max_side: int) -> tuple[int, int] | None:
+    """The size of an up-to-date thumbnail already at target (a regular file, not a link, newer than
+    the image), else None."""
+    try:
+        info = os.lstat(target)
+        if not stat.S_ISREG(info.st_mode) or info.st_mtime_ns < image_path.stat().st_mtime_ns:
+            return None
+        with image_file(target) as existing:
+            return existing.size if max(existing.size) <= max_side else None
+    except Exception:  # noqa: BLE001 - missing or unreadable: make it
+        return None
+
+
+class ThumbnailDirectory:
+    """output_dir/thumbnails opened as a directory descriptor (never through a symlink): every write
+    and every clean-up of temp files happens relative to it, so nothing outside can be touched."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / THUMBNAILS
+        try:
+            os.mkdir(self.path)
+        except FileExistsError:
+            pass
+        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            self.fd = os.open(self.path, flags)
+        except OSError:
+            if os.path.islink(self.path):
+                raise UnsafeFile(f"{self.path} is a symlink; sana-cli writes thumbnails only into a real "
+                                 "directory (remove the link)") from None
+            raise
+        if not stat.S_ISDIR(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise UnsafeFile(f"{self.path} is not a directory")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def remove_stray_temp_files(self) -> None:
+        """Temp files a report killed mid-write left here (never those of a live writer)."""
+        import time
+
+        now = time.time()
+        for entry in os.scandir(self.fd):
+            if not is_temp_file(entry.name):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) and _abandoned(entry.name, now - info.st_mtime):
+                    os.unlink(entry.name, dir_fd=self.fd)
+            except FileNotFoundError:
+                pass
+
+    def fresh_size(self, name: str, image_path: Path, max_side: int) -> tuple[int, int] | None:
+        return _fresh_thumbnail_size(image_path, self.path / name, max_side)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Atomically write thumbnails/name: temp file created exclusively, fsynced, renamed."""
+        if "/" in name or name in ("", ".", ".."):
+            raise UnsafeFile(f"thumbnail name {name!r} is not a plain file name")
+        temp = temp_path_for(name).name
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(temp, flags, 0o644, dir_fd=self.fd)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            try:
+                os.unlink(temp, dir_fd=self.fd)
+            except FileNotFoundError:
+                pass
+            raise
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            pass
 
 
 # ---- the gallery -----------------------------------------------------------------------------------
 
-def write_gallery(output_dir: str | Path, records: list[dict], summary: dict, *, title: str = "sana batch") -> Path:
+def write_gallery(output_dir: str | Path, records: list[dict], summary: dict, *, title: str = "sana batch",
+                  overwrite: bool = False) -> Path:
     """Write output_dir/index.html (atomically): a thumbnail card per image linking to the full image,
     failed images as highlighted cards with their error, and a header with the run's counts.
 
     records: manifest records (output.read_manifests(output_dir)); summary: BatchResult.to_dict() or
     any dict with some of its keys. Thumbnails go to output_dir/thumbnails/ and are remade only when
-    missing or older than their image."""
+    missing or older than their image. An index.html that sana-cli did not write is replaced only
+    with overwrite (FileExistsError otherwise)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    remove_stray_temp_files(output_dir / THUMBNAILS)  # left by a report killed mid-write
-    entries = latest_entries(output_dir, records)
-    for entry in entries:
-        if not entry.ok:
-            continue
-        target = thumbnail_path(output_dir, entry.file)
-        try:
-            entry.thumbnail_size = make_thumbnail(entry.path, target)
-            entry.thumbnail = target.relative_to(output_dir).as_posix()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            entry.ok = False
-            entry.error = f"cannot read the image: {exc}"
-    page = _page(entries, summary or {}, title)
     target = output_dir / GALLERY
+    if not overwrite and not _ours_or_absent(target):
+        raise FileExistsError(f"{target} exists and was not written by sana-cli (pass --overwrite to replace it)")
+    entries = latest_entries(output_dir, records)
+    thumbnails = ThumbnailDirectory(output_dir)
+    try:
+        thumbnails.remove_stray_temp_files()  # left by a report killed mid-write
+        for entry in entries:
+            if not entry.ok:
+                continue
+            name, data = thumbnail_name(entry.file), None
+            try:
+                size = thumbnails.fresh_size(name, entry.path, THUMBNAIL_MAX_SIDE)
+                if size is None:
+                    data, size = render_thumbnail(entry.path)
+            except Exception as exc:  # noqa: BLE001 - a crafted image is a failed card, not a crash
+                entry.ok = False
+                entry.error = f"cannot read the image: {image_problem(entry.file, exc)}"
+                continue
+            if data is not None:
+                thumbnails.write(name, data)  # a failure here is the report's, not the image's
+            entry.thumbnail_size = size
+            entry.thumbnail = f"{THUMBNAILS}/{name}"
+    finally:
+        thumbnails.close()
+    page = _page(entries, summary or {}, title)
     atomic_write_bytes(target, page.encode("utf-8"), overwrite=True)
     return target
+
+
+_GENERATOR_MARK = b'<meta name="generator" content="sana-cli">'
+
+
+def _ours_or_absent(path: Path) -> bool:
+    """Whether path is absent or a gallery sana-cli wrote (its generator tag near the top)."""
+    if not os.path.lexists(path):
+        return True
+    try:
+        with open_regular(path) as handle:
+            return _GENERATOR_MARK in handle.read(4096)
+    except OSError:
+        return False
 
 
 def _e(value) -> str:
@@ -322,13 +447,17 @@ def step_summary(summary: dict, records: list[dict], *, gallery: str | None = No
     else:
         failures = [{"row": f.get("row"), "file": f.get("path"), "error": f.get("error")}
                     for f in summary.get("failures") or [] if isinstance(f, dict)]
-    failed_count = summary.get("failed", len(failures))
-    ok = summary.get("ok", not failures and not summary.get("stopped_by_signal"))
+    # The headline counts the failed images listed below (the directory as it stands), so it never
+    # says "0 failed" above a table of failures; this run's own count gets its own row when it differs.
+    run_failed = summary.get("failed")
+    failed_count = len(failures) if (records or failures) else (run_failed or 0)
+    ok = summary.get("ok", not summary.get("stopped_by_signal")) and not failures
     status = "✅" if ok else ("⏹️" if summary.get("stopped_by_signal") else "❌")
     lines = [f"## {status} sana batch: {_md(summary.get('written', '?'))} written, {_md(failed_count)} failed", ""]
     rate = summary.get("images_per_second")
     rows = [("planned", summary.get("images_planned")), ("written", summary.get("written")),
             ("already done", summary.get("already_done")), ("failed", failed_count),
+            ("failed this run", run_failed if isinstance(run_failed, int) and run_failed != failed_count else None),
             ("invalid rows", invalid_count),
             ("images/s", f"{rate:g}" if isinstance(rate, (int, float)) else None)]
     lines += ["| | count |", "|---|---:|"]
@@ -381,20 +510,37 @@ def append_step_summary(markdown: str) -> bool:
     path = os.environ.get("GITHUB_STEP_SUMMARY")
     if not path:
         return False
+    # The file must be a regular one: opened without blocking and checked on the descriptor, so a
+    # FIFO or a device there is refused instead of hanging the run or writing into a device.
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+             | getattr(os, "O_CLOEXEC", 0))
     try:
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(markdown if markdown.endswith("\n") else markdown + "\n")
+        if not is_regular_or_absent(path):
+            return False
+        fd = os.open(path, flags, 0o644)
     except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        os.set_blocking(fd, True)
+        data = (markdown if markdown.endswith("\n") else markdown + "\n").encode("utf-8")
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return True
 
 
 # ---- one call for the CLI --------------------------------------------------------------------------
 
-def write_report(output_dir: str | Path, summary: dict, *, title: str = "sana batch") -> dict:
+def write_report(output_dir: str | Path, summary: dict, *, title: str = "sana batch", overwrite: bool = False) -> dict:
     """What `sana batch --report` does: read every manifest in output_dir, write the gallery, and
-    append the step summary when running under GitHub Actions. Returns {"gallery", "step_summary"}."""
+    append the step summary when running under GitHub Actions. Returns {"gallery", "step_summary"}.
+    overwrite: replace an index.html that sana-cli did not write."""
     records = read_manifests(output_dir)
-    gallery = write_gallery(output_dir, records, summary, title=title)
+    gallery = write_gallery(output_dir, records, summary, title=title, overwrite=overwrite)
     appended = append_step_summary(step_summary(summary, records, gallery=str(gallery)))
     return {"gallery": str(gallery), "step_summary": appended}

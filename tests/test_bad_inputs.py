@@ -123,6 +123,33 @@ CASES = [
     Case("newlines in a JSONL prompt", ["batch", "{files}/newline.jsonl", "--model", "tiny", "-o", "{tmp}/nl"], 0, ""),
     Case("very long prompt becomes a short file name", ["generate", "{long_prompt}", "--model", "tiny", "--seed", "5",
                                                         "-o", "{tmp}/"], 0, ""),
+    # Files sana-cli did not write: only PNG/JPEG/WebP regular files are opened, bounded, never decoded for
+    # metadata; FIFOs and devices are refused before a byte is read.
+    Case("PostScript file named .png given to sana info", ["info", "{files}/postscript.png"], 2,
+         "is not a readable image: not a PNG, JPEG or WebP file"),
+    Case("FIFO given to sana info", ["info", "{files}/fifo.png"], 2, "is a FIFO, not a regular file"),
+    Case("link to /dev/zero given to sana info", ["info", "{files}/zero.png"], 2,
+         "is a character device, not a regular file", limit_memory=2**30),
+    Case("decompression bomb given to sana info", ["info", "{files}/bomb.png"], 2,
+         "is too large to be an image sana-cli wrote"),
+    Case("image without generation metadata", ["info", "{files}/plain.png"], 2, "has no generation metadata"),
+    Case("--command on an image without sana metadata", ["info", "{files}/params-only.png", "--command"], 2,
+         "has no sana metadata to rebuild a command from"),
+    Case("--command on metadata without a model", ["info", "{files}/no-model.png", "--command"], 2,
+         "names no model, so no command can reproduce it"),
+    Case("--command on a malformed metadata value", ["info", "{files}/bad-steps.png", "--command"], 2,
+         "has an invalid 'steps' (expected a whole number)"),
+    Case("model_index.json that is a FIFO", ["generate", "a cat", "--model", "{files}/fifo-model"], 2,
+         "is a FIFO, not a regular file"),
+    Case("model config linked to /dev/zero", ["generate", "a cat", "--model", "{files}/zero-model"], 2,
+         "which is not a regular file", limit_memory=2**30),
+    Case("output path that is a FIFO", ["generate", "a cat", "--model", "tiny", "-o", "{files}/fifo-out.png"], 2,
+         "already exists (pass --overwrite"),
+    Case("row name with a right-to-left override", ["batch", "{files}/rtl.jsonl", "--model", "tiny"], 2,
+         "may not contain invisible or direction-changing characters"),
+    Case("row name with a zero-width space", ["batch", "{files}/zwsp.jsonl", "--model", "tiny"], 2,
+         "may not contain invisible or direction-changing characters"),
+    Case("hub id with shell characters", ["generate", "a cat", "--model", "org/x;id"], 2, "is not a hub id"),
 ]
 
 
@@ -163,7 +190,47 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "ok.txt").write_text("a cat\n")
     (root / "one-huge.jsonl").write_text('{"prompt": "small"}\n{"prompt": "huge", "size": 4096}\n{"prompt": "small too"}\n')
     (root / "newline.jsonl").write_text(json.dumps({"prompt": "first line\nsecond line \"quoted\" 🐼", "seed": 2}) + "\n")
+    _untrusted_files(root, tiny)
     return root
+
+
+def _untrusted_files(root: Path, tiny: Path) -> None:
+    """Crafted files for the untrusted-input cases: nothing here is committed, all is made now."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from sana_cli.output import encode_image
+
+    (root / "postscript.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    os.mkfifo(root / "fifo.png")
+    os.mkfifo(root / "fifo-out.png")
+    (root / "zero.png").symlink_to("/dev/zero")
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+                                    + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    Image.new("RGB", (16, 16)).save(root / "plain.png")
+    from PIL import PngImagePlugin
+
+    other_tool = PngImagePlugin.PngInfo()
+    other_tool.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a, Seed: 1")
+    Image.new("RGB", (16, 16)).save(root / "params-only.png", pnginfo=other_tool)
+    meta = {"prompt": "p", "width": 128, "height": 128, "steps": 2, "guidance": 4.5, "seed": 1}
+    (root / "no-model.png").write_bytes(encode_image(Image.new("RGB", (16, 16)), "PNG", meta))
+    (root / "bad-steps.png").write_bytes(encode_image(Image.new("RGB", (16, 16)), "PNG",
+                                                      {**meta, "model": "tiny", "steps": "2; rm -rf ~"}))
+    shutil.copytree(tiny, root / "fifo-model")
+    (root / "fifo-model" / "model_index.json").unlink()
+    os.mkfifo(root / "fifo-model" / "model_index.json")
+    shutil.copytree(tiny, root / "zero-model")
+    (root / "zero-model" / "text_encoder" / "config.json").unlink()
+    (root / "zero-model" / "text_encoder" / "config.json").symlink_to("/dev/zero")
+    (root / "rtl.jsonl").write_text(json.dumps({"prompt": "a", "name": "cat\u202egnp.exe"}) + "\n")
+    (root / "zwsp.jsonl").write_text(json.dumps({"prompt": "a", "name": "c\u200bat"}) + "\n")
 
 
 def expand(value: str, tmp: Path, files: Path, tiny: Path) -> str:

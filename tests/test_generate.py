@@ -120,9 +120,9 @@ def test_metadata_round_trips_through_sana_info(sana, tmp_path):
     assert set(meta["versions"]) == {"torch", "diffusers", "transformers"}
     assert shown.json["parameters"].startswith("一只狐狸 🦊 in the snow\nNegative prompt: blurry\n")
     command = sana("info", target, "--command").stdout.strip()
-    assert command.startswith("sana generate '一只狐狸 🦊 in the snow' --model tiny --width 160 --height 96")
+    assert command.startswith("sana generate --model tiny --width 160 --height 96")
     assert "--seed 21" in command and "--negative-prompt blurry" in command
-    assert command.endswith(f"-o {tmp_path / 'fox-again.webp'}")
+    assert command.endswith(f"-o {tmp_path / 'fox-again.webp'} -- '一只狐狸 🦊 in the snow'")
 
 
 def test_reproduce_command_makes_the_same_pixels(sana, tmp_path):

@@ -1,0 +1,161 @@
+"""Reading files sana-cli did not write: images from anywhere, configs and cache files, manifests.
+
+Such a file may be a FIFO that never answers, a link to /dev/zero that never ends, a huge file, a
+PostScript program named `x.png`, or a decompression bomb. Everything here opens without blocking,
+checks that it opened a regular file before reading a byte, reads at most a limit, and opens images
+only as the formats sana-cli writes (PNG, JPEG, WebP), so Pillow never hands a file to an external
+program such as Ghostscript.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import warnings
+
+MAX_JSON_BYTES = 16 * 2**20  # model_index.json, configs and weight indexes are kilobytes
+MAX_IMAGE_BYTES = 1 << 30  # an 8192x8192 PNG of noise is about 200 MB
+MAX_IMAGE_PIXELS = 8192 * 8192  # the largest image sana-cli writes (--force-size at the 8192 limit)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what sana-cli writes; nothing else is ever parsed
+
+
+class UnsafeFile(OSError):
+    """The path is not a regular file, or is larger than the limit for its kind."""
+
+
+def open_regular(path: str | os.PathLike, limit: int | None = None):
+    """A binary file object for path, which must be a regular file (a link to one is fine) of at most
+    limit bytes. Opening never blocks (O_NONBLOCK: a FIFO without a writer returns at once) and the
+    type is checked on the opened descriptor, so nothing can be swapped in between."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(f"{path} is {_kind(info.st_mode)}, not a regular file")
+        if limit is not None and info.st_size > limit:
+            raise UnsafeFile(f"{path} is {info.st_size} bytes, more than the {limit} a file of its kind may be")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a regular file of at most limit bytes (also if it grows while being read)."""
+    with open_regular(path, limit) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise UnsafeFile(f"{path} is more than the {limit} bytes a file of its kind may be")
+    return data
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES):
+    """Parsed JSON from a bounded regular file. FileNotFoundError passes through; anything else that
+    is wrong with the file (type, size, encoding, syntax, nesting) is a ValueError or OSError."""
+    data = read_bounded(path, limit)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def open_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS):
+    """A lazily decoded PIL image of a PNG, JPEG or WebP file: only the header has been read. Raises
+    UnsafeFile / OSError / ValueError for anything else; never warns on stderr."""
+    from PIL import Image
+
+    handle = open_regular(path, MAX_IMAGE_BYTES)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning and friends: we decide below
+            image = Image.open(handle, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        handle.close()
+        raise ValueError(f"{path} is too large to be an image sana-cli wrote ({exc})") from None
+    except BaseException:
+        handle.close()
+        raise
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        handle.close()
+        raise ValueError(f"{path} is {width}x{height}, larger than any image sana-cli writes")
+    image._sana_handle = handle  # closed with the image (see close_image)
+    return image
+
+
+def close_image(image) -> None:
+    image.close()
+    handle = getattr(image, "_sana_handle", None)
+    if handle is not None:
+        handle.close()
+
+
+class image_file:
+    """`with image_file(path) as image:` open_image with the file closed afterwards, and Pillow's
+    warnings (truncated EXIF, large images) kept off stderr for everything done inside."""
+
+    def __init__(self, path, **options):
+        self.path, self.options = path, options
+
+    def __enter__(self):
+        self._quiet = warnings.catch_warnings()
+        self._quiet.__enter__()
+        warnings.simplefilter("ignore")
+        try:
+            self.image = open_image(self.path, **self.options)
+        except BaseException:
+            self._quiet.__exit__(None, None, None)
+            raise
+        return self.image
+
+    def __exit__(self, *exc):
+        try:
+            close_image(self.image)
+        finally:
+            self._quiet.__exit__(*exc)
+        return False
+
+
+def image_problem(path, exc: BaseException) -> str:
+    """One line saying why an image could not be read, without the library's internals."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: no such file"
+    if isinstance(exc, UnidentifiedImageError):
+        return f"{path} is not a readable image: not a PNG, JPEG or WebP file"
+    if isinstance(exc, (UnsafeFile, ValueError)):
+        return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+    if isinstance(exc, OSError):
+        return f"{path} is not a readable image: {exc.strerror or exc}"
+    return f"{path} is not a readable image: {exc}"
+
+
+def is_regular_or_absent(path: str | os.PathLike) -> bool:
+    """Whether path is a regular file (following links) or does not exist: what may be appended to
+    or replaced without hanging on a FIFO or writing into a device."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return not os.path.islink(path)  # a dangling link would create its target elsewhere
+    except OSError:
+        return False
