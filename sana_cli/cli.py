@@ -54,7 +54,10 @@ def _model_options(function):
                      help="Where to run. Real models need CUDA unless you pass --device cpu."),
         click.option("--dtype", default="auto", show_default=True,
                      type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-                     help="Weights dtype. auto: the checkpoint's own on CUDA (bf16 or fp16), fp32 on CPU."),
+                     help="Weights dtype. auto: the checkpoint's own on every device, as the model cards load "
+                          "it: BF16 checkpoints in bf16; FP16 checkpoints with the transformer in fp16 and Gemma "
+                          "and the DC-AE in bf16; fp32-stored weights (the tiny models) in bf16 on CUDA, fp32 on "
+                          "the CPU. fp16 also keeps Gemma and the DC-AE in bf16 (they overflow in fp16)."),
         click.option("--decode", default="auto", show_default=True, type=click.Choice(DECODE_CHOICES),
                      help="VAE decode: full; strips (exact, low memory); patch-conv (model card helper); "
                           "tiled (diffusers tiling, inexact). auto: full when it fits in free memory, else strips."),

@@ -123,6 +123,10 @@ CASES = [
     Case("newlines in a JSONL prompt", ["batch", "{files}/newline.jsonl", "--model", "tiny", "-o", "{tmp}/nl"], 0, ""),
     Case("very long prompt becomes a short file name", ["generate", "{long_prompt}", "--model", "tiny", "--seed", "5",
                                                         "-o", "{tmp}/"], 0, ""),
+    Case("--fp8 on an fp16 checkpoint", ["generate", "a cat", "--model", "sana-600m-1024", "--fp8", "--device", "cpu"],
+         2, "--fp8 needs the transformer in bf16"),
+    Case("--fp8 with --dtype fp16", ["generate", "a cat", "--model", "tiny", "--fp8", "--dtype", "fp16"], 2,
+         "--fp8 needs the transformer in bf16"),
 ]
 
 
