@@ -76,7 +76,8 @@ class RunReport:
     results: list[ImageResult] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     stopped_by: int | None = None  # signal number
-    peak_memory_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated: what tensors held
+    peak_reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved: what the caching allocator held
     warnings: list[str] = field(default_factory=list)
 
     @property

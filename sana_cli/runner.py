@@ -101,33 +101,30 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     embeddings: dict[int, tuple] = {}
     try:
         if not reusable and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
-            for number, group in enumerate(pending):
-                if stop.requested:
-                    break
-                embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options, warn)
-                timings["encode"] += seconds
-            loaded.free_text_encoder()
+            _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings)
         for number, group in enumerate(pending):
             if stop.requested or (options.fail_fast and report.failed):
                 break
             jobs = [plan.jobs[i] for i in group]
             write = [i not in done for i in group]
             events("batch", {"number": number + 1, "total": len(pending), "jobs": jobs})
-            failure = _attempt(_run_group, loaded, jobs, write, embeddings.pop(number, None), options, warn, stop,
-                               writer, timings)
+            # Kept until the group is done: once the text encoder is released, a retry cannot encode again.
+            encoded = embeddings.pop(number, None)
+            failure = _attempt(_run_group, loaded, jobs, write, encoded, options, warn, stop, writer, timings)
             if failure is None:
                 continue
             if len(jobs) == 1:
                 failed(jobs[0], failure, alone=False)
                 continue
-            for job, wanted in zip(jobs, write):  # isolate the failing image(s) at batch size 1
+            for position, (job, wanted) in enumerate(zip(jobs, write)):  # isolate the failing image(s) alone
                 if not wanted or job.index in writer.submitted or stop.requested or (
                         options.fail_fast and report.failed):
                     continue
-                single = _attempt(_run_group, loaded, [job], [True], None, options, warn, stop, writer, timings,
-                                  retried_alone=True)
+                single = _attempt(_run_group, loaded, [job], [True], _row(encoded, position), options, warn, stop,
+                                  writer, timings, retried_alone=True)
                 if single is not None:
                     failed(job, single, alone=True)
+            del encoded
     except _Aborted:
         pass
     finally:
@@ -138,8 +135,37 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     report.timings = {key: round(value, 4) for key, value in timings.items()}
     if loaded.device.type == "cuda":
         report.peak_memory_bytes = torch.cuda.max_memory_allocated(loaded.device)
+        report.peak_reserved_bytes = torch.cuda.max_memory_reserved(loaded.device)
     report.results.sort(key=lambda r: r.job.index)
     return report
+
+
+def _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings) -> None:
+    """Encode every group's prompts, then release the text encoder. If encoding runs out of memory, keep
+    the text encoder and let each remaining group encode its own prompts (and retry) as it comes."""
+    for number, group in enumerate(pending):
+        if stop.requested:
+            return
+        try:
+            embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options, warn)
+        except Exception as exc:  # noqa: BLE001 - only out of memory is survivable here
+            if not decoding.is_out_of_memory(exc):
+                raise
+            out_of_memory = True
+        else:
+            out_of_memory = False
+            timings["encode"] += seconds
+        if out_of_memory:  # outside the except block, so the traceback's tensors are already freed
+            decoding.release_memory()
+            return
+    loaded.free_text_encoder()
+
+
+def _row(encoded: tuple | None, position: int) -> tuple | None:
+    """One image's share of a GPU batch's prompt embeddings (each tensor's row `position`), or None."""
+    if encoded is None:
+        return None
+    return tuple(None if t is None else t[position:position + 1] for t in encoded)
 
 
 class _Aborted(Exception):
@@ -203,6 +229,9 @@ def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink)
 def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions, events: EventSink = no_events) -> tuple:
     """Prompt embeddings for a GPU batch, exactly as the pipeline would compute them itself."""
     pipe = loaded.pipeline_for(jobs[0].pag_layers)
+    loaded.check_placement()
+    if loaded.text_encoder_freed:
+        raise RuntimeError("internal error: the text encoder was released before every prompt was encoded")
     prompts = [job.prompt for job in jobs]
     _warn_truncation(pipe, jobs, options.max_sequence_length - 2, events)
     common = dict(num_images_per_prompt=1, device=pipe._execution_device, clean_caption=False,
@@ -244,8 +273,10 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
     if first.pag_scale > 0:
         kwargs["pag_scale"] = first.pag_scale
     started = time.perf_counter()
+    loaded.check_placement()
     with torch.no_grad():
         latents = pipe(**kwargs)[0]
+    loaded.check_placement()
     _sync(loaded)
     timings["denoise"] += time.perf_counter() - started
     if stop.requested and options.abort_in_flight:
