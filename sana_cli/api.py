@@ -38,7 +38,8 @@ class GenerateResult:
         timings = {"load": round(self.load_seconds, 4), **self.report.timings}
         return {"ok": not self.report.failed, "command": self.plan.command, "model": self.model,
                 "images": [r.to_dict() for r in self.report.results], "timings": timings,
-                "peak_memory_bytes": self.report.peak_memory_bytes, "notes": self.plan.notes,
+                "peak_memory_bytes": self.report.peak_memory_bytes,
+                "peak_reserved_bytes": self.report.peak_reserved_bytes, "notes": self.plan.notes,
                 "warnings": self.report.warnings}
 
 
@@ -180,7 +181,7 @@ def _want_compile(compile: str | bool, plan: Plan, device: str) -> bool:
 
     from .speed import compile_pays_off
 
-    return device != "cpu" and torch.cuda.is_available() and compile_pays_off(plan.jobs)
+    return device != "cpu" and torch.cuda.is_available() and compile_pays_off(plan.jobs, plan.groups)
 
 
 def check_plan_fits(plan: Plan, ref: ModelRef) -> None:
@@ -238,6 +239,7 @@ class BatchResult:
             "stopped_by_signal": self.stopped_by, "timings": timings,
             "images_per_second": round(len(self.written) / seconds, 4) if seconds else None,
             "peak_memory_bytes": self.report.peak_memory_bytes if self.report else None,
+            "peak_reserved_bytes": self.report.peak_reserved_bytes if self.report else None,
             "warnings": self.report.warnings if self.report else [],
             "images": [r.to_dict() for r in self.written],
             "already_done_paths": self.already_done_paths,
