@@ -59,7 +59,7 @@ class Session:
         """Run a Plan on this model; returns the report (failures are recorded, not raised)."""
         check_plan_fits(plan, self.loaded.ref)
         options = RunOptions(decode=_decode_for(decode, self.loaded.options.low_memory),
-                             abort_in_flight=abort_in_flight)
+                             abort_in_flight=abort_in_flight, max_memory_bytes=_budget(self.loaded))
         return _run(plan, self.loaded, options, events, stop, True, on_result)
 
     def batch(self, source: str, **options) -> "BatchResult":
@@ -79,7 +79,7 @@ class Session:
 
 def load(model: str | None = None, *, revision: str | None = None, device: str = "auto", dtype: str = "auto",
          offline: bool = False, allow_pickle: bool = False, low_memory: bool = False, compile: bool = False,
-         fp8: bool = False) -> Session:
+         fp8: bool = False, max_memory: float | None = None) -> Session:
     """Load a model (preset name, hub id or local directory) and keep it for repeated generation."""
     from .modelref import resolve
     from .pipeline import load as load_model
@@ -87,14 +87,16 @@ def load(model: str | None = None, *, revision: str | None = None, device: str =
     ref = resolve(model, revision=revision)
     started = time.perf_counter()
     loaded = load_model(ref, LoadOptions(device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
-                                         low_memory=low_memory, compile=compile, fp8=fp8))
+                                         low_memory=low_memory, compile=compile, fp8=fp8,
+                                         max_memory_gib=max_memory))
     return Session(loaded, time.perf_counter() - started)
 
 
 def generate(prompt: str, *, model: str | None = None, size: int | None = None, decode: str = "auto",
              device: str = "auto", dtype: str = "auto", offline: bool = False, allow_pickle: bool = False,
              low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
-             events: EventSink = no_events, stop: StopToken | None = None, **request) -> GenerateResult:
+             max_memory: float | None = None, events: EventSink = no_events, stop: StopToken | None = None,
+             **request) -> GenerateResult:
     """One-shot: plan, load, generate, write. Raises GenerationError if any image failed and
     Interrupted if a signal stopped it. Keyword arguments are Request fields."""
     if size is not None:
@@ -103,13 +105,14 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
     req = Request(prompt=prompt, model=model, **request)
     plan = plan_generate(req, model_for(req))
     return run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
-                    low_memory=low_memory, compile=compile, fp8=fp8, events=events, stop=stop)
+                    low_memory=low_memory, compile=compile, fp8=fp8, max_memory=max_memory, events=events, stop=stop)
 
 
 def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: str = "auto", offline: bool = False,
              allow_pickle: bool = False, low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
              events: EventSink = no_events, stop: StopToken | None = None, abort_in_flight: bool = True,
-             on_result=None, loaded: LoadedModel | None = None, verbose: bool = False) -> GenerateResult:
+             on_result=None, loaded: LoadedModel | None = None, verbose: bool = False,
+             max_memory: float | None = None) -> GenerateResult:
     """Load the plan's model (unless given) and run the plan once; the model is not kept."""
     from .pipeline import load as load_model
 
@@ -122,13 +125,14 @@ def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: s
         loaded = load_model(plan.model, LoadOptions(device=device, dtype=dtype, offline=offline,
                                                     allow_pickle=allow_pickle, low_memory=low_memory,
                                                     compile=_want_compile(compile, plan, device), fp8=fp8,
-                                                    verbose=verbose))
+                                                    verbose=verbose, max_memory_gib=max_memory))
         load_seconds = time.perf_counter() - started
     check_plan_fits(plan, loaded.ref)
     if stop.requested:
         raise Interrupted("interrupted before generation started", signal_number=stop.signal_number)
-    report = _run(plan, loaded, RunOptions(decode=_decode_for(decode, low_memory), abort_in_flight=abort_in_flight),
-                  events, stop, False, on_result)
+    options = RunOptions(decode=_decode_for(decode, loaded.options.low_memory), abort_in_flight=abort_in_flight,
+                         max_memory_bytes=_budget(loaded))
+    report = _run(plan, loaded, options, events, stop, False, on_result)
     return _finish(plan, report, loaded, load_seconds)
 
 
@@ -141,6 +145,11 @@ def prepare_outputs(plan: Plan) -> None:
 
     for directory in sorted({str(Path(job.path).parent) for job in plan.jobs}):
         ensure_directory(directory)
+
+
+def _budget(loaded: LoadedModel) -> int | None:
+    gib = loaded.options.max_memory_gib
+    return None if gib is None else int(gib * 2**30)
 
 
 def _decode_for(decode: str, low_memory: bool) -> str:
@@ -268,7 +277,8 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
           revision: str | None = None, decode: str = "auto", device: str = "auto", dtype: str = "auto",
           offline: bool = False, allow_pickle: bool = False, low_memory: bool = False,
           compile: str | bool = "auto", fp8: bool = False, events: EventSink = no_events,
-          stop: StopToken | None = None, verbose: bool = False, session: "Session | None" = None) -> BatchResult:
+          stop: StopToken | None = None, verbose: bool = False, session: "Session | None" = None,
+          max_memory: float | None = None) -> BatchResult:
     """Render every row of a batch file into output_dir, resuming whatever an earlier run finished.
 
     results.jsonl in output_dir gets one line per image written or failed. Launched with several
@@ -312,7 +322,8 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
                 loaded = load_model(plan.model, LoadOptions(
                     device=processes.device if processes and device == "auto" else device, dtype=dtype,
                     offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
-                    compile=_want_compile(compile, plan, device), fp8=fp8, verbose=verbose))
+                    compile=_want_compile(compile, plan, device), fp8=fp8, verbose=verbose,
+                    max_memory_gib=max_memory))
                 result.load_seconds = time.perf_counter() - started
             result.model = info = loaded.describe()
             check_plan_fits(plan, loaded.ref)
@@ -337,7 +348,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
 def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result, reusable: bool) -> RunReport:
     from .runner import run
 
-    options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast)
+    options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast, max_memory_bytes=_budget(loaded))
     return run(plan, loaded, options, events=events, stop=stop, reusable=reusable, on_result=on_result, done=done)
 
 

@@ -66,6 +66,11 @@ def _model_options(function):
         click.option("--compile", "compile_mode", default="auto", show_default=True,
                      type=click.Choice(["auto", "on", "off"]),
                      help="torch.compile the transformer (cached for later runs). auto: on for long GPU runs."),
+        click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), envvar="SANA_MAX_MEMORY", show_envvar=True, metavar="GiB",
+                     help="Cap on the GPU memory this run holds (the allocator never goes past it); auto plans "
+                          "within it: the decode strategy, CPU offload when the weights do not fit, and a GPU "
+                          "batch that does not fit is redone one image at a time. On the CPU it steers the "
+                          "decode only. Default: no cap (all free memory)."),
         click.option("--fp8", is_flag=True, help="fp8 linear layers via torchao (Hopper/Ada GPUs; changes pixels slightly)."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading pickle (.bin) weights. Only for sources you trust."),
@@ -100,7 +105,7 @@ def _model_options(function):
 @_model_options
 def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed, num_images, pag_scale, pag_layers,
              output, overwrite, force_size, batch_size, model, revision, offline, device, dtype, decode, low_memory,
-             compile_mode, fp8, allow_pickle, dry_run, json_output, quiet, debug):
+             compile_mode, max_memory, fp8, allow_pickle, dry_run, json_output, quiet, debug):
     """Make images from one PROMPT ('-' reads it from stdin).
 
     Paths of written images go to stdout, one per line (or one JSON object with --json);
@@ -132,6 +137,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             with _graceful_signals(stop, reporter, "stopping at the next step"):
                 result = run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline,
                                   allow_pickle=allow_pickle, low_memory=low_memory, compile=compile_mode, fp8=fp8,
+                                  max_memory=max_memory,
                                   events=reporter, stop=stop, abort_in_flight=True, verbose=debug)
         finally:
             reporter.close()
@@ -188,7 +194,8 @@ def _parse_shard(ctx, param, value):
 @_model_options
 def batch(file, output_dir, size, width, height, steps, guidance, negative_prompt, pag_scale, pag_layers, base_seed,
           extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, report, model,
-          revision, offline, device, dtype, decode, low_memory, compile_mode, fp8, allow_pickle, dry_run, json_output,
+          revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory, fp8, allow_pickle, dry_run,
+          json_output,
           quiet, debug):
     """Render every prompt of FILE (.txt, .jsonl or .csv; '-' reads stdin) into --output-dir.
 
@@ -230,6 +237,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
             with _graceful_signals(stop, reporter, "finishing the current GPU batch"):
                 result = run_batch(file, fail_fast=fail_fast, decode=decode, device=device, dtype=dtype,
                                    offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
+                                   max_memory=max_memory,
                                    compile=compile_mode, fp8=fp8, events=reporter, stop=stop, verbose=debug, **common)
         finally:
             reporter.close()

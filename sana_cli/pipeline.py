@@ -31,6 +31,7 @@ class LoadOptions:
     compile: bool = False
     fp8: bool = False
     verbose: bool = False  # let diffusers / transformers log (for --debug)
+    max_memory_gib: float | None = None  # --max-memory: a cap on device memory that `auto` plans within
 
 
 @dataclass
@@ -287,6 +288,7 @@ def _pipeline_class(ref: ModelRef, source: str, offline: bool, revision: str | N
 def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     """Load the pipeline a ModelRef names, ready to run. Raises SanaError subclasses on failure."""
     options = options or LoadOptions()
+    check_max_memory(options.max_memory_gib)
     import_runtime(options.verbose)
     offline = options.offline or any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
                                      for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -318,6 +320,12 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
         raise _loading_error(ref, exc, offline, allow_pickle=options.allow_pickle) from exc
     pipe.set_progress_bar_config(disable=True)
     _apply_flow_shift(pipe, ref)
+    if options.max_memory_gib is not None and device.type == "cuda":
+        import torch
+
+        cap_cuda_memory(torch.cuda, device, int(options.max_memory_gib * 2**30))
+        if not options.low_memory and needs_offload(weights_bytes(pipe), int(options.max_memory_gib * 2**30)):
+            options = replace(options, low_memory=True)
     if options.low_memory and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -329,6 +337,38 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
 
     speed.apply(loaded, compile=options.compile, fp8=options.fp8)
     return loaded
+
+
+# Room the weights must leave under --max-memory for activations and a strip decode (the 4096px
+# low-memory target is 8 GiB with about 6 GiB of that in offloaded weights).
+MEMORY_RESERVE_BYTES = 2 * 2**30
+
+
+def weights_bytes(pipe) -> int:
+    return sum(p.numel() * p.element_size() for name in ("text_encoder", "transformer", "vae")
+               for p in getattr(pipe, name).parameters())
+
+
+def needs_offload(weights: int, max_memory: int) -> bool:
+    """Under --max-memory, CPU offload (one component on the GPU at a time) when all the weights plus
+    room to work do not fit in the budget."""
+    return weights + MEMORY_RESERVE_BYTES > max_memory
+
+
+def check_max_memory(max_memory_gib: float | None) -> None:
+    if max_memory_gib is not None and not max_memory_gib > 0:
+        raise UsageError(f"--max-memory must be more than 0 GiB, got {max_memory_gib:g}")
+
+
+def cap_cuda_memory(cuda, device, max_memory: int) -> float:
+    """Make --max-memory a hard cap: the caching allocator never holds more than the budget on this GPU
+    (an allocation past it raises out-of-memory, which the decode and batch fallbacks handle).
+    `cuda` is the torch.cuda module (a stand-in in tests). Returns the fraction set."""
+    index = device.index if device.index is not None else cuda.current_device()
+    total = cuda.get_device_properties(index).total_memory
+    fraction = min(1.0, max_memory / total)
+    cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
 
 
 def _apply_flow_shift(pipe, ref: ModelRef) -> None:

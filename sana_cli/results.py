@@ -37,6 +37,7 @@ class RunOptions:
     abort_in_flight: bool = False  # generate: stop mid-denoise; batch: finish the current batch
     max_sequence_length: int = 300
     fail_fast: bool = False  # stop at the first failed image
+    max_memory_bytes: int | None = None  # --max-memory: the budget `auto` decodes within
 
 
 @dataclass

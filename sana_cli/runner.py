@@ -286,7 +286,8 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
         if not write[position]:
             continue  # its image exists from an earlier run; rendered only to keep the batch intact
         started = time.perf_counter()
-        image, decoded = decode_to_pil(loaded, latents[position:position + 1], options.decode)
+        image, decoded = decode_to_pil(loaded, latents[position:position + 1], options.decode,
+                                       options.max_memory_bytes)
         _sync(loaded)
         seconds = time.perf_counter() - started
         timings["decode"] += seconds
@@ -298,11 +299,16 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
 
 
 @torch.no_grad()
-def decode_to_pil(loaded: LoadedModel, latents: torch.Tensor, strategy: str):
-    """Decode one image's latents exactly as the pipeline would (cast, unscale, decode, postprocess)."""
+def decode_to_pil(loaded: LoadedModel, latents: torch.Tensor, strategy: str, max_memory_bytes: int | None = None):
+    """Decode one image's latents exactly as the pipeline would (cast, unscale, decode, postprocess).
+    `auto` picks its strategy within free memory and, when given, the --max-memory budget."""
     vae = loaded.pipe.vae
     latents = latents.to(vae.dtype)
-    decoded = decoding.decode(vae, latents / vae.config.scaling_factor, strategy)
+    free = None
+    if strategy == "auto":
+        free = decoding.budget_bytes(decoding.free_memory_bytes(loaded.device), max_memory_bytes,
+                                     decoding.in_use_bytes(loaded.device))
+    decoded = decoding.decode(vae, latents / vae.config.scaling_factor, strategy, free_bytes=free)
     image = loaded.pipe.image_processor.postprocess(decoded.image, output_type="pil")[0]
     return image, decoded
 

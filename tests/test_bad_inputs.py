@@ -123,10 +123,12 @@ CASES = [
     Case("newlines in a JSONL prompt", ["batch", "{files}/newline.jsonl", "--model", "tiny", "-o", "{tmp}/nl"], 0, ""),
     Case("very long prompt becomes a short file name", ["generate", "{long_prompt}", "--model", "tiny", "--seed", "5",
                                                         "-o", "{tmp}/"], 0, ""),
-    Case("--fp8 on an fp16 checkpoint", ["generate", "a cat", "--model", "sana-600m-1024", "--fp8", "--device", "cpu"],
+    Case("--fp8 on an fp16 checkpoint", ["generate", "a cat", "--model", "sana-600m-1024", "--fp8", "--device", "cpu",
+                                         "-o", "{tmp}/"], 2, "--fp8 needs the transformer in bf16"),
+    Case("--fp8 with --dtype fp16", ["generate", "a cat", "--model", "tiny", "--fp8", "--dtype", "fp16", "-o", "{tmp}/"],
          2, "--fp8 needs the transformer in bf16"),
-    Case("--fp8 with --dtype fp16", ["generate", "a cat", "--model", "tiny", "--fp8", "--dtype", "fp16"], 2,
-         "--fp8 needs the transformer in bf16"),
+    Case("--max-memory 0", ["generate", "a cat", "--model", "tiny", "--max-memory", "0", "-o", "{tmp}/"], 2,
+         "0.0 is not in the range x>0"),
 ]
 
 

@@ -273,3 +273,84 @@ def test_fp8_refusal_comes_before_any_loading(sana, tmp_path):
     assert process.returncode == 2
     assert "--fp8 needs the transformer in bf16, not float16" in one_line_error(process)
     assert json.loads(process.stdout)["exit_code"] == 2
+
+
+# ---- --max-memory ---------------------------------------------------------------------------------------
+
+GiB = 2**30
+
+
+def test_max_memory_plans_the_4096_decode_within_the_budget_on_an_80_gb_card():
+    """The full-size DC-AE in bf16 at 4096x4096 with a stand-in 80 GB card: without a cap auto takes the
+    full decode (the fast one, ~35 GiB); with --max-memory 12 and 4 GiB already held by the weights it
+    takes strips whose estimated peak fits the 8 GiB left."""
+    from sana_cli import decode
+
+    from .conftest import full_size_dcae
+
+    vae = full_size_dcae().to(torch.bfloat16)
+    free = 79 * GiB
+    assert decode.choose(vae, 4096, 4096, free_bytes=decode.budget_bytes(free, None, 4 * GiB)) == ("full", None)
+    budget = decode.budget_bytes(free, 12 * GiB, 4 * GiB)
+    assert budget == 8 * GiB
+    strategy, rows = decode.choose(vae, 4096, 4096, free_bytes=budget)
+    assert strategy == "strips"
+    per_row = decode.full_decode_bytes(vae, 4096, 4096) / (4096 // decode._tail_scale(vae))
+    assert rows * per_row <= 0.85 * budget
+    assert decode.budget_bytes(free, 2 * GiB, 4 * GiB) == 0  # already over: the thinnest strips
+
+
+def test_max_memory_offloads_only_when_the_weights_do_not_fit():
+    from sana_cli.pipeline import needs_offload
+
+    sana_4k = int((1.6e9 + 2.6e9 + 0.3e9) * 2)  # transformer, Gemma 2 2B and DC-AE in bf16: ~8.4 GiB
+    assert not needs_offload(sana_4k, 12 * GiB)
+    assert needs_offload(sana_4k, 8 * GiB)
+
+
+class StandInCuda:
+    """torch.cuda as far as the memory cap uses it, for an 80 GB card that is device 3 of the process."""
+
+    def __init__(self):
+        self.calls = []
+
+    def current_device(self):
+        return 3
+
+    def get_device_properties(self, index):
+        return type("Properties", (), {"total_memory": 80 * GiB})()
+
+    def set_per_process_memory_fraction(self, fraction, index):
+        self.calls.append((fraction, index))
+
+
+def test_max_memory_is_a_hard_cap_on_the_caching_allocator():
+    from sana_cli.pipeline import cap_cuda_memory
+
+    cuda = StandInCuda()
+    assert cap_cuda_memory(cuda, torch.device("cuda"), 12 * GiB) == pytest.approx(0.15)
+    assert cap_cuda_memory(cuda, torch.device("cuda", 1), 200 * GiB) == 1.0
+    assert cuda.calls == [(pytest.approx(0.15), 3), (1.0, 1)]
+
+
+def test_free_memory_is_read_after_emptying_the_cache(monkeypatch):
+    from sana_cli import decode
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: calls.append("mem_get_info") or (5, 10))
+    assert decode.free_memory_bytes(torch.device("cuda", 0)) == 5
+    assert calls == ["empty_cache", "mem_get_info"]
+
+
+def test_max_memory_steers_the_auto_decode_end_to_end(sana, tiny_models, tmp_path):
+    """On the CPU the budget (here from SANA_MAX_MEMORY, smaller than the process itself) leaves nothing
+    for a full decode, so auto decodes in strips; the JSON carries both peaks (null off CUDA)."""
+    args = ["generate", "a red fox", "--model", "tiny", "--seed", 1, "--steps", 2, "--json"]
+    free = sana(*args, "-o", tmp_path / "free.png", check_json=True)
+    capped = sana(*args, "-o", tmp_path / "capped.png", env={"SANA_MAX_MEMORY": "0.01"}, check_json=True)
+    assert free.returncode == 0 and capped.returncode == 0, capped.stderr
+    assert free.json["images"][0]["decode"] == "full"
+    assert capped.json["images"][0]["decode"].startswith("strips:")
+    assert capped.json["peak_memory_bytes"] is None and capped.json["peak_reserved_bytes"] is None
+    assert np.abs(pixels(tmp_path / "free.png") - pixels(tmp_path / "capped.png")).max() <= 1
