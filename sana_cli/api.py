@@ -55,11 +55,13 @@ class Session:
         return self.loaded.ref
 
     def run(self, plan: Plan, *, decode: str = "auto", events: EventSink = no_events,
-            stop: StopToken | None = None, abort_in_flight: bool = True, on_result=None) -> RunReport:
+            stop: StopToken | None = None, abort_in_flight: bool = True, on_result=None,
+            keep_latents: bool = False) -> RunReport:
         """Run a Plan on this model; returns the report (failures are recorded, not raised)."""
         check_plan_fits(plan, self.loaded.ref)
         options = RunOptions(decode=_decode_for(decode, self.loaded.options.low_memory),
-                             abort_in_flight=abort_in_flight, max_memory_bytes=_budget(self.loaded))
+                             abort_in_flight=abort_in_flight, max_memory_bytes=_budget(self.loaded),
+                             keep_latents=keep_latents)
         return _run(plan, self.loaded, options, events, stop, True, on_result)
 
     def batch(self, source: str, **options) -> "BatchResult":
@@ -67,13 +69,13 @@ class Session:
         return batch(source, session=self, **options)
 
     def generate(self, prompt: str, *, decode: str = "auto", events: EventSink = no_events,
-                 stop: StopToken | None = None, **request) -> GenerateResult:
+                 stop: StopToken | None = None, keep_latents: bool = False, **request) -> GenerateResult:
         """Make and write images for one prompt; keyword arguments are Request fields (width,
         height, steps, guidance, negative_prompt, seed, num_images, pag_scale, output, ...)."""
         request.setdefault("model", self.loaded.ref.name)
         plan = plan_generate(Request(prompt=prompt, **request), self.loaded.ref)
         prepare_outputs(plan)
-        report = self.run(plan, decode=decode, events=events, stop=stop)
+        report = self.run(plan, decode=decode, events=events, stop=stop, keep_latents=keep_latents)
         return _finish(plan, report, self.loaded, self.load_seconds)
 
 
@@ -95,8 +97,8 @@ def load(model: str | None = None, *, revision: str | None = None, device: str =
 def generate(prompt: str, *, model: str | None = None, size: int | None = None, decode: str = "auto",
              device: str = "auto", dtype: str = "auto", offline: bool = False, allow_pickle: bool = False,
              low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
-             max_memory: float | None = None, events: EventSink = no_events, stop: StopToken | None = None,
-             **request) -> GenerateResult:
+             max_memory: float | None = None, keep_latents: bool = False, events: EventSink = no_events,
+             stop: StopToken | None = None, **request) -> GenerateResult:
     """One-shot: plan, load, generate, write. Raises GenerationError if any image failed and
     Interrupted if a signal stopped it. Keyword arguments are Request fields."""
     if size is not None:
@@ -105,14 +107,15 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
     req = Request(prompt=prompt, model=model, **request)
     plan = plan_generate(req, model_for(req))
     return run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
-                    low_memory=low_memory, compile=compile, fp8=fp8, max_memory=max_memory, events=events, stop=stop)
+                    low_memory=low_memory, compile=compile, fp8=fp8, max_memory=max_memory, keep_latents=keep_latents,
+                    events=events, stop=stop)
 
 
 def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: str = "auto", offline: bool = False,
              allow_pickle: bool = False, low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
              events: EventSink = no_events, stop: StopToken | None = None, abort_in_flight: bool = True,
              on_result=None, loaded: LoadedModel | None = None, verbose: bool = False,
-             max_memory: float | None = None) -> GenerateResult:
+             max_memory: float | None = None, keep_latents: bool = False) -> GenerateResult:
     """Load the plan's model (unless given) and run the plan once; the model is not kept."""
     from .pipeline import load as load_model
 
@@ -131,7 +134,7 @@ def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: s
     if stop.requested:
         raise Interrupted("interrupted before generation started", signal_number=stop.signal_number)
     options = RunOptions(decode=_decode_for(decode, loaded.options.low_memory), abort_in_flight=abort_in_flight,
-                         max_memory_bytes=_budget(loaded))
+                         max_memory_bytes=_budget(loaded), keep_latents=keep_latents)
     report = _run(plan, loaded, options, events, stop, False, on_result)
     return _finish(plan, report, loaded, load_seconds)
 
@@ -278,7 +281,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
           offline: bool = False, allow_pickle: bool = False, low_memory: bool = False,
           compile: str | bool = "auto", fp8: bool = False, events: EventSink = no_events,
           stop: StopToken | None = None, verbose: bool = False, session: "Session | None" = None,
-          max_memory: float | None = None) -> BatchResult:
+          max_memory: float | None = None, keep_latents: bool = False) -> BatchResult:
     """Render every row of a batch file into output_dir, resuming whatever an earlier run finished.
 
     results.jsonl in output_dir gets one line per image written or failed. Launched with several
@@ -332,7 +335,8 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
                 manifest.append(_manifest_record(image, info, output_dir))
 
             result.report = _run_batch(plan, loaded, _decode_for(decode, loaded.options.low_memory), fail_fast,
-                                       events, stop, frozenset(done), record, reusable=session is not None)
+                                       events, stop, frozenset(done), record, reusable=session is not None,
+                                       keep_latents=keep_latents)
     finally:
         manifest.close()
     if processes is not None:
@@ -345,10 +349,12 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     return result
 
 
-def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result, reusable: bool) -> RunReport:
+def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result, reusable: bool,
+               keep_latents: bool = False) -> RunReport:
     from .runner import run
 
-    options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast, max_memory_bytes=_budget(loaded))
+    options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast, max_memory_bytes=_budget(loaded),
+                         keep_latents=keep_latents)
     return run(plan, loaded, options, events=events, stop=stop, reusable=reusable, on_result=on_result, done=done)
 
 

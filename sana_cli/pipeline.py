@@ -32,6 +32,7 @@ class LoadOptions:
     fp8: bool = False
     verbose: bool = False  # let diffusers / transformers log (for --debug)
     max_memory_gib: float | None = None  # --max-memory: a cap on device memory that `auto` plans within
+    only: tuple[str, ...] | None = None  # load just these components (`sana decode` needs only the VAE)
 
 
 @dataclass
@@ -314,6 +315,8 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
         kwargs["variant"] = variant
     if ref.kind == "hub":
         kwargs.update(revision=ref.revision, local_files_only=offline)
+    if options.only:
+        kwargs.update({name: None for name in ("tokenizer", "text_encoder", "transformer") if name not in options.only})
     try:
         pipe = cls.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every loading failure becomes one clear line
@@ -330,12 +333,14 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    ref = _refine(ref, pipe, class_name)
+    if not options.only:
+        ref = _refine(ref, pipe, class_name)
     loaded = LoadedModel(pipe=pipe, ref=ref, device=device, dtype=transformer_dtype,
                          commit=_cached_commit(ref) if ref.kind == "hub" else None, options=options, dtypes=dtypes)
     from . import speed
 
-    speed.apply(loaded, compile=options.compile, fp8=options.fp8)
+    if not options.only:
+        speed.apply(loaded, compile=options.compile, fp8=options.fp8)
     return loaded
 
 
@@ -345,8 +350,8 @@ MEMORY_RESERVE_BYTES = 2 * 2**30
 
 
 def weights_bytes(pipe) -> int:
-    return sum(p.numel() * p.element_size() for name in ("text_encoder", "transformer", "vae")
-               for p in getattr(pipe, name).parameters())
+    modules = [getattr(pipe, name, None) for name in ("text_encoder", "transformer", "vae")]
+    return sum(p.numel() * p.element_size() for module in modules if module is not None for p in module.parameters())
 
 
 def needs_offload(weights: int, max_memory: int) -> bool:

@@ -38,6 +38,7 @@ class RunOptions:
     max_sequence_length: int = 300
     fail_fast: bool = False  # stop at the first failed image
     max_memory_bytes: int | None = None  # --max-memory: the budget `auto` decodes within
+    keep_latents: bool = False  # keep NAME.latents.safetensors beside each image even when its decode works
 
 
 @dataclass

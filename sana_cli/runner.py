@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, decode as decoding
+from . import __version__, decode as decoding, latents as keeping
 from .errors import SanaError
 from .output import write_image
 from .pipeline import LoadedModel
@@ -110,7 +110,8 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
             events("batch", {"number": number + 1, "total": len(pending), "jobs": jobs})
             # Kept until the group is done: once the text encoder is released, a retry cannot encode again.
             encoded = embeddings.pop(number, None)
-            failure = _attempt(_run_group, loaded, jobs, write, encoded, options, warn, stop, writer, timings)
+            failure = _attempt(_run_group, loaded, jobs, write, encoded, options, warn, stop, writer, timings,
+                               on_failed=failed)
             if failure is None:
                 continue
             if len(jobs) == 1:
@@ -121,7 +122,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
                         options.fail_fast and report.failed):
                     continue
                 single = _attempt(_run_group, loaded, [job], [True], _row(encoded, position), options, warn, stop,
-                                  writer, timings, retried_alone=True)
+                                  writer, timings, retried_alone=True, on_failed=failed)
                 if single is not None:
                     failed(job, single, alone=True)
             del encoded
@@ -181,9 +182,28 @@ def _attempt(function, *args, **kwargs) -> tuple[str, int] | None:
     except _Aborted:
         raise
     except Exception as exc:  # noqa: BLE001 - recorded per image; the run goes on
-        failure = (exc.line(), exc.exit_code) if isinstance(exc, SanaError) else (_describe_failure(exc), 1)
+        failure = _failure(exc)
     decoding.release_memory()
     return failure
+
+
+def _failure(exc: Exception) -> tuple[str, int]:
+    return (exc.line(), exc.exit_code) if isinstance(exc, SanaError) else (_describe_failure(exc), 1)
+
+
+def _keep(loaded: LoadedModel, job: ImageJob, latents: torch.Tensor) -> str:
+    return keeping.save(job.path, latents, image_metadata(loaded, job, None),
+                        str(loaded.pipe.vae.dtype).removeprefix("torch."))
+
+
+def _kept_failure(loaded: LoadedModel, job: ImageJob, latents: torch.Tensor, failure: tuple[str, int]):
+    """A decode that failed after every fallback: keep the finished denoise beside the planned image."""
+    message, code = failure
+    try:
+        kept = _keep(loaded, job, latents)
+    except Exception as exc:  # noqa: BLE001 - the decode's failure is the one to report
+        return f"{message}; the denoised latents could not be kept either: {exc}", code
+    return f"{message}; the denoised latents are kept in {kept} (finish the image with `sana decode {kept}`)", code
 
 
 def _sync(loaded: LoadedModel) -> None:
@@ -244,7 +264,8 @@ def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions, even
 
 
 def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], embeddings, options: RunOptions,
-               events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False) -> None:
+               events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False,
+               on_failed: Callable | None = None) -> None:
     first = jobs[0]
     pipe = loaded.pipeline_for(first.pag_layers)
     batch_started = time.perf_counter()
@@ -286,8 +307,20 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
         if not write[position]:
             continue  # its image exists from an earlier run; rendered only to keep the batch intact
         started = time.perf_counter()
-        image, decoded = decode_to_pil(loaded, latents[position:position + 1], options.decode,
-                                       options.max_memory_bytes)
+        one = latents[position:position + 1]
+        failure = None
+        try:
+            image, decoded = decode_to_pil(loaded, one, options.decode, options.max_memory_bytes)
+        except Exception as exc:  # noqa: BLE001 - every fallback is spent; keep the denoise, not the traceback
+            if on_failed is None:
+                raise
+            failure = _failure(exc)
+        if failure is not None:
+            decoding.release_memory()
+            on_failed(job, _kept_failure(loaded, job, one, failure), retried_alone)
+            continue
+        if options.keep_latents:
+            _keep(loaded, job, one)
         _sync(loaded)
         seconds = time.perf_counter() - started
         timings["decode"] += seconds
