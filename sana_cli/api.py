@@ -323,7 +323,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
                 events("load", {"model": plan.model})
                 started = time.perf_counter()
                 loaded = load_model(plan.model, LoadOptions(
-                    device=processes.device if processes and device == "auto" else device, dtype=dtype,
+                    device=distributed.device_for(device, processes), dtype=dtype,
                     offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
                     compile=_want_compile(compile, plan, device), fp8=fp8, verbose=verbose,
                     max_memory_gib=max_memory))

@@ -49,10 +49,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, UnboundLocalError):
         return "image" in str(exc)
     text = str(exc).lower()
-    # oneDNN (CPU convolutions) reports a failed scratchpad allocation as "could not create a primitive".
+    # oneDNN (CPU convolutions) reports a failed scratchpad allocation as "could not create a primitive";
+    # cuDNN, cuBLAS and cuSOLVER report their workspace allocations as *_STATUS_ALLOC_FAILED, cuFFT as
+    # CUFFT_ALLOC_FAILED, and a cudaMalloc outside the caching allocator as "CUDA error: out of memory".
     return isinstance(exc, RuntimeError) and any(
         marker in text for marker in ("out of memory", "can't allocate memory", "cannot allocate memory",
-                                      "could not create a primitive"))
+                                      "could not create a primitive", "status_alloc_failed",
+                                      "cufft_alloc_failed"))
 
 
 def decode(vae, latents: torch.Tensor, strategy: str = "auto", *, strip_rows: int | None = None,

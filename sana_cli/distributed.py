@@ -40,6 +40,14 @@ def launched_processes() -> Processes | None:
     return Processes(index=state.process_index, count=state.num_processes, device=str(state.device), state=state)
 
 
+def device_for(requested: str, processes: Processes | None) -> str:
+    """The device a process runs on: under a multi-process launch, `auto` and a bare `cuda` mean this
+    process's own GPU (cuda:LOCAL_RANK), never cuda:0 for every rank; an explicit cuda:N or cpu stays."""
+    if processes is not None and requested in ("auto", "cuda"):
+        return processes.device
+    return requested
+
+
 def combine(shard: tuple[int, int] | None, processes: Processes | None) -> tuple[int, int] | None:
     """Nest a --shard slice and the process slice: process p of P inside shard i of n takes
     slice i*P + p of n*P."""

@@ -178,6 +178,14 @@ def resolve_device(ref: ModelRef, requested: str, source_dir: Path | None):
                                  hint="check the NVIDIA driver and that torch is a CUDA build (`sana doctor`)")
     if device.type not in ("cuda", "cpu"):
         raise UsageError(f"unsupported --device {requested!r}; use auto, cuda, cuda:N or cpu")
+    return with_index(device, torch.cuda)
+
+
+def with_index(device, cuda):
+    """A bare `cuda` as the current CUDA device (what a multi-process launcher set for this rank): CPU
+    offload would otherwise resolve it to cuda:0 on every rank. `cuda` is torch.cuda (a stand-in in tests)."""
+    if device.type == "cuda" and device.index is None:
+        return type(device)("cuda", cuda.current_device())
     return device
 
 

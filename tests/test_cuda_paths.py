@@ -354,3 +354,47 @@ def test_max_memory_steers_the_auto_decode_end_to_end(sana, tiny_models, tmp_pat
     assert capped.json["images"][0]["decode"].startswith("strips:")
     assert capped.json["peak_memory_bytes"] is None and capped.json["peak_reserved_bytes"] is None
     assert np.abs(pixels(tmp_path / "free.png") - pixels(tmp_path / "capped.png")).max() <= 1
+
+
+# ---- out-of-memory recognition and each rank's own GPU ----------------------------------------------------
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    torch.AcceleratorError("CUDA error: out of memory\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side "
+                           "assertions."),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+])
+def test_cuda_library_allocation_failures_are_out_of_memory(exc, tiny_models, tmp_path):
+    """Recognised as out of memory, so the decode falls back to strips and a batch retries alone."""
+    from sana_cli import decode
+
+    assert decode.is_out_of_memory(exc)
+    loaded = load(resolve("tiny"))
+    calls = {}
+
+    def fail_full_decode(module, args):
+        if not calls:  # the first decode attempt (full) fails; the strips after it do not
+            calls["done"] = True
+            raise exc
+
+    handle = loaded.pipe.vae.decoder.conv_in.register_forward_pre_hook(fail_full_decode)
+    try:
+        report = run(plan_for(tmp_path), loaded, reusable=True)
+    finally:
+        handle.remove()
+    assert report.results[0].ok and report.results[0].fallbacks == ("full",)
+    assert report.results[0].decode.startswith("strips:")
+
+
+def test_a_bare_cuda_device_means_this_ranks_own_gpu():
+    from sana_cli.distributed import Processes, device_for
+    from sana_cli.pipeline import with_index
+
+    rank_3 = Processes(index=3, count=4, device="cuda:3")
+    assert device_for("cuda", rank_3) == "cuda:3" and device_for("auto", rank_3) == "cuda:3"
+    assert device_for("cuda:0", rank_3) == "cuda:0" and device_for("cpu", rank_3) == "cpu"
+    assert device_for("cuda", None) == "cuda"
+    assert with_index(torch.device("cuda"), StandInCuda()) == torch.device("cuda", 3)  # what offload receives
+    assert with_index(torch.device("cuda", 1), StandInCuda()) == torch.device("cuda", 1)
+    assert with_index(torch.device("cpu"), StandInCuda()) == torch.device("cpu")
