@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .errors import GenerationError, Interrupted, UsageError
+from .distributed import reports_completion
+from .errors import GenerationError, Interrupted, PartialFailure, UsageError
 from .modelref import ModelRef
 from .pipeline import LoadedModel, LoadOptions
 from .plan import Plan, Request, model_for, plan_generate
@@ -274,6 +275,7 @@ def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = 
     return plan, invalid, name
 
 
+@reports_completion
 def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out", defaults=None,
           batch_size: int | None = None, shard: tuple[int, int] | None = None, overwrite: bool = False,
           skip_invalid: bool = False, fail_fast: bool = False, input_format: str = "auto",
@@ -340,11 +342,16 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     finally:
         manifest.close()
     if processes is not None:
-        processes.wait_for_everyone()
+        processes.finish(output_dir)
         result.is_main_process = processes.is_main
         if processes.is_main:
+            failures = processes.wait_for_ranks(output_dir)
             parts = [manifest_name(shard, (i, processes.count)) for i in range(processes.count)]
             merge_manifests(output_dir, parts)
+            if failures:
+                index, error = failures[0]
+                raise PartialFailure(f"{len(failures)} of {processes.count} processes failed (process {index}: "
+                                     f"{error})", hint="rerun the same command to resume")
         result.manifest = os.path.join(output_dir, manifest_name(shard))
     return result
 
