@@ -129,6 +129,8 @@ CASES = [
          2, "--fp8 needs the transformer in bf16"),
     Case("--max-memory 0", ["generate", "a cat", "--model", "tiny", "--max-memory", "0", "-o", "{tmp}/"], 2,
          "0.0 is not in the range x>0"),
+    Case("sana decode on a file that is not kept latents", ["decode", "{files}/ok.txt"], 2,
+         "is not a sana latents file"),
 ]
 
 
