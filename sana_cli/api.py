@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .errors import GenerationError, Interrupted, UsageError
+from .distributed import reports_completion
+from .errors import GenerationError, Interrupted, PartialFailure, UsageError
 from .modelref import ModelRef
 from .pipeline import LoadedModel, LoadOptions
 from .plan import Plan, Request, model_for, plan_generate
@@ -38,7 +39,8 @@ class GenerateResult:
         timings = {"load": round(self.load_seconds, 4), **self.report.timings}
         return {"ok": not self.report.failed, "command": self.plan.command, "model": self.model,
                 "images": [r.to_dict() for r in self.report.results], "timings": timings,
-                "peak_memory_bytes": self.report.peak_memory_bytes, "notes": self.plan.notes,
+                "peak_memory_bytes": self.report.peak_memory_bytes,
+                "peak_reserved_bytes": self.report.peak_reserved_bytes, "notes": self.plan.notes,
                 "warnings": self.report.warnings}
 
 
@@ -54,11 +56,13 @@ class Session:
         return self.loaded.ref
 
     def run(self, plan: Plan, *, decode: str = "auto", events: EventSink = no_events,
-            stop: StopToken | None = None, abort_in_flight: bool = True, on_result=None) -> RunReport:
+            stop: StopToken | None = None, abort_in_flight: bool = True, on_result=None,
+            keep_latents: bool = False) -> RunReport:
         """Run a Plan on this model; returns the report (failures are recorded, not raised)."""
         check_plan_fits(plan, self.loaded.ref)
         options = RunOptions(decode=_decode_for(decode, self.loaded.options.low_memory),
-                             abort_in_flight=abort_in_flight)
+                             abort_in_flight=abort_in_flight, max_memory_bytes=_budget(self.loaded),
+                             keep_latents=keep_latents)
         return _run(plan, self.loaded, options, events, stop, True, on_result)
 
     def batch(self, source: str, **options) -> "BatchResult":
@@ -66,19 +70,19 @@ class Session:
         return batch(source, session=self, **options)
 
     def generate(self, prompt: str, *, decode: str = "auto", events: EventSink = no_events,
-                 stop: StopToken | None = None, **request) -> GenerateResult:
+                 stop: StopToken | None = None, keep_latents: bool = False, **request) -> GenerateResult:
         """Make and write images for one prompt; keyword arguments are Request fields (width,
         height, steps, guidance, negative_prompt, seed, num_images, pag_scale, output, ...)."""
         request.setdefault("model", self.loaded.ref.name)
         plan = plan_generate(Request(prompt=prompt, **request), self.loaded.ref)
         prepare_outputs(plan)
-        report = self.run(plan, decode=decode, events=events, stop=stop)
+        report = self.run(plan, decode=decode, events=events, stop=stop, keep_latents=keep_latents)
         return _finish(plan, report, self.loaded, self.load_seconds)
 
 
 def load(model: str | None = None, *, revision: str | None = None, device: str = "auto", dtype: str = "auto",
          offline: bool = False, allow_pickle: bool = False, low_memory: bool = False, compile: bool = False,
-         fp8: bool = False) -> Session:
+         fp8: bool = False, max_memory: float | None = None) -> Session:
     """Load a model (preset name, hub id or local directory) and keep it for repeated generation."""
     from .modelref import resolve
     from .pipeline import load as load_model
@@ -86,14 +90,16 @@ def load(model: str | None = None, *, revision: str | None = None, device: str =
     ref = resolve(model, revision=revision)
     started = time.perf_counter()
     loaded = load_model(ref, LoadOptions(device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
-                                         low_memory=low_memory, compile=compile, fp8=fp8))
+                                         low_memory=low_memory, compile=compile, fp8=fp8,
+                                         max_memory_gib=max_memory))
     return Session(loaded, time.perf_counter() - started)
 
 
 def generate(prompt: str, *, model: str | None = None, size: int | None = None, decode: str = "auto",
              device: str = "auto", dtype: str = "auto", offline: bool = False, allow_pickle: bool = False,
              low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
-             events: EventSink = no_events, stop: StopToken | None = None, **request) -> GenerateResult:
+             max_memory: float | None = None, keep_latents: bool = False, events: EventSink = no_events,
+             stop: StopToken | None = None, **request) -> GenerateResult:
     """One-shot: plan, load, generate, write. Raises GenerationError if any image failed and
     Interrupted if a signal stopped it. Keyword arguments are Request fields."""
     if size is not None:
@@ -102,13 +108,15 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
     req = Request(prompt=prompt, model=model, **request)
     plan = plan_generate(req, model_for(req))
     return run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
-                    low_memory=low_memory, compile=compile, fp8=fp8, events=events, stop=stop)
+                    low_memory=low_memory, compile=compile, fp8=fp8, max_memory=max_memory, keep_latents=keep_latents,
+                    events=events, stop=stop)
 
 
 def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: str = "auto", offline: bool = False,
              allow_pickle: bool = False, low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
              events: EventSink = no_events, stop: StopToken | None = None, abort_in_flight: bool = True,
-             on_result=None, loaded: LoadedModel | None = None, verbose: bool = False) -> GenerateResult:
+             on_result=None, loaded: LoadedModel | None = None, verbose: bool = False,
+             max_memory: float | None = None, keep_latents: bool = False) -> GenerateResult:
     """Load the plan's model (unless given) and run the plan once; the model is not kept."""
     from .pipeline import load as load_model
 
@@ -121,13 +129,14 @@ def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: s
         loaded = load_model(plan.model, LoadOptions(device=device, dtype=dtype, offline=offline,
                                                     allow_pickle=allow_pickle, low_memory=low_memory,
                                                     compile=_want_compile(compile, plan, device), fp8=fp8,
-                                                    verbose=verbose))
+                                                    verbose=verbose, max_memory_gib=max_memory))
         load_seconds = time.perf_counter() - started
     check_plan_fits(plan, loaded.ref)
     if stop.requested:
         raise Interrupted("interrupted before generation started", signal_number=stop.signal_number)
-    report = _run(plan, loaded, RunOptions(decode=_decode_for(decode, low_memory), abort_in_flight=abort_in_flight),
-                  events, stop, False, on_result)
+    options = RunOptions(decode=_decode_for(decode, loaded.options.low_memory), abort_in_flight=abort_in_flight,
+                         max_memory_bytes=_budget(loaded), keep_latents=keep_latents)
+    report = _run(plan, loaded, options, events, stop, False, on_result)
     return _finish(plan, report, loaded, load_seconds)
 
 
@@ -140,6 +149,11 @@ def prepare_outputs(plan: Plan) -> None:
 
     for directory in sorted({str(Path(job.path).parent) for job in plan.jobs}):
         ensure_directory(directory)
+
+
+def _budget(loaded: LoadedModel) -> int | None:
+    gib = loaded.options.max_memory_gib
+    return None if gib is None else int(gib * 2**30)
 
 
 def _decode_for(decode: str, low_memory: bool) -> str:
@@ -180,7 +194,7 @@ def _want_compile(compile: str | bool, plan: Plan, device: str) -> bool:
 
     from .speed import compile_pays_off
 
-    return device != "cpu" and torch.cuda.is_available() and compile_pays_off(plan.jobs)
+    return device != "cpu" and torch.cuda.is_available() and compile_pays_off(plan.jobs, plan.groups)
 
 
 def check_plan_fits(plan: Plan, ref: ModelRef) -> None:
@@ -238,6 +252,7 @@ class BatchResult:
             "stopped_by_signal": self.stopped_by, "timings": timings,
             "images_per_second": round(len(self.written) / seconds, 4) if seconds else None,
             "peak_memory_bytes": self.report.peak_memory_bytes if self.report else None,
+            "peak_reserved_bytes": self.report.peak_reserved_bytes if self.report else None,
             "warnings": self.report.warnings if self.report else [],
             "images": [r.to_dict() for r in self.written],
             "already_done_paths": self.already_done_paths,
@@ -260,13 +275,15 @@ def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = 
     return plan, invalid, name
 
 
+@reports_completion
 def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out", defaults=None,
           batch_size: int | None = None, shard: tuple[int, int] | None = None, overwrite: bool = False,
           skip_invalid: bool = False, fail_fast: bool = False, input_format: str = "auto",
           revision: str | None = None, decode: str = "auto", device: str = "auto", dtype: str = "auto",
           offline: bool = False, allow_pickle: bool = False, low_memory: bool = False,
           compile: str | bool = "auto", fp8: bool = False, events: EventSink = no_events,
-          stop: StopToken | None = None, verbose: bool = False, session: "Session | None" = None) -> BatchResult:
+          stop: StopToken | None = None, verbose: bool = False, session: "Session | None" = None,
+          max_memory: float | None = None, keep_latents: bool = False) -> BatchResult:
     """Render every row of a batch file into output_dir, resuming whatever an earlier run finished.
 
     results.jsonl in output_dir gets one line per image written or failed. Launched with several
@@ -308,9 +325,10 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
                 events("load", {"model": plan.model})
                 started = time.perf_counter()
                 loaded = load_model(plan.model, LoadOptions(
-                    device=processes.device if processes and device == "auto" else device, dtype=dtype,
+                    device=distributed.device_for(device, processes), dtype=dtype,
                     offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
-                    compile=_want_compile(compile, plan, device), fp8=fp8, verbose=verbose))
+                    compile=_want_compile(compile, plan, device), fp8=fp8, verbose=verbose,
+                    max_memory_gib=max_memory))
                 result.load_seconds = time.perf_counter() - started
             result.model = info = loaded.describe()
             check_plan_fits(plan, loaded.ref)
@@ -319,23 +337,31 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
                 manifest.append(_manifest_record(image, info, output_dir))
 
             result.report = _run_batch(plan, loaded, _decode_for(decode, loaded.options.low_memory), fail_fast,
-                                       events, stop, frozenset(done), record, reusable=session is not None)
+                                       events, stop, frozenset(done), record, reusable=session is not None,
+                                       keep_latents=keep_latents)
     finally:
         manifest.close()
     if processes is not None:
-        processes.wait_for_everyone()
+        processes.finish(output_dir)
         result.is_main_process = processes.is_main
         if processes.is_main:
+            failures = processes.wait_for_ranks(output_dir)
             parts = [manifest_name(shard, (i, processes.count)) for i in range(processes.count)]
             merge_manifests(output_dir, parts)
+            if failures:
+                index, error = failures[0]
+                raise PartialFailure(f"{len(failures)} of {processes.count} processes failed (process {index}: "
+                                     f"{error})", hint="rerun the same command to resume")
         result.manifest = os.path.join(output_dir, manifest_name(shard))
     return result
 
 
-def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result, reusable: bool) -> RunReport:
+def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result, reusable: bool,
+               keep_latents: bool = False) -> RunReport:
     from .runner import run
 
-    options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast)
+    options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast, max_memory_bytes=_budget(loaded),
+                         keep_latents=keep_latents)
     return run(plan, loaded, options, events=events, stop=stop, reusable=reusable, on_result=on_result, done=done)
 
 

@@ -53,7 +53,10 @@ def _model_options(function):
                      help="Where to run. Real models need CUDA unless you pass --device cpu."),
         click.option("--dtype", default="auto", show_default=True,
                      type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-                     help="Weights dtype. auto: the checkpoint's own on CUDA (bf16 or fp16), fp32 on CPU."),
+                     help="Weights dtype. auto: the checkpoint's own on every device, as the model cards load "
+                          "it: BF16 checkpoints in bf16; FP16 checkpoints with the transformer in fp16 and Gemma "
+                          "and the DC-AE in bf16; fp32-stored weights (the tiny models) in bf16 on CUDA, fp32 on "
+                          "the CPU. fp16 also keeps Gemma and the DC-AE in bf16 (they overflow in fp16)."),
         click.option("--decode", default="auto", show_default=True, type=click.Choice(DECODE_CHOICES),
                      help="VAE decode: full; strips (exact, low memory); patch-conv (model card helper); "
                           "tiled (diffusers tiling, inexact). auto: full when it fits in free memory, else strips."),
@@ -62,6 +65,14 @@ def _model_options(function):
         click.option("--compile", "compile_mode", default="auto", show_default=True,
                      type=click.Choice(["auto", "on", "off"]),
                      help="torch.compile the transformer (cached for later runs). auto: on for long GPU runs."),
+        click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), envvar="SANA_MAX_MEMORY", show_envvar=True, metavar="GiB",
+                     help="Cap on the GPU memory this run holds (the allocator never goes past it); auto plans "
+                          "within it: the decode strategy, CPU offload when the weights do not fit, and a GPU "
+                          "batch that does not fit is redone one image at a time. On the CPU it steers the "
+                          "decode only. Default: no cap (all free memory)."),
+        click.option("--keep-latents", is_flag=True,
+                     help="Also keep each image's denoised latents as NAME.latents.safetensors (kept anyway when a "
+                          "decode fails after every fallback); `sana decode` turns them into the image."),
         click.option("--fp8", is_flag=True, help="fp8 linear layers via torchao (Hopper/Ada GPUs; changes pixels slightly)."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading pickle (.bin) weights. Only for sources you trust."),
@@ -96,7 +107,7 @@ def _model_options(function):
 @_model_options
 def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed, num_images, pag_scale, pag_layers,
              output, overwrite, force_size, batch_size, model, revision, offline, device, dtype, decode, low_memory,
-             compile_mode, fp8, allow_pickle, dry_run, json_output, quiet, debug):
+             compile_mode, max_memory, keep_latents, fp8, allow_pickle, dry_run, json_output, quiet, debug):
     """Make images from one PROMPT ('-' reads it from stdin).
 
     Paths of written images go to stdout, one per line (or one JSON object with --json);
@@ -128,6 +139,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             with _graceful_signals(stop, reporter, "stopping at the next step"):
                 result = run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline,
                                   allow_pickle=allow_pickle, low_memory=low_memory, compile=compile_mode, fp8=fp8,
+                                  max_memory=max_memory, keep_latents=keep_latents,
                                   events=reporter, stop=stop, abort_in_flight=True, verbose=debug)
         finally:
             reporter.close()
@@ -184,7 +196,8 @@ def _parse_shard(ctx, param, value):
 @_model_options
 def batch(file, output_dir, size, width, height, steps, guidance, negative_prompt, pag_scale, pag_layers, base_seed,
           extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, report, model,
-          revision, offline, device, dtype, decode, low_memory, compile_mode, fp8, allow_pickle, dry_run, json_output,
+          revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory, keep_latents, fp8,
+          allow_pickle, dry_run, json_output,
           quiet, debug):
     """Render every prompt of FILE (.txt, .jsonl or .csv; '-' reads stdin) into --output-dir.
 
@@ -226,6 +239,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
             with _graceful_signals(stop, reporter, "finishing the current GPU batch"):
                 result = run_batch(file, fail_fast=fail_fast, decode=decode, device=device, dtype=dtype,
                                    offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
+                                   max_memory=max_memory, keep_latents=keep_latents,
                                    compile=compile_mode, fp8=fp8, events=reporter, stop=stop, verbose=debug, **common)
         finally:
             reporter.close()
@@ -298,6 +312,35 @@ def models(json_output):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@cli.command(name="decode", epilog=EPILOG)
+@click.argument("file", metavar="FILE.latents.safetensors")
+@click.option("-o", "--output", metavar="PATH",
+              help="Image file or directory. Default: the image the run planned, beside FILE.")
+@click.option("--decode", "strategy", default="auto", show_default=True, type=click.Choice(DECODE_CHOICES),
+              help="VAE decode strategy (as for generate).")
+@click.option("--device", default=None, metavar="auto|cuda|cuda:N|cpu",
+              help="Where to decode. Default: the kind of device the run used (same pixels).")
+@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), envvar="SANA_MAX_MEMORY",
+              show_envvar=True, metavar="GiB", help="Cap on GPU memory, as for generate.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing image.")
+@click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", help="Use only the local Hugging Face cache.")
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON object on stdout, nothing else.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def decode_command(file, output, strategy, device, max_memory, overwrite, offline, json_output, debug):
+    """Finish an image from the denoised latents a run kept (NAME.latents.safetensors): loads only the VAE
+    and writes the image with the pixels and metadata the run would have written."""
+    with _reporting(json_output, debug):
+        from .latents import finish
+
+        written, meta = finish(file, output=output, decode=strategy, device=device, overwrite=overwrite,
+                               offline=offline, max_memory=max_memory, verbose=debug)
+        if json_output:
+            _emit_json({"ok": True, "command": "decode", "latents": file, "path": written.path,
+                        "sha256": written.sha256, "bytes": written.bytes, "decode": meta["decode"]})
+        else:
+            click.echo(written.path)
 
 
 @cli.command()

@@ -49,10 +49,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, UnboundLocalError):
         return "image" in str(exc)
     text = str(exc).lower()
-    # oneDNN (CPU convolutions) reports a failed scratchpad allocation as "could not create a primitive".
+    # oneDNN (CPU convolutions) reports a failed scratchpad allocation as "could not create a primitive";
+    # cuDNN, cuBLAS and cuSOLVER report their workspace allocations as *_STATUS_ALLOC_FAILED, cuFFT as
+    # CUFFT_ALLOC_FAILED, and a cudaMalloc outside the caching allocator as "CUDA error: out of memory".
     return isinstance(exc, RuntimeError) and any(
         marker in text for marker in ("out of memory", "can't allocate memory", "cannot allocate memory",
-                                      "could not create a primitive"))
+                                      "could not create a primitive", "status_alloc_failed",
+                                      "cufft_alloc_failed"))
 
 
 def decode(vae, latents: torch.Tensor, strategy: str = "auto", *, strip_rows: int | None = None,
@@ -122,8 +125,10 @@ def spatial_ratio(vae) -> int:
 # ---- choosing ----------------------------------------------------------------------------------------
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Free memory on the device that will decode (CUDA: driver's view; CPU: MemAvailable)."""
+    """Free memory on the device that will decode (CUDA: the driver's view once this process's cache of
+    unused blocks is handed back, which it would otherwise count as taken; CPU: MemAvailable)."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     try:
@@ -134,6 +139,25 @@ def free_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def in_use_bytes(device: torch.device) -> int:
+    """What this process already holds on the device (CUDA: reserved by the caching allocator; CPU: RSS)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_reserved(device))
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def budget_bytes(free: int, max_memory: int | None, in_use: int) -> int:
+    """Memory a decode may plan with: what is free, and under --max-memory no more than the budget less
+    what the process already holds."""
+    if max_memory is None:
+        return free
+    return max(0, min(free, max_memory - in_use))
 
 
 def full_decode_bytes(vae, height: int, width: int, batch: int = 1) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import tiny
 from .errors import EnvironmentProblem, UsageError
 from .modelref import ModelRef, check_components
-from .presets import SANA, SANA_PAG, SANA_SPRINT
+from .presets import SANA, SANA_PAG, SANA_SPRINT, component_dtypes, fp8_refusal
 
 # Weight files above this size on disk mean "a real model": it needs CUDA unless --device cpu.
 _BIG_MODEL_BYTES = 200 * 2**20
@@ -31,6 +31,8 @@ class LoadOptions:
     compile: bool = False
     fp8: bool = False
     verbose: bool = False  # let diffusers / transformers log (for --debug)
+    max_memory_gib: float | None = None  # --max-memory: a cap on device memory that `auto` plans within
+    only: tuple[str, ...] | None = None  # load just these components (`sana decode` needs only the VAE)
 
 
 @dataclass
@@ -46,6 +48,11 @@ class LoadedModel:
     _pag: dict = field(default_factory=dict)
     text_encoder_freed: bool = False
     _description: dict | None = None
+    dtypes: dict = field(default_factory=dict)  # component name -> the torch.dtype the load planned for it
+    # Device types on which a one-shot run moves the text encoder to `meta` once every prompt is encoded.
+    # Only CUDA by default (on the CPU the memory comes back only to the allocator); tests widen it to run
+    # that path on a CPU.
+    release_text_encoder_on: tuple = ("cuda",)
 
     @property
     def generator_device(self) -> str:
@@ -55,15 +62,21 @@ class LoadedModel:
         return self.device.type
 
     def pipeline_for(self, pag_layers: str | None):
-        """The base pipeline, or a SanaPAGPipeline sharing its weights (diffusers from_pipe)."""
+        """The base pipeline, or a SanaPAGPipeline sharing its weights.
+
+        Built from the base pipeline's components rather than with `from_pipe`, which casts every shared
+        module to its `dtype` argument (float32 when none is given): one dtype cannot express an fp16
+        transformer beside a bf16 Gemma and DC-AE, and a round trip through it is lossy."""
         if not pag_layers:
             return self.pipe
         if pag_layers not in self._pag:
             from diffusers import SanaPAGPipeline
 
             layers = [layer.strip() for layer in pag_layers.split(",") if layer.strip()]
+            components = {name: self.pipe.components[name]
+                          for name in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
             try:
-                pag = SanaPAGPipeline.from_pipe(self.pipe, pag_applied_layers=layers)
+                pag = SanaPAGPipeline(**components, pag_applied_layers=layers)
             except ValueError as exc:
                 raise UsageError(f"--pag-layers {pag_layers!r}: {exc}") from exc
             pag.set_progress_bar_config(disable=True)
@@ -74,13 +87,40 @@ class LoadedModel:
         """Release the text encoder's GPU memory for good, once every prompt of a one-shot run is
         encoded (the memory plan). Moving it to the meta device frees it instantly."""
         encoder = getattr(self.pipe, "text_encoder", None)
-        if encoder is None or self.text_encoder_freed or self.device.type != "cuda" or self.options.low_memory:
+        if (encoder is None or self.text_encoder_freed or self.device.type not in self.release_text_encoder_on
+                or self.options.low_memory):
             return  # under CPU offload it already went back to the CPU after encoding
         import torch
 
         encoder.to("meta")
         self.text_encoder_freed = True
-        torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def check_placement(self) -> None:
+        """Every component is in the dtype and on the device the load planned (the text encoder on `meta`
+        once released). A silent cast or move anywhere later fails here, loudly, instead of doubling the
+        memory or changing the pixels unnoticed."""
+        wrong = []
+        for name, planned in self.dtypes.items():
+            module = getattr(self.pipe, name, None)
+            if module is None:
+                continue
+            parameter = next(module.parameters(), None)
+            if parameter is None:
+                continue
+            if name == "text_encoder" and self.text_encoder_freed:
+                where = "meta"
+            elif self.options.low_memory and self.device.type == "cuda":
+                where = None  # CPU offload moves components between the CPU and the GPU by design
+            else:
+                where = self.device.type
+            dtype = _plain_dtype(parameter)
+            if dtype != planned or (where is not None and parameter.device.type != where):
+                wrong.append(f"{name} is {str(dtype).removeprefix('torch.')} on {parameter.device}, planned "
+                             f"{str(planned).removeprefix('torch.')} on {where or 'cpu/' + self.device.type}")
+        if wrong:
+            raise RuntimeError("internal error: a model component moved or changed dtype: " + "; ".join(wrong))
 
     def describe(self) -> dict:
         """Model facts for metadata and JSON output (the same dict for every image of a run)."""
@@ -138,6 +178,14 @@ def resolve_device(ref: ModelRef, requested: str, source_dir: Path | None):
                                  hint="check the NVIDIA driver and that torch is a CUDA build (`sana doctor`)")
     if device.type not in ("cuda", "cpu"):
         raise UsageError(f"unsupported --device {requested!r}; use auto, cuda, cuda:N or cpu")
+    return with_index(device, torch.cuda)
+
+
+def with_index(device, cuda):
+    """A bare `cuda` as the current CUDA device (what a multi-process launcher set for this rank): CPU
+    offload would otherwise resolve it to cuda:0 on every rank. `cuda` is torch.cuda (a stand-in in tests)."""
+    if device.type == "cuda" and device.index is None:
+        return type(device)("cuda", cuda.current_device())
     return device
 
 
@@ -150,23 +198,44 @@ def _is_big(ref: ModelRef, source_dir: Path | None) -> bool:
     return size > _BIG_MODEL_BYTES
 
 
-def _dtype_plan(ref: ModelRef, device, requested: str):
-    """(dtype argument for from_pretrained, transformer dtype)."""
+def _plain_dtype(parameter):
+    """The dtype a parameter was loaded in (a torchao fp8 weight reports its original dtype)."""
+    return getattr(parameter, "dtype", None)
+
+
+def _dtype_plan(ref: ModelRef, device, requested: str, checkpoint: str | None):
+    """(dtype argument for from_pretrained, {component: torch.dtype}) by presets.component_dtypes."""
     import torch
 
-    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "float32": torch.float32, "fp32": torch.float32}
-    if requested != "auto":
-        if requested not in names:
-            raise UsageError(f"unknown --dtype {requested!r}; use auto, bf16, fp16 or fp32")
-        return names[requested], names[requested]
-    if device.type != "cuda":
-        return torch.float32, torch.float32
-    if ref.preset is not None and ref.preset.dtype == "float16":
-        # fp16 checkpoints: the transformer runs in fp16; Gemma and the DC-AE overflow in fp16 and
-        # must be bf16 (diffusers #10241).
-        return {"default": torch.bfloat16, "transformer": torch.float16}, torch.float16
-    return torch.bfloat16, torch.bfloat16
+    names = component_dtypes(checkpoint, requested, device.type)
+    dtypes = {name: getattr(torch, value) for name, value in names.items()}
+    if dtypes["transformer"] == dtypes["vae"] == dtypes["text_encoder"]:
+        return dtypes["transformer"], dtypes
+    return {"default": dtypes["vae"], "transformer": dtypes["transformer"]}, dtypes
+
+
+def checkpoint_dtype(ref: ModelRef, source_dir: Path | None, variant: str | None) -> str | None:
+    """The dtype the checkpoint's transformer weights ship in: the preset's; else the weight variant's;
+    else, for a local directory, the first floating tensor in its safetensors header; else unknown."""
+    if ref.preset is not None:
+        return ref.preset.dtype
+    if variant in ("bf16", "fp16"):
+        return {"bf16": "bfloat16", "fp16": "float16"}[variant]
+    if source_dir is None:
+        return None
+    for path in sorted((source_dir / "transformer").glob("*.safetensors")):
+        try:
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(min(size, 100 * 2**20)))
+        except (OSError, ValueError):
+            return None
+        for entry in header.values():
+            stored = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
+                entry.get("dtype") if isinstance(entry, dict) else None)
+            if stored:
+                return stored
+    return None
 
 
 def _variant(ref: ModelRef, source_dir: Path | None, offline: bool) -> str | None:
@@ -228,38 +297,91 @@ def _pipeline_class(ref: ModelRef, source: str, offline: bool, revision: str | N
 def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     """Load the pipeline a ModelRef names, ready to run. Raises SanaError subclasses on failure."""
     options = options or LoadOptions()
+    check_max_memory(options.max_memory_gib)
     import_runtime(options.verbose)
     offline = options.offline or any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
                                      for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     source_dir = _source_dir(ref)
+    variant = _variant(ref, source_dir, offline)
+    checkpoint = checkpoint_dtype(ref, source_dir, variant)
+    if options.fp8:  # fp8 runs on CUDA only, so judge the dtypes CUDA would get, before anything loads
+        refusal = fp8_refusal(component_dtypes(checkpoint, options.dtype, "cuda"))
+        if refusal:
+            stored = f"a {checkpoint} checkpoint" if checkpoint else "a checkpoint"
+            raise UsageError(f"{refusal} ({ref.name} is {stored}, --dtype {options.dtype})",
+                             hint="--fp8 works with BF16 checkpoints under --dtype auto or bf16")
     device = resolve_device(ref, options.device, source_dir)
-    dtype_argument, transformer_dtype = _dtype_plan(ref, device, options.dtype)
+    if options.fp8 and device.type != "cuda":
+        raise EnvironmentProblem("--fp8 needs a CUDA GPU (compute capability 8.9 or newer)")
+    dtype_argument, dtypes = _dtype_plan(ref, device, options.dtype, checkpoint)
+    transformer_dtype = dtypes["transformer"]
     source = str(source_dir) if source_dir is not None else ref.source
     cls, class_name = _pipeline_class(ref, source, offline, ref.revision)
     # allow_pickle: prefer safetensors, fall back to .bin (use_safetensors=False would refuse safetensors)
     kwargs = dict(dtype=dtype_argument, use_safetensors=None if options.allow_pickle else True)
-    variant = _variant(ref, source_dir, offline)
     if variant:
         kwargs["variant"] = variant
     if ref.kind == "hub":
         kwargs.update(revision=ref.revision, local_files_only=offline)
+    if options.only:
+        kwargs.update({name: None for name in ("tokenizer", "text_encoder", "transformer") if name not in options.only})
     try:
         pipe = cls.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every loading failure becomes one clear line
         raise _loading_error(ref, exc, offline, allow_pickle=options.allow_pickle) from exc
     pipe.set_progress_bar_config(disable=True)
     _apply_flow_shift(pipe, ref)
+    if options.max_memory_gib is not None and device.type == "cuda":
+        import torch
+
+        cap_cuda_memory(torch.cuda, device, int(options.max_memory_gib * 2**30))
+        if not options.low_memory and needs_offload(weights_bytes(pipe), int(options.max_memory_gib * 2**30)):
+            options = replace(options, low_memory=True)
     if options.low_memory and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    ref = _refine(ref, pipe, class_name)
+    if not options.only:
+        ref = _refine(ref, pipe, class_name)
     loaded = LoadedModel(pipe=pipe, ref=ref, device=device, dtype=transformer_dtype,
-                         commit=_cached_commit(ref) if ref.kind == "hub" else None, options=options)
+                         commit=_cached_commit(ref) if ref.kind == "hub" else None, options=options, dtypes=dtypes)
     from . import speed
 
-    speed.apply(loaded, compile=options.compile, fp8=options.fp8)
+    if not options.only:
+        speed.apply(loaded, compile=options.compile, fp8=options.fp8)
     return loaded
+
+
+# Room the weights must leave under --max-memory for activations and a strip decode (the 4096px
+# low-memory target is 8 GiB with about 6 GiB of that in offloaded weights).
+MEMORY_RESERVE_BYTES = 2 * 2**30
+
+
+def weights_bytes(pipe) -> int:
+    modules = [getattr(pipe, name, None) for name in ("text_encoder", "transformer", "vae")]
+    return sum(p.numel() * p.element_size() for module in modules if module is not None for p in module.parameters())
+
+
+def needs_offload(weights: int, max_memory: int) -> bool:
+    """Under --max-memory, CPU offload (one component on the GPU at a time) when all the weights plus
+    room to work do not fit in the budget."""
+    return weights + MEMORY_RESERVE_BYTES > max_memory
+
+
+def check_max_memory(max_memory_gib: float | None) -> None:
+    if max_memory_gib is not None and not max_memory_gib > 0:
+        raise UsageError(f"--max-memory must be more than 0 GiB, got {max_memory_gib:g}")
+
+
+def cap_cuda_memory(cuda, device, max_memory: int) -> float:
+    """Make --max-memory a hard cap: the caching allocator never holds more than the budget on this GPU
+    (an allocation past it raises out-of-memory, which the decode and batch fallbacks handle).
+    `cuda` is the torch.cuda module (a stand-in in tests). Returns the fraction set."""
+    index = device.index if device.index is not None else cuda.current_device()
+    total = cuda.get_device_properties(index).total_memory
+    fraction = min(1.0, max_memory / total)
+    cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
 
 
 def _apply_flow_shift(pipe, ref: ModelRef) -> None:

@@ -138,3 +138,38 @@ def for_size(width: int, height: int) -> Preset:
     pixels = width * height
     return min((_BY_NAME[n] for n in SIZE_DEFAULTS),
                key=lambda p: abs(math.log(pixels / (p.native_size * p.native_size))))
+
+
+# ---- dtypes ------------------------------------------------------------------------------------------
+
+COMPONENTS = ("transformer", "text_encoder", "vae")
+DTYPE_NAMES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "fp32": "float32", "float32": "float32"}
+DTYPE_RULE = ("auto runs each checkpoint in the dtype it ships in, on every device, as the model cards do: BF16 "
+              "checkpoints in bf16; FP16 checkpoints with the transformer in fp16 and Gemma and the DC-AE in bf16 "
+              "(they overflow in fp16); fp32-stored weights in bf16 on CUDA and fp32 on the CPU. --dtype fp16 "
+              "likewise keeps Gemma and the DC-AE in bf16.")
+
+
+def component_dtypes(checkpoint: str | None, requested: str, device_type: str) -> dict[str, str]:
+    """The dtype name of each component (transformer, text_encoder, vae) for a checkpoint whose weights are
+    stored in `checkpoint` ("bfloat16", "float16", "float32" or None when unknown), a --dtype value and a
+    device type ("cuda" or "cpu"). Pure, so a plan or a job key can state it without loading anything."""
+    if requested not in DTYPE_NAMES:
+        raise UsageError(f"unknown --dtype {requested!r}; use auto, bf16, fp16 or fp32")
+    wanted = DTYPE_NAMES[requested]
+    if wanted == "auto":
+        if checkpoint in ("bfloat16", "float16"):
+            wanted = checkpoint
+        else:  # fp32 files are storage, not a precision choice: Sana runs in bf16 on a GPU
+            wanted = "bfloat16" if device_type == "cuda" else "float32"
+    if wanted == "float16":
+        return {"transformer": "float16", "text_encoder": "bfloat16", "vae": "bfloat16"}
+    return dict.fromkeys(COMPONENTS, wanted)
+
+
+def fp8_refusal(dtypes: dict[str, str]) -> str | None:
+    """Why --fp8 cannot run with these dtypes (torchao's per-row float8 needs bf16 transformer weights)."""
+    if dtypes["transformer"] == "bfloat16":
+        return None
+    return f"--fp8 needs the transformer in bf16, not {dtypes['transformer']}"

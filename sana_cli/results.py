@@ -37,6 +37,8 @@ class RunOptions:
     abort_in_flight: bool = False  # generate: stop mid-denoise; batch: finish the current batch
     max_sequence_length: int = 300
     fail_fast: bool = False  # stop at the first failed image
+    max_memory_bytes: int | None = None  # --max-memory: the budget `auto` decodes within
+    keep_latents: bool = False  # keep NAME.latents.safetensors beside each image even when its decode works
 
 
 @dataclass
@@ -76,7 +78,8 @@ class RunReport:
     results: list[ImageResult] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     stopped_by: int | None = None  # signal number
-    peak_memory_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated: what tensors held
+    peak_reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved: what the caching allocator held
     warnings: list[str] = field(default_factory=list)
 
     @property

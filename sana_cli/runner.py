@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, decode as decoding
+from . import __version__, decode as decoding, latents as keeping
 from .errors import SanaError
 from .output import write_image
 from .pipeline import LoadedModel
@@ -101,33 +101,31 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     embeddings: dict[int, tuple] = {}
     try:
         if not reusable and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
-            for number, group in enumerate(pending):
-                if stop.requested:
-                    break
-                embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options, warn)
-                timings["encode"] += seconds
-            loaded.free_text_encoder()
+            _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings)
         for number, group in enumerate(pending):
             if stop.requested or (options.fail_fast and report.failed):
                 break
             jobs = [plan.jobs[i] for i in group]
             write = [i not in done for i in group]
             events("batch", {"number": number + 1, "total": len(pending), "jobs": jobs})
-            failure = _attempt(_run_group, loaded, jobs, write, embeddings.pop(number, None), options, warn, stop,
-                               writer, timings)
+            # Kept until the group is done: once the text encoder is released, a retry cannot encode again.
+            encoded = embeddings.pop(number, None)
+            failure = _attempt(_run_group, loaded, jobs, write, encoded, options, warn, stop, writer, timings,
+                               on_failed=failed)
             if failure is None:
                 continue
             if len(jobs) == 1:
                 failed(jobs[0], failure, alone=False)
                 continue
-            for job, wanted in zip(jobs, write):  # isolate the failing image(s) at batch size 1
+            for position, (job, wanted) in enumerate(zip(jobs, write)):  # isolate the failing image(s) alone
                 if not wanted or job.index in writer.submitted or stop.requested or (
                         options.fail_fast and report.failed):
                     continue
-                single = _attempt(_run_group, loaded, [job], [True], None, options, warn, stop, writer, timings,
-                                  retried_alone=True)
+                single = _attempt(_run_group, loaded, [job], [True], _row(encoded, position), options, warn, stop,
+                                  writer, timings, retried_alone=True, on_failed=failed)
                 if single is not None:
                     failed(job, single, alone=True)
+            del encoded
     except _Aborted:
         pass
     finally:
@@ -138,8 +136,37 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     report.timings = {key: round(value, 4) for key, value in timings.items()}
     if loaded.device.type == "cuda":
         report.peak_memory_bytes = torch.cuda.max_memory_allocated(loaded.device)
+        report.peak_reserved_bytes = torch.cuda.max_memory_reserved(loaded.device)
     report.results.sort(key=lambda r: r.job.index)
     return report
+
+
+def _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings) -> None:
+    """Encode every group's prompts, then release the text encoder. If encoding runs out of memory, keep
+    the text encoder and let each remaining group encode its own prompts (and retry) as it comes."""
+    for number, group in enumerate(pending):
+        if stop.requested:
+            return
+        try:
+            embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options, warn)
+        except Exception as exc:  # noqa: BLE001 - only out of memory is survivable here
+            if not decoding.is_out_of_memory(exc):
+                raise
+            out_of_memory = True
+        else:
+            out_of_memory = False
+            timings["encode"] += seconds
+        if out_of_memory:  # outside the except block, so the traceback's tensors are already freed
+            decoding.release_memory()
+            return
+    loaded.free_text_encoder()
+
+
+def _row(encoded: tuple | None, position: int) -> tuple | None:
+    """One image's share of a GPU batch's prompt embeddings (each tensor's row `position`), or None."""
+    if encoded is None:
+        return None
+    return tuple(None if t is None else t[position:position + 1] for t in encoded)
 
 
 class _Aborted(Exception):
@@ -155,9 +182,28 @@ def _attempt(function, *args, **kwargs) -> tuple[str, int] | None:
     except _Aborted:
         raise
     except Exception as exc:  # noqa: BLE001 - recorded per image; the run goes on
-        failure = (exc.line(), exc.exit_code) if isinstance(exc, SanaError) else (_describe_failure(exc), 1)
+        failure = _failure(exc)
     decoding.release_memory()
     return failure
+
+
+def _failure(exc: Exception) -> tuple[str, int]:
+    return (exc.line(), exc.exit_code) if isinstance(exc, SanaError) else (_describe_failure(exc), 1)
+
+
+def _keep(loaded: LoadedModel, job: ImageJob, latents: torch.Tensor) -> str:
+    return keeping.save(job.path, latents, image_metadata(loaded, job, None),
+                        str(loaded.pipe.vae.dtype).removeprefix("torch."))
+
+
+def _kept_failure(loaded: LoadedModel, job: ImageJob, latents: torch.Tensor, failure: tuple[str, int]):
+    """A decode that failed after every fallback: keep the finished denoise beside the planned image."""
+    message, code = failure
+    try:
+        kept = _keep(loaded, job, latents)
+    except Exception as exc:  # noqa: BLE001 - the decode's failure is the one to report
+        return f"{message}; the denoised latents could not be kept either: {exc}", code
+    return f"{message}; the denoised latents are kept in {kept} (finish the image with `sana decode {kept}`)", code
 
 
 def _sync(loaded: LoadedModel) -> None:
@@ -203,6 +249,9 @@ def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink)
 def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions, events: EventSink = no_events) -> tuple:
     """Prompt embeddings for a GPU batch, exactly as the pipeline would compute them itself."""
     pipe = loaded.pipeline_for(jobs[0].pag_layers)
+    loaded.check_placement()
+    if loaded.text_encoder_freed:
+        raise RuntimeError("internal error: the text encoder was released before every prompt was encoded")
     prompts = [job.prompt for job in jobs]
     _warn_truncation(pipe, jobs, options.max_sequence_length - 2, events)
     common = dict(num_images_per_prompt=1, device=pipe._execution_device, clean_caption=False,
@@ -215,7 +264,8 @@ def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions, even
 
 
 def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], embeddings, options: RunOptions,
-               events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False) -> None:
+               events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False,
+               on_failed: Callable | None = None) -> None:
     first = jobs[0]
     pipe = loaded.pipeline_for(first.pag_layers)
     batch_started = time.perf_counter()
@@ -244,8 +294,10 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
     if first.pag_scale > 0:
         kwargs["pag_scale"] = first.pag_scale
     started = time.perf_counter()
+    loaded.check_placement()
     with torch.no_grad():
         latents = pipe(**kwargs)[0]
+    loaded.check_placement()
     _sync(loaded)
     timings["denoise"] += time.perf_counter() - started
     if stop.requested and options.abort_in_flight:
@@ -255,7 +307,20 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
         if not write[position]:
             continue  # its image exists from an earlier run; rendered only to keep the batch intact
         started = time.perf_counter()
-        image, decoded = decode_to_pil(loaded, latents[position:position + 1], options.decode)
+        one = latents[position:position + 1]
+        failure = None
+        try:
+            image, decoded = decode_to_pil(loaded, one, options.decode, options.max_memory_bytes)
+        except Exception as exc:  # noqa: BLE001 - every fallback is spent; keep the denoise, not the traceback
+            if on_failed is None:
+                raise
+            failure = _failure(exc)
+        if failure is not None:
+            decoding.release_memory()
+            on_failed(job, _kept_failure(loaded, job, one, failure), retried_alone)
+            continue
+        if options.keep_latents:
+            _keep(loaded, job, one)
         _sync(loaded)
         seconds = time.perf_counter() - started
         timings["decode"] += seconds
@@ -267,11 +332,16 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
 
 
 @torch.no_grad()
-def decode_to_pil(loaded: LoadedModel, latents: torch.Tensor, strategy: str):
-    """Decode one image's latents exactly as the pipeline would (cast, unscale, decode, postprocess)."""
+def decode_to_pil(loaded: LoadedModel, latents: torch.Tensor, strategy: str, max_memory_bytes: int | None = None):
+    """Decode one image's latents exactly as the pipeline would (cast, unscale, decode, postprocess).
+    `auto` picks its strategy within free memory and, when given, the --max-memory budget."""
     vae = loaded.pipe.vae
     latents = latents.to(vae.dtype)
-    decoded = decoding.decode(vae, latents / vae.config.scaling_factor, strategy)
+    free = None
+    if strategy == "auto":
+        free = decoding.budget_bytes(decoding.free_memory_bytes(loaded.device), max_memory_bytes,
+                                     decoding.in_use_bytes(loaded.device))
+    decoded = decoding.decode(vae, latents / vae.config.scaling_factor, strategy, free_bytes=free)
     image = loaded.pipe.image_processor.postprocess(decoded.image, output_type="pil")[0]
     return image, decoded
 

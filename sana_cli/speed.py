@@ -23,9 +23,31 @@ def estimated_saving_seconds(width: int, height: int, steps: int, images: int) -
     return per_call * steps * images
 
 
-def compile_pays_off(jobs) -> bool:
-    """True when compiling is expected to save more time than it costs, on a GPU."""
-    return sum(estimated_saving_seconds(j.width, j.height, j.steps, 1) for j in jobs) > COLD_COMPILE_SECONDS
+# Each distinct graph costs about a cold compile again: the first change of shape (after which dynamo marks
+# the changed sizes dynamic and reuses that graph) and each further CFG on/off or PAG layer set.
+RECOMPILE_SECONDS = COLD_COMPILE_SECONDS
+# Dynamo's default of 8 graphs per code object is reached by a mixed batch (sizes x batch sizes x CFG x PAG);
+# past the limit the frame runs eagerly, which is slow but never an error (fullgraph=False).
+RECOMPILE_LIMIT = 64
+
+
+def compile_graphs(jobs, groups=None) -> int:
+    """Graphs a run compiles: one per CFG on/off and PAG layer set, plus one when the shapes (size, batch
+    size) vary, after which dynamo's automatic dynamic shapes reuse it."""
+    groups = groups or [[i] for i in range(len(jobs))]
+    variants: dict[tuple, set] = {}
+    for group in groups:
+        first = jobs[group[0]]
+        variant = (first.guidance > 1.0, first.pag_layers if first.pag_scale > 0 else None)
+        variants.setdefault(variant, set()).add((first.width, first.height, len(group)))
+    return len(variants) + any(len(shapes) > 1 for shapes in variants.values())
+
+
+def compile_pays_off(jobs, groups=None) -> bool:
+    """True when compiling is expected to save more time than it costs (every graph it compiles), on a GPU."""
+    saving = sum(estimated_saving_seconds(j.width, j.height, j.steps, 1) for j in jobs)
+    cost = COLD_COMPILE_SECONDS + RECOMPILE_SECONDS * (compile_graphs(jobs, groups) - 1)
+    return saving > cost
 
 
 def apply(loaded, *, compile: bool, fp8: bool) -> None:
@@ -44,11 +66,23 @@ def compile_cache_dir() -> str:
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 
-def enable_compile(loaded) -> None:
+def enable_compile(loaded, backend: str = "inductor") -> None:
+    """Compile the transformer with automatic dynamic shapes, so a new size or batch size reuses a graph
+    instead of adding one, and without fullgraph, so that even past the recompile limit a call runs
+    (eagerly) instead of failing. Under --low-memory, accelerate's offload hook moves the transformer
+    inside its forward, which dynamo should not trace: there each block is compiled instead (the hook
+    stays outside every compiled region)."""
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True  # on by default in recent torch; made explicit
-    loaded.pipe.transformer.compile(fullgraph=True, dynamic=False)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    transformer = loaded.pipe.transformer
+    if loaded.options.low_memory or getattr(transformer, "_hf_hook", None) is not None:
+        for block in transformer.transformer_blocks:
+            block.compile(dynamic=None, backend=backend)
+    else:
+        transformer.compile(fullgraph=False, dynamic=None, backend=backend)
 
 
 def enable_fp8(loaded) -> None:

@@ -150,6 +150,14 @@ CASES = [
     Case("row name with a zero-width space", ["batch", "{files}/zwsp.jsonl", "--model", "tiny"], 2,
          "may not contain invisible or direction-changing characters"),
     Case("hub id with shell characters", ["generate", "a cat", "--model", "org/x;id"], 2, "is not a hub id"),
+    Case("--fp8 on an fp16 checkpoint", ["generate", "a cat", "--model", "sana-600m-1024", "--fp8", "--device", "cpu",
+                                         "-o", "{tmp}/"], 2, "--fp8 needs the transformer in bf16"),
+    Case("--fp8 with --dtype fp16", ["generate", "a cat", "--model", "tiny", "--fp8", "--dtype", "fp16", "-o", "{tmp}/"],
+         2, "--fp8 needs the transformer in bf16"),
+    Case("--max-memory 0", ["generate", "a cat", "--model", "tiny", "--max-memory", "0", "-o", "{tmp}/"], 2,
+         "0.0 is not in the range x>0"),
+    Case("sana decode on a file that is not kept latents", ["decode", "{files}/ok.txt"], 2,
+         "is not a sana latents file"),
 ]
 
 

@@ -1,0 +1,84 @@
+"""A finished denoise is never lost: latents kept beside the planned image (on request, or when the
+decode fails after every fallback) and `sana decode` finishing them into the very same file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from sana_cli import latents
+
+from .conftest import one_line_error
+
+# `sana generate` in-process with every decode attempt failing as a CUDA out-of-memory would.
+FAILING_DECODE = """
+import sys, torch
+from sana_cli import decode
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB")
+decode._run = out_of_memory
+from sana_cli.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_keep_latents_then_sana_decode_gives_the_same_file(sana, tiny_models, tmp_path):
+    args = ["generate", "a red fox", "--model", "tiny", "--seed", 3, "--steps", 2]
+    made = sana(*args, "--keep-latents", "-o", tmp_path / "a" / "fox.png")
+    assert made.returncode == 0, made.stderr
+    kept = tmp_path / "a" / "fox.latents.safetensors"
+    assert made.stdout.splitlines() == [str(tmp_path / "a" / "fox.png")] and kept.is_file()
+    original = (tmp_path / "a" / "fox.png").read_bytes()
+    refused = sana("decode", kept)  # the image is there already
+    assert refused.returncode == 2 and "already exists" in one_line_error(refused)
+    (tmp_path / "a" / "fox.png").unlink()
+    finished = sana("decode", kept, "--json", check_json=True)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.json["path"] == str(tmp_path / "a" / "fox.png") and finished.json["decode"] == "full"
+    assert (tmp_path / "a" / "fox.png").read_bytes() == original  # pixels and metadata alike
+    elsewhere = sana("decode", kept, "-o", tmp_path / "b" / "again.png")
+    assert elsewhere.returncode == 0 and (tmp_path / "b" / "again.png").is_file()
+
+
+def test_a_decode_that_fails_after_every_fallback_keeps_the_latents(sana, tiny_models, tmp_path):
+    args = ["generate", "a red fox", "--model", "tiny", "--seed", "5", "--steps", "2", "-o"]
+    failed = subprocess.run([sys.executable, "-c", FAILING_DECODE, *args, str(tmp_path / "fox.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, failed.stderr
+    kept = tmp_path / "fox.latents.safetensors"
+    line = one_line_error(failed)
+    assert "out of memory" in line and f"the denoised latents are kept in {kept}" in line
+    assert f"sana decode {kept}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.latents.safetensors"]  # no image, no temp file
+    info = latents.read(str(kept))
+    assert info.meta["seed"] == 5 and info.meta["decode"] is None and info.vae_dtype == "float32"
+    assert tuple(info.latents.shape) == (1, 4, 32, 32)  # 128px through a 4x tiny DC-AE
+    finished = sana("decode", kept)
+    assert finished.returncode == 0, finished.stderr
+    reference = sana(*(["generate", "a red fox", "--model", "tiny", "--seed", 5, "--steps", 2, "-o"]
+                       + [tmp_path / "reference.png"]))
+    assert reference.returncode == 0
+    assert (tmp_path / "fox.png").read_bytes() == (tmp_path / "reference.png").read_bytes()
+
+
+def test_a_failed_decode_in_a_batch_keeps_its_latents_and_the_batch_goes_on(tiny_models, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na blue bird\n")
+    failed = subprocess.run([sys.executable, "-c", FAILING_DECODE, "batch", str(prompts), "--model", "tiny",
+                             "--steps", "2", "-o", str(tmp_path / "out"), "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 3, failed.stderr
+    summary = json.loads(failed.stdout)
+    assert summary["failed"] == 2 and summary["written"] == 0
+    kept = sorted(p.name for p in (tmp_path / "out").glob("*" + latents.SUFFIX))
+    assert len(kept) == 2
+    assert all("sana decode" in failure["error"] for failure in summary["failures"])
+
+
+def test_sana_decode_refuses_what_is_not_a_latents_file(sana, tmp_path):
+    (tmp_path / "x.latents.safetensors").write_bytes(b"not safetensors")
+    process = sana("decode", tmp_path / "x.latents.safetensors")
+    assert process.returncode == 2 and "is not a sana latents file" in one_line_error(process)
+    missing = sana("decode", tmp_path / "missing.latents.safetensors")
+    assert missing.returncode == 2 and "no such file" in one_line_error(missing)
