@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -74,19 +76,31 @@ def read_bounded(path: str, limit: int, what: str, *, stop_at_nul: bool = False)
     stdin is told how to end the input, and a pipe or FIFO that stays silent gets a notice (Ctrl-C
     still stops it). With stop_at_nul, reading stops at a first chunk that holds NUL (binary)."""
     stdin = path == "-"
-    if stdin and sys.stdin is not None and sys.stdin.isatty():
-        _notice(f"sana: reading {what} from the terminal; end it with Ctrl-D")
+    if stdin:
+        try:
+            fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # an in-process caller's stream
+            stream = getattr(sys.stdin, "buffer", sys.stdin)
+            data = stream.read(limit + 1) if stream is not None else b""
+            return data.encode("utf-8") if isinstance(data, str) else data
+        if os.isatty(fd):
+            _notice(f"sana: reading {what} from the terminal; end it with Ctrl-D")
     timer = threading.Timer(WAIT_NOTICE_SECONDS, _notice,
                             [f"sana: still waiting for {what} (nothing has arrived yet; Ctrl-C stops)"])
     timer.daemon = True
     timer.start()
     try:
-        handle = (sys.stdin.buffer if sys.stdin is not None else io.BytesIO()) if stdin else open(path, "rb")
+        if not stdin:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # a FIFO blocks here until a writer
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise IsADirectoryError(path)
         try:
             chunks, total = [], 0
             while total <= limit:
-                chunk = handle.read(min(1 << 20, limit + 1 - total))
-                if not chunk:
+                chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+                timer.cancel()
+                if not chunk:  # end of input (on a terminal, Ctrl-D: never read past it)
                     break
                 chunks.append(chunk)
                 total += len(chunk)
@@ -95,7 +109,7 @@ def read_bounded(path: str, limit: int, what: str, *, stop_at_nul: bool = False)
             return b"".join(chunks)
         finally:
             if not stdin:
-                handle.close()
+                os.close(fd)
     finally:
         timer.cancel()
 
@@ -137,7 +151,8 @@ def _decode(data: bytes, name: str) -> str:
             raise UsageError(f"{name} starts like UTF-16 but is not valid UTF-16", hint="save it as UTF-8") from exc
     head = data[:8192]
     if b"\x00" in head:
-        if len(head) >= 4 and (head[1::2].count(0) > len(head) // 4 or head[0::2].count(0) > len(head) // 4):
+        even, odd = head[0::2].count(0) / max(1, len(head[0::2])), head[1::2].count(0) / max(1, len(head[1::2]))
+        if len(head) >= 4 and abs(even - odd) > 0.5:  # ASCII text in UTF-16: every other byte is 0
             raise UsageError(f"{name} looks like UTF-16 without a byte-order mark", hint="save it as UTF-8")
         raise UsageError(f"{name} is a binary file, not text")
     try:
@@ -235,6 +250,8 @@ def _parse_csv(text: str) -> tuple[list[Row], list[RowError]]:
         header = next(reader)
     except StopIteration:
         return [], []
+    except csv.Error as exc:
+        return [], [RowError(reader.line_num, f"not valid CSV ({exc})")]
     header = [column.strip() for column in header]
     repeated = sorted({column for column in header if header.count(column) > 1})
     if repeated:
@@ -242,7 +259,14 @@ def _parse_csv(text: str) -> tuple[list[Row], list[RowError]]:
     if "prompt" not in header:
         return [], [RowError(1, f"the CSV header has no 'prompt' column (columns: {', '.join(header) or 'none'})")]
     rows, errors = [], []
-    for record in reader:
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a bare carriage return in an unquoted cell: the rest cannot be split
+            errors.append(RowError(reader.line_num, f"not valid CSV ({exc}); quote cells that hold line breaks"))
+            break
         number = reader.line_num
         if not any(cell.strip() for cell in record):
             continue

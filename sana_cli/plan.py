@@ -397,6 +397,10 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
 def _generate_paths(request: Request, prompt: str, seeds: list[int]) -> list[str]:
     """-o is a file (its extension picks the format) or a directory; default ./sana-out/<slug>-<seed>.png."""
     target = request.output or DEFAULT_OUTPUT_DIR
+    if Path(target).name.lower() in IMAGE_SUFFIXES and not os.path.isdir(target):
+        # '.png' is a hidden name without a suffix to Python: it would become a directory
+        raise UsageError(f"-o {target!r} has an extension but no file name",
+                         hint="give a name such as cat.png, or a directory ending in /")
     as_dir = target.endswith(("/", os.sep)) or os.path.isdir(target) or not Path(target).suffix
     if as_dir:
         stem = slugify(prompt)
