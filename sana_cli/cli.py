@@ -539,9 +539,44 @@ def _standard_streams() -> None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
 
 
+_BOOLEAN_WORDS = {"", "0", "1", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off"}
+
+
+def _command_name(args: list[str]) -> str | None:
+    return next((arg for arg in args if not arg.startswith("-")), None)
+
+
 def _wants_json(args: list[str]) -> bool:
-    """--json among the options (before a `--`), for errors found while parsing them."""
-    return "--json" in (args[:args.index("--")] if "--" in args else args)
+    """--json among the options (before a `--`) or from SANA_<COMMAND>_JSON, for errors found while
+    parsing them."""
+    if "--json" in (args[:args.index("--")] if "--" in args else args):
+        return True
+    command = cli.commands.get(_command_name(args) or "")
+    for param in command.params if command is not None else ():
+        if "--json" in getattr(param, "opts", ()):
+            value = os.environ.get(_envvar(command, param), "")
+            return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+    return False
+
+
+def _envvar(command, param) -> str:
+    """The variable Click reads for an option (auto_envvar_prefix SANA)."""
+    return f"SANA_{command.name.upper().replace('-', '_')}_{param.name.upper()}"
+
+
+def _check_flag_environment(args: list[str]) -> None:
+    """A SANA_<COMMAND>_<FLAG> value that is not a boolean word is a usage error (Click would take
+    'maybe' for false and go on silently)."""
+    command = cli.commands.get(_command_name(args) or "")
+    if command is None:
+        return
+    for param in command.params:
+        if isinstance(param, click.Option) and param.is_flag and param.name and not param.envvar:
+            name = _envvar(command, param)
+            value = os.environ.get(name)
+            if value is not None and value.strip().lower() not in _BOOLEAN_WORDS:
+                raise click.UsageError(f"{name}={value!r} is not a yes/no value (use 1 or 0, true or false, "
+                                       "yes or no, on or off)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -553,6 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     json_output = _wants_json(args)
     try:
+        _check_flag_environment(args)
         code = cli.main(args=args, prog_name="sana", standalone_mode=False, auto_envvar_prefix="SANA")
     except click.exceptions.NoArgsIsHelpError as exc:
         with contextlib.suppress(_StdoutLost):
