@@ -477,6 +477,7 @@ def _err(line: str) -> None:
 
 def _fail(message: str, code: int, json_output: bool, debug: bool, hint: str | None = None,
           details: dict | None = None):
+    _results_phase()  # the outcome is decided: a signal now must not interrupt reporting it
     if debug:
         with contextlib.suppress(OSError, ValueError):
             traceback.print_exc()

@@ -295,7 +295,7 @@ def test_a_signal_while_the_result_is_written_changes_nothing(tmp_path, tiny_mod
     for line in run.stderr:
         if "wrote" in line:
             break
-    time.sleep(1.5)  # now blocked writing the JSON result into the full pipe
+    time.sleep(3)  # now blocked writing the JSON result into the full pipe
     for number in signals:
         run.send_signal(number)
         time.sleep(0.3)
