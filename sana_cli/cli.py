@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.format_message()}{where}", EXIT_USAGE, json_output, False)
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code, json_output, False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C before a command took over
         _fail("interrupted", EXIT_SIGINT, json_output, False)
     except (BrokenPipeError, _StdoutLost) as exc:  # help or a listing into a closed pipe
         from .progress import discard

@@ -511,9 +511,17 @@ class Claims:
             try:
                 fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             except FileExistsError:
+                if not stat.S_ISREG(_lstat_mode(claim)):
+                    raise UsageError(f"{claim} is in the way: it is not a sana-cli claim file",
+                                     hint="remove it, or use another --output-dir") from None
                 if not _take_over_stale(claim):
                     return False
                 continue
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a symbolic link in the claim's place
+                    raise UsageError(f"{claim} is in the way: it is not a sana-cli claim file",
+                                     hint="remove it, or use another --output-dir") from None
+                raise
             try:
                 os.write(fd, f"{_owner()} {secrets.token_hex(4)}\n".encode())
             finally:
@@ -542,6 +550,13 @@ class Claims:
                 os.unlink(claim)
             except FileNotFoundError:
                 pass
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return stat.S_IFREG  # gone meanwhile: try again
 
 
 def _claim_content(claim: Path) -> tuple[str, float] | None:

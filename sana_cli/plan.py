@@ -34,6 +34,7 @@ SEED_LIMIT = 2**63
 MAX_GUIDANCE = 30.0  # guidance and PAG scale; the model cards use 4.5-5 and 2-3
 MAX_IMAGES = 10000  # images for one prompt (-n) or one batch row (n)
 MAX_BATCH_SIZE = 256  # images in one GPU batch
+MAX_BATCH_IMAGES = 1_000_000  # images in one batch run: each planned image costs memory before any renders
 KEY_SCHEMA = 2  # bump when what goes into job_key changes, so old images are not taken for new ones
 _DTYPES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
            "fp32": "fp32", "float32": "fp32"}
@@ -469,6 +470,10 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
     if batch_size is not None:
         check_count("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
     check_seed(defaults.base_seed, "--seed")
+    total = sum(row.get("n", 1) if isinstance(row.get("n", 1), int) and row.get("n", 1) > 0 else 1 for row in rows)
+    if total > MAX_BATCH_IMAGES:
+        raise UsageError(f"the batch asks for {total} images; one run makes at most {MAX_BATCH_IMAGES}",
+                         hint="split the file")
     check_prompt(defaults.negative_prompt, "the negative prompt", allow_empty=True)
 
     extension = defaults.extension if defaults.extension.startswith(".") else "." + defaults.extension

@@ -68,6 +68,8 @@ class Reporter:
             self.log(f"sana: loading {data['model'].describe()}")
         elif kind == "warning":
             self.log(f"sana: warning: {data['message']}")
+        elif kind == "note":
+            self.log(f"sana: {data['message']}")
         elif kind == "batch":
             self.started = self.started or time.perf_counter()
             self._batch = f"batch {data['number']}/{data['total']} "

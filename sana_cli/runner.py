@@ -190,6 +190,10 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
             embeds = embeddings.pop(number, None)
             if render(number, group, embeds):
                 waiting.append((number, group, embeds))  # the text encoder may be gone: keep its embeddings
+        if waiting and not halted():
+            count = sum(len(group) for _, group, _ in waiting)
+            events("note", {"message": f"waiting for another process to finish image(s) of {len(waiting)} GPU "
+                                       f"batch(es) ({count} image(s)) it claimed"})
         while waiting and not halted():  # batches whose images other processes were rendering
             time.sleep(0.5)
             waiting = [entry for entry in waiting if not halted() and render(*entry)]

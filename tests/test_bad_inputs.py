@@ -183,6 +183,8 @@ CASES = [
          "a-file is not a directory", env={"SANA_CLI_CACHE": "{files}/a-file/cache"}),
     Case("garbage SANA_PROGRESS_INTERVAL", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
          "SANA_PROGRESS_INTERVAL must be a number of seconds", env={"SANA_PROGRESS_INTERVAL": "soon"}),
+    Case("more images than one batch run makes", ["batch", "{files}/million.jsonl", "--model", "tiny"], 2,
+         "one run makes at most 1000000"),
     Case("garbage yes/no SANA_ variable", ["generate", "a cat", "--model", "tiny", "--dry-run"], 2,
          "SANA_GENERATE_OVERWRITE='maybe' is not a yes/no value", env={"SANA_GENERATE_OVERWRITE": "maybe"}),
 ]
@@ -244,6 +246,7 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "repeated.jsonl").write_text('{"prompt": "a", "seed": 1, "seed": 2}\n')
     (root / "repeated.csv").write_text("prompt,seed,seed\na,1,2\n")
     (root / "carriage-return.csv").write_bytes(b"prompt,seed\na,1\nb\rc,2\n")
+    (root / "million.jsonl").write_text('{"prompt": "a cat", "n": 10000}\n' * 101)
     (root / "spaced-names.jsonl").write_text('{"prompt": "a", "name": "cat"}\n{"prompt": "b", "name": " cat "}\n')
     return root
 

@@ -153,8 +153,22 @@ def test_an_image_claimed_by_a_live_process_is_waited_for_and_a_dead_ones_claim_
     live.unlink()  # the holder gave up without making it: the waiting run renders it
     stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == 0, stderr
+    assert "waiting for another process to finish" in stderr  # never a silent wait
     assert json.loads(stdout)["written"] == 3 and all(path.exists() for path in paths)
     assert not list(out.glob(f"*{output.CLAIM_SUFFIX}*"))
+
+
+def test_something_else_in_a_claims_place_is_refused(tmp_path, tiny_models):
+    out = tmp_path / "out"
+    out.mkdir()
+    prompts = write_prompts(tmp_path / "p.txt", PROMPTS[:1])
+    plan = json.loads(subprocess.run([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--dry-run",
+                                      "--json"], capture_output=True, text=True).stdout)
+    claim = output.claim_path_for(plan["images"][0]["path"])
+    claim.symlink_to(tmp_path / "elsewhere")
+    run = sana_batch(prompts, "--model", "tiny", "-o", out)
+    assert run.returncode == 2 and "is in the way: it is not a sana-cli claim file" in one_line_error(run)
+    assert not (tmp_path / "elsewhere").exists() and claim.is_symlink()
 
 
 def test_manifest_appends_of_many_writers_are_all_kept(tmp_path):
