@@ -456,8 +456,12 @@ def merge_manifests(directory: str | Path, parts: list[str], target: str = MANIF
             records, ours = _read_manifest(part)
             if not ours:
                 continue
-            manifest.append_bytes(b"".join((json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n").encode()
-                                           for r in records))
+            try:
+                manifest.append_bytes(b"".join((json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n").encode()
+                                               for r in records))
+            except OSError as exc:  # the part stays, so a rerun still reads its records
+                raise GenerationError(f"cannot merge {part} into {manifest.path}: {exc.strerror or exc}",
+                                      hint="free some space and rerun the same command") from exc
             try:
                 part.unlink()
             except FileNotFoundError:
