@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from .distributed import reports_completion
-from .errors import GenerationError, Interrupted, PartialFailure, UsageError
+from .errors import EnvironmentProblem, GenerationError, Interrupted, PartialFailure, UsageError
 from .modelref import ModelRef
 from .pipeline import LoadedModel, LoadOptions
-from .plan import Plan, Request, model_for, plan_generate
+from .plan import PixelOptions, Plan, Request, model_for, plan_generate, rekey
 from .results import EventSink, ImageResult, RunOptions, RunReport, StopToken, no_events
 
 
@@ -60,10 +60,16 @@ class Session:
             keep_latents: bool = False) -> RunReport:
         """Run a Plan on this model; returns the report (failures are recorded, not raised)."""
         check_plan_fits(plan, self.loaded.ref)
-        options = RunOptions(decode=_decode_for(decode, self.loaded.options.low_memory),
-                             abort_in_flight=abort_in_flight, max_memory_bytes=_budget(self.loaded),
+        decode = _decode_for(decode, self.loaded.options.low_memory)
+        plan = rekey(plan, self.pixels(decode))
+        options = RunOptions(decode=decode, abort_in_flight=abort_in_flight, max_memory_bytes=_budget(self.loaded),
                              keep_latents=keep_latents)
         return _run(plan, self.loaded, options, events, stop, True, on_result)
+
+    def pixels(self, decode: str = "auto") -> PixelOptions:
+        """The pixel-deciding options of this loaded model with a decode strategy (for job keys)."""
+        options = self.loaded.options
+        return PixelOptions(device=options.device, dtype=options.dtype, fp8=options.fp8, decode=decode)
 
     def batch(self, source: str, **options) -> "BatchResult":
         """`sana batch` on this loaded model; keyword arguments as for sana_cli.batch()."""
@@ -74,7 +80,8 @@ class Session:
         """Make and write images for one prompt; keyword arguments are Request fields (width,
         height, steps, guidance, negative_prompt, seed, num_images, pag_scale, output, ...)."""
         request.setdefault("model", self.loaded.ref.name)
-        plan = plan_generate(Request(prompt=prompt, **request), self.loaded.ref)
+        decode = _decode_for(decode, self.loaded.options.low_memory)
+        plan = plan_generate(Request(prompt=prompt, **request), self.loaded.ref, self.pixels(decode))
         prepare_outputs(plan)
         report = self.run(plan, decode=decode, events=events, stop=stop, keep_latents=keep_latents)
         return _finish(plan, report, self.loaded, self.load_seconds)
@@ -88,6 +95,8 @@ def load(model: str | None = None, *, revision: str | None = None, device: str =
     from .pipeline import load as load_model
 
     ref = resolve(model, revision=revision)
+    PixelOptions(device=device, dtype=dtype, fp8=fp8)  # bad values are usage errors, before torch loads
+    check_cache_dir()
     started = time.perf_counter()
     loaded = load_model(ref, LoadOptions(device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
                                          low_memory=low_memory, compile=compile, fp8=fp8,
@@ -106,7 +115,8 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
         request.setdefault("width", size)
         request.setdefault("height", size)
     req = Request(prompt=prompt, model=model, **request)
-    plan = plan_generate(req, model_for(req))
+    pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=_decode_for(decode, low_memory))
+    plan = plan_generate(req, model_for(req), pixels)
     return run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
                     low_memory=low_memory, compile=compile, fp8=fp8, max_memory=max_memory, keep_latents=keep_latents,
                     events=events, stop=stop)
@@ -122,6 +132,12 @@ def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: s
 
     stop = stop or StopToken()
     load_seconds = 0.0
+    if loaded is None:
+        plan = rekey(plan, PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=_decode_for(decode, low_memory)))
+        check_cache_dir()
+    else:
+        plan = rekey(plan, PixelOptions(device=loaded.options.device, dtype=loaded.options.dtype,
+                                        fp8=loaded.options.fp8, decode=_decode_for(decode, loaded.options.low_memory)))
     prepare_outputs(plan)
     if loaded is None:
         events("load", {"model": plan.model})
@@ -154,6 +170,20 @@ def prepare_outputs(plan: Plan) -> None:
 def _budget(loaded: LoadedModel) -> int | None:
     gib = loaded.options.max_memory_gib
     return None if gib is None else int(gib * 2**30)
+
+
+def check_cache_dir() -> None:
+    """sana-cli's cache (tiny models, compile cache) must be a directory if it exists: found before
+    torch is imported, as an environment problem."""
+    from .tiny import cache_root
+
+    root = cache_root()
+    for path in (root, *root.parents):
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                raise EnvironmentProblem(f"the sana-cli cache {root} cannot be created: {path} is not a directory",
+                                         hint="set SANA_CLI_CACHE to a writable directory")
+            return
 
 
 def _decode_for(decode: str, low_memory: bool) -> str:
@@ -261,7 +291,8 @@ class BatchResult:
 
 def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = "sana-out", defaults=None,
                     batch_size: int | None = None, shard: tuple[int, int] | None = None, overwrite: bool = False,
-                    skip_invalid: bool = False, input_format: str = "auto", revision: str | None = None):
+                    skip_invalid: bool = False, input_format: str = "auto", revision: str | None = None,
+                    pixels: PixelOptions | None = None):
     """Read, check and plan a batch file without loading anything: (plan, invalid rows, source name)."""
     from . import batchfile
     from .plan import BatchDefaults, plan_batch
@@ -270,7 +301,7 @@ def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = 
     rows, invalid, name = batchfile.load(source, input_format)
     ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height, revision=revision))
     plan, unplannable = plan_batch(rows, ref, defaults, output_dir, batch_size=batch_size, shard=shard,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, pixels=pixels)
     invalid = batchfile.settle(invalid + unplannable, name, skip_invalid, len(rows) - len(unplannable))
     return plan, invalid, name
 
@@ -286,38 +317,77 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
           max_memory: float | None = None, keep_latents: bool = False) -> BatchResult:
     """Render every row of a batch file into output_dir, resuming whatever an earlier run finished.
 
-    results.jsonl in output_dir gets one line per image written or failed. Launched with several
-    processes (accelerate / torchrun), each process takes its slice and the main one merges the
-    manifests at the end. With `session`, its loaded model is used (and kept) instead of loading
-    one; `model` then defaults to the session's."""
+    results.jsonl in output_dir gets one line per image written or failed. Any number of processes
+    may run on one directory at once (each image is claimed by the one that renders it; the
+    manifest is appended under a lock). Launched with several processes (accelerate / torchrun),
+    each takes its slice and the main one merges the manifests at the end. With `session`, its
+    loaded model is used (and kept) instead of loading one; `model` then defaults to the session's.
+
+    A run that refuses (bad rows, files in the way, a manifest that is not sana-cli's) leaves the
+    output directory exactly as it was."""
     from . import distributed
-    from .output import (Manifest, ensure_directory, existing_outputs, manifest_name, merge_manifests,
-                         read_manifests, remove_stray_temp_files)
+    from .output import (Claims, Manifest, check_manifest, ensure_directory, existing_outputs, manifest_name,
+                         merge_manifests, read_manifests, remove_stale_claims, remove_stray_temp_files)
     from .pipeline import load as load_model
 
+    if session is not None:
+        pixels = session.pixels(_decode_for(decode, session.loaded.options.low_memory))
+    else:
+        pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=_decode_for(decode, low_memory))
     processes = distributed.launched_processes()
     if session is not None and model is None:
         model = session.loaded.ref.source if session.loaded.ref.kind == "local" else session.loaded.ref.name
     plan, invalid, name = plan_batch_file(
         source, model=model, output_dir=output_dir, defaults=defaults, batch_size=batch_size,
         shard=distributed.combine(shard, processes), overwrite=overwrite, skip_invalid=skip_invalid,
-        input_format=input_format, revision=revision)
-    ensure_directory(output_dir)
-    removed = remove_stray_temp_files(output_dir)
+        input_format=input_format, revision=revision, pixels=pixels)
+    rank = (processes.index, processes.count) if processes else None
+    manifest_path = os.path.join(output_dir, manifest_name(shard, rank))
+    check_manifest(manifest_path)
+    check_manifest(os.path.join(output_dir, manifest_name(shard)))  # where per-process manifests are merged
+    started_ns = time.time_ns()
     done, adopt, conflicts = existing_outputs(plan.jobs, output_dir, read_manifests(output_dir), overwrite)
     if conflicts:
         raise UsageError(f"{len(conflicts)} file(s) in {output_dir} were not made by this batch with these "
                          f"settings (first: {conflicts[0]})",
                          hint="use --overwrite to replace them, or another --output-dir")
-    rank = (processes.index, processes.count) if processes else None
-    manifest = Manifest(os.path.join(output_dir, manifest_name(shard, rank)))
+    if session is None and len(done) < len(plan.jobs):
+        check_cache_dir()
+    # Nothing in the directory has changed up to here.
+    ensure_directory(output_dir)
+    removed = remove_stray_temp_files(output_dir)
+    remove_stale_claims(output_dir)
+    manifest = Manifest(manifest_path)
+    claims = Claims()
     result = BatchResult(plan=plan, output_dir=output_dir, manifest=str(manifest.path), already_done=len(done),
                          invalid_rows=invalid, removed_temp_files=len(removed), source=name,
                          already_done_paths=[plan.jobs[i].path for i in sorted(done)])
     events("plan", {"todo": len(plan.jobs) - len(done), "done": len(done)})
+
+    def claim(jobs, wanted) -> tuple[list[bool], bool]:
+        """Which wanted images this process renders; True when another live process holds some."""
+        mine, busy = [], False
+        for job, want in zip(jobs, wanted):
+            if not want:
+                mine.append(False)
+            elif not claims.take(job.path):
+                mine.append(False)
+                busy = True
+            elif _made_meanwhile(job, overwrite, started_ns):
+                claims.release(job.path)
+                result.already_done += 1
+                result.already_done_paths.append(job.path)
+                mine.append(False)
+            else:
+                mine.append(True)
+        return mine, busy
+
     try:
-        for record in adopt:
-            manifest.append({**record, "time": _now()})
+        try:
+            for record in adopt:
+                manifest.append({**record, "time": _now()})
+        except OSError as exc:
+            raise GenerationError(f"cannot write the manifest {manifest.path}: {exc.strerror or exc}") from exc
         if len(done) < len(plan.jobs):
             if session is not None:
                 loaded = session.loaded
@@ -334,12 +404,20 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
             check_plan_fits(plan, loaded.ref)
 
             def record(image: ImageResult) -> None:
-                manifest.append(_manifest_record(image, info, output_dir))
+                try:
+                    manifest.append(_manifest_record(image, info, output_dir))
+                except OSError as exc:
+                    raise GenerationError(f"cannot write the manifest {manifest.path}: {exc.strerror or exc}",
+                                          hint="the images written so far are kept; free some space and rerun "
+                                               "the same command to resume") from exc
+                finally:
+                    claims.release(image.job.path)
 
             result.report = _run_batch(plan, loaded, _decode_for(decode, loaded.options.low_memory), fail_fast,
                                        events, stop, frozenset(done), record, reusable=session is not None,
-                                       keep_latents=keep_latents)
+                                       keep_latents=keep_latents, claim=claim)
     finally:
+        claims.release_all()
         manifest.close()
     if processes is not None:
         processes.finish(output_dir)
@@ -347,7 +425,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
         if processes.is_main:
             failures = processes.wait_for_ranks(output_dir)
             parts = [manifest_name(shard, (i, processes.count)) for i in range(processes.count)]
-            merge_manifests(output_dir, parts)
+            merge_manifests(output_dir, parts, manifest_name(shard))
             if failures:
                 index, error = failures[0]
                 raise PartialFailure(f"{len(failures)} of {processes.count} processes failed (process {index}: "
@@ -356,13 +434,31 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     return result
 
 
+def _made_meanwhile(job, overwrite: bool, started_ns: int) -> bool:
+    """Whether another process made this image (with this key) since this run looked: then it is
+    done, not to be rendered again. With overwrite, only files newer than this run's start count."""
+    from .output import read_metadata
+
+    try:
+        info = os.lstat(job.path)
+    except FileNotFoundError:
+        return False
+    if overwrite and info.st_mtime_ns < started_ns:
+        return False
+    try:
+        return ((read_metadata(job.path)["sana"] or {}).get("key")) == job.key
+    except UsageError:
+        return False
+
+
 def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result, reusable: bool,
-               keep_latents: bool = False) -> RunReport:
+               keep_latents: bool = False, claim=None) -> RunReport:
     from .runner import run
 
     options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast, max_memory_bytes=_budget(loaded),
                          keep_latents=keep_latents)
-    return run(plan, loaded, options, events=events, stop=stop, reusable=reusable, on_result=on_result, done=done)
+    return run(plan, loaded, options, events=events, stop=stop, reusable=reusable, on_result=on_result, done=done,
+               claim=claim)
 
 
 def _manifest_record(image: ImageResult, info: dict, output_dir: str) -> dict:
@@ -371,7 +467,7 @@ def _manifest_record(image: ImageResult, info: dict, output_dir: str) -> dict:
               "file": os.path.relpath(job.path, output_dir), "prompt": job.prompt,
               "negative_prompt": job.negative_prompt, "seed": job.seed, "width": job.width, "height": job.height,
               "steps": job.steps, "guidance": job.guidance, "pag_scale": job.pag_scale, "pag_layers": job.pag_layers,
-              "time": _now()}
+              "pixel_options": job.pixels.to_dict(), "time": _now()}
     if image.ok:
         record.update(sha256=image.written.sha256, bytes=image.written.bytes, decode=image.decode,
                       decode_fallbacks=list(image.fallbacks), retried_alone=image.retried_alone,

@@ -9,7 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -56,34 +59,117 @@ class BatchFileError(UsageError):
         self.errors = errors
 
 
+MAX_PROMPT_BYTES = 2**20  # a prompt read from stdin; the text encoder reads ~300 tokens of it
+WAIT_NOTICE_SECONDS = 2.0  # a pipe, FIFO or terminal that stays silent this long gets a notice
+
+
+def _notice(text: str) -> None:
+    """A line on stderr that may be lost (stderr closed or broken) without failing anything."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def read_bounded(path: str, limit: int, what: str, *, stop_at_nul: bool = False) -> bytes:
+    """At most limit + 1 bytes of a file, FIFO or stdin ('-'). Never waits silently: a terminal on
+    stdin is told how to end the input, and a pipe or FIFO that stays silent gets a notice (Ctrl-C
+    still stops it). With stop_at_nul, reading stops at a first chunk that holds NUL (binary)."""
+    stdin = path == "-"
+    if stdin:
+        try:
+            fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # an in-process caller's stream
+            stream = getattr(sys.stdin, "buffer", sys.stdin)
+            data = stream.read(limit + 1) if stream is not None else b""
+            return data.encode("utf-8") if isinstance(data, str) else data
+        if os.isatty(fd):
+            _notice(f"sana: reading {what} from the terminal; end it with Ctrl-D")
+    timer = threading.Timer(WAIT_NOTICE_SECONDS, _notice,
+                            [f"sana: still waiting for {what} (nothing has arrived yet; Ctrl-C stops)"])
+    timer.daemon = True
+    timer.start()
+    try:
+        if not stdin:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # a FIFO blocks here until a writer
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise IsADirectoryError(path)
+        try:
+            chunks, total = [], 0
+            while total <= limit:
+                chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+                timer.cancel()
+                if not chunk:  # end of input (on a terminal, Ctrl-D: never read past it)
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if stop_at_nul and len(chunks) == 1 and b"\x00" in chunk[:8192] and not chunk.startswith(_UTF16_BOMS):
+                    break
+            return b"".join(chunks)
+        finally:
+            if not stdin:
+                os.close(fd)
+    finally:
+        timer.cancel()
+
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_prompt_stdin() -> str:
+    """The prompt of `sana generate -`: UTF-8 from stdin, at most MAX_PROMPT_BYTES."""
+    data = read_bounded("-", MAX_PROMPT_BYTES, "the prompt on stdin")
+    if len(data) > MAX_PROMPT_BYTES:
+        raise UsageError(f"the prompt on stdin is larger than {MAX_PROMPT_BYTES // 2**20} MiB",
+                         hint="a prompt is a few hundred words; use `sana batch -` for many prompts")
+    return _decode(data, "the prompt on stdin").strip()
+
+
 def read_text(path: str) -> tuple[str, str]:
-    """The file (or stdin for '-') as text, and a name for messages. Rejects binary and non-UTF-8."""
+    """The file (or stdin for '-') as text, and a name for messages. Rejects binary and non-UTF-8;
+    UTF-16 with a byte-order mark (what Windows tools often write) is read too."""
     name = "stdin" if path == "-" else path
     try:
-        data = sys.stdin.buffer.read() if path == "-" else _read_bytes(path)
+        data = read_bounded(path, MAX_BYTES, name, stop_at_nul=True)
     except FileNotFoundError as exc:
         raise UsageError(f"{path}: no such file") from exc
     except IsADirectoryError as exc:
         raise UsageError(f"{path} is a directory, not a batch file") from exc
     except PermissionError as exc:
         raise UsageError(f"{path}: permission denied") from exc
-    if b"\x00" in data[:8192]:
-        raise UsageError(f"{name} is a binary file, not a text batch file")
+    if len(data) > MAX_BYTES:
+        raise UsageError(f"{name} is larger than {MAX_BYTES // 2**20} MiB; split it")
+    return _decode(data, name), name
+
+
+def _decode(data: bytes, name: str) -> str:
+    if data.startswith(_UTF16_BOMS):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{name} starts like UTF-16 but is not valid UTF-16", hint="save it as UTF-8") from exc
+    head = data[:8192]
+    if b"\x00" in head:
+        even, odd = head[0::2].count(0) / max(1, len(head[0::2])), head[1::2].count(0) / max(1, len(head[1::2]))
+        if len(head) >= 4 and abs(even - odd) > 0.5:  # ASCII text in UTF-16: every other byte is 0
+            raise UsageError(f"{name} looks like UTF-16 without a byte-order mark", hint="save it as UTF-8")
+        raise UsageError(f"{name} is a binary file, not text")
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise UsageError(f"{name} is not UTF-8 (first bad byte on line {line})",
                          hint="save it as UTF-8") from exc
-    return text, name
 
 
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
-        raise UsageError(f"{path} is larger than {MAX_BYTES // 2**20} MiB; split it")
-    return data
+def split_lines(text: str) -> list[str]:
+    """Lines as the formats define them: only \\n (or \\r\\n) ends a line. str.splitlines would also
+    split on \\v, \\f, \\x1c-\\x1e, \\x85, U+2028 and U+2029, which JSON strings may hold unescaped."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def detect_format(path: str, text: str, requested: str = "auto") -> str:
@@ -93,7 +179,7 @@ def detect_format(path: str, text: str, requested: str = "auto") -> str:
     for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".csv", "csv"), (".txt", "txt")):
         if lowered.endswith(suffix):
             return fmt
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = next((line.strip() for line in split_lines(text) if line.strip()), "")
     return "jsonl" if first.startswith("{") else "txt"
 
 
@@ -131,7 +217,7 @@ def settle(errors: list[RowError], source: str, skip_invalid: bool, rows_left: i
 
 def _parse_txt(text: str) -> list[Row]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(split_lines(text), 1):
         prompt = line.strip()
         if prompt and not prompt.startswith("#"):
             rows.append(Row(line=number, prompt=prompt))
@@ -140,11 +226,14 @@ def _parse_txt(text: str) -> list[Row]:
 
 def _parse_jsonl(text: str) -> tuple[list[Row], list[RowError]]:
     rows, errors = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(split_lines(text), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            data = json.loads(line)
+            data = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as exc:
+            errors.append(RowError(number, f"field {exc.args[0]!r} appears twice"))
+            continue
         except ValueError as exc:
             errors.append(RowError(number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
             continue
@@ -161,11 +250,23 @@ def _parse_csv(text: str) -> tuple[list[Row], list[RowError]]:
         header = next(reader)
     except StopIteration:
         return [], []
+    except csv.Error as exc:
+        return [], [RowError(reader.line_num, f"not valid CSV ({exc})")]
     header = [column.strip() for column in header]
+    repeated = sorted({column for column in header if header.count(column) > 1})
+    if repeated:
+        return [], [RowError(1, f"the CSV header repeats column(s) {', '.join(repr(c) for c in repeated)}")]
     if "prompt" not in header:
         return [], [RowError(1, f"the CSV header has no 'prompt' column (columns: {', '.join(header) or 'none'})")]
     rows, errors = [], []
-    for record in reader:
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a bare carriage return in an unquoted cell: the rest cannot be split
+            errors.append(RowError(reader.line_num, f"not valid CSV ({exc}); quote cells that hold line breaks"))
+            break
         number = reader.line_num
         if not any(cell.strip() for cell in record):
             continue
@@ -223,15 +324,30 @@ def _convert(key: str, value, from_text: bool):
     return float(value)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """JSON allows a key twice and keeps the last; a row that sets a field twice is a mistake."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def _duplicate_names(rows: list[Row]) -> list[RowError]:
-    """Explicit names must be unique, ignoring case (macOS and Windows file systems fold case)."""
+    """Explicit names must be unique, ignoring case (macOS and Windows file systems fold case) and
+    surrounding spaces (which names lose)."""
     seen: dict[str, int] = {}
     errors = []
     for row in rows:
         name = row.get("name")
         if name is None:
             continue
-        key = name.casefold()
+        key = name.strip().casefold()
         if key in seen:
             errors.append(RowError(row.line, f"name {name!r} is already used on line {seen[key]}"))
         else:

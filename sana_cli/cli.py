@@ -7,6 +7,7 @@ torch, diffusers and transformers are imported only inside commands that load a 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -14,7 +15,8 @@ import traceback
 import click
 
 from . import __version__
-from .errors import EXIT_SIGINT, EXIT_USAGE, GenerationError, Interrupted, PartialFailure, SanaError, UsageError
+from .errors import (EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE, GenerationError, Interrupted, PartialFailure, SanaError,
+                     UsageError)
 from .terminal import json_text, printable
 
 DECODE_CHOICES = ("auto", "full", "strips", "patch-conv", "tiled")
@@ -114,10 +116,15 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
     progress and logs go to stderr.
     """
     with _reporting(json_output, debug):
-        from .plan import Request, model_for, plan_generate
+        from .plan import PixelOptions, Request, model_for, plan_generate
+        from .progress import progress_interval
 
+        progress_interval()
+        pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=decode)
         if prompt == "-":
-            prompt = sys.stdin.read().strip()
+            from .batchfile import read_prompt_stdin
+
+            prompt = read_prompt_stdin()
         if size is not None and (width is not None or height is not None):
             raise click.UsageError("--size conflicts with --width/--height; give one or the other")
         request = Request(prompt=prompt, model=model, width=width if size is None else size,
@@ -125,7 +132,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
                           negative_prompt=negative_prompt, seed=seed, num_images=num_images, pag_scale=pag_scale,
                           pag_layers=pag_layers, output=output, overwrite=overwrite, force_size=force_size,
                           revision=revision, batch_size=batch_size)
-        plan = plan_generate(request, model_for(request))
+        plan = plan_generate(request, model_for(request), pixels)
         if dry_run:
             _print_plan(plan, json_output)
             return
@@ -143,6 +150,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
                                   events=reporter, stop=stop, abort_in_flight=True, verbose=debug)
         finally:
             reporter.close()
+        _results_phase()
         if json_output:
             _emit_json(result.to_dict())
         else:
@@ -211,8 +219,11 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
     kept, missing ones made. Paths of written images go to stdout (or one JSON summary with --json).
     """
     with _reporting(json_output, debug):
-        from .plan import BatchDefaults
+        from .plan import BatchDefaults, PixelOptions
+        from .progress import progress_interval
 
+        progress_interval()
+        pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=decode)
         if size is not None and (width is not None or height is not None):
             raise click.UsageError("--size conflicts with --width/--height; give one or the other")
         defaults = BatchDefaults(width=width if size is None else size, height=height if size is None else size,
@@ -224,9 +235,9 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         if dry_run:
             from .api import plan_batch_file
 
-            plan, invalid, _ = plan_batch_file(file, **common)
+            plan, invalid, _ = plan_batch_file(file, pixels=pixels, **common)
             for error in invalid:
-                click.echo(printable(f"sana: skipping invalid {error}"), err=True)
+                _err(f"sana: skipping invalid {error}")
             _print_plan(plan, json_output)
             return
         from .api import batch as run_batch
@@ -248,6 +259,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         summary = result.to_dict()
         if report and result.is_main_process:
             summary["report"] = _write_report(output_dir, summary, reporter, overwrite=overwrite)
+        _results_phase()
         if json_output:
             _emit_json(summary)
         else:
@@ -420,38 +432,76 @@ def reproduce_command(meta: dict, image_path: str | None = None) -> str:
 
 
 # ---- shared plumbing -------------------------------------------------------------------------------
+#
+# The output contract: stdout gets the results only (paths, or exactly one JSON object with --json,
+# for every outcome); stderr gets one `sana: error:` line on failure. Losing either stream (closed,
+# a pipe whose reader left, a full disk) never loses an image or a record: log lines are dropped,
+# and a result that cannot be printed is exit 1 with the line on stderr if stderr still works.
+
+_state = {"json_started": False, "entry": False}
+
+
+class _StdoutLost(Exception):
+    """stdout could not be written; the work on disk is complete."""
+
+
+def _out(text: str) -> None:
+    try:
+        click.echo(text)
+    except (OSError, ValueError) as exc:
+        from .progress import discard
+
+        discard(sys.stdout)
+        raise _StdoutLost(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) from None
+
 
 def _emit_json(data) -> None:
-    click.echo(json_text(data))  # strict: never NaN or Infinity; control characters as \u escapes
+    _state["json_started"] = True  # whatever happens next, no second object follows this one
+    _out(json_text(data))  # strict: never NaN or Infinity; control characters as \u escapes
 
 
 def _echo_result(path: str) -> None:
     """A result path on stdout: as is for scripts, escaped when a person sees it on a terminal."""
-    click.echo(printable(path) if sys.stdout.isatty() else path)
+    _out(printable(path) if sys.stdout.isatty() else path)
 
 
 def _print_plan(plan, json_output: bool) -> None:
     if json_output:
         _emit_json({"ok": True, "dry_run": True, **plan.to_dict()})
     else:
-        click.echo(printable(plan.describe(), keep_newlines=True))
+        _out(printable(plan.describe(), keep_newlines=True))
+
+
+def _results_phase() -> None:
+    """The outcome is decided and about to be printed: from here a late SIGINT/SIGTERM can neither
+    interleave a second JSON object nor turn a reported success into 130/143."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread (an embedding application): nothing to guard
+            pass
 
 
 @contextlib.contextmanager
 def _reporting(json_output: bool, debug: bool):
     """Turn errors into one stderr line (and a JSON error object with --json) and the right exit code."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _state["json_started"] = False
     try:
         yield
+    except _StdoutLost as exc:
+        _fail(f"cannot write the results to stdout ({exc}); nothing written to disk was lost", EXIT_FAILED, False,
+              debug)
     except SanaError as exc:
         for row in (exc.details or {}).get("invalid_rows", [])[3:]:  # the first three are in the message
-            click.echo(printable(f"sana: line {row['line']}: {row['error']}"), err=True)
+            _err(f"sana: line {row['line']}: {row['error']}")
         # A batch summary already on stdout is the one JSON object; do not add an error object.
         _fail(exc.line(), exc.exit_code, json_output and not getattr(exc, "summary_printed", False), debug,
               details=exc.details)
     except click.UsageError as exc:
         _fail(exc.format_message(), EXIT_USAGE, json_output, debug)
-    except KeyboardInterrupt:
-        _fail("interrupted", EXIT_SIGINT, json_output, debug)
+    except KeyboardInterrupt as exc:
+        _fail("interrupted", 128 + (getattr(exc, "signal_number", None) or signal.SIGINT), json_output, debug)
     except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line and exit 1
         from .decode import is_out_of_memory
 
@@ -460,54 +510,154 @@ def _reporting(json_output: bool, debug: bool):
         else:
             message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         _fail(message, 1, json_output, debug, hint=None if debug else "run with --debug for the traceback")
+    finally:
+        if not _state["entry"]:  # called in-process (tests, embedding): give the handlers back
+            for sig, handler in saved.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(sig, handler)
+
+
+def _err(line: str) -> None:
+    """A line on stderr (control characters escaped), or nothing if stderr is closed or broken."""
+    try:
+        click.echo(printable(line), err=True)
+    except (OSError, ValueError):
+        from .progress import discard
+
+        discard(sys.stderr)
 
 
 def _fail(message: str, code: int, json_output: bool, debug: bool, hint: str | None = None,
           details: dict | None = None):
+    _results_phase()  # the outcome is decided: a signal now must not interrupt reporting it
     if debug:
-        traceback.print_exc()
-    if json_output:
-        _emit_json({"ok": False, "error": message, "exit_code": code, **(details or {})})
-    click.echo(printable(f"sana: error: {message}" + (f" ({hint})" if hint else "")), err=True)
+        with contextlib.suppress(OSError, ValueError):
+            traceback.print_exc()
+    if json_output and not _state["json_started"]:
+        with contextlib.suppress(_StdoutLost):
+            _emit_json({"ok": False, "error": message, "exit_code": code, **(details or {})})
+    _err(f"sana: error: {message}" + (f" ({hint})" if hint else ""))
     sys.exit(code)
+
+
+class _SignalAbort(KeyboardInterrupt):
+    """The second SIGINT/SIGTERM: abort now, exiting 128 + its number."""
+
+    def __init__(self, signal_number: int):
+        super().__init__()
+        self.signal_number = signal_number
 
 
 @contextlib.contextmanager
 def _graceful_signals(stop, reporter, what: str):
-    """First SIGINT/SIGTERM: ask the runner to stop cleanly. Second: abort at once."""
+    """First SIGINT/SIGTERM: ask the runner to stop cleanly. Second: abort at once. The handlers stay
+    until the results are printed (then signals are ignored), so a signal that arrives after the
+    run can never kill the process with the default action between the work and its report."""
+    running = [True]
 
     def handler(signum, frame):
         if stop.requested:
-            raise KeyboardInterrupt
+            raise _SignalAbort(signum)
         stop.request(signum)
-        reporter.log(f"sana: {signal.Signals(signum).name} received, {what} (send it again to abort)")
+        name = signal.Signals(signum).name
+        reporter.log(f"sana: {name} received, {what} (send it again to abort)" if running[0] else
+                     f"sana: {name} received; the images are written, finishing the report (send it again to abort)")
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
     try:
         yield
-    except KeyboardInterrupt:
-        number = stop.signal_number or signal.SIGINT
+    except KeyboardInterrupt as exc:
+        number = getattr(exc, "signal_number", None) or stop.signal_number or signal.SIGINT
         raise Interrupted("aborted; nothing partial was written", signal_number=number) from None
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        running[0] = False
+
+
+def _standard_streams() -> None:
+    """Make sure descriptors 0-2 are open (on /dev/null when the caller closed them, as `2>&-`
+    does), so no image or manifest ever gets descriptor 1 or 2 and receives stray output."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
+
+
+_BOOLEAN_WORDS = {"", "0", "1", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off"}
+
+
+def _command_name(args: list[str]) -> str | None:
+    return next((arg for arg in args if not arg.startswith("-")), None)
+
+
+def _wants_json(args: list[str]) -> bool:
+    """--json among the options (before a `--`) or from SANA_<COMMAND>_JSON, for errors found while
+    parsing them."""
+    if "--json" in (args[:args.index("--")] if "--" in args else args):
+        return True
+    command = cli.commands.get(_command_name(args) or "")
+    for param in command.params if command is not None else ():
+        if "--json" in getattr(param, "opts", ()):
+            value = os.environ.get(_envvar(command, param), "")
+            return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+    return False
+
+
+def _envvar(command, param) -> str:
+    """The variable Click reads for an option (auto_envvar_prefix SANA)."""
+    return f"SANA_{command.name.upper().replace('-', '_')}_{param.name.upper()}"
+
+
+def _check_flag_environment(args: list[str]) -> None:
+    """A SANA_<COMMAND>_<FLAG> value that is not a boolean word is a usage error (Click would take
+    'maybe' for false and go on silently)."""
+    command = cli.commands.get(_command_name(args) or "")
+    if command is None:
+        return
+    for param in command.params:
+        if isinstance(param, click.Option) and param.is_flag and param.name and not param.envvar:
+            name = _envvar(command, param)
+            value = os.environ.get(name)
+            if value is not None and value.strip().lower() not in _BOOLEAN_WORDS:
+                raise click.UsageError(f"{name}={value!r} is not a yes/no value (use 1 or 0, true or false, "
+                                       "yes or no, on or off)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: Click's usage errors as one line and exit code 2."""
+    """Console entry point: Click's usage errors as one line (and one JSON object with --json) and
+    exit code 2."""
+    _state["entry"] = True
+    _state["json_started"] = False
+    _standard_streams()
+    args = list(sys.argv[1:] if argv is None else argv)
+    json_output = _wants_json(args)
     try:
-        code = cli.main(args=argv, prog_name="sana", standalone_mode=False, auto_envvar_prefix="SANA")
+        _check_flag_environment(args)
+        code = cli.main(args=args, prog_name="sana", standalone_mode=False, auto_envvar_prefix="SANA")
     except click.exceptions.NoArgsIsHelpError as exc:
-        click.echo(exc.ctx.get_help())
+        with contextlib.suppress(_StdoutLost):
+            _out(exc.ctx.get_help())
         sys.exit(0)
     except click.UsageError as exc:
         where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(printable(f"sana: error: {exc.format_message()}{where}"), err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(f"{exc.format_message()}{where}", EXIT_USAGE, json_output, False)
     except click.ClickException as exc:
-        click.echo(printable(f"sana: error: {exc.format_message()}"), err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("sana: interrupted", err=True)
-        sys.exit(EXIT_SIGINT)
+        _fail(exc.format_message(), exc.exit_code, json_output, False)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C before a command took over
+        _fail("interrupted", EXIT_SIGINT, json_output, False)
+    except (BrokenPipeError, _StdoutLost) as exc:  # help or a listing into a closed pipe
+        from .progress import discard
+
+        discard(sys.stdout)
+        _fail(f"cannot write the results to stdout ({getattr(exc, 'strerror', None) or exc})", EXIT_FAILED, False,
+              False)
     sys.exit(code if isinstance(code, int) else 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -30,6 +31,14 @@ MAX_PIXELS = 4096 * 4096
 SCALE_RANGE = (0.5, 2.0)  # allowed pixel-count ratio to the model's native size
 ASPECT_RANGE = (0.25, 4.0)  # height / width, as in diffusers' bin tables
 SEED_LIMIT = 2**63
+MAX_GUIDANCE = 30.0  # guidance and PAG scale; the model cards use 4.5-5 and 2-3
+MAX_IMAGES = 10000  # images for one prompt (-n) or one batch row (n)
+MAX_BATCH_SIZE = 256  # images in one GPU batch
+MAX_BATCH_IMAGES = 1_000_000  # images in one batch run: each planned image costs memory before any renders
+KEY_SCHEMA = 2  # bump when what goes into job_key changes, so old images are not taken for new ones
+_DTYPES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
+           "fp32": "fp32", "float32": "fp32"}
+_EXACT_DECODES = ("auto", "full", "strips", "patch-conv")  # equal to a full decode up to float rounding
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 DEFAULT_OUTPUT_DIR = "sana-out"
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -58,6 +67,34 @@ class Request:
 
 
 @dataclass(frozen=True)
+class PixelOptions:
+    """The load and decode options that change pixels: the one list of them. Each goes into every
+    image's job key (normalised: key_fields) and into its metadata (as asked: `pixel_options`), so
+    a resumed batch never takes an image made with other options for done. A new option that can
+    change a pixel belongs here; one that cannot (offload, compile, memory limits) does not."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    fp8: bool = False
+    decode: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise UsageError(f"unsupported --device {self.device!r}; use auto, cuda, cuda:N or cpu")
+        if self.dtype not in _DTYPES:
+            raise UsageError(f"unknown --dtype {self.dtype!r}; use auto, bf16, fp16 or fp32")
+
+    def key_fields(self) -> dict:
+        """Normalised: the GPU index and the choice among exact decodes do not change pixels."""
+        decode = self.decode if self.decode.split(":")[0] not in _EXACT_DECODES else "exact"
+        return {"device": self.device.split(":")[0], "dtype": _DTYPES[self.dtype], "fp8": bool(self.fp8),
+                "decode": decode}
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype, "fp8": bool(self.fp8), "decode": self.decode}
+
+
+@dataclass(frozen=True)
 class ImageJob:
     """One image to make, fully resolved."""
 
@@ -74,9 +111,17 @@ class ImageJob:
     pag_layers: str | None
     path: str
     key: str  # hash of everything that decides the pixels; the batch manifest matches on it
+    pixels: PixelOptions = PixelOptions()  # the load options the key was made with
+
+    def params(self) -> dict:
+        """The per-image inputs that decide the pixels (with the model and `pixels`, the key)."""
+        return {name: getattr(self, name) for name in _KEY_PARAMS}
 
     def group_key(self) -> tuple:
         return (self.width, self.height, self.steps, self.guidance, self.pag_scale, self.pag_layers)
+
+
+_KEY_PARAMS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "pag_scale", "pag_layers")
 
 
 @dataclass
@@ -131,11 +176,30 @@ def _clip(text: str, width: int = 60) -> str:
 
 # ---- validation helpers shared by generate and batch ---------------------------------------------
 
-def check_prompt(prompt: str) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UsageError("the prompt is empty")
+_BLANK_LETTERS = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}  # fillers and the blank braille cell
+
+
+def _visible(ch: str) -> bool:
+    return unicodedata.category(ch)[0] not in "ZCM" and ch not in _BLANK_LETTERS
+
+
+def check_prompt(prompt: str, what: str = "the prompt", allow_empty: bool = False) -> str:
+    """A prompt is text with at least one visible character (only spaces, zero-width or other
+    invisible characters count as empty), valid UTF-8 and without NUL."""
+    if not isinstance(prompt, str):
+        raise UsageError(f"{what} must be text, got {type(prompt).__name__}")
+    bad = next((i for i, ch in enumerate(prompt) if "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:  # undecodable bytes from the command line arrive as lone surrogates
+        raise UsageError(f"{what} is not valid UTF-8 (bad byte at character {bad + 1})",
+                         hint="pass text in UTF-8")
     if "\x00" in prompt:
-        raise UsageError("the prompt contains a NUL character")
+        raise UsageError(f"{what} contains a NUL character")
+    if allow_empty and not prompt.strip():
+        return prompt
+    if not prompt.strip():
+        raise UsageError(f"{what} is empty")
+    if not any(_visible(ch) for ch in prompt):
+        raise UsageError(f"{what} is empty (it has only invisible characters)")
     return prompt
 
 
@@ -193,23 +257,36 @@ def check_steps_guidance(model: ModelRef, steps: int, guidance: float) -> None:
         raise UsageError(f"steps must be at least 1, got {steps}")
     if steps > model.max_steps:
         raise UsageError(f"{model.name} takes {model.min_steps}-{model.max_steps} steps, got {steps}")
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance != guidance:
-        raise UsageError(f"guidance must be a number, got {guidance!r}")
-    if guidance < 0:
-        raise UsageError(f"guidance must be 0 or more, got {guidance}")
+    check_scale("guidance", guidance)
+
+
+def check_scale(name: str, value) -> float:
+    """guidance and PAG scale: finite, 0..MAX_GUIDANCE (infinite guidance gives a black image)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, got {value!r}")
+    if value < 0:
+        raise UsageError(f"{name} must be 0 or more, got {value}")
+    if value > MAX_GUIDANCE:
+        raise UsageError(f"{name} must be at most {MAX_GUIDANCE:g}, got {value}")
+    return value
+
+
+def check_count(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UsageError(f"{name} must be a whole number in {low}..{high}, got {value!r}")
+    return value
 
 
 def check_pag(model: ModelRef, pag_scale: float) -> None:
-    if pag_scale < 0 or pag_scale != pag_scale:
-        raise UsageError(f"--pag-scale must be 0 or more, got {pag_scale}")
+    check_scale("--pag-scale", pag_scale)
     if pag_scale > 0 and not model.supports_pag:
         raise UsageError(f"{model.name} cannot use PAG (perturbed-attention guidance)",
                          hint="PAG works with the SanaPipeline models; drop --pag-scale")
 
 
-def check_seed(seed: int) -> int:
+def check_seed(seed: int, name: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise UsageError(f"seed must be a whole number in 0..2^63-1, got {seed!r}")
+        raise UsageError(f"{name} must be a whole number in 0..2^63-1, got {seed!r}")
     return seed
 
 
@@ -225,9 +302,11 @@ def slugify(text: str, max_chars: int = 40) -> str:
     return slug + "_" if slug.upper() in _WINDOWS_RESERVED else slug
 
 
-def job_key(model: ModelRef, **params) -> str:
-    """A short hash of everything that decides an image's pixels."""
-    data = {"model": model.source, "revision": model.revision, **params}
+def job_key(model: ModelRef, pixels: PixelOptions | None = None, **params) -> str:
+    """A short hash of everything that decides an image's pixels: the model, the image's own
+    parameters (ImageJob.params) and the load options that change pixels (PixelOptions)."""
+    data = {"key_schema": KEY_SCHEMA, "model": model.source, "revision": model.revision, **params,
+            **(pixels or PixelOptions()).key_fields()}
     return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -266,11 +345,23 @@ def model_for(request: Request) -> ModelRef:
     return modelref.resolve(name, revision=request.revision)
 
 
-def plan_generate(request: Request, model: ModelRef) -> Plan:
+def rekey(plan: Plan, pixels: PixelOptions) -> Plan:
+    """The plan with every job keyed for these load options (the run's, whatever planning assumed)."""
+    if all(job.pixels == pixels for job in plan.jobs):
+        return plan
+    jobs = [ImageJob(**{**job.__dict__, "pixels": pixels, "key": job_key(plan.model, pixels, **job.params())})
+            for job in plan.jobs]
+    return Plan(**{**plan.__dict__, "jobs": jobs})
+
+
+def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None = None) -> Plan:
     """Resolve a `sana generate` request into a Plan. Raises UsageError for anything invalid."""
+    pixels = pixels or PixelOptions()
     prompt = check_prompt(request.prompt)
-    if request.num_images < 1:
-        raise UsageError(f"--num-images must be at least 1, got {request.num_images}")
+    check_prompt(request.negative_prompt, "the negative prompt", allow_empty=True)
+    check_count("--num-images", request.num_images, 1, MAX_IMAGES)
+    if request.batch_size is not None:
+        check_count("--batch-size", request.batch_size, 1, MAX_BATCH_SIZE)
     width, height, notes = resolve_size(model, request.width, request.height, request.force_size)
     steps = model.steps if request.steps is None else request.steps
     guidance = model.guidance if request.guidance is None else request.guidance
@@ -293,10 +384,9 @@ def plan_generate(request: Request, model: ModelRef) -> Plan:
         params = dict(prompt=prompt, negative_prompt=request.negative_prompt, seed=seed, width=width,
                       height=height, steps=steps, guidance=float(guidance), pag_scale=float(request.pag_scale),
                       pag_layers=pag_layers)
-        jobs.append(ImageJob(index=index, row=0, path=path, key=job_key(model, **params), **params))
-    batch_size = request.batch_size or default_batch_size(width, height)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        jobs.append(ImageJob(index=index, row=0, path=path, key=job_key(model, pixels, **params), pixels=pixels,
+                             **params))
+    batch_size = request.batch_size if request.batch_size is not None else default_batch_size(width, height)
     rule = "as given" if request.seed is not None else "drawn at random"
     if len(seeds) > 1:
         rule += ", +1 for each further image"
@@ -308,6 +398,10 @@ def plan_generate(request: Request, model: ModelRef) -> Plan:
 def _generate_paths(request: Request, prompt: str, seeds: list[int]) -> list[str]:
     """-o is a file (its extension picks the format) or a directory; default ./sana-out/<slug>-<seed>.png."""
     target = request.output or DEFAULT_OUTPUT_DIR
+    if Path(target).name.lower() in IMAGE_SUFFIXES and not os.path.isdir(target):
+        # '.png' is a hidden name without a suffix to Python: it would become a directory
+        raise UsageError(f"-o {target!r} has an extension but no file name",
+                         hint="give a name such as cat.png, or a directory ending in /")
     as_dir = target.endswith(("/", os.sep)) or os.path.isdir(target) or not Path(target).suffix
     if as_dir:
         stem = slugify(prompt)
@@ -372,9 +466,20 @@ def check_name(name: str) -> str:
 
 
 def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, *, batch_size: int | None = None,
-               shard: tuple[int, int] | None = None, overwrite: bool = False) -> tuple[Plan, list]:
+               shard: tuple[int, int] | None = None, overwrite: bool = False,
+               pixels: PixelOptions | None = None) -> tuple[Plan, list]:
     """Rows (from batchfile.load) to a Plan of the valid rows, and a RowError for each invalid one."""
     from .batchfile import RowError
+
+    pixels = pixels or PixelOptions()
+    if batch_size is not None:
+        check_count("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
+    check_seed(defaults.base_seed, "--seed")
+    total = sum(row.get("n", 1) if isinstance(row.get("n", 1), int) and row.get("n", 1) > 0 else 1 for row in rows)
+    if total > MAX_BATCH_IMAGES:
+        raise UsageError(f"the batch asks for {total} images; one run makes at most {MAX_BATCH_IMAGES}",
+                         hint="split the file")
+    check_prompt(defaults.negative_prompt, "the negative prompt", allow_empty=True)
 
     extension = defaults.extension if defaults.extension.startswith(".") else "." + defaults.extension
     image_format("x" + extension)
@@ -383,14 +488,12 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
     occurrences: dict[str, int] = {}
     for row in rows:
         try:
-            jobs.extend(_row_jobs(row, model, defaults, extension, output_dir, occurrences, len(jobs)))
+            jobs.extend(_row_jobs(row, model, defaults, extension, output_dir, occurrences, len(jobs), pixels))
         except UsageError as exc:
             errors.append(RowError(row.line, exc.line()))
     jobs = _disambiguate(jobs)
     sizes = {(job.width, job.height) for job in jobs}
-    size = batch_size or min((default_batch_size(w, h) for w, h in sizes), default=1)
-    if size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {size}")
+    size = batch_size if batch_size is not None else min((default_batch_size(w, h) for w, h in sizes), default=1)
     groups = group_jobs(jobs, size)
     bad = {e.line for e in errors}
     notes = sorted({note for row in rows if row.line not in bad for note in _size_notes(row, model, defaults)})
@@ -406,8 +509,9 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
                 notes=notes, seed_rule=SEED_RULE, force_size=defaults.force_size), errors
 
 
-def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start) -> list[ImageJob]:
+def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, pixels) -> list[ImageJob]:
     prompt = check_prompt(row.prompt)
+    check_prompt(row.get("negative_prompt", ""), "the negative prompt", allow_empty=True)
     width = row.get("width", row.get("size", defaults.width))
     height = row.get("height", row.get("size", defaults.height))
     if row.get("size") is not None and (row.get("width") is not None or row.get("height") is not None):
@@ -422,8 +526,8 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start) -
     if negative and not model.uses_cfg:
         raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt")
     count = row.get("n", 1)
-    if count < 1 or count > 10000:
-        raise UsageError(f"'n' must be 1..10000, got {count}")
+    if count < 1 or count > MAX_IMAGES:
+        raise UsageError(f"'n' must be 1..{MAX_IMAGES}, got {count}")
     name = check_name(row.get("name")) if row.get("name") is not None else None
     identity = name if name is not None else prompt
     occurrence = occurrences.get(identity, 0)
@@ -443,7 +547,7 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start) -
         params = dict(prompt=prompt, negative_prompt=negative, seed=seed, width=width, height=height, steps=steps,
                       guidance=float(guidance), pag_scale=pag_scale, pag_layers=pag_layers)
         jobs.append(ImageJob(index=start + len(jobs) + 1, row=row.line, path=os.path.join(output_dir, stem + extension),
-                             key=job_key(model, **params), **params))
+                             key=job_key(model, pixels, **params), pixels=pixels, **params))
     return jobs
 
 

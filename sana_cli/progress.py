@@ -10,32 +10,55 @@ import time
 from .terminal import printable
 
 
+def discard(stream) -> None:
+    """Point a stream that can no longer be written (closed pipe, full disk) at /dev/null, so that
+    the buffered text and the interpreter's final flush neither fail nor change the exit code."""
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class Reporter:
     """Turns runner events into stderr output."""
 
     def __init__(self, total_images: int, *, quiet: bool = False, stream=None, interval: float | None = None):
         self.stream = stream or sys.stderr
         self.quiet = quiet
-        self.tty = self.stream.isatty()
+        try:
+            self.tty = self.stream.isatty()
+        except (ValueError, AttributeError, OSError):
+            self.tty = False
         self.total = total_images
         self.done = 0
         self.failed = 0
         self.started: float | None = None  # at the first batch, so loading does not count in img/s
         # Seconds between plain progress lines in logs (SANA_PROGRESS_INTERVAL, default 10).
-        self.interval = interval if interval is not None else float(os.environ.get("SANA_PROGRESS_INTERVAL", 10))
+        self.interval = interval if interval is not None else progress_interval()
         self._last_line = 0.0
         self._last_step_line = 0.0
         self._batch = ""
         self._bar = None
 
     def log(self, text: str) -> None:
+        """Never raises: a closed or broken stderr (`2>&-`, `| head -1`) loses log lines, not work."""
         if self.quiet:
             return
         text = printable(text)  # prompts, paths and errors may hold terminal control characters
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
+        try:
+            if self._bar is not None:
+                self._bar.write(text, file=self.stream)
+            else:
+                print(text, file=self.stream, flush=True)
+        except (OSError, ValueError):
+            self.quiet = True
+            self._bar = None
+            discard(self.stream)
 
     def __call__(self, kind: str, data: dict) -> None:
         if self.quiet:
@@ -48,6 +71,8 @@ class Reporter:
             self.log(f"sana: loading {data['model'].describe()}")
         elif kind == "warning":
             self.log(f"sana: warning: {data['message']}")
+        elif kind == "note":
+            self.log(f"sana: {data['message']}")
         elif kind == "batch":
             self.started = self.started or time.perf_counter()
             self._batch = f"batch {data['number']}/{data['total']} "
@@ -84,5 +109,26 @@ class Reporter:
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.close()
+            try:
+                self._bar.close()
+            except (OSError, ValueError):
+                discard(self.stream)
             self._bar = None
+
+
+def progress_interval() -> float:
+    """SANA_PROGRESS_INTERVAL in seconds (default 10): a finite number, 0 or more."""
+    import math
+
+    from .errors import UsageError
+
+    raw = os.environ.get("SANA_PROGRESS_INTERVAL", "").strip()
+    if not raw:
+        return 10.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"SANA_PROGRESS_INTERVAL must be a number of seconds, 0 or more, got {raw!r}")
+    return value

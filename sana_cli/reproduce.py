@@ -103,6 +103,15 @@ def _flag(value, meta):
     return True
 
 
+def _fp8(value, meta):
+    """--fp8 as asked, from the pixel options the image was keyed on."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("an object")
+    return _flag(value.get("fp8"), meta)
+
+
 def _revision(value, meta):
     """The exact commit when the metadata has it (the branch may have moved since), else the revision."""
     if _is_local(meta):
@@ -130,7 +139,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", "--dtype", _dtype),
     Option("device", "--device", _device),
     Option("decode", "--decode", _decode),
-    Option("fp8", "--fp8", _flag),
+    Option("pixel_options", "--fp8", _fp8),
 )
 
 # Every other field, and why it needs no option of its own.
@@ -148,6 +157,7 @@ NOT_OPTIONS = {
     "intermediate_timesteps": "follows from the model and steps",
     "generator": "follows from the device",
     "versions": "library versions, for the record",
+    "key_schema": "the version of the key's recipe",
 }
 
 

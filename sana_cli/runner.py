@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 
 from . import __version__, decode as decoding, latents as keeping
-from .errors import SanaError
+from .errors import GenerationError, SanaError
 from .output import write_image
 from .pipeline import LoadedModel
-from .plan import ImageJob, Plan
+from .plan import KEY_SCHEMA, ImageJob, Plan
 from .results import EventSink, ImageResult, RunOptions, RunReport, StopToken, no_events
 
 ENCODE_AHEAD_MAX = 256  # prompts; ~2.8 MB of bf16 embeddings each with CFG
@@ -29,30 +29,62 @@ ENCODE_AHEAD_MAX = 256  # prompts; ~2.8 MB of bf16 embeddings each with CFG
 
 class Writer:
     """Encodes and writes images on a background thread so the GPU never waits for PNG encoding.
-    The queue is short, so at most a couple of decoded images wait in memory."""
+    The queue is short, so at most a couple of decoded images wait in memory.
+
+    The thread never dies: a failing image write fails that image; a failing record of it (the
+    manifest cannot be written: disk full) is fatal, and from then on the thread only drains the
+    queue, so the main thread is never left waiting on a dead consumer and signals keep working."""
 
     def __init__(self, overwrite: bool, on_written: Callable[[ImageResult], None]):
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._overwrite = overwrite
         self._on_written = on_written
+        self.failure: BaseException | None = None  # what stopped the results from being recorded
         self._thread = threading.Thread(target=self._loop, name="sana-writer", daemon=True)
         self._thread.start()
         self.seconds = 0.0
         self.submitted: set[int] = set()  # job indices handed over, so a retry never writes twice
 
     def submit(self, result: ImageResult, image, meta: dict) -> None:
+        self._put((result, image, meta))
         self.submitted.add(result.job.index)
-        self._queue.put((result, image, meta))
+
+    def _put(self, item) -> None:
+        while True:
+            if self.failure is not None or not self._thread.is_alive():
+                raise _WriterFailed()
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+
+    def error(self) -> SanaError | None:
+        """The fatal failure as a one-line error, once the thread is closed."""
+        if self.failure is None:
+            return None
+        if isinstance(self.failure, SanaError):
+            return self.failure
+        return GenerationError(f"cannot record the results: {_describe_failure(self.failure)}",
+                               hint="the images written so far are kept; rerun the same command to resume")
 
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
+            if self.failure is not None:
+                continue  # nothing more is written once results cannot be recorded
             result, image, meta = item
             started = time.perf_counter()
             try:
@@ -62,18 +94,31 @@ class Writer:
             except Exception as exc:  # noqa: BLE001 - a write failure fails this image only
                 result.error = f"cannot write {result.job.path}: {exc}"
             self.seconds += time.perf_counter() - started
-            self._on_written(result)
+            try:
+                self._on_written(result)
+            except BaseException as exc:  # noqa: BLE001 - recording failed: stop the run, keep draining
+                self.failure = exc
+
+
+class _WriterFailed(Exception):
+    """Raised in the main thread when the writer can no longer record results."""
 
 
 def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, events: EventSink = no_events,
         stop: StopToken | None = None, reusable: bool = True,
-        on_result: Callable[[ImageResult], None] | None = None, done: frozenset[int] = frozenset()) -> RunReport:
+        on_result: Callable[[ImageResult], None] | None = None, done: frozenset[int] = frozenset(),
+        claim: Callable[[list[ImageJob], list[bool]], tuple[list[bool], bool]] | None = None) -> RunReport:
     """Run every GPU batch of the plan. `done` holds positions in plan.jobs that already have their
     image: a batch whose images all exist is skipped, and a partly done batch is rendered whole (so
     its pixels equal an uninterrupted run's) with only the missing images written. A failed batch is
-    retried one image at a time; what still fails is recorded and the run goes on (unless fail_fast)."""
+    retried one image at a time; what still fails is recorded and the run goes on (unless fail_fast).
+
+    `claim(jobs, wanted)` (several processes on one directory) says which wanted images this process
+    may write, and whether some are held by another live process; those batches are revisited at
+    the end until their holders are done."""
     options = options or RunOptions()
     stop = stop or StopToken()
+    events = _never_raising(events)
     report = RunReport()
     timings = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
     started = time.perf_counter()
@@ -97,39 +142,65 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     def failed(job: ImageJob, failure: tuple[str, int], alone: bool) -> None:
         written(ImageResult(job=job, error=failure[0], error_exit_code=failure[1], retried_alone=alone))
 
+    def halted() -> bool:
+        return stop.requested or (options.fail_fast and bool(report.failed)) or writer.failure is not None
+
+    tried: set[int] = set()  # positions this process rendered or handed to a holder
+
+    def render(number: int, group: list[int], embeds) -> bool:
+        """Render one GPU batch (its wanted images); True when another process holds some of them."""
+        jobs = [plan.jobs[i] for i in group]
+        write = [i not in done and i not in tried for i in group]
+        busy = False
+        if claim is not None:
+            write, busy = claim(jobs, write)
+        tried.update(i for i, wanted in zip(group, write) if wanted)
+        if not any(write):
+            return busy
+        events("batch", {"number": number + 1, "total": len(pending), "jobs": jobs})
+        failure = _attempt(_run_group, loaded, jobs, write, embeds, options, warn, stop, writer, timings,
+                           on_failed=failed)
+        if failure is None:
+            return busy
+        if len(jobs) == 1:
+            failed(jobs[0], failure, alone=False)
+            return busy
+        for position, (job, wanted) in enumerate(zip(jobs, write)):  # isolate the failing image(s) alone
+            if not wanted or job.index in writer.submitted or halted():
+                continue
+            # Each retry takes its row of the batch's embeddings: once the text encoder is released,
+            # a retry cannot encode again.
+            single = _attempt(_run_group, loaded, [job], [True], _row(embeds, position), options, warn, stop,
+                              writer, timings, retried_alone=True, on_failed=failed)
+            if single is not None:
+                failed(job, single, alone=True)
+        return busy
+
     writer = Writer(plan.overwrite, written)
     embeddings: dict[int, tuple] = {}
     try:
         if not reusable and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
             _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings)
+        waiting = []
         for number, group in enumerate(pending):
-            if stop.requested or (options.fail_fast and report.failed):
+            if halted():
                 break
-            jobs = [plan.jobs[i] for i in group]
-            write = [i not in done for i in group]
-            events("batch", {"number": number + 1, "total": len(pending), "jobs": jobs})
-            # Kept until the group is done: once the text encoder is released, a retry cannot encode again.
-            encoded = embeddings.pop(number, None)
-            failure = _attempt(_run_group, loaded, jobs, write, encoded, options, warn, stop, writer, timings,
-                               on_failed=failed)
-            if failure is None:
-                continue
-            if len(jobs) == 1:
-                failed(jobs[0], failure, alone=False)
-                continue
-            for position, (job, wanted) in enumerate(zip(jobs, write)):  # isolate the failing image(s) alone
-                if not wanted or job.index in writer.submitted or stop.requested or (
-                        options.fail_fast and report.failed):
-                    continue
-                single = _attempt(_run_group, loaded, [job], [True], _row(encoded, position), options, warn, stop,
-                                  writer, timings, retried_alone=True, on_failed=failed)
-                if single is not None:
-                    failed(job, single, alone=True)
-            del encoded
-    except _Aborted:
+            embeds = embeddings.pop(number, None)
+            if render(number, group, embeds):
+                waiting.append((number, group, embeds))  # the text encoder may be gone: keep its embeddings
+        if waiting and not halted():
+            count = sum(len(group) for _, group, _ in waiting)
+            events("note", {"message": f"waiting for another process to finish image(s) of {len(waiting)} GPU "
+                                       f"batch(es) ({count} image(s)) it claimed"})
+        while waiting and not halted():  # batches whose images other processes were rendering
+            time.sleep(0.5)
+            waiting = [entry for entry in waiting if not halted() and render(*entry)]
+    except (_Aborted, _WriterFailed):
         pass
     finally:
         writer.close()
+    if writer.error() is not None:
+        raise writer.error()
     report.stopped_by = stop.signal_number
     timings["write"] = writer.seconds
     timings["total"] = time.perf_counter() - started
@@ -169,6 +240,18 @@ def _row(encoded: tuple | None, position: int) -> tuple | None:
     return tuple(None if t is None else t[position:position + 1] for t in encoded)
 
 
+def _never_raising(events: EventSink) -> EventSink:
+    """Progress output must never fail an image: a closed or broken stderr loses lines, not work."""
+
+    def safe(kind: str, data: dict) -> None:
+        try:
+            events(kind, data)
+        except Exception:  # noqa: BLE001
+            pass
+
+    return safe
+
+
 class _Aborted(Exception):
     pass
 
@@ -179,7 +262,7 @@ def _attempt(function, *args, **kwargs) -> tuple[str, int] | None:
     try:
         function(*args, **kwargs)
         return None
-    except _Aborted:
+    except (_Aborted, _WriterFailed):
         raise
     except Exception as exc:  # noqa: BLE001 - recorded per image; the run goes on
         failure = _failure(exc)
@@ -354,7 +437,7 @@ def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> 
             "seed": job.seed, "steps": job.steps, "guidance": job.guidance, "width": job.width,
             "height": job.height, "rendered": f"{job.width}x{job.height}", "pag_scale": job.pag_scale,
             "pag_layers": job.pag_layers, "decode": decode_strategy, "chi": True, **model,
-            "device": loaded.device.type}
+            "device": loaded.device.type, "key_schema": KEY_SCHEMA, "pixel_options": job.pixels.to_dict()}
     if loaded.ref.is_sprint:
         meta["intermediate_timesteps"] = 1.3 if job.steps == 2 else None
     return meta

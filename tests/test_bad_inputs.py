@@ -158,6 +158,70 @@ CASES = [
          "0.0 is not in the range x>0"),
     Case("sana decode on a file that is not kept latents", ["decode", "{files}/ok.txt"], 2,
          "is not a sana latents file"),
+    # Manifests: only sana-cli's own, never through a link; numbers: finite, in documented ranges;
+    # lines end only at \n; questionable inputs decided; usage and environment errors before torch.
+    Case("manifest that is a directory", ["batch", "{files}/ok.txt", "--model", "tiny", "-o", "{files}/manifest-dir"],
+         2, "results.jsonl is a directory, not a sana-cli manifest"),
+    Case("manifest that is a dangling symbolic link", ["batch", "{files}/ok.txt", "--model", "tiny", "-o",
+                                                       "{files}/manifest-dangling"], 2, "is a symbolic link"),
+    Case("manifest that links out of the output directory", ["batch", "{files}/ok.txt", "--model", "tiny", "-o",
+                                                             "{files}/manifest-link"], 2, "is a symbolic link"),
+    Case("results.jsonl that sana-cli did not write", ["batch", "{files}/ok.txt", "--model", "tiny", "-o",
+                                                       "{files}/manifest-foreign"], 2, "was not written by sana-cli"),
+    Case("infinite guidance", ["generate", "a cat", "--model", "tiny", "--guidance", "inf"], 2,
+         "guidance must be a finite number"),
+    Case("NaN guidance", ["generate", "a cat", "--model", "tiny", "--guidance", "nan"], 2,
+         "guidance must be a finite number"),
+    Case("absurd guidance", ["generate", "a cat", "--model", "tiny", "--guidance", "1e9"], 2,
+         "guidance must be at most 30"),
+    Case("infinite PAG scale", ["generate", "a cat", "--model", "tiny", "--pag-scale", "inf"], 2,
+         "--pag-scale must be a finite number"),
+    Case("infinite guidance in a batch row", ["batch", "{files}/inf-guidance.jsonl", "--model", "tiny"], 2,
+         "line 1: 'guidance' must be a finite number"),
+    Case("absurd guidance in a batch row", ["batch", "{files}/huge-guidance.jsonl", "--model", "tiny"], 2,
+         "line 1: guidance must be at most 30"),
+    Case("seed beyond 2^63 in a batch row", ["batch", "{files}/huge-seed.jsonl", "--model", "tiny"], 2,
+         "line 1: seed must be a whole number in 0..2^63-1"),
+    Case("negative batch base seed", ["batch", "{files}/ok.txt", "--model", "tiny", "--seed", "-1"], 2,
+         "--seed must be a whole number in 0..2^63-1"),
+    Case("--batch-size 0", ["generate", "a cat", "--model", "tiny", "--batch-size", "0"], 2,
+         "--batch-size must be a whole number in 1..256, got 0"),
+    Case("absurd --num-images", ["generate", "a cat", "--model", "tiny", "-n", "100000"], 2,
+         "--num-images must be a whole number in 1..10000"),
+    Case("prompt on stdin larger than 1 MiB", ["generate", "-", "--model", "tiny"], 2, "larger than 1 MiB",
+         stdin="a cat " * 200_000),
+    Case("JSONL with U+2028 and other separators inside strings", ["batch", "{files}/separators.jsonl", "--model",
+                                                                   "tiny", "-o", "{tmp}/sep"], 0, ""),
+    Case("text file with form feeds and U+2028 inside lines", ["batch", "{files}/separators.txt", "--model", "tiny",
+                                                               "-o", "{tmp}/septxt"], 0, ""),
+    Case("UTF-16 batch file with a byte-order mark", ["batch", "{files}/utf16.txt", "--model", "tiny", "-o",
+                                                      "{tmp}/u16"], 0, ""),
+    Case("UTF-16 batch file without a byte-order mark", ["batch", "{files}/utf16-nobom.txt", "--model", "tiny"], 2,
+         "looks like UTF-16 without a byte-order mark"),
+    Case("field repeated in a JSONL row", ["batch", "{files}/repeated.jsonl", "--model", "tiny"], 2,
+         "line 1: field 'seed' appears twice"),
+    Case("column repeated in a CSV header", ["batch", "{files}/repeated.csv", "--model", "tiny"], 2,
+         "the CSV header repeats column(s) 'seed'"),
+    Case("bare carriage return in a CSV cell", ["batch", "{files}/carriage-return.csv", "--model", "tiny"], 2,
+         "line 3: not valid CSV"),
+    Case("names that differ only by surrounding spaces", ["batch", "{files}/spaced-names.jsonl", "--model", "tiny"], 2,
+         "line 2: name ' cat ' is already used on line 1"),
+    Case("prompt of only invisible characters", ["generate", "\u200b\u2060\u3164", "--model", "tiny"], 2,
+         "the prompt is empty (it has only invisible characters)"),
+    Case("-o .png", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/.png"], 2,
+         "has an extension but no file name"),
+    Case("prompt that is not UTF-8", ["generate", "caf\udce9", "--model", "tiny"], 2,
+         "the prompt is not valid UTF-8"),
+    Case("--device with a bad value", ["generate", "a cat", "--model", "tiny", "--device", "gpu", "-o", "{tmp}/"], 2,
+         "unsupported --device 'gpu'"),
+    Case("cache directory that is a file", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 4,
+         "a-file is not a directory", env={"SANA_CLI_CACHE": "{files}/a-file/cache"}),
+    Case("garbage SANA_PROGRESS_INTERVAL", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "SANA_PROGRESS_INTERVAL must be a number of seconds", env={"SANA_PROGRESS_INTERVAL": "soon"}),
+    Case("more images than one batch run makes", ["batch", "{files}/million.jsonl", "--model", "tiny"], 2,
+         "one run makes at most 1000000"),
+    Case("garbage yes/no SANA_ variable", ["generate", "a cat", "--model", "tiny", "--dry-run"], 2,
+         "SANA_GENERATE_OVERWRITE='maybe' is not a yes/no value", env={"SANA_GENERATE_OVERWRITE": "maybe"}),
 ]
 
 
@@ -199,6 +263,27 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "one-huge.jsonl").write_text('{"prompt": "small"}\n{"prompt": "huge", "size": 4096}\n{"prompt": "small too"}\n')
     (root / "newline.jsonl").write_text(json.dumps({"prompt": "first line\nsecond line \"quoted\" 🐼", "seed": 2}) + "\n")
     _untrusted_files(root, tiny)
+    for name in ("manifest-dir", "manifest-dangling", "manifest-link", "manifest-foreign"):
+        (root / name).mkdir()
+    (root / "manifest-dir" / "results.jsonl").mkdir()
+    (root / "manifest-dangling" / "results.jsonl").symlink_to(root / "no-such-file.jsonl")
+    (root / "outside.jsonl").write_text('{"event": "image", "file": "x.png", "key": "k"}\n')
+    (root / "manifest-link" / "results.jsonl").symlink_to(root / "outside.jsonl")
+    (root / "manifest-foreign" / "results.jsonl").write_text('{"my": "notes"}\n')
+    (root / "inf-guidance.jsonl").write_text('{"prompt": "a", "guidance": Infinity}\n')
+    (root / "huge-guidance.jsonl").write_text('{"prompt": "a", "guidance": 1e300}\n')
+    (root / "huge-seed.jsonl").write_text('{"prompt": "a", "seed": 9223372036854775808}\n')
+    odd = "a\x0bb\x0cc\x1cd\x1de\x85f\u2028g\u2029h"
+    (root / "separators.jsonl").write_text(json.dumps({"prompt": "fox " + odd, "seed": 1}, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+    (root / "separators.txt").write_text("fox " + odd + "\n", encoding="utf-8")
+    (root / "utf16.txt").write_text("a red fox\n", encoding="utf-16")
+    (root / "utf16-nobom.txt").write_bytes("a red fox\n".encode("utf-16-le"))
+    (root / "repeated.jsonl").write_text('{"prompt": "a", "seed": 1, "seed": 2}\n')
+    (root / "repeated.csv").write_text("prompt,seed,seed\na,1,2\n")
+    (root / "carriage-return.csv").write_bytes(b"prompt,seed\na,1\nb\rc,2\n")
+    (root / "million.jsonl").write_text('{"prompt": "a cat", "n": 10000}\n' * 101)
+    (root / "spaced-names.jsonl").write_text('{"prompt": "a", "name": "cat"}\n{"prompt": "b", "name": " cat "}\n')
     return root
 
 
@@ -260,8 +345,9 @@ def test_bad_input(case: Case, files, tiny_dir, tmp_path):
             resource.setrlimit(resource.RLIMIT_AS, (case.limit_memory, case.limit_memory))
 
     before = sorted(p.name for p in tmp_path.iterdir())
+    env = {key: expand(value, tmp_path, files, tiny_dir) for key, value in case.env.items()}
     process = subprocess.run([SANA, *args], input=case.stdin, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, **case.env), preexec_fn=limit)
+                             env=dict(os.environ, **env), preexec_fn=limit)
     assert process.returncode == case.code, process.stderr
     if case.code == 0:
         assert "Traceback" not in process.stderr

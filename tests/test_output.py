@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,17 +67,28 @@ def test_stray_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "keep.png"])
 
 
-def test_manifest_repair_drops_a_torn_last_line(tmp_path):
+def record(index: int) -> dict:
+    return {"event": "image", "index": index, "key": "k", "file": f"{index}.png"}
+
+
+def test_a_torn_manifest_line_is_skipped_and_closed_never_rewritten(tmp_path):
     path = tmp_path / "results.jsonl"
     manifest = output.Manifest(path)
-    manifest.append({"event": "image", "index": 1})
-    manifest.append({"event": "image", "index": 2})
+    manifest.append(record(1))
+    manifest.append(record(2))
     manifest.close()
     with open(path, "ab") as handle:
         handle.write(b'{"event": "image", "ind')  # what kill -9 mid-write would leave
-    assert output.repair(path) == 1
+    torn = path.read_bytes()
+    inode = path.stat().st_ino
     assert [r["index"] for r in output.read_manifests(tmp_path)] == [1, 2]
-    assert path.read_bytes().endswith(b"}\n")
+    assert path.read_bytes() == torn  # reading changes nothing
+    again = output.Manifest(path)
+    again.append(record(3))
+    again.close()
+    assert path.stat().st_ino == inode and path.read_bytes().startswith(torn)  # appended, never replaced
+    assert path.read_bytes().endswith(b'"ind\n' + json.dumps(record(3), sort_keys=True).encode() + b"\n")
+    assert [r["index"] for r in output.read_manifests(tmp_path)] == [1, 2, 3]
 
 
 def test_a_full_disk_leaves_no_partial_file(tmp_path):
