@@ -94,7 +94,7 @@ def test_postscript_under_an_image_name_never_reaches_ghostscript(tmp_path, tiny
     out.mkdir()
     (out / "evil.png").write_bytes(POSTSCRIPT)
     (out / "results.jsonl").write_text(json.dumps({"event": "image", "file": "evil.png", "index": 9, "row": 9,
-                                                   "prompt": "p"}) + "\n")
+                                                   "prompt": "p", "key": "tampered"}) + "\n")
     (tmp_path / "p.txt").write_text("a cat\n")
     process = run_sana("batch", tmp_path / "p.txt", "--model", "tiny", "-o", out, "--report", "-q", env=env)
     assert process.returncode == 0, process.stderr
@@ -131,7 +131,8 @@ def test_gallery_refuses_a_huge_image_quietly_and_cheaply(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "huge.png").write_bytes(png(12000, 12000))
-    (out / "results.jsonl").write_text(json.dumps({"event": "image", "file": "huge.png", "index": 1, "row": 1}) + "\n")
+    (out / "results.jsonl").write_text(json.dumps({"event": "image", "file": "huge.png", "index": 1, "row": 1,
+                                                                "key": "tampered"}) + "\n")
     script = ("import sys; from sana_cli.report import write_report; "
               "write_report(sys.argv[1], {'output_dir': sys.argv[1]})")
     process = subprocess.run([os.path.join(os.path.dirname(SANA), "python"), "-c", script, str(out)],
@@ -158,7 +159,8 @@ def test_tampered_manifest_writes_nothing_outside_the_output_directory(tmp_path)
     (out / "link.png").symlink_to(tmp_path / "outside.png")
     names = ["ok.png", "sub/nested.png", "../outside.png", str(tmp_path / "outside.png"), "sub/../../outside.png",
              "link.png", "sub/../ok.png", "thumbnails/../../x.png", ".hidden.png"]
-    (out / "results.jsonl").write_text("".join(json.dumps({"event": "image", "file": name, "index": i, "row": i})
+    (out / "results.jsonl").write_text("".join(json.dumps({"event": "image", "file": name, "index": i, "row": i,
+                                                                          "key": "tampered"})
                                                + "\n" for i, name in enumerate(names)))
     before = _tree(tmp_path, out)
     from sana_cli.report import write_report
@@ -177,7 +179,8 @@ def test_symlinked_thumbnails_directory_is_never_followed(tmp_path):
     out.mkdir()
     elsewhere.mkdir()
     Image.new("RGB", (64, 64), "red").save(out / "ok.png")
-    (out / "results.jsonl").write_text(json.dumps({"event": "image", "file": "ok.png", "index": 1, "row": 1}) + "\n")
+    (out / "results.jsonl").write_text(json.dumps({"event": "image", "file": "ok.png", "index": 1, "row": 1,
+                                                                "key": "tampered"}) + "\n")
     stale = elsewhere / ".ok.png.jpg.sana-tmp-otherhost-1-deadbeef"  # looks like a temp file left by a kill
     stale.write_bytes(b"not ours")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
@@ -373,7 +376,12 @@ def test_info_command_reproduces_the_same_pixels(options, prompt, suffix, tmp_pa
     second = tmp_path / f"first-again{suffix}"
     assert again.stdout.strip() == str(second)
     assert np.array_equal(_pixels(first), _pixels(second))
-    assert run_sana("info", second, "--json", check_json=True).json["sana"] == meta
+    # Everything but how it was asked is the same: the command names the resolved dtype, device and
+    # decode (exact anywhere) where the first run may have said `auto`, and the key hashes what was asked.
+    again_meta = run_sana("info", second, "--json", check_json=True).json["sana"]
+    asked = ("key", "pixel_options")
+    assert {k: v for k, v in again_meta.items() if k not in asked} == {k: v for k, v in meta.items() if k not in asked}
+    assert again_meta["pixel_options"]["fp8"] == meta["pixel_options"]["fp8"]
     assert not (tmp_path / "pwned").exists()
 
 
