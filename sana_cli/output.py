@@ -58,16 +58,23 @@ def _abandoned(name: str, age_seconds: float) -> bool:
         host, pid, _ = name.split(TEMP_MARK, 1)[1].rsplit("-", 2)
         pid = int(pid)
     except ValueError:
-        return age_seconds > 3600
+        return age_seconds > STALE_SECONDS
+    return _writer_gone(host, pid, age_seconds)
+
+
+def _writer_gone(host: str, pid: int, age_seconds: float, *, alive_limit: float | None = None) -> bool:
+    """Whether the process that wrote a temp or claim file is gone: on this host, when its pid is
+    dead (or, with alive_limit, the file is older than a live writer ever keeps one, so the pid was
+    reused); on another host sharing the directory, when the file is over STALE_SECONDS old."""
     if host != _host():
-        return age_seconds > 3600
+        return age_seconds > STALE_SECONDS
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
-    return False
+    return alive_limit is not None and age_seconds > alive_limit
 
 
 def remove_stray_temp_files(directory: str | Path) -> list[Path]:
@@ -492,17 +499,10 @@ def _claim_is_stale(content: str, age_seconds: float) -> bool:
     if len(parts) < 2 or not parts[1].isdigit():
         return age_seconds > STALE_SECONDS  # still being written, or not ours to judge yet
     host, pid = parts[0], int(parts[1])
-    if host != _host():
-        return age_seconds > STALE_SECONDS
-    if pid == os.getpid():
+    if host == _host() and pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return age_seconds > STALE_SECONDS  # a live process never holds a claim this long: its pid was reused
+    # A live process never holds a claim longer than STALE_SECONDS: past that its pid was reused.
+    return _writer_gone(host, pid, age_seconds, alive_limit=STALE_SECONDS)
 
 
 class Claims:
