@@ -116,11 +116,12 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
     progress and logs go to stderr.
     """
     with _reporting(json_output, debug):
-        from .plan import PixelOptions, Request, model_for, plan_generate
+        from .plan import Request, model_for, plan_generate
         from .progress import progress_interval
 
         progress_interval()
-        pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=decode)
+        load = _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug)
+        pixels = load.pixels(decode)
         if prompt == "-":
             from .batchfile import read_prompt_stdin
 
@@ -144,10 +145,8 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
         stop = StopToken()
         try:
             with _graceful_signals(stop, reporter, "stopping at the next step"):
-                result = run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline,
-                                  allow_pickle=allow_pickle, low_memory=low_memory, compile=compile_mode, fp8=fp8,
-                                  max_memory=max_memory, keep_latents=keep_latents,
-                                  events=reporter, stop=stop, abort_in_flight=True, verbose=debug)
+                result = run_plan(plan, load, decode=decode, keep_latents=keep_latents, events=reporter, stop=stop,
+                                  abort_in_flight=True)
         finally:
             reporter.close()
         _results_phase()
@@ -159,6 +158,14 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             seeds = ", ".join(str(image.job.seed) for image in result.images)
             reporter.log(f"sana: {len(result.images)} image(s) in {result.report.timings['total'] + result.load_seconds:.1f} s "
                          f"(seed {seeds}; decode {result.images[0].decode})")
+
+
+def _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug):
+    """The model options of a command as one LoadOptions, built once and passed whole to the API."""
+    from .plan import LoadOptions
+
+    return LoadOptions(device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
+                       compile=compile_mode, fp8=fp8, max_memory_gib=max_memory, verbose=debug)
 
 
 def _parse_shard(ctx, param, value):
@@ -219,11 +226,12 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
     kept, missing ones made. Paths of written images go to stdout (or one JSON summary with --json).
     """
     with _reporting(json_output, debug):
-        from .plan import BatchDefaults, PixelOptions
+        from .plan import BatchDefaults
         from .progress import progress_interval
 
         progress_interval()
-        pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=decode)
+        load = _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug)
+        pixels = load.pixels(decode)
         if size is not None and (width is not None or height is not None):
             raise click.UsageError("--size conflicts with --width/--height; give one or the other")
         defaults = BatchDefaults(width=width if size is None else size, height=height if size is None else size,
@@ -248,10 +256,8 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         stop = StopToken()
         try:
             with _graceful_signals(stop, reporter, "finishing the current GPU batch"):
-                result = run_batch(file, fail_fast=fail_fast, decode=decode, device=device, dtype=dtype,
-                                   offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
-                                   max_memory=max_memory, keep_latents=keep_latents,
-                                   compile=compile_mode, fp8=fp8, events=reporter, stop=stop, verbose=debug, **common)
+                result = run_batch(file, fail_fast=fail_fast, decode=decode, options=load, keep_latents=keep_latents,
+                                   events=reporter, stop=stop, **common)
         finally:
             reporter.close()
         for error in result.invalid_rows:

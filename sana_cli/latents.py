@@ -70,7 +70,8 @@ def finish(path: str, *, output: str | None = None, decode: str = "auto", device
     dtype and on the kind of device the run used (unless `device` says otherwise)."""
     from .modelref import resolve
     from .output import ensure_directory, write_image
-    from .pipeline import LoadOptions, load
+    from .pipeline import load
+    from .plan import LoadOptions
     from .plan import image_format
     from .runner import decode_to_pil
 

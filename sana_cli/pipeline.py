@@ -15,24 +15,11 @@ from pathlib import Path
 from . import tiny
 from .errors import EnvironmentProblem, UsageError
 from .modelref import ModelRef, check_components
+from .plan import LoadOptions
 from .presets import SANA, SANA_PAG, SANA_SPRINT, component_dtypes, fp8_refusal
 
 # Weight files above this size on disk mean "a real model": it needs CUDA unless --device cpu.
 _BIG_MODEL_BYTES = 200 * 2**20
-
-
-@dataclass
-class LoadOptions:
-    device: str = "auto"  # auto | cuda | cpu | cuda:N
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    offline: bool = False
-    allow_pickle: bool = False
-    low_memory: bool = False  # accelerate model CPU offload: one component on the GPU at a time
-    compile: bool = False
-    fp8: bool = False
-    verbose: bool = False  # let diffusers / transformers log (for --debug)
-    max_memory_gib: float | None = None  # --max-memory: a cap on device memory that `auto` plans within
-    only: tuple[str, ...] | None = None  # load just these components (`sana decode` needs only the VAE)
 
 
 @dataclass
@@ -348,7 +335,7 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     from . import speed
 
     if not options.only:
-        speed.apply(loaded, compile=options.compile, fp8=options.fp8)
+        speed.apply(loaded, compile=options.compiles(), fp8=options.fp8)
     return loaded
 
 

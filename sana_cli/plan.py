@@ -95,6 +95,37 @@ class PixelOptions:
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: built once (by the CLI, or from the public API's keyword arguments) and
+    passed whole through the API to the loader. Torch-free, so planning can use it before loading.
+    Its pixel-deciding part is `pixels()`; the rest (offload, compile, memory cap) never changes a pixel."""
+
+    device: str = "auto"  # auto | cuda | cpu | cuda:N
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (and the long names)
+    offline: bool = False
+    allow_pickle: bool = False
+    low_memory: bool = False  # accelerate model CPU offload: one component on the GPU at a time
+    compile: str | bool = "auto"  # auto | on | off, or a bool; `auto` is decided per plan, and is off without one
+    fp8: bool = False
+    verbose: bool = False  # let diffusers / transformers log (for --debug)
+    max_memory_gib: float | None = None  # --max-memory: a cap on device memory that `auto` plans within
+    only: tuple[str, ...] | None = None  # load just these components (`sana decode` needs only the VAE)
+
+    def pixels(self, decode: str = "auto") -> PixelOptions:
+        """The pixel-deciding subset with a decode strategy (checked: bad values are usage errors)."""
+        return PixelOptions(device=self.device, dtype=self.dtype, fp8=self.fp8, decode=decode)
+
+    def decode_for(self, decode: str) -> str:
+        """--low-memory decodes in strips unless a strategy was chosen: with CPU offload the GPU looks
+        empty to the `auto` estimate, which would pick a full decode."""
+        return "strips" if self.low_memory and decode == "auto" else decode
+
+    def compiles(self) -> bool:
+        """Whether to torch.compile when no plan decides `auto` (then it stays off)."""
+        return self.compile is True or self.compile == "on"
+
+
+@dataclass(frozen=True)
 class ImageJob:
     """One image to make, fully resolved."""
 

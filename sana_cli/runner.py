@@ -105,7 +105,7 @@ class _WriterFailed(Exception):
 
 
 def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, events: EventSink = no_events,
-        stop: StopToken | None = None, reusable: bool = True,
+        stop: StopToken | None = None, keep_text_encoder: bool = True,
         on_result: Callable[[ImageResult], None] | None = None, done: frozenset[int] = frozenset(),
         claim: Callable[[list[ImageJob], list[bool]], tuple[list[bool], bool]] | None = None) -> RunReport:
     """Run every GPU batch of the plan. `done` holds positions in plan.jobs that already have their
@@ -115,7 +115,10 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
 
     `claim(jobs, wanted)` (several processes on one directory) says which wanted images this process
     may write, and whether some are held by another live process; those batches are revisited at
-    the end until their holders are done."""
+    the end until their holders are done.
+
+    `keep_text_encoder=False` (a one-shot run) lets the runner encode every prompt first and release the
+    text encoder before denoising; a Session keeps it for later calls."""
     options = options or RunOptions()
     stop = stop or StopToken()
     events = _never_raising(events)
@@ -179,7 +182,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     writer = Writer(plan.overwrite, written)
     embeddings: dict[int, tuple] = {}
     try:
-        if not reusable and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
+        if not keep_text_encoder and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
             _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings)
         waiting = []
         for number, group in enumerate(pending):

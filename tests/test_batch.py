@@ -361,7 +361,7 @@ os.makedirs(sys.argv[2])
 size = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
 limit = size + 500 * 2**20      # one 768px tiny image fits (~200 MB); a GPU batch of 16 (~750 MB) does not
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-report = run(plan, loaded, reusable=False)
+report = run(plan, loaded, keep_text_encoder=False)
 print(json.dumps([[r.ok, r.retried_alone, r.error] for r in report.results]))
 """
 

@@ -117,7 +117,7 @@ def test_text_encoder_is_released_after_encoding_in_one_shot_runs(tiny_dir, tmp_
 
     loaded = load(resolve(str(tiny_dir)))
     plan = plan_generate(Request(prompt=PROMPT, seed=1, output=str(tmp_path) + "/"), loaded.ref)
-    run(plan, loaded, reusable=False)
+    run(plan, loaded, keep_text_encoder=False)
     assert loaded.text_encoder_freed
     assert all(p.device.type == "meta" for p in loaded.pipe.text_encoder.parameters())
 
