@@ -17,11 +17,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from .distributed import reports_completion
+from .events import EventSink, Loading, Planned, no_events
 from .errors import EnvironmentProblem, GenerationError, Interrupted, PartialFailure, UsageError
 from .modelref import ModelRef
 from .pipeline import LoadedModel
 from .plan import LoadOptions, PixelOptions, Plan, Request, model_for, plan_generate, rekey
-from .results import EventSink, ImageResult, RunOptions, RunReport, StopToken, no_events
+from .results import ImageResult, RunOptions, RunReport, StopToken
 
 
 @dataclass
@@ -171,7 +172,7 @@ def _load_timed(ref: ModelRef, options: LoadOptions, events: EventSink | None = 
     from .pipeline import load as load_model
 
     if events is not None:
-        events("load", {"model": ref})
+        events(Loading(model=ref))
     started = time.perf_counter()
     loaded = load_model(ref, options)
     return loaded, time.perf_counter() - started
@@ -383,7 +384,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     result = BatchResult(plan=plan, output_dir=output_dir, manifest=str(manifest.path), already_done=len(done),
                          invalid_rows=invalid, removed_temp_files=len(removed), source=name,
                          already_done_paths=[plan.jobs[i].path for i in sorted(done)])
-    events("plan", {"todo": len(plan.jobs) - len(done), "done": len(done)})
+    events(Planned(todo=len(plan.jobs) - len(done), done=len(done)))
 
     def claim(jobs, wanted) -> tuple[list[bool], bool]:
         """Which wanted images this process renders; True when another live process holds some."""

@@ -4,16 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
+from .events import EventSink, no_events  # noqa: F401 - re-exported for the API's callers
 from .output import WrittenImage
 from .plan import ImageJob
-
-EventSink = Callable[[str, dict], None]
-
-
-def no_events(kind: str, data: dict) -> None:
-    """The default event sink: ignore everything."""
 
 
 class StopToken:

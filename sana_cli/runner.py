@@ -22,7 +22,8 @@ from .errors import GenerationError, SanaError
 from .output import write_image
 from .pipeline import LoadedModel
 from .plan import KEY_SCHEMA, ImageJob, Plan
-from .results import EventSink, ImageResult, RunOptions, RunReport, StopToken, no_events
+from .events import BatchStarted, EventSink, ImageFailed, ImageWritten, Noted, Step, Warned, no_events
+from .results import ImageResult, RunOptions, RunReport, StopToken
 
 ENCODE_AHEAD_MAX = 256  # prompts; ~2.8 MB of bf16 embeddings each with CFG
 
@@ -130,17 +131,17 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     lock = threading.Lock()
     pending = [group for group in plan.groups if any(i not in done for i in group)]
 
-    def warn(kind: str, data: dict) -> None:
-        if kind == "warning" and data["message"] not in report.warnings:
-            report.warnings.append(data["message"])
-        events(kind, data)
+    def warn(event) -> None:
+        if isinstance(event, Warned) and event.message not in report.warnings:
+            report.warnings.append(event.message)
+        events(event)
 
     def written(result: ImageResult) -> None:
         with lock:
             report.results.append(result)
         if on_result is not None:
             on_result(result)
-        events("written" if result.ok else "failed", {"result": result})
+        events(ImageWritten(result) if result.ok else ImageFailed(result))
 
     def failed(job: ImageJob, failure: tuple[str, int], alone: bool) -> None:
         written(ImageResult(job=job, error=failure[0], error_exit_code=failure[1], retried_alone=alone))
@@ -160,7 +161,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
         tried.update(i for i, wanted in zip(group, write) if wanted)
         if not any(write):
             return busy
-        events("batch", {"number": number + 1, "total": len(pending), "jobs": jobs})
+        events(BatchStarted(number=number + 1, total=len(pending), jobs=tuple(jobs)))
         failure = _attempt(_run_group, loaded, jobs, write, embeds, options, warn, stop, writer, timings,
                            on_failed=failed)
         if failure is None:
@@ -193,8 +194,8 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
                 waiting.append((number, group, embeds))  # the text encoder may be gone: keep its embeddings
         if waiting and not halted():
             count = sum(len(group) for _, group, _ in waiting)
-            events("note", {"message": f"waiting for another process to finish image(s) of {len(waiting)} GPU "
-                                       f"batch(es) ({count} image(s)) it claimed"})
+            events(Noted(f"waiting for another process to finish image(s) of {len(waiting)} GPU batch(es) "
+                         f"({count} image(s)) it claimed"))
         while waiting and not halted():  # batches whose images other processes were rendering
             time.sleep(0.5)
             waiting = [entry for entry in waiting if not halted() and render(*entry)]
@@ -246,9 +247,9 @@ def _row(encoded: tuple | None, position: int) -> tuple | None:
 def _never_raising(events: EventSink) -> EventSink:
     """Progress output must never fail an image: a closed or broken stderr loses lines, not work."""
 
-    def safe(kind: str, data: dict) -> None:
+    def safe(event) -> None:
         try:
-            events(kind, data)
+            events(event)
         except Exception:  # noqa: BLE001
             pass
 
@@ -327,8 +328,8 @@ def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink)
         count = len(tokenizer(job.prompt, add_special_tokens=False).input_ids)
         if count > budget:
             which = f"the prompt of row {job.row}" if job.row else "the prompt"
-            events("warning", {"message": f"{which} is {count} tokens; the text encoder reads the first {budget} "
-                                          "and ignores the rest"})
+            events(Warned(f"{which} is {count} tokens; the text encoder reads the first {budget} "
+                          "and ignores the rest"))
 
 
 @torch.no_grad()
@@ -361,7 +362,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
     embeds, mask, negative_embeds, negative_mask = embeddings
 
     def on_step(pipeline, step, timestep, callback_kwargs):
-        events("step", {"step": step + 1, "total": first.steps})
+        events(Step(step=step + 1, total=first.steps))
         if stop.requested and options.abort_in_flight:
             pipeline._interrupt = True
         return {}
@@ -412,7 +413,6 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
         timings["decode"] += seconds
         result = ImageResult(job=job, decode=decoded.strategy, fallbacks=decoded.fallbacks, seconds=shared + seconds,
                              retried_alone=retried_alone)
-        events("decoded", {"result": result})
         writer.submit(result, image, image_metadata(loaded, job, decoded.strategy))
     del latents
 
