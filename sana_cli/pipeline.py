@@ -16,7 +16,7 @@ from . import tiny
 from .errors import EnvironmentProblem, UsageError
 from .modelref import ModelRef, check_components
 from .plan import LoadOptions
-from .presets import SANA, SANA_PAG, SANA_SPRINT, component_dtypes, fp8_refusal
+from .presets import SANA, SANA_PAG, SANA_SPRINT, component_dtypes, fp8_refusal, pag_supported
 
 # Weight files above this size on disk mean "a real model": it needs CUDA unless --device cpu.
 _BIG_MODEL_BYTES = 200 * 2**20
@@ -384,7 +384,8 @@ def _refine(ref: ModelRef, pipe, class_name: str) -> ModelRef:
     transformer = pipe.transformer.config
     native = ref.native_size or int(transformer.sample_size) * pipe.vae_scale_factor
     pipeline = SANA_SPRINT if isinstance(pipe, _sprint_class()) else (ref.pipeline or class_name)
-    supports_pag = ref.supports_pag and pipeline == SANA and float(getattr(transformer, "timestep_scale", 1.0)) == 1.0
+    timestep_scale = getattr(transformer, "timestep_scale", 1.0)
+    supports_pag = ref.supports_pag and pag_supported(pipeline, timestep_scale=timestep_scale)
     return replace(ref, native_size=native, pipeline=pipeline, supports_pag=supports_pag)
 
 

@@ -48,12 +48,18 @@ class Preset:
 
     @property
     def supports_pag(self) -> bool:
-        # SanaPAGPipeline ignores timestep_scale, so the Sprint teacher cannot use it (see notes §1).
-        return self.pipeline == SANA and "no-pag" not in self.tags
+        return pag_supported(self.pipeline, tags=self.tags)
 
     @property
     def uses_cfg(self) -> bool:
         return self.pipeline != SANA_SPRINT
+
+
+def pag_supported(pipeline: str | None, *, timestep_scale: float = 1.0, tags: tuple[str, ...] = ()) -> bool:
+    """The one rule for whether a model can use perturbed-attention guidance: a Sana (or Sana PAG)
+    checkpoint whose transformer has no timestep_scale, because SanaPAGPipeline ignores that scale (so
+    the Sprint teacher, which has one, cannot use PAG), and not marked no-pag. Sprint has no PAG pipeline."""
+    return pipeline in (SANA, SANA_PAG) and float(timestep_scale) == 1.0 and "no-pag" not in tags
 
 
 PRESETS: tuple[Preset, ...] = (

@@ -9,7 +9,6 @@ at the next denoising step in generate); nothing partial is ever written.
 
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import Callable
 import torch
 
 from . import __version__, decode as decoding, latents as keeping
+from .adapters import adapter_for
 from .errors import GenerationError, SanaError
 from .output import write_image
 from .pipeline import LoadedModel
@@ -36,7 +36,7 @@ class Writer:
     manifest cannot be written: disk full) is fatal, and from then on the thread only drains the
     queue, so the main thread is never left waiting on a dead consumer and signals keep working."""
 
-    def __init__(self, overwrite: bool, on_written: Callable[[ImageResult], None]):
+    def __init__(self, *, overwrite: bool, on_written: Callable[[ImageResult], None]):
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._overwrite = overwrite
         self._on_written = on_written
@@ -143,7 +143,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
             on_result(result)
         events(ImageWritten(result) if result.ok else ImageFailed(result))
 
-    def failed(job: ImageJob, failure: tuple[str, int], alone: bool) -> None:
+    def failed(job: ImageJob, failure: tuple[str, int], *, alone: bool) -> None:
         written(ImageResult(job=job, error=failure[0], error_exit_code=failure[1], retried_alone=alone))
 
     def halted() -> bool:
@@ -162,8 +162,8 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
         if not any(write):
             return busy
         events(BatchStarted(number=number + 1, total=len(pending), jobs=tuple(jobs)))
-        failure = _attempt(_run_group, loaded, jobs, write, embeds, options, warn, stop, writer, timings,
-                           on_failed=failed)
+        failure = _attempt(_run_group, loaded, jobs, write=write, embeddings=embeds, options=options, events=warn,
+                           stop=stop, writer=writer, timings=timings, on_failed=failed)
         if failure is None:
             return busy
         if len(jobs) == 1:
@@ -174,17 +174,19 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
                 continue
             # Each retry takes its row of the batch's embeddings: once the text encoder is released,
             # a retry cannot encode again.
-            single = _attempt(_run_group, loaded, [job], [True], _row(embeds, position), options, warn, stop,
-                              writer, timings, retried_alone=True, on_failed=failed)
+            single = _attempt(_run_group, loaded, [job], write=[True], embeddings=_row(embeds, position),
+                              options=options, events=warn, stop=stop, writer=writer, timings=timings,
+                              retried_alone=True, on_failed=failed)
             if single is not None:
                 failed(job, single, alone=True)
         return busy
 
-    writer = Writer(plan.overwrite, written)
+    writer = Writer(overwrite=plan.overwrite, on_written=written)
     embeddings: dict[int, tuple] = {}
     try:
         if not keep_text_encoder and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
-            _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings)
+            _encode_ahead(loaded, plan, pending, options=options, events=warn, stop=stop, embeddings=embeddings,
+                          timings=timings)
         waiting = []
         for number, group in enumerate(pending):
             if halted():
@@ -216,14 +218,15 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     return report
 
 
-def _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings) -> None:
+def _encode_ahead(loaded, plan, pending, *, options, events, stop, embeddings, timings) -> None:
     """Encode every group's prompts, then release the text encoder. If encoding runs out of memory, keep
     the text encoder and let each remaining group encode its own prompts (and retry) as it comes."""
     for number, group in enumerate(pending):
         if stop.requested:
             return
         try:
-            embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options, warn)
+            embeddings[number], seconds = _timed(_encode, loaded, jobs=[plan.jobs[i] for i in group],
+                                                 options=options, events=events)
         except Exception as exc:  # noqa: BLE001 - only out of memory is survivable here
             if not decoding.is_out_of_memory(exc):
                 raise
@@ -260,11 +263,11 @@ class _Aborted(Exception):
     pass
 
 
-def _attempt(function, *args, **kwargs) -> tuple[str, int] | None:
+def _attempt(function, loaded, jobs, **kwargs) -> tuple[str, int] | None:
     """Run one GPU batch; on failure return (message, exit code) instead of the exception, so the
     traceback (and the tensors its frames hold) is gone before anything is retried."""
     try:
-        function(*args, **kwargs)
+        function(loaded, jobs, **kwargs)
         return None
     except (_Aborted, _WriterFailed):
         raise
@@ -299,9 +302,9 @@ def _sync(loaded: LoadedModel) -> None:
         torch.cuda.synchronize(loaded.device)
 
 
-def _timed(function, loaded: LoadedModel, *args):
+def _timed(function, loaded: LoadedModel, **kwargs):
     started = time.perf_counter()
-    value = function(loaded, *args)
+    value = function(loaded, **kwargs)
     _sync(loaded)
     return value, time.perf_counter() - started
 
@@ -312,11 +315,6 @@ def _describe_failure(exc: Exception) -> str:
                 "or a smaller size")
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _chi(pipe) -> list[str] | None:
-    """The pipeline's default complex human instruction (on by default, as in the model cards)."""
-    return inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
 
 
 def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink) -> None:
@@ -333,33 +331,25 @@ def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink)
 
 
 @torch.no_grad()
-def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions, events: EventSink = no_events) -> tuple:
+def _encode(loaded: LoadedModel, *, jobs: list[ImageJob], options: RunOptions, events: EventSink = no_events) -> tuple:
     """Prompt embeddings for a GPU batch, exactly as the pipeline would compute them itself."""
     pipe = loaded.pipeline_for(jobs[0].pag_layers)
     loaded.check_placement()
     if loaded.text_encoder_freed:
         raise RuntimeError("internal error: the text encoder was released before every prompt was encoded")
-    prompts = [job.prompt for job in jobs]
     _warn_truncation(pipe, jobs, options.max_sequence_length - 2, events)
-    common = dict(num_images_per_prompt=1, device=pipe._execution_device, clean_caption=False,
-                  max_sequence_length=options.max_sequence_length, complex_human_instruction=_chi(pipe))
-    if loaded.ref.is_sprint:
-        embeds, mask = pipe.encode_prompt(prompts, **common)
-        return embeds, mask, None, None
-    return tuple(pipe.encode_prompt(prompts, do_classifier_free_guidance=jobs[0].guidance > 1.0,
-                                    negative_prompt=[job.negative_prompt for job in jobs], **common))
+    return adapter_for(loaded.ref).encode(pipe, jobs, max_sequence_length=options.max_sequence_length)
 
 
-def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], embeddings, options: RunOptions,
+def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], embeddings, options: RunOptions,
                events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False,
                on_failed: Callable | None = None) -> None:
     first = jobs[0]
     pipe = loaded.pipeline_for(first.pag_layers)
     batch_started = time.perf_counter()
     if embeddings is None:
-        embeddings, seconds = _timed(_encode, loaded, jobs, options, events)
+        embeddings, seconds = _timed(_encode, loaded, jobs=jobs, options=options, events=events)
         timings["encode"] += seconds
-    embeds, mask, negative_embeds, negative_mask = embeddings
 
     def on_step(pipeline, step, timestep, callback_kwargs):
         events(Step(step=step + 1, total=first.steps))
@@ -367,19 +357,8 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
             pipeline._interrupt = True
         return {}
 
-    kwargs = dict(prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, height=first.height,
-                  width=first.width, num_inference_steps=first.steps, guidance_scale=first.guidance,
-                  generator=[torch.Generator(loaded.generator_device).manual_seed(job.seed) for job in jobs],
-                  output_type="latent", use_resolution_binning=False, callback_on_step_end=on_step,
-                  return_dict=False)
-    if loaded.ref.is_sprint:
-        if first.steps != 2:
-            kwargs["intermediate_timesteps"] = None  # diffusers raises for steps != 2 otherwise
-    else:
-        kwargs.update(negative_prompt=None, negative_prompt_embeds=negative_embeds,
-                      negative_prompt_attention_mask=negative_mask)
-    if first.pag_scale > 0:
-        kwargs["pag_scale"] = first.pag_scale
+    generators = [torch.Generator(loaded.generator_device).manual_seed(job.seed) for job in jobs]
+    kwargs = adapter_for(loaded.ref).build_call(jobs, embeddings, generators=generators, on_step=on_step)
     started = time.perf_counter()
     loaded.check_placement()
     with torch.no_grad():
@@ -404,7 +383,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
             failure = _failure(exc)
         if failure is not None:
             decoding.release_memory()
-            on_failed(job, _kept_failure(loaded, job, one, failure), retried_alone)
+            on_failed(job, _kept_failure(loaded, job, one, failure), alone=retried_alone)
             continue
         if options.keep_latents:
             _keep(loaded, job, one)
@@ -441,6 +420,5 @@ def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> 
             "height": job.height, "rendered": f"{job.width}x{job.height}", "pag_scale": job.pag_scale,
             "pag_layers": job.pag_layers, "decode": decode_strategy, "chi": True, **model,
             "device": loaded.device.type, "key_schema": KEY_SCHEMA, "pixel_options": job.pixels.to_dict()}
-    if loaded.ref.is_sprint:
-        meta["intermediate_timesteps"] = 1.3 if job.steps == 2 else None
+    meta.update(adapter_for(loaded.ref).metadata(job))
     return meta
