@@ -471,12 +471,7 @@ def _made_meanwhile(job, overwrite: bool, started_ns: int) -> bool:
 
 
 def _manifest_record(image: ImageResult, info: dict, output_dir: str) -> dict:
-    job = image.job
-    record = {"event": "image" if image.ok else "error", "index": job.index, "row": job.row, "key": job.key,
-              "file": os.path.relpath(job.path, output_dir), "prompt": job.prompt,
-              "negative_prompt": job.negative_prompt, "seed": job.seed, "width": job.width, "height": job.height,
-              "steps": job.steps, "guidance": job.guidance, "pag_scale": job.pag_scale, "pag_layers": job.pag_layers,
-              "pixel_options": job.pixels.to_dict(), "time": _now()}
+    record = {"event": "image" if image.ok else "error", **image.job.record(output_dir), "time": _now()}
     if image.ok:
         record.update(sha256=image.written.sha256, bytes=image.written.bytes, decode=image.decode,
                       decode_fallbacks=list(image.fallbacks), retried_alone=image.retried_alone,

@@ -652,14 +652,12 @@ def existing_outputs(jobs, output_dir: str | Path, records: list[dict], overwrit
             embedded = {}
         if embedded.get("key") == job.key and digest is not None:
             done.add(position)
-            adopt.append({**{k: embedded.get(k) for k in ("model", "model_id", "revision", "commit", "pipeline",
-                                                          "dtype", "device", "decode", "pag_layers",
-                                                          "pixel_options")},
-                          "event": "image", "index": job.index, "row": job.row, "key": job.key, "file": relative,
-                          "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
-                          "width": job.width, "height": job.height, "steps": job.steps, "guidance": job.guidance,
-                          "pag_scale": job.pag_scale, "sha256": digest, "bytes": os.path.getsize(job.path),
-                          "adopted": True})
+            made_with = {k: embedded.get(k) for k in ("model", "model_id", "revision", "commit", "pipeline", "dtype",
+                                                      "device", "decode")}
+            # pixel_options as the file records them (the key matched their normalised form only)
+            adopt.append({**made_with, "event": "image", **job.record(str(output_dir)),
+                          "pixel_options": embedded.get("pixel_options"), "sha256": digest,
+                          "bytes": os.path.getsize(job.path), "adopted": True})
             continue
         conflicts.append(job.path)
     return done, adopt, conflicts

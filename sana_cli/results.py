@@ -50,10 +50,7 @@ class ImageResult:
         return self.written is not None
 
     def to_dict(self) -> dict:
-        job = self.job
-        data = {"index": job.index, "row": job.row, "prompt": job.prompt, "seed": job.seed,
-                "width": job.width, "height": job.height, "steps": job.steps, "guidance": job.guidance,
-                "pag_scale": job.pag_scale, "path": job.path, "key": job.key}
+        data = self.job.summary()
         if self.ok:
             data.update(sha256=self.written.sha256, bytes=self.written.bytes, decode=self.decode,
                         seconds=round(self.seconds, 4))

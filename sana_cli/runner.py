@@ -415,10 +415,8 @@ def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> 
     """Everything needed to reproduce the image. No timestamps or host names, so equal work gives
     byte-identical files whichever process, shard or GPU index made them."""
     model = loaded.describe()
-    meta = {"sana_cli": __version__, "key": job.key, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
-            "seed": job.seed, "steps": job.steps, "guidance": job.guidance, "width": job.width,
-            "height": job.height, "rendered": f"{job.width}x{job.height}", "pag_scale": job.pag_scale,
-            "pag_layers": job.pag_layers, "decode": decode_strategy, "chi": True, **model,
+    meta = {"sana_cli": __version__, "key": job.key, **job.params(), "rendered": f"{job.width}x{job.height}",
+            "decode": decode_strategy, "chi": True, **model,
             "device": loaded.device.type, "key_schema": KEY_SCHEMA, "pixel_options": job.pixels.to_dict()}
     meta.update(adapter_for(loaded.ref).metadata(job))
     return meta
