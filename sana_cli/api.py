@@ -22,27 +22,27 @@ from .errors import EnvironmentProblem, GenerationError, Interrupted, PartialFai
 from .modelref import ModelRef
 from .pipeline import LoadedModel
 from .plan import LoadOptions, PixelOptions, Plan, Request, model_for, plan_generate, rekey
-from .results import ImageResult, RunOptions, RunReport, StopToken
+from .results import ImageResult, RunOptions, RunOutcome, StopToken
 
 
 @dataclass
 class GenerateResult:
     plan: Plan
-    report: RunReport
+    outcome: RunOutcome
     model: dict  # LoadedModel.describe()
     load_seconds: float = 0.0
 
     @property
     def images(self) -> list[ImageResult]:
-        return self.report.results
+        return self.outcome.results
 
     def to_dict(self) -> dict:
-        timings = {"load": round(self.load_seconds, 4), **self.report.timings}
-        return {"ok": not self.report.failed, "command": self.plan.command, "model": self.model,
-                "images": [r.to_dict() for r in self.report.results], "timings": timings,
-                "peak_memory_bytes": self.report.peak_memory_bytes,
-                "peak_reserved_bytes": self.report.peak_reserved_bytes, "notes": self.plan.notes,
-                "warnings": self.report.warnings}
+        timings = {"load": round(self.load_seconds, 4), **self.outcome.timings}
+        return {"ok": not self.outcome.failed, "command": self.plan.command, "model": self.model,
+                "images": [r.to_dict() for r in self.outcome.results], "timings": timings,
+                "peak_memory_bytes": self.outcome.peak_memory_bytes,
+                "peak_reserved_bytes": self.outcome.peak_reserved_bytes, "notes": self.plan.notes,
+                "warnings": self.outcome.warnings}
 
 
 class Session:
@@ -58,8 +58,8 @@ class Session:
 
     def run(self, plan: Plan, *, decode: str = "auto", events: EventSink = no_events,
             stop: StopToken | None = None, abort_in_flight: bool = True, on_result=None,
-            keep_latents: bool = False) -> RunReport:
-        """Run a Plan on this model; returns the report (failures are recorded, not raised)."""
+            keep_latents: bool = False) -> RunOutcome:
+        """Run a Plan on this model; returns its outcome (failures are recorded, not raised)."""
         check_plan_fits(plan, self.loaded.ref)
         decode = self.loaded.options.decode_for(decode)
         plan = rekey(plan, self.pixels(decode))
@@ -84,8 +84,8 @@ class Session:
         decode = self.loaded.options.decode_for(decode)
         plan = plan_generate(Request(prompt=prompt, **request), self.loaded.ref, self.pixels(decode))
         prepare_outputs(plan)
-        report = self.run(plan, decode=decode, events=events, stop=stop, keep_latents=keep_latents)
-        return _finish(plan, report, self.loaded, self.load_seconds)
+        outcome = self.run(plan, decode=decode, events=events, stop=stop, keep_latents=keep_latents)
+        return _finish(plan, outcome, self.loaded, self.load_seconds)
 
 
 LOAD_KEYWORDS = ("device", "dtype", "offline", "allow_pickle", "low_memory", "compile", "fp8", "max_memory",
@@ -162,9 +162,9 @@ def run_plan(plan: Plan, options: LoadOptions | None = None, *, decode: str = "a
         raise Interrupted("interrupted before generation started", signal_number=stop.signal_number)
     run_options = RunOptions(decode=loaded.options.decode_for(decode), abort_in_flight=abort_in_flight,
                              max_memory_bytes=_budget(loaded), keep_latents=keep_latents)
-    report = _run(plan, loaded, run_options, events=events, stop=stop, keep_text_encoder=False,
+    outcome = _run(plan, loaded, run_options, events=events, stop=stop, keep_text_encoder=False,
                   on_result=on_result)
-    return _finish(plan, report, loaded, load_seconds)
+    return _finish(plan, outcome, loaded, load_seconds)
 
 
 def _load_timed(ref: ModelRef, options: LoadOptions, events: EventSink | None = None) -> tuple[LoadedModel, float]:
@@ -203,7 +203,7 @@ def _budget(loaded: LoadedModel) -> int | None:
 def check_cache_dir() -> None:
     """sana-cli's cache (tiny models, compile cache) must be a directory if it exists: found before
     torch is imported, as an environment problem."""
-    from .tiny import cache_root
+    from .cache import cache_root
 
     root = cache_root()
     for path in (root, *root.parents):
@@ -215,21 +215,21 @@ def check_cache_dir() -> None:
 
 
 def _run(plan: Plan, loaded: LoadedModel, options: RunOptions, *, events: EventSink, stop: StopToken | None,
-         keep_text_encoder: bool, on_result=None, done: frozenset[int] = frozenset(), claim=None) -> RunReport:
+         keep_text_encoder: bool, on_result=None, done: frozenset[int] = frozenset(), claim=None) -> RunOutcome:
     from .runner import run
 
     return run(plan, loaded, options, events=events, stop=stop, keep_text_encoder=keep_text_encoder,
                on_result=on_result, done=done, claim=claim)
 
 
-def _finish(plan: Plan, report: RunReport, loaded: LoadedModel, load_seconds: float) -> GenerateResult:
-    result = GenerateResult(plan=plan, report=report, model=loaded.describe(), load_seconds=load_seconds)
-    if report.stopped_by is not None:
-        done = sum(r.ok for r in report.results)
+def _finish(plan: Plan, outcome: RunOutcome, loaded: LoadedModel, load_seconds: float) -> GenerateResult:
+    result = GenerateResult(plan=plan, outcome=outcome, model=loaded.describe(), load_seconds=load_seconds)
+    if outcome.stopped_by is not None:
+        done = sum(r.ok for r in outcome.results)
         raise Interrupted(f"interrupted; {done} of {len(plan.jobs)} image(s) written, nothing partial left",
-                          signal_number=report.stopped_by)
-    if plan.command == "generate" and report.failed:
-        first = report.failed[0]
+                          signal_number=outcome.stopped_by)
+    if plan.command == "generate" and outcome.failed:
+        first = outcome.failed[0]
         error = GenerationError(first.error or "generation failed")
         if first.error_exit_code:
             error.exit_code = first.error_exit_code
@@ -272,7 +272,7 @@ class BatchResult:
     plan: Plan
     output_dir: str
     manifest: str
-    report: RunReport | None = None  # None when every image already existed
+    outcome: RunOutcome | None = None  # None when every image already existed
     model: dict | None = None
     already_done: int = 0
     invalid_rows: list = field(default_factory=list)
@@ -284,30 +284,31 @@ class BatchResult:
 
     @property
     def written(self) -> list[ImageResult]:
-        return [r for r in self.report.results if r.ok] if self.report else []
+        return [r for r in self.outcome.results if r.ok] if self.outcome else []
 
     @property
     def failed(self) -> list[ImageResult]:
-        return self.report.failed if self.report else []
+        return self.outcome.failed if self.outcome else []
 
     @property
     def stopped_by(self) -> int | None:
-        return self.report.stopped_by if self.report else None
+        return self.outcome.stopped_by if self.outcome else None
 
     def to_dict(self) -> dict:
-        timings = {"load": round(self.load_seconds, 4), **(self.report.timings if self.report else {})}
+        timings = {"load": round(self.load_seconds, 4), **(self.outcome.timings if self.outcome else {})}
         seconds = timings.get("total", 0.0)
         return {
             "ok": not self.failed and self.stopped_by is None, "command": "batch", "source": self.source,
             "output_dir": self.output_dir, "manifest": self.manifest, "model": self.model,
             "images_planned": len(self.plan.jobs), "written": len(self.written), "already_done": self.already_done,
-            "failed": len(self.failed), "invalid_rows": [{"line": e.line, "error": e.message} for e in self.invalid_rows],
+            "failed": len(self.failed),
+            "invalid_rows": [{"line": e.line, "error": e.message} for e in self.invalid_rows],
             "failures": [r.to_dict() for r in self.failed], "removed_temp_files": self.removed_temp_files,
             "stopped_by_signal": self.stopped_by, "timings": timings,
             "images_per_second": round(len(self.written) / seconds, 4) if seconds else None,
-            "peak_memory_bytes": self.report.peak_memory_bytes if self.report else None,
-            "peak_reserved_bytes": self.report.peak_reserved_bytes if self.report else None,
-            "warnings": self.report.warnings if self.report else [],
+            "peak_memory_bytes": self.outcome.peak_memory_bytes if self.outcome else None,
+            "peak_reserved_bytes": self.outcome.peak_reserved_bytes if self.outcome else None,
+            "warnings": self.outcome.warnings if self.outcome else [],
             "images": [r.to_dict() for r in self.written],
             "already_done_paths": self.already_done_paths,
         }
@@ -349,8 +350,9 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     A run that refuses (bad rows, files in the way, a manifest that is not sana-cli's) leaves the
     output directory exactly as it was."""
     from . import distributed
-    from .output import (Claims, Manifest, check_manifest, ensure_directory, existing_outputs, manifest_name,
-                         merge_manifests, read_manifests, remove_stale_claims, remove_stray_temp_files)
+    from .manifest import (Claims, Manifest, check_manifest, existing_outputs, manifest_name, merge_manifests,
+                           read_manifests, remove_stale_claims)
+    from .output import ensure_directory, remove_stray_temp_files
     options = load_options(options, **load_keywords)
     if session is not None:
         pixels = session.pixels(session.loaded.options.decode_for(decode))
@@ -432,7 +434,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
 
             run_options = RunOptions(decode=loaded.options.decode_for(decode), abort_in_flight=False,
                                      fail_fast=fail_fast, max_memory_bytes=_budget(loaded), keep_latents=keep_latents)
-            result.report = _run(plan, loaded, run_options, events=events, stop=stop,
+            result.outcome = _run(plan, loaded, run_options, events=events, stop=stop,
                                  keep_text_encoder=session is not None, on_result=record, done=frozenset(done),
                                  claim=claim)
     finally:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import tiny
+from .cache import cache_root
 from .errors import EnvironmentProblem, UsageError
 from .modelref import ModelRef, check_components
 from .plan import LoadOptions
@@ -253,7 +254,7 @@ def _source_dir(ref: ModelRef) -> Path | None:
         try:
             return tiny.ensure(ref.source.split(":", 1)[1])
         except Exception as exc:  # noqa: BLE001 - usually a full or read-only disk
-            raise EnvironmentProblem(f"cannot build the tiny model in {tiny.cache_root()}: {exc}",
+            raise EnvironmentProblem(f"cannot build the tiny model in {cache_root()}: {exc}",
                                      hint="set SANA_CLI_CACHE to a writable directory") from exc
     if ref.kind == "local":
         return Path(ref.source)

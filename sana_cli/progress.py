@@ -25,7 +25,7 @@ def discard(stream) -> None:
         pass
 
 
-class Reporter:
+class ProgressDisplay:
     """Turns runner events into stderr output."""
 
     def __init__(self, total_images: int, *, quiet: bool = False, stream=None, interval: float | None = None):

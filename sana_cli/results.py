@@ -64,7 +64,7 @@ class ImageResult:
 
 
 @dataclass
-class RunReport:
+class RunOutcome:
     results: list[ImageResult] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     stopped_by: int | None = None  # signal number

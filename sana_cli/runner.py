@@ -23,7 +23,7 @@ from .output import write_image
 from .pipeline import LoadedModel
 from .plan import KEY_SCHEMA, ImageJob, Plan
 from .events import BatchStarted, EventSink, ImageFailed, ImageWritten, Noted, Step, Warned, no_events
-from .results import ImageResult, RunOptions, RunReport, StopToken
+from .results import ImageResult, RunOptions, RunOutcome, StopToken
 
 ENCODE_AHEAD_MAX = 256  # prompts; ~2.8 MB of bf16 embeddings each with CFG
 
@@ -108,7 +108,7 @@ class _WriterFailed(Exception):
 def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, events: EventSink = no_events,
         stop: StopToken | None = None, keep_text_encoder: bool = True,
         on_result: Callable[[ImageResult], None] | None = None, done: frozenset[int] = frozenset(),
-        claim: Callable[[list[ImageJob], list[bool]], tuple[list[bool], bool]] | None = None) -> RunReport:
+        claim: Callable[[list[ImageJob], list[bool]], tuple[list[bool], bool]] | None = None) -> RunOutcome:
     """Run every GPU batch of the plan. `done` holds positions in plan.jobs that already have their
     image: a batch whose images all exist is skipped, and a partly done batch is rendered whole (so
     its pixels equal an uninterrupted run's) with only the missing images written. A failed batch is
@@ -123,7 +123,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     options = options or RunOptions()
     stop = stop or StopToken()
     events = _never_raising(events)
-    report = RunReport()
+    outcome = RunOutcome()
     timings = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
     started = time.perf_counter()
     if loaded.device.type == "cuda":
@@ -132,13 +132,13 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     pending = [group for group in plan.groups if any(i not in done for i in group)]
 
     def warn(event) -> None:
-        if isinstance(event, Warned) and event.message not in report.warnings:
-            report.warnings.append(event.message)
+        if isinstance(event, Warned) and event.message not in outcome.warnings:
+            outcome.warnings.append(event.message)
         events(event)
 
     def written(result: ImageResult) -> None:
         with lock:
-            report.results.append(result)
+            outcome.results.append(result)
         if on_result is not None:
             on_result(result)
         events(ImageWritten(result) if result.ok else ImageFailed(result))
@@ -147,7 +147,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
         written(ImageResult(job=job, error=failure[0], error_exit_code=failure[1], retried_alone=alone))
 
     def halted() -> bool:
-        return stop.requested or (options.fail_fast and bool(report.failed)) or writer.failure is not None
+        return stop.requested or (options.fail_fast and bool(outcome.failed)) or writer.failure is not None
 
     tried: set[int] = set()  # positions this process rendered or handed to a holder
 
@@ -207,15 +207,15 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
         writer.close()
     if writer.error() is not None:
         raise writer.error()
-    report.stopped_by = stop.signal_number
+    outcome.stopped_by = stop.signal_number
     timings["write"] = writer.seconds
     timings["total"] = time.perf_counter() - started
-    report.timings = {key: round(value, 4) for key, value in timings.items()}
+    outcome.timings = {key: round(value, 4) for key, value in timings.items()}
     if loaded.device.type == "cuda":
-        report.peak_memory_bytes = torch.cuda.max_memory_allocated(loaded.device)
-        report.peak_reserved_bytes = torch.cuda.max_memory_reserved(loaded.device)
-    report.results.sort(key=lambda r: r.job.index)
-    return report
+        outcome.peak_memory_bytes = torch.cuda.max_memory_allocated(loaded.device)
+        outcome.peak_reserved_bytes = torch.cuda.max_memory_reserved(loaded.device)
+    outcome.results.sort(key=lambda r: r.job.index)
+    return outcome
 
 
 def _encode_ahead(loaded, plan, pending, *, options, events, stop, embeddings, timings) -> None:

@@ -129,7 +129,8 @@ def test_an_oom_batch_is_retried_alone_after_the_text_encoder_was_released(tiny_
     assert loaded.text_encoder_freed and all(p.device.type == "meta" for p in loaded.pipe.text_encoder.parameters())
     assert [(r.ok, r.retried_alone, r.error) for r in report.results] == [(True, True, None)] * 3
     (tmp_path / "alone").mkdir()
-    alone = run(plan_for(tmp_path / "alone", num_images=3, batch_size=1), load(resolve("tiny")), keep_text_encoder=False)
+    alone = run(plan_for(tmp_path / "alone", num_images=3, batch_size=1), load(resolve("tiny")),
+                keep_text_encoder=False)
     for retried, reference in zip(report.results, alone.results):
         assert np.abs(pixels(retried.written.path) - pixels(reference.written.path)).max() <= 1
 

@@ -93,7 +93,10 @@ def test_4096_decode_helper_strips_and_patch_conv_against_full(full_vae_bf16):
     full, full_peak = _decode_peak(full_vae_bf16, z, "full")
     strips, strips_peak = _decode_peak(full_vae_bf16, z, "strips", strip_rows=64)
     patched, _ = _decode_peak(full_vae_bf16, z, "patch-conv")
-    to_uint8 = lambda t: ((t.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+
+    def to_uint8(t):
+        return ((t.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+
     reference = to_uint8(full.image)
     assert strips.strategy == "strips:64" and patched.strategy == "patch-conv:32"
     assert psnr(to_uint8(strips.image), reference) >= 40
