@@ -149,7 +149,8 @@ def markdown(results: dict) -> str:
         psnr = "—" if not diff else ("∞ (identical)" if diff["identical_uint8"] else f"{diff['psnr_db']:.2f} dB")
         float_diff = "—" if not diff else f"{diff['max_abs_diff_float']:.3g}"
         lines.append(f"| {run['strategy']} | {run['label']} | {run['seconds']:.1f} | "
-                     f"{_common.gib(run['peak_above_baseline_bytes'])} | {_common.gib(run['process_peak_rss_bytes'])} | "
+                     f"{_common.gib(run['peak_above_baseline_bytes'])} | "
+                     f"{_common.gib(run['process_peak_rss_bytes'])} | "
                      f"{float_diff} | {diff.get('max_abs_diff_uint8', '—')} | {psnr} |")
     strips = [run for run in results["runs"] if run.get("rows")]
     if strips:

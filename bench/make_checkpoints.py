@@ -53,7 +53,7 @@ SHARED = ("tokenizer", "text_encoder", "vae")
 
 # ---- configs -------------------------------------------------------------------------------------
 
-# SanaTransformer2DModel, 1600M (notes §2): 70 heads x 32, 20 layers, cross 20 x 112 = 2240, caption 2304.
+# SanaTransformer2DModel, 1600M (its hub config.json): 70 heads x 32, 20 layers, cross 20 x 112 = 2240, caption 2304.
 TRANSFORMER_1600M = dict(
     in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
     num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
@@ -69,7 +69,7 @@ GEMMA2_2B = dict(
     pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.02)
 GEMMA2_TINY = tiny.GEMMA2_CONFIG  # vocab_size is set to the tokenizer's length
 
-# DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers, notes §3).
+# DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers, its hub config.json).
 DCAE_F32C32 = dict(
     in_channels=3, latent_channels=32, attention_head_dim=32,
     encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
@@ -82,7 +82,7 @@ DCAE_F32C32 = dict(
     decoder_act_fns="silu", scaling_factor=0.41407)
 DCAE_TINY = tiny.VAE_CONFIG  # two local ResBlock stages and an attention stage (ratio 4)
 
-FLOW_DPM = tiny.FLOW_DPM_CONFIG  # the hub scheduler_config.json of the Sana repos (notes §5)
+FLOW_DPM = tiny.FLOW_DPM_CONFIG  # the hub scheduler_config.json of the Sana repos
 
 
 @dataclass(frozen=True)

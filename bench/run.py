@@ -60,7 +60,8 @@ pipe.vae.to(torch.bfloat16)
 pipe.text_encoder.to(torch.bfloat16)
 if pipe.transformer.config.sample_size == 128:
     pipe.vae = patch_conv.convert_model(pipe.vae, splits=32)
-{loop}image = pipe(prompt={prompt}, height={height}, width={width}, guidance_scale={guidance}, num_inference_steps={steps},
+{loop}image = pipe(prompt={prompt}, height={height}, width={width}, guidance_scale={guidance},
+{indent}             num_inference_steps={steps},
 {indent}             generator=torch.Generator(device={device!r}).manual_seed({seed}){binning})[0][0]
 {indent}image.save({path})"""
 
@@ -100,9 +101,10 @@ class Workload:
 
 
 def workloads(scale: str, batch_prompts_count: int | None = None, size: int | None = None) -> dict[str, Workload]:
-    """Full: the issue's sizes. Tiny: 128x128 everywhere, the native size of the tiny 1024 and
-    Sprint models (sample_size 32 x VAE ratio 4). The tiny 4K model (sample_size 128) is native
-    512, but bf16 convolutions are slow on a CPU, so it renders 128x128 too (--force-size)."""
+    """Full: the benchmark's sizes (4096px, 1024px, a 1024px batch, Sprint). Tiny: 128x128 everywhere,
+    the native size of the tiny 1024 and Sprint models (sample_size 32 x VAE ratio 4). The tiny 4K
+    model (sample_size 128) is native 512, but bf16 convolutions are slow on a CPU, so it renders
+    128x128 too (--force-size)."""
     if scale == "full":
         big, small, count = 4096, 1024, batch_prompts_count or 64
     else:
@@ -258,7 +260,7 @@ class Side:
     images: int = 0
     images_per_second: float | None = None
     stages: dict = field(default_factory=dict)  # seconds per stage of the median run
-    reported: dict = field(default_factory=dict)  # sana-cli's own RunReport timings
+    reported: dict = field(default_factory=dict)  # sana-cli's own RunOutcome timings
     load_seconds: float | None = None
     peak_memory_bytes: int | None = None
     memory_kind: str | None = None
@@ -439,7 +441,7 @@ def recipe_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, w
                            warm=lambda: run_once(limit=1))
     finally:
         clock.remove()
-        del pipe
+        pipe = None  # release the model before the next side loads
         release(device)
     return side
 
@@ -474,7 +476,7 @@ def api_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, warm
         clock.mark("image_end")
         return {"outputs": [image.written.path for image in result.images], "images": len(result.images),
                 "decode": ",".join(sorted({image.decode for image in result.images})),
-                "reported": dict(result.report.timings, peak_memory_bytes=result.report.peak_memory_bytes)}
+                "reported": dict(result.outcome.timings, peak_memory_bytes=result.outcome.peak_memory_bytes)}
 
     try:
         measure_in_process(side, run_once, device, warmup=warmup, repeats=repeats, clock=clock)
@@ -482,7 +484,7 @@ def api_side(workload: Workload, model_dir: Path, device, out_dir: Path, *, warm
         side.stages["write"] = side.reported.get("write")
     finally:
         clock.remove()
-        del session
+        session = None  # release the model before the next side loads
         release(device)
     return side
 
@@ -530,7 +532,7 @@ def sana_batch_workload(model_dir: Path, prompts: list[str], seeds: list[int], *
             raise RuntimeError(f"sana batch failed: {result.failed[0].error}")
         return {"outputs": [image.written.path for image in result.written], "images": len(result.written),
                 "decode": ",".join(sorted({image.decode for image in result.written})),
-                "reported": dict(result.report.timings, peak_memory_bytes=result.report.peak_memory_bytes)}
+                "reported": dict(result.outcome.timings, peak_memory_bytes=result.outcome.peak_memory_bytes)}
 
     try:
         measure_in_process(side, run_once, device, warmup=warmup, repeats=repeats, clock=clock,
@@ -538,7 +540,7 @@ def sana_batch_workload(model_dir: Path, prompts: list[str], seeds: list[int], *
         side.stages["write"] = side.reported.get("write")
     finally:
         clock.remove()
-        del session
+        session = None  # release the model before the next side loads
         release(device)
     argv = [sys.executable, "-m", "sana_cli", "batch", str(rows), "--model", str(model_dir), "--width", str(width),
             "--height", str(height), "--steps", str(steps), "--guidance", str(guidance), "-o", str(out_dir / "cli"),
@@ -697,9 +699,10 @@ def parse_args(argv=None):
                         help="measured runs, median reported (recipe, api; default 3 full, 1 tiny)")
     parser.add_argument("--cli-repeats", type=int, default=1, help="cold CLI processes, median reported")
     parser.add_argument("--batch-repeats", type=int, default=1, help="measured runs of the whole batch workload")
-    parser.add_argument("--batch-prompts", type=int, default=None, help="prompts in the batch workload (64 full, 4 tiny)")
+    parser.add_argument("--batch-prompts", type=int, default=None,
+                        help="prompts in the batch workload (64 full, 4 tiny)")
     parser.add_argument("--size", type=int, default=None,
-                        help="render every workload at SIZExSIZE instead (quick checks only: not the issue's "
+                        help="render every workload at SIZExSIZE instead (quick checks only: not the full "
                              "workloads; sana-cli then runs with force_size)")
     parser.add_argument("--decode", default="auto", help="sana-cli decode strategy for api and cli (default auto)")
     parser.add_argument("--no-exactness", dest="exactness", action="store_false",

@@ -13,35 +13,36 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from .distributed import reports_completion
+from .events import EventSink, Loading, Planned, no_events
 from .errors import EnvironmentProblem, GenerationError, Interrupted, PartialFailure, UsageError
 from .modelref import ModelRef
-from .pipeline import LoadedModel, LoadOptions
-from .plan import PixelOptions, Plan, Request, model_for, plan_generate, rekey
-from .results import EventSink, ImageResult, RunOptions, RunReport, StopToken, no_events
+from .pipeline import LoadedModel
+from .plan import LoadOptions, PixelOptions, Plan, Request, model_for, plan_generate, rekey
+from .results import ImageResult, RunOptions, RunOutcome, StopToken
 
 
 @dataclass
 class GenerateResult:
     plan: Plan
-    report: RunReport
+    outcome: RunOutcome
     model: dict  # LoadedModel.describe()
     load_seconds: float = 0.0
 
     @property
     def images(self) -> list[ImageResult]:
-        return self.report.results
+        return self.outcome.results
 
     def to_dict(self) -> dict:
-        timings = {"load": round(self.load_seconds, 4), **self.report.timings}
-        return {"ok": not self.report.failed, "command": self.plan.command, "model": self.model,
-                "images": [r.to_dict() for r in self.report.results], "timings": timings,
-                "peak_memory_bytes": self.report.peak_memory_bytes,
-                "peak_reserved_bytes": self.report.peak_reserved_bytes, "notes": self.plan.notes,
-                "warnings": self.report.warnings}
+        timings = {"load": round(self.load_seconds, 4), **self.outcome.timings}
+        return {"ok": not self.outcome.failed, "command": self.plan.command, "model": self.model,
+                "images": [r.to_dict() for r in self.outcome.results], "timings": timings,
+                "peak_memory_bytes": self.outcome.peak_memory_bytes,
+                "peak_reserved_bytes": self.outcome.peak_reserved_bytes, "notes": self.plan.notes,
+                "warnings": self.outcome.warnings}
 
 
 class Session:
@@ -57,19 +58,19 @@ class Session:
 
     def run(self, plan: Plan, *, decode: str = "auto", events: EventSink = no_events,
             stop: StopToken | None = None, abort_in_flight: bool = True, on_result=None,
-            keep_latents: bool = False) -> RunReport:
-        """Run a Plan on this model; returns the report (failures are recorded, not raised)."""
+            keep_latents: bool = False) -> RunOutcome:
+        """Run a Plan on this model; returns its outcome (failures are recorded, not raised)."""
         check_plan_fits(plan, self.loaded.ref)
-        decode = _decode_for(decode, self.loaded.options.low_memory)
+        decode = self.loaded.options.decode_for(decode)
         plan = rekey(plan, self.pixels(decode))
         options = RunOptions(decode=decode, abort_in_flight=abort_in_flight, max_memory_bytes=_budget(self.loaded),
                              keep_latents=keep_latents)
-        return _run(plan, self.loaded, options, events, stop, True, on_result)
+        return _run(plan, self.loaded, options, events=events, stop=stop, keep_text_encoder=True,
+                    on_result=on_result)
 
     def pixels(self, decode: str = "auto") -> PixelOptions:
         """The pixel-deciding options of this loaded model with a decode strategy (for job keys)."""
-        options = self.loaded.options
-        return PixelOptions(device=options.device, dtype=options.dtype, fp8=options.fp8, decode=decode)
+        return self.loaded.options.pixels(decode)
 
     def batch(self, source: str, **options) -> "BatchResult":
         """`sana batch` on this loaded model; keyword arguments as for sana_cli.batch()."""
@@ -80,80 +81,107 @@ class Session:
         """Make and write images for one prompt; keyword arguments are Request fields (width,
         height, steps, guidance, negative_prompt, seed, num_images, pag_scale, output, ...)."""
         request.setdefault("model", self.loaded.ref.name)
-        decode = _decode_for(decode, self.loaded.options.low_memory)
+        decode = self.loaded.options.decode_for(decode)
         plan = plan_generate(Request(prompt=prompt, **request), self.loaded.ref, self.pixels(decode))
         prepare_outputs(plan)
-        report = self.run(plan, decode=decode, events=events, stop=stop, keep_latents=keep_latents)
-        return _finish(plan, report, self.loaded, self.load_seconds)
+        outcome = self.run(plan, decode=decode, events=events, stop=stop, keep_latents=keep_latents)
+        return _finish(plan, outcome, self.loaded, self.load_seconds)
 
 
-def load(model: str | None = None, *, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-         offline: bool = False, allow_pickle: bool = False, low_memory: bool = False, compile: bool = False,
-         fp8: bool = False, max_memory: float | None = None) -> Session:
-    """Load a model (preset name, hub id or local directory) and keep it for repeated generation."""
+LOAD_KEYWORDS = ("device", "dtype", "offline", "allow_pickle", "low_memory", "compile", "fp8", "max_memory",
+                 "verbose")
+
+
+def load_options(options: LoadOptions | None = None, **keywords) -> LoadOptions:
+    """The public functions' load keyword arguments (device, dtype, offline, allow_pickle, low_memory,
+    compile, fp8, max_memory, verbose) as one LoadOptions; or `options` itself, given whole."""
+    unknown = set(keywords) - set(LOAD_KEYWORDS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    if options is not None:
+        if keywords:
+            raise TypeError("pass either options= or load keyword arguments, not both")
+        return options
+    if "max_memory" in keywords:
+        keywords["max_memory_gib"] = keywords.pop("max_memory")
+    return LoadOptions(**keywords)
+
+
+def _split_load_keywords(request: dict) -> dict:
+    """Take the load keyword arguments out of a function's **request."""
+    return {name: request.pop(name) for name in LOAD_KEYWORDS if name in request}
+
+
+def load(model: str | None = None, *, revision: str | None = None, options: LoadOptions | None = None,
+         **load_keywords) -> Session:
+    """Load a model (preset name, hub id or local directory) and keep it for repeated generation.
+    `options` is a LoadOptions; or give its fields as keyword arguments (max_memory in GiB)."""
     from .modelref import resolve
-    from .pipeline import load as load_model
 
+    options = load_options(options, **load_keywords)
     ref = resolve(model, revision=revision)
-    PixelOptions(device=device, dtype=dtype, fp8=fp8)  # bad values are usage errors, before torch loads
+    options.pixels()  # bad values are usage errors, before torch loads
     check_cache_dir()
-    started = time.perf_counter()
-    loaded = load_model(ref, LoadOptions(device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
-                                         low_memory=low_memory, compile=compile, fp8=fp8,
-                                         max_memory_gib=max_memory))
-    return Session(loaded, time.perf_counter() - started)
+    loaded, seconds = _load_timed(ref, options)
+    return Session(loaded, seconds)
 
 
 def generate(prompt: str, *, model: str | None = None, size: int | None = None, decode: str = "auto",
-             device: str = "auto", dtype: str = "auto", offline: bool = False, allow_pickle: bool = False,
-             low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
-             max_memory: float | None = None, keep_latents: bool = False, events: EventSink = no_events,
+             options: LoadOptions | None = None, keep_latents: bool = False, events: EventSink = no_events,
              stop: StopToken | None = None, **request) -> GenerateResult:
     """One-shot: plan, load, generate, write. Raises GenerationError if any image failed and
-    Interrupted if a signal stopped it. Keyword arguments are Request fields."""
+    Interrupted if a signal stopped it. Keyword arguments are Request fields, or load options
+    (as for load())."""
+    options = load_options(options, **_split_load_keywords(request))
     if size is not None:
         request.setdefault("width", size)
         request.setdefault("height", size)
     req = Request(prompt=prompt, model=model, **request)
-    pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=_decode_for(decode, low_memory))
-    plan = plan_generate(req, model_for(req), pixels)
-    return run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle,
-                    low_memory=low_memory, compile=compile, fp8=fp8, max_memory=max_memory, keep_latents=keep_latents,
-                    events=events, stop=stop)
+    plan = plan_generate(req, model_for(req), options.pixels(options.decode_for(decode)))
+    return run_plan(plan, options, decode=decode, keep_latents=keep_latents, events=events, stop=stop)
 
 
-def run_plan(plan: Plan, *, decode: str = "auto", device: str = "auto", dtype: str = "auto", offline: bool = False,
-             allow_pickle: bool = False, low_memory: bool = False, compile: str | bool = "auto", fp8: bool = False,
+def run_plan(plan: Plan, options: LoadOptions | None = None, *, decode: str = "auto",
              events: EventSink = no_events, stop: StopToken | None = None, abort_in_flight: bool = True,
-             on_result=None, loaded: LoadedModel | None = None, verbose: bool = False,
-             max_memory: float | None = None, keep_latents: bool = False) -> GenerateResult:
-    """Load the plan's model (unless given) and run the plan once; the model is not kept."""
-    from .pipeline import load as load_model
-
+             on_result=None, loaded: LoadedModel | None = None, keep_latents: bool = False) -> GenerateResult:
+    """Load the plan's model with `options` (unless `loaded` is given) and run the plan once; the
+    model is not kept."""
+    options = options or LoadOptions()
     stop = stop or StopToken()
     load_seconds = 0.0
     if loaded is None:
-        plan = rekey(plan, PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=_decode_for(decode, low_memory)))
+        plan = rekey(plan, options.pixels(options.decode_for(decode)))
         check_cache_dir()
     else:
-        plan = rekey(plan, PixelOptions(device=loaded.options.device, dtype=loaded.options.dtype,
-                                        fp8=loaded.options.fp8, decode=_decode_for(decode, loaded.options.low_memory)))
+        plan = rekey(plan, loaded.options.pixels(loaded.options.decode_for(decode)))
     prepare_outputs(plan)
     if loaded is None:
-        events("load", {"model": plan.model})
-        started = time.perf_counter()
-        loaded = load_model(plan.model, LoadOptions(device=device, dtype=dtype, offline=offline,
-                                                    allow_pickle=allow_pickle, low_memory=low_memory,
-                                                    compile=_want_compile(compile, plan, device), fp8=fp8,
-                                                    verbose=verbose, max_memory_gib=max_memory))
-        load_seconds = time.perf_counter() - started
+        loaded, load_seconds = _load_timed(plan.model, _compile_decided(options, plan), events)
     check_plan_fits(plan, loaded.ref)
     if stop.requested:
         raise Interrupted("interrupted before generation started", signal_number=stop.signal_number)
-    options = RunOptions(decode=_decode_for(decode, loaded.options.low_memory), abort_in_flight=abort_in_flight,
-                         max_memory_bytes=_budget(loaded), keep_latents=keep_latents)
-    report = _run(plan, loaded, options, events, stop, False, on_result)
-    return _finish(plan, report, loaded, load_seconds)
+    run_options = RunOptions(decode=loaded.options.decode_for(decode), abort_in_flight=abort_in_flight,
+                             max_memory_bytes=_budget(loaded), keep_latents=keep_latents)
+    outcome = _run(plan, loaded, run_options, events=events, stop=stop, keep_text_encoder=False,
+                  on_result=on_result)
+    return _finish(plan, outcome, loaded, load_seconds)
+
+
+def _load_timed(ref: ModelRef, options: LoadOptions, events: EventSink | None = None) -> tuple[LoadedModel, float]:
+    """Load a model, telling `events` first; (the loaded model, seconds it took)."""
+    from .pipeline import load as load_model
+
+    if events is not None:
+        events(Loading(model=ref))
+    started = time.perf_counter()
+    loaded = load_model(ref, options)
+    return loaded, time.perf_counter() - started
+
+
+def _compile_decided(options: LoadOptions, plan: Plan, device: str | None = None) -> LoadOptions:
+    """The options with `compile` settled for this plan (and, for one process of several, its device)."""
+    settled = replace(options, compile=_want_compile(options.compile, plan, options.device))
+    return settled if device is None else replace(settled, device=device)
 
 
 def prepare_outputs(plan: Plan) -> None:
@@ -175,7 +203,7 @@ def _budget(loaded: LoadedModel) -> int | None:
 def check_cache_dir() -> None:
     """sana-cli's cache (tiny models, compile cache) must be a directory if it exists: found before
     torch is imported, as an environment problem."""
-    from .tiny import cache_root
+    from .cache import cache_root
 
     root = cache_root()
     for path in (root, *root.parents):
@@ -186,26 +214,22 @@ def check_cache_dir() -> None:
             return
 
 
-def _decode_for(decode: str, low_memory: bool) -> str:
-    """--low-memory decodes in strips unless a strategy was chosen: with CPU offload the GPU looks
-    empty to the `auto` estimate, which would pick a full decode."""
-    return "strips" if low_memory and decode == "auto" else decode
-
-
-def _run(plan, loaded, options, events, stop, reusable, on_result) -> RunReport:
+def _run(plan: Plan, loaded: LoadedModel, options: RunOptions, *, events: EventSink, stop: StopToken | None,
+         keep_text_encoder: bool, on_result=None, done: frozenset[int] = frozenset(), claim=None) -> RunOutcome:
     from .runner import run
 
-    return run(plan, loaded, options, events=events, stop=stop, reusable=reusable, on_result=on_result)
+    return run(plan, loaded, options, events=events, stop=stop, keep_text_encoder=keep_text_encoder,
+               on_result=on_result, done=done, claim=claim)
 
 
-def _finish(plan: Plan, report: RunReport, loaded: LoadedModel, load_seconds: float) -> GenerateResult:
-    result = GenerateResult(plan=plan, report=report, model=loaded.describe(), load_seconds=load_seconds)
-    if report.stopped_by is not None:
-        done = sum(r.ok for r in report.results)
+def _finish(plan: Plan, outcome: RunOutcome, loaded: LoadedModel, load_seconds: float) -> GenerateResult:
+    result = GenerateResult(plan=plan, outcome=outcome, model=loaded.describe(), load_seconds=load_seconds)
+    if outcome.stopped_by is not None:
+        done = sum(r.ok for r in outcome.results)
         raise Interrupted(f"interrupted; {done} of {len(plan.jobs)} image(s) written, nothing partial left",
-                          signal_number=report.stopped_by)
-    if plan.command == "generate" and report.failed:
-        first = report.failed[0]
+                          signal_number=outcome.stopped_by)
+    if plan.command == "generate" and outcome.failed:
+        first = outcome.failed[0]
         error = GenerationError(first.error or "generation failed")
         if first.error_exit_code:
             error.exit_code = first.error_exit_code
@@ -248,7 +272,7 @@ class BatchResult:
     plan: Plan
     output_dir: str
     manifest: str
-    report: RunReport | None = None  # None when every image already existed
+    outcome: RunOutcome | None = None  # None when every image already existed
     model: dict | None = None
     already_done: int = 0
     invalid_rows: list = field(default_factory=list)
@@ -260,30 +284,31 @@ class BatchResult:
 
     @property
     def written(self) -> list[ImageResult]:
-        return [r for r in self.report.results if r.ok] if self.report else []
+        return [r for r in self.outcome.results if r.ok] if self.outcome else []
 
     @property
     def failed(self) -> list[ImageResult]:
-        return self.report.failed if self.report else []
+        return self.outcome.failed if self.outcome else []
 
     @property
     def stopped_by(self) -> int | None:
-        return self.report.stopped_by if self.report else None
+        return self.outcome.stopped_by if self.outcome else None
 
     def to_dict(self) -> dict:
-        timings = {"load": round(self.load_seconds, 4), **(self.report.timings if self.report else {})}
+        timings = {"load": round(self.load_seconds, 4), **(self.outcome.timings if self.outcome else {})}
         seconds = timings.get("total", 0.0)
         return {
             "ok": not self.failed and self.stopped_by is None, "command": "batch", "source": self.source,
             "output_dir": self.output_dir, "manifest": self.manifest, "model": self.model,
             "images_planned": len(self.plan.jobs), "written": len(self.written), "already_done": self.already_done,
-            "failed": len(self.failed), "invalid_rows": [{"line": e.line, "error": e.message} for e in self.invalid_rows],
+            "failed": len(self.failed),
+            "invalid_rows": [{"line": e.line, "error": e.message} for e in self.invalid_rows],
             "failures": [r.to_dict() for r in self.failed], "removed_temp_files": self.removed_temp_files,
             "stopped_by_signal": self.stopped_by, "timings": timings,
             "images_per_second": round(len(self.written) / seconds, 4) if seconds else None,
-            "peak_memory_bytes": self.report.peak_memory_bytes if self.report else None,
-            "peak_reserved_bytes": self.report.peak_reserved_bytes if self.report else None,
-            "warnings": self.report.warnings if self.report else [],
+            "peak_memory_bytes": self.outcome.peak_memory_bytes if self.outcome else None,
+            "peak_reserved_bytes": self.outcome.peak_reserved_bytes if self.outcome else None,
+            "warnings": self.outcome.warnings if self.outcome else [],
             "images": [r.to_dict() for r in self.written],
             "already_done_paths": self.already_done_paths,
         }
@@ -310,11 +335,9 @@ def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = 
 def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out", defaults=None,
           batch_size: int | None = None, shard: tuple[int, int] | None = None, overwrite: bool = False,
           skip_invalid: bool = False, fail_fast: bool = False, input_format: str = "auto",
-          revision: str | None = None, decode: str = "auto", device: str = "auto", dtype: str = "auto",
-          offline: bool = False, allow_pickle: bool = False, low_memory: bool = False,
-          compile: str | bool = "auto", fp8: bool = False, events: EventSink = no_events,
-          stop: StopToken | None = None, verbose: bool = False, session: "Session | None" = None,
-          max_memory: float | None = None, keep_latents: bool = False) -> BatchResult:
+          revision: str | None = None, decode: str = "auto", options: LoadOptions | None = None,
+          events: EventSink = no_events, stop: StopToken | None = None, session: "Session | None" = None,
+          keep_latents: bool = False, **load_keywords) -> BatchResult:
     """Render every row of a batch file into output_dir, resuming whatever an earlier run finished.
 
     results.jsonl in output_dir gets one line per image written or failed. Any number of processes
@@ -322,18 +345,19 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     manifest is appended under a lock). Launched with several processes (accelerate / torchrun),
     each takes its slice and the main one merges the manifests at the end. With `session`, its
     loaded model is used (and kept) instead of loading one; `model` then defaults to the session's.
+    `options` is a LoadOptions; or give its fields as keyword arguments, as for load().
 
     A run that refuses (bad rows, files in the way, a manifest that is not sana-cli's) leaves the
     output directory exactly as it was."""
     from . import distributed
-    from .output import (Claims, Manifest, check_manifest, ensure_directory, existing_outputs, manifest_name,
-                         merge_manifests, read_manifests, remove_stale_claims, remove_stray_temp_files)
-    from .pipeline import load as load_model
-
+    from .manifest import (Claims, Manifest, check_manifest, existing_outputs, manifest_name, merge_manifests,
+                           read_manifests, remove_stale_claims)
+    from .output import ensure_directory, remove_stray_temp_files
+    options = load_options(options, **load_keywords)
     if session is not None:
-        pixels = session.pixels(_decode_for(decode, session.loaded.options.low_memory))
+        pixels = session.pixels(session.loaded.options.decode_for(decode))
     else:
-        pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=_decode_for(decode, low_memory))
+        pixels = options.pixels(options.decode_for(decode))
     processes = distributed.launched_processes()
     if session is not None and model is None:
         model = session.loaded.ref.source if session.loaded.ref.kind == "local" else session.loaded.ref.name
@@ -362,7 +386,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     result = BatchResult(plan=plan, output_dir=output_dir, manifest=str(manifest.path), already_done=len(done),
                          invalid_rows=invalid, removed_temp_files=len(removed), source=name,
                          already_done_paths=[plan.jobs[i].path for i in sorted(done)])
-    events("plan", {"todo": len(plan.jobs) - len(done), "done": len(done)})
+    events(Planned(todo=len(plan.jobs) - len(done), done=len(done)))
 
     def claim(jobs, wanted) -> tuple[list[bool], bool]:
         """Which wanted images this process renders; True when another live process holds some."""
@@ -392,14 +416,9 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
             if session is not None:
                 loaded = session.loaded
             else:
-                events("load", {"model": plan.model})
-                started = time.perf_counter()
-                loaded = load_model(plan.model, LoadOptions(
-                    device=distributed.device_for(device, processes), dtype=dtype,
-                    offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
-                    compile=_want_compile(compile, plan, device), fp8=fp8, verbose=verbose,
-                    max_memory_gib=max_memory))
-                result.load_seconds = time.perf_counter() - started
+                loaded, result.load_seconds = _load_timed(
+                    plan.model, _compile_decided(options, plan, distributed.device_for(options.device, processes)),
+                    events)
             result.model = info = loaded.describe()
             check_plan_fits(plan, loaded.ref)
 
@@ -413,9 +432,11 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
                 finally:
                     claims.release(image.job.path)
 
-            result.report = _run_batch(plan, loaded, _decode_for(decode, loaded.options.low_memory), fail_fast,
-                                       events, stop, frozenset(done), record, reusable=session is not None,
-                                       keep_latents=keep_latents, claim=claim)
+            run_options = RunOptions(decode=loaded.options.decode_for(decode), abort_in_flight=False,
+                                     fail_fast=fail_fast, max_memory_bytes=_budget(loaded), keep_latents=keep_latents)
+            result.outcome = _run(plan, loaded, run_options, events=events, stop=stop,
+                                 keep_text_encoder=session is not None, on_result=record, done=frozenset(done),
+                                 claim=claim)
     finally:
         claims.release_all()
         manifest.close()
@@ -451,23 +472,8 @@ def _made_meanwhile(job, overwrite: bool, started_ns: int) -> bool:
         return False
 
 
-def _run_batch(plan, loaded, decode, fail_fast, events, stop, done, on_result, reusable: bool,
-               keep_latents: bool = False, claim=None) -> RunReport:
-    from .runner import run
-
-    options = RunOptions(decode=decode, abort_in_flight=False, fail_fast=fail_fast, max_memory_bytes=_budget(loaded),
-                         keep_latents=keep_latents)
-    return run(plan, loaded, options, events=events, stop=stop, reusable=reusable, on_result=on_result, done=done,
-               claim=claim)
-
-
 def _manifest_record(image: ImageResult, info: dict, output_dir: str) -> dict:
-    job = image.job
-    record = {"event": "image" if image.ok else "error", "index": job.index, "row": job.row, "key": job.key,
-              "file": os.path.relpath(job.path, output_dir), "prompt": job.prompt,
-              "negative_prompt": job.negative_prompt, "seed": job.seed, "width": job.width, "height": job.height,
-              "steps": job.steps, "guidance": job.guidance, "pag_scale": job.pag_scale, "pag_layers": job.pag_layers,
-              "pixel_options": job.pixels.to_dict(), "time": _now()}
+    record = {"event": "image" if image.ok else "error", **image.job.record(output_dir), "time": _now()}
     if image.ok:
         record.update(sha256=image.written.sha256, bytes=image.written.bytes, decode=image.decode,
                       decode_fallbacks=list(image.fallbacks), retried_alone=image.retried_alone,

@@ -308,7 +308,8 @@ def _convert(key: str, value, from_text: bool):
         try:
             value = int(text) if kind is int else float(text)
         except ValueError:
-            raise ValueError(f"'{key}' must be {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+            wanted = "a whole number" if kind is int else "a number"
+            raise ValueError(f"'{key}' must be {wanted}, got {text!r}") from None
     if kind is str:
         if not isinstance(value, str):
             raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")

@@ -46,7 +46,8 @@ def _model_options(function):
     options = [
         click.option("-m", "--model", envvar="SANA_MODEL", show_envvar=True, metavar="NAME|HUB_ID|DIR",
                      help="Preset (see `sana models`), hub repo id or local diffusers directory. "
-                          "Default: picked from --size (512 -> sana-1600m-512, 1024 -> sana-1600m-1024, 2048 -> sana-2k, "
+                          "Default: picked from --size (512 -> sana-1600m-512, 1024 -> sana-1600m-1024, "
+                          "2048 -> sana-2k, "
                           "4096 -> sana-4k)."),
         click.option("--revision", metavar="REV", help="Hub branch, tag or commit to load."),
         click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", show_envvar=True,
@@ -67,7 +68,8 @@ def _model_options(function):
         click.option("--compile", "compile_mode", default="auto", show_default=True,
                      type=click.Choice(["auto", "on", "off"]),
                      help="torch.compile the transformer (cached for later runs). auto: on for long GPU runs."),
-        click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), envvar="SANA_MAX_MEMORY", show_envvar=True, metavar="GiB",
+        click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), envvar="SANA_MAX_MEMORY",
+                     show_envvar=True, metavar="GiB",
                      help="Cap on the GPU memory this run holds (the allocator never goes past it); auto plans "
                           "within it: the decode strategy, CPU offload when the weights do not fit, and a GPU "
                           "batch that does not fit is redone one image at a time. On the CPU it steers the "
@@ -75,7 +77,8 @@ def _model_options(function):
         click.option("--keep-latents", is_flag=True,
                      help="Also keep each image's denoised latents as NAME.latents.safetensors (kept anyway when a "
                           "decode fails after every fallback); `sana decode` turns them into the image."),
-        click.option("--fp8", is_flag=True, help="fp8 linear layers via torchao (Hopper/Ada GPUs; changes pixels slightly)."),
+        click.option("--fp8", is_flag=True,
+                     help="fp8 linear layers via torchao (Hopper/Ada GPUs; changes pixels slightly)."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading pickle (.bin) weights. Only for sources you trust."),
         click.option("--dry-run", is_flag=True, help="Validate and print the plan; load nothing."),
@@ -96,7 +99,8 @@ def _model_options(function):
 @click.option("--steps", type=int, metavar="N", help="Denoising steps. Default: the model's (20; Sprint 2).")
 @click.option("-g", "--guidance", type=float, metavar="X", help="Guidance scale. Default: the model's (4.5; 4K 5.0).")
 @click.option("--negative-prompt", default="", metavar="TEXT", help="What to steer away from.")
-@click.option("--seed", type=int, metavar="N", help="Seed of the first image (drawn at random if omitted); +1 per image.")
+@click.option("--seed", type=int, metavar="N",
+              help="Seed of the first image (drawn at random if omitted); +1 per image.")
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, metavar="N", help="Images to make.")
 @click.option("--pag-scale", type=float, default=0.0, metavar="X",
               help="Perturbed-attention guidance scale; > 0 uses SanaPAGPipeline (model card: 2.0).")
@@ -116,11 +120,12 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
     progress and logs go to stderr.
     """
     with _reporting(json_output, debug):
-        from .plan import PixelOptions, Request, model_for, plan_generate
+        from .plan import Request, model_for, plan_generate
         from .progress import progress_interval
 
         progress_interval()
-        pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=decode)
+        load = _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug)
+        pixels = load.pixels(decode)
         if prompt == "-":
             from .batchfile import read_prompt_stdin
 
@@ -137,19 +142,17 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             _print_plan(plan, json_output)
             return
         from .api import run_plan
-        from .progress import Reporter
+        from .progress import ProgressDisplay
         from .results import StopToken
 
-        reporter = Reporter(len(plan.jobs), quiet=quiet)
+        display = ProgressDisplay(len(plan.jobs), quiet=quiet)
         stop = StopToken()
         try:
-            with _graceful_signals(stop, reporter, "stopping at the next step"):
-                result = run_plan(plan, decode=decode, device=device, dtype=dtype, offline=offline,
-                                  allow_pickle=allow_pickle, low_memory=low_memory, compile=compile_mode, fp8=fp8,
-                                  max_memory=max_memory, keep_latents=keep_latents,
-                                  events=reporter, stop=stop, abort_in_flight=True, verbose=debug)
+            with _graceful_signals(stop, display, "stopping at the next step"):
+                result = run_plan(plan, load, decode=decode, keep_latents=keep_latents, events=display, stop=stop,
+                                  abort_in_flight=True)
         finally:
-            reporter.close()
+            display.close()
         _results_phase()
         if json_output:
             _emit_json(result.to_dict())
@@ -157,8 +160,17 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             for image in result.images:
                 _echo_result(image.written.path)
             seeds = ", ".join(str(image.job.seed) for image in result.images)
-            reporter.log(f"sana: {len(result.images)} image(s) in {result.report.timings['total'] + result.load_seconds:.1f} s "
+            seconds = result.outcome.timings["total"] + result.load_seconds
+            display.log(f"sana: {len(result.images)} image(s) in {seconds:.1f} s "
                          f"(seed {seeds}; decode {result.images[0].decode})")
+
+
+def _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug):
+    """The model options of a command as one LoadOptions, built once and passed whole to the API."""
+    from .plan import LoadOptions
+
+    return LoadOptions(device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
+                       compile=compile_mode, fp8=fp8, max_memory_gib=max_memory, verbose=debug)
 
 
 def _parse_shard(ctx, param, value):
@@ -219,11 +231,12 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
     kept, missing ones made. Paths of written images go to stdout (or one JSON summary with --json).
     """
     with _reporting(json_output, debug):
-        from .plan import BatchDefaults, PixelOptions
+        from .plan import BatchDefaults
         from .progress import progress_interval
 
         progress_interval()
-        pixels = PixelOptions(device=device, dtype=dtype, fp8=fp8, decode=decode)
+        load = _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug)
+        pixels = load.pixels(decode)
         if size is not None and (width is not None or height is not None):
             raise click.UsageError("--size conflicts with --width/--height; give one or the other")
         defaults = BatchDefaults(width=width if size is None else size, height=height if size is None else size,
@@ -241,31 +254,29 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
             _print_plan(plan, json_output)
             return
         from .api import batch as run_batch
-        from .progress import Reporter
+        from .progress import ProgressDisplay
         from .results import StopToken
 
-        reporter = Reporter(0, quiet=quiet)  # the total arrives with the "plan" event
+        display = ProgressDisplay(0, quiet=quiet)  # the total arrives with the "plan" event
         stop = StopToken()
         try:
-            with _graceful_signals(stop, reporter, "finishing the current GPU batch"):
-                result = run_batch(file, fail_fast=fail_fast, decode=decode, device=device, dtype=dtype,
-                                   offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
-                                   max_memory=max_memory, keep_latents=keep_latents,
-                                   compile=compile_mode, fp8=fp8, events=reporter, stop=stop, verbose=debug, **common)
+            with _graceful_signals(stop, display, "finishing the current GPU batch"):
+                result = run_batch(file, fail_fast=fail_fast, decode=decode, options=load, keep_latents=keep_latents,
+                                   events=display, stop=stop, **common)
         finally:
-            reporter.close()
+            display.close()
         for error in result.invalid_rows:
-            reporter.log(f"sana: skipped invalid row: {error}")
+            display.log(f"sana: skipped invalid row: {error}")
         summary = result.to_dict()
         if report and result.is_main_process:
-            summary["report"] = _write_report(output_dir, summary, reporter, overwrite=overwrite)
+            summary["report"] = _write_report(output_dir, summary, display, overwrite=overwrite)
         _results_phase()
         if json_output:
             _emit_json(summary)
         else:
             for image in result.written:
                 _echo_result(image.written.path)
-        reporter.log(_batch_summary(result))
+        display.log(_batch_summary(result))
         error = None
         if result.stopped_by is not None:
             error = Interrupted(f"interrupted; {len(result.written)} image(s) written this run, manifest flushed",
@@ -276,20 +287,19 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
             error = (GenerationError(message, hint="rerun the same command to retry") if fail_fast else
                      PartialFailure(message, hint="rerun the same command to retry the failed rows"))
         if error is not None:
-            error.summary_printed = True
-            raise error
+            raise error  # with --json, the summary above is the one JSON object: _fail adds none
 
 
-def _write_report(output_dir: str, summary: dict, reporter, overwrite: bool = False) -> dict | None:
+def _write_report(output_dir: str, summary: dict, display, overwrite: bool = False) -> dict | None:
     """The gallery and the CI step summary; a failure here is a warning, not the batch's exit code."""
-    from .report import write_report
+    from .gallery import write_report
 
     try:
         written = write_report(output_dir, summary, overwrite=overwrite)
     except OSError as exc:
-        reporter.log(f"sana: warning: could not write the report: {exc}")
+        display.log(f"sana: warning: could not write the report: {exc}")
         return None
-    reporter.log(f"sana: gallery {written['gallery']}"
+    display.log(f"sana: gallery {written['gallery']}"
                  + ("; step summary appended to $GITHUB_STEP_SUMMARY" if written["step_summary"] else ""))
     return written
 
@@ -370,14 +380,14 @@ def doctor(model, require_gpu, offline, json_output, debug):
     with _reporting(json_output, debug):
         from .doctor import diagnose, format_text
 
-        report = diagnose(model, require_gpu=require_gpu, offline=True if offline else None)
-        click.echo(json_text(report) if json_output else printable(format_text(report), keep_newlines=True))
-        failed = [check for check in report["checks"] if not check["ok"] and check.get("exit_code")]
-        if report["exit_code"]:
+        diagnosis = diagnose(model, require_gpu=require_gpu, offline=True if offline else None)
+        click.echo(json_text(diagnosis) if json_output else printable(format_text(diagnosis), keep_newlines=True))
+        failed = [check for check in diagnosis["checks"] if not check["ok"] and check.get("exit_code")]
+        if diagnosis["exit_code"]:
             first = failed[0] if failed else {"detail": "a check failed", "fix": None}
             click.echo(printable(f"sana: error: {first['detail']}"
                                  + (f" (fix: {first['fix']})" if first.get("fix") else "")), err=True)
-            sys.exit(report["exit_code"])
+            sys.exit(diagnosis["exit_code"])
 
 
 @cli.command()
@@ -495,9 +505,7 @@ def _reporting(json_output: bool, debug: bool):
     except SanaError as exc:
         for row in (exc.details or {}).get("invalid_rows", [])[3:]:  # the first three are in the message
             _err(f"sana: line {row['line']}: {row['error']}")
-        # A batch summary already on stdout is the one JSON object; do not add an error object.
-        _fail(exc.line(), exc.exit_code, json_output and not getattr(exc, "summary_printed", False), debug,
-              details=exc.details)
+        _fail(exc.line(), exc.exit_code, json_output, debug, details=exc.details)
     except click.UsageError as exc:
         _fail(exc.format_message(), EXIT_USAGE, json_output, debug)
     except KeyboardInterrupt as exc:
@@ -549,7 +557,7 @@ class _SignalAbort(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _graceful_signals(stop, reporter, what: str):
+def _graceful_signals(stop, display, what: str):
     """First SIGINT/SIGTERM: ask the runner to stop cleanly. Second: abort at once. The handlers stay
     until the results are printed (then signals are ignored), so a signal that arrives after the
     run can never kill the process with the default action between the work and its report."""
@@ -560,7 +568,7 @@ def _graceful_signals(stop, reporter, what: str):
             raise _SignalAbort(signum)
         stop.request(signum)
         name = signal.Signals(signum).name
-        reporter.log(f"sana: {name} received, {what} (send it again to abort)" if running[0] else
+        display.log(f"sana: {name} received, {what} (send it again to abort)" if running[0] else
                      f"sana: {name} received; the images are written, finishing the report (send it again to abort)")
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,8 +1,8 @@
 """`sana doctor`: can this machine run sana-cli, and is the model there? Never touches the network.
 
     from sana_cli.doctor import diagnose, format_text
-    report = diagnose("sana-4k", require_gpu=True)
-    print(format_text(report)); raise SystemExit(report["exit_code"])
+    diagnosis = diagnose("sana-4k", require_gpu=True)
+    print(format_text(diagnosis)); raise SystemExit(diagnosis["exit_code"])
 
 It reports library versions, the GPU, the Hugging Face cache and offline mode, sana-cli's own cache,
 and for every real preset whether its weights are in the HF cache ("complete", "partial" or
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, presets, tiny
+from .cache import cache_root
 from .errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE
 
 # (import name, distribution, what to install): the runtime dependencies of pyproject.toml.
@@ -206,7 +207,7 @@ def _writable(directory: Path) -> bool:
 
 
 def _sana_cache(checks: list[dict]) -> dict:
-    root = tiny.cache_root()
+    root = cache_root()
     built = [v for v in tiny.VARIANTS if _is_file(tiny.tiny_path(v) / "model_index.json")]
     writable = _writable(root)
     info = {"path": str(root), "exists": _is_dir(root), "writable": writable, "tiny_version": tiny.VERSION,
@@ -280,8 +281,10 @@ def safe_cache_status(repo_id: str, variant: str | None, cache_dir: str | Path |
     try:
         return cache_status(repo_id, variant, cache_dir, revision)
     except (OSError, ValueError, RecursionError) as exc:
-        repo_dir = Path(cache_dir if cache_dir is not None else hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
-        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (OSError, ValueError)) or not str(exc) else str(exc)
+        root = Path(cache_dir if cache_dir is not None else hub_cache_dir())
+        repo_dir = root / ("models--" + repo_id.replace("/", "--"))
+        plain = isinstance(exc, (OSError, ValueError)) and str(exc)
+        reason = str(exc) if plain else f"{type(exc).__name__}: {exc}"
         return {"status": UNREADABLE, "snapshot": None, "problems": [reason], "size_bytes": 0,
                 "path": str(repo_dir)}
 
@@ -435,17 +438,17 @@ def _gpu_note(gpu: dict) -> str:
 
 # ---- for people --------------------------------------------------------------------------------------
 
-def format_text(report: dict) -> str:
-    """The report as a few aligned lines for a terminal; failed checks last, each with its fix."""
-    versions = report.get("versions", {})
+def format_text(diagnosis: dict) -> str:
+    """The diagnosis as a few aligned lines for a terminal; failed checks last, each with its fix."""
+    versions = diagnosis.get("versions", {})
     lines = []
-    failed = [c for c in report.get("checks", []) if not c["ok"]]
+    failed = [c for c in diagnosis.get("checks", []) if not c["ok"]]
     lines.append("sana doctor: " + ("all good" if not failed else
-                                    f"{len(failed)} problem(s), exit {report.get('exit_code')}"))
+                                    f"{len(failed)} problem(s), exit {diagnosis.get('exit_code')}"))
     lines.append("")
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "cuda")
     lines.append(f"versions    {shown}")
-    gpu = report.get("gpu") or {}
+    gpu = diagnosis.get("gpu") or {}
     if gpu.get("available"):
         for d in gpu["devices"]:
             lines.append(f"gpu {d['index']}       {d['name']}, {_gib(d['free_bytes'])} free of "
@@ -453,19 +456,19 @@ def format_text(report: dict) -> str:
                          f"compute {d['capability']}, bf16 {'yes' if d['bf16'] else 'no'}, CUDA {gpu.get('cuda')}")
     else:
         lines.append(f"gpu         none ({gpu.get('reason')})")
-    hf = report.get("hf_cache") or {}
+    hf = diagnosis.get("hf_cache") or {}
     lines.append(f"hf cache    {hf.get('hub_cache')} (offline mode {'on' if hf.get('offline') else 'off'}"
                  f"{'' if hf.get('writable') else ', not writable'})")
-    sana = report.get("sana_cli_cache") or {}
+    sana = diagnosis.get("sana_cli_cache") or {}
     lines.append(f"sana cache  {sana.get('path')} ({'writable' if sana.get('writable') else 'NOT writable'}; "
                  f"tiny built: {', '.join(sana.get('tiny_built') or []) or 'none'})")
     lines.append("models in the HF cache:")
-    width = max((len(name) for name in report.get("models", {})), default=10)
-    for name, info in report.get("models", {}).items():
+    width = max((len(name) for name in diagnosis.get("models", {})), default=10)
+    for name, info in diagnosis.get("models", {}).items():
         size = f"{_gib(info['size_bytes'])}" if info.get("size_bytes") else ""
         lines.append(f"  {name:<{width}}  {info['status']:<8}  {size:>9}  {info['repo']}")
     lines.append("checks:")
-    for check in sorted(report.get("checks", []), key=lambda c: not c["ok"], reverse=False):
+    for check in sorted(diagnosis.get("checks", []), key=lambda c: not c["ok"], reverse=False):
         lines.append(f"  {'ok  ' if check['ok'] else 'FAIL'}  {check['name']}: {check['detail']}")
         if not check["ok"] and check.get("fix"):
             lines.append(f"        fix: {check['fix']}")

@@ -56,7 +56,8 @@ def read(path: str) -> Kept:
     try:
         with safe_open(str(source), framework="pt") as handle:
             info = handle.metadata() or {}
-            latents = handle.get_tensor("latents") if "latents" in handle.keys() else None
+            names = handle.keys()  # a safetensors handle, not a dict
+            latents = handle.get_tensor("latents") if "latents" in names else None
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{path} is not a sana latents file ({exc})") from exc
     if info.get("format") != FORMAT or latents is None or info.get("vae_dtype") not in _SHORT:
@@ -70,7 +71,8 @@ def finish(path: str, *, output: str | None = None, decode: str = "auto", device
     dtype and on the kind of device the run used (unless `device` says otherwise)."""
     from .modelref import resolve
     from .output import ensure_directory, write_image
-    from .pipeline import LoadOptions, load
+    from .pipeline import load
+    from .plan import LoadOptions
     from .plan import image_format
     from .runner import decode_to_pil
 

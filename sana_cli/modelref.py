@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import presets
 from .errors import EnvironmentProblem, UsageError
-from .presets import SANA, SANA_SPRINT, SUPPORTED_PIPELINES, Preset
+from .presets import SANA, SANA_SPRINT, SUPPORTED_PIPELINES, Preset, pag_supported
 
 # Hugging Face repo ids: ASCII letters, digits, '-', '_' and '.', one '/', neither part starting or
 # ending with '-' or '.', no '--' or '..', at most 96 characters each (huggingface_hub's own rules).
@@ -161,8 +161,7 @@ def _from_configs(name: str, source: str, kind: str, read, revision: str | None,
     if pipeline == SANA and transformer.get("guidance_embeds"):
         pipeline = SANA_SPRINT
     sprint = pipeline == SANA_SPRINT
-    # SanaPAGPipeline ignores timestep_scale, so such models (the Sprint teacher) cannot use PAG.
-    supports_pag = not sprint and float(transformer.get("timestep_scale", 1.0)) == 1.0
+    supports_pag = pag_supported(pipeline, timestep_scale=transformer.get("timestep_scale", 1.0))
     return ModelRef(name=name, source=source, kind=kind, pipeline=pipeline, native_size=native,
                     steps=2 if sprint else 20, guidance=4.5, revision=revision, supports_pag=supports_pag,
                     min_steps=1, max_steps=4 if sprint else 1000)

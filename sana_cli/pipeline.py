@@ -13,26 +13,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import tiny
+from .cache import cache_root
 from .errors import EnvironmentProblem, UsageError
 from .modelref import ModelRef, check_components
-from .presets import SANA, SANA_PAG, SANA_SPRINT, component_dtypes, fp8_refusal
+from .plan import LoadOptions
+from .presets import SANA, SANA_PAG, SANA_SPRINT, component_dtypes, fp8_refusal, pag_supported
 
 # Weight files above this size on disk mean "a real model": it needs CUDA unless --device cpu.
 _BIG_MODEL_BYTES = 200 * 2**20
-
-
-@dataclass
-class LoadOptions:
-    device: str = "auto"  # auto | cuda | cpu | cuda:N
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    offline: bool = False
-    allow_pickle: bool = False
-    low_memory: bool = False  # accelerate model CPU offload: one component on the GPU at a time
-    compile: bool = False
-    fp8: bool = False
-    verbose: bool = False  # let diffusers / transformers log (for --debug)
-    max_memory_gib: float | None = None  # --max-memory: a cap on device memory that `auto` plans within
-    only: tuple[str, ...] | None = None  # load just these components (`sana decode` needs only the VAE)
 
 
 @dataclass
@@ -266,7 +254,7 @@ def _source_dir(ref: ModelRef) -> Path | None:
         try:
             return tiny.ensure(ref.source.split(":", 1)[1])
         except Exception as exc:  # noqa: BLE001 - usually a full or read-only disk
-            raise EnvironmentProblem(f"cannot build the tiny model in {tiny.cache_root()}: {exc}",
+            raise EnvironmentProblem(f"cannot build the tiny model in {cache_root()}: {exc}",
                                      hint="set SANA_CLI_CACHE to a writable directory") from exc
     if ref.kind == "local":
         return Path(ref.source)
@@ -348,7 +336,7 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     from . import speed
 
     if not options.only:
-        speed.apply(loaded, compile=options.compile, fp8=options.fp8)
+        speed.apply(loaded, compile=options.compiles(), fp8=options.fp8)
     return loaded
 
 
@@ -397,7 +385,8 @@ def _refine(ref: ModelRef, pipe, class_name: str) -> ModelRef:
     transformer = pipe.transformer.config
     native = ref.native_size or int(transformer.sample_size) * pipe.vae_scale_factor
     pipeline = SANA_SPRINT if isinstance(pipe, _sprint_class()) else (ref.pipeline or class_name)
-    supports_pag = ref.supports_pag and pipeline == SANA and float(getattr(transformer, "timestep_scale", 1.0)) == 1.0
+    timestep_scale = getattr(transformer, "timestep_scale", 1.0)
+    supports_pag = ref.supports_pag and pag_supported(pipeline, timestep_scale=timestep_scale)
     return replace(ref, native_size=native, pipeline=pipeline, supports_pag=supports_pag)
 
 

@@ -95,6 +95,47 @@ class PixelOptions:
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: built once (by the CLI, or from the public API's keyword arguments) and
+    passed whole through the API to the loader. Torch-free, so planning can use it before loading.
+    Its pixel-deciding part is `pixels()`; the rest (offload, compile, memory cap) never changes a pixel."""
+
+    device: str = "auto"  # auto | cuda | cpu | cuda:N
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (and the long names)
+    offline: bool = False
+    allow_pickle: bool = False
+    low_memory: bool = False  # accelerate model CPU offload: one component on the GPU at a time
+    compile: str | bool = "auto"  # auto | on | off, or a bool; `auto` is decided per plan, and is off without one
+    fp8: bool = False
+    verbose: bool = False  # let diffusers / transformers log (for --debug)
+    max_memory_gib: float | None = None  # --max-memory: a cap on device memory that `auto` plans within
+    only: tuple[str, ...] | None = None  # load just these components (`sana decode` needs only the VAE)
+
+    def pixels(self, decode: str = "auto") -> PixelOptions:
+        """The pixel-deciding subset with a decode strategy (checked: bad values are usage errors)."""
+        return PixelOptions(device=self.device, dtype=self.dtype, fp8=self.fp8, decode=decode)
+
+    def decode_for(self, decode: str) -> str:
+        """--low-memory decodes in strips unless a strategy was chosen: with CPU offload the GPU looks
+        empty to the `auto` estimate, which would pick a full decode."""
+        return "strips" if self.low_memory and decode == "auto" else decode
+
+    def compiles(self) -> bool:
+        """Whether to torch.compile when no plan decides `auto` (then it stays off)."""
+        return self.compile is True or self.compile == "on"
+
+
+# What an image is. These fields of ImageJob decide its pixels: with the model and the PixelOptions
+# they are exactly what the key hashes, and every record of an image (its metadata, its manifest
+# line, the JSON summary) lists them in this order, from here. A new generation parameter is a field
+# of ImageJob named here, resolved in resolve_params.
+PIXEL_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "pag_scale",
+                "pag_layers")
+PER_IMAGE_FIELDS = ("prompt", "negative_prompt", "seed")  # may differ within one GPU batch; the rest may not
+SUMMARY_OMITS = ("negative_prompt", "pag_layers")  # left out of the short per-image JSON summary
+
+
+@dataclass(frozen=True)
 class ImageJob:
     """One image to make, fully resolved."""
 
@@ -115,13 +156,48 @@ class ImageJob:
 
     def params(self) -> dict:
         """The per-image inputs that decide the pixels (with the model and `pixels`, the key)."""
-        return {name: getattr(self, name) for name in _KEY_PARAMS}
+        return {name: getattr(self, name) for name in PIXEL_FIELDS}
+
+    def summary(self) -> dict:
+        """The short form for JSON output: position, the pixel-deciding fields but long ones, path, key."""
+        params = {name: value for name, value in self.params().items() if name not in SUMMARY_OMITS}
+        return {"index": self.index, "row": self.row, **params, "path": self.path, "key": self.key}
+
+    def record(self, output_dir: str) -> dict:
+        """The full record for a manifest line: position, key, file (relative to output_dir), every
+        pixel-deciding field and the load options the key was made with."""
+        return {"index": self.index, "row": self.row, "key": self.key, "file": os.path.relpath(self.path, output_dir),
+                **self.params(), "pixel_options": self.pixels.to_dict()}
 
     def group_key(self) -> tuple:
-        return (self.width, self.height, self.steps, self.guidance, self.pag_scale, self.pag_layers)
+        return tuple(getattr(self, name) for name in PIXEL_FIELDS if name not in PER_IMAGE_FIELDS)
 
 
-_KEY_PARAMS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "pag_scale", "pag_layers")
+def make_job(model: ModelRef, pixels: PixelOptions, *, index: int, row: int, path: str, **params) -> ImageJob:
+    """An ImageJob with its key computed from the model, the load options and its PIXEL_FIELDS."""
+    return ImageJob(index=index, row=row, path=path, key=job_key(model, pixels, **params), pixels=pixels, **params)
+
+
+def resolve_params(model: ModelRef, *, prompt, negative_prompt, width, height, steps, guidance, pag_scale,
+                   pag_layers, force_size: bool, command_line: bool) -> tuple[dict, list[str]]:
+    """Defaults and checks of one image's pixel-deciding fields (all but the seed), the same for
+    `sana generate` and a batch row: (fields, notes). `command_line` words the errors for generate's
+    options (a batch row's come from the row and the batch defaults)."""
+    prompt = check_prompt(prompt)
+    check_prompt(negative_prompt, "the negative prompt", allow_empty=True)
+    width, height, notes = resolve_size(model, width, height, force_size)
+    steps = model.steps if steps is None else steps
+    guidance = model.guidance if guidance is None else guidance
+    check_steps_guidance(model, steps, guidance)
+    check_pag(model, pag_scale)
+    if command_line and pag_layers and not pag_scale:
+        raise UsageError("--pag-layers needs --pag-scale above 0")
+    if negative_prompt and not model.uses_cfg:
+        raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt"
+                         + ("; drop --negative-prompt" if command_line else ""))
+    pag_layers = (pag_layers or model.pag_layers) if pag_scale > 0 else None
+    return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers), notes
 
 
 @dataclass
@@ -362,16 +438,11 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
     check_count("--num-images", request.num_images, 1, MAX_IMAGES)
     if request.batch_size is not None:
         check_count("--batch-size", request.batch_size, 1, MAX_BATCH_SIZE)
-    width, height, notes = resolve_size(model, request.width, request.height, request.force_size)
-    steps = model.steps if request.steps is None else request.steps
-    guidance = model.guidance if request.guidance is None else request.guidance
-    check_steps_guidance(model, steps, guidance)
-    check_pag(model, request.pag_scale)
-    if request.pag_layers and not request.pag_scale:
-        raise UsageError("--pag-layers needs --pag-scale above 0")
-    if request.negative_prompt and not model.uses_cfg:
-        raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt; drop --negative-prompt")
-    pag_layers = (request.pag_layers or model.pag_layers) if request.pag_scale > 0 else None
+    params, notes = resolve_params(model, prompt=prompt, negative_prompt=request.negative_prompt, width=request.width,
+                                   height=request.height, steps=request.steps, guidance=request.guidance,
+                                   pag_scale=request.pag_scale, pag_layers=request.pag_layers,
+                                   force_size=request.force_size, command_line=True)
+    width, height = params["width"], params["height"]
     first_seed = check_seed(request.seed) if request.seed is not None else draw_seed()
     seeds = [check_seed(first_seed + k) for k in range(request.num_images)]
     paths = _generate_paths(request, prompt, seeds)
@@ -379,13 +450,8 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
         for path in paths:
             if os.path.lexists(path):
                 raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it, or -o elsewhere")
-    jobs = []
-    for index, (seed, path) in enumerate(zip(seeds, paths), 1):
-        params = dict(prompt=prompt, negative_prompt=request.negative_prompt, seed=seed, width=width,
-                      height=height, steps=steps, guidance=float(guidance), pag_scale=float(request.pag_scale),
-                      pag_layers=pag_layers)
-        jobs.append(ImageJob(index=index, row=0, path=path, key=job_key(model, pixels, **params), pixels=pixels,
-                             **params))
+    jobs = [make_job(model, pixels, index=index, row=0, path=path, seed=seed, **params)
+            for index, (seed, path) in enumerate(zip(seeds, paths), 1)]
     batch_size = request.batch_size if request.batch_size is not None else default_batch_size(width, height)
     rule = "as given" if request.seed is not None else "drawn at random"
     if len(seeds) > 1:
@@ -510,21 +576,18 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
 
 
 def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, pixels) -> list[ImageJob]:
-    prompt = check_prompt(row.prompt)
+    check_prompt(row.prompt)
     check_prompt(row.get("negative_prompt", ""), "the negative prompt", allow_empty=True)
-    width = row.get("width", row.get("size", defaults.width))
-    height = row.get("height", row.get("size", defaults.height))
     if row.get("size") is not None and (row.get("width") is not None or row.get("height") is not None):
         raise UsageError("'size' conflicts with 'width'/'height'")
-    width, height, _ = resolve_size(model, width, height, defaults.force_size)
-    steps = row.get("steps", defaults.steps if defaults.steps is not None else model.steps)
-    guidance = row.get("guidance", defaults.guidance if defaults.guidance is not None else model.guidance)
-    check_steps_guidance(model, steps, guidance)
-    pag_scale = float(row.get("pag_scale", defaults.pag_scale))
-    check_pag(model, pag_scale)
-    negative = row.get("negative_prompt", defaults.negative_prompt)
-    if negative and not model.uses_cfg:
-        raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt")
+    params, _ = resolve_params(model, prompt=row.prompt,
+                               negative_prompt=row.get("negative_prompt", defaults.negative_prompt),
+                               width=row.get("width", row.get("size", defaults.width)),
+                               height=row.get("height", row.get("size", defaults.height)),
+                               steps=row.get("steps", defaults.steps), guidance=row.get("guidance", defaults.guidance),
+                               pag_scale=float(row.get("pag_scale", defaults.pag_scale)),
+                               pag_layers=defaults.pag_layers, force_size=defaults.force_size, command_line=False)
+    prompt = params["prompt"]
     count = row.get("n", 1)
     if count < 1 or count > MAX_IMAGES:
         raise UsageError(f"'n' must be 1..{MAX_IMAGES}, got {count}")
@@ -533,7 +596,6 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, p
     occurrence = occurrences.get(identity, 0)
     occurrences[identity] = occurrence + 1
     own_seed = row.get("seed")
-    pag_layers = (defaults.pag_layers or model.pag_layers) if pag_scale > 0 else None
     jobs = []
     for image in range(count):
         if own_seed is not None:
@@ -544,10 +606,8 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, p
             stem = name if count == 1 else f"{name}-{image + 1}"
         else:
             stem = f"{row.line:05d}-{slugify(prompt, 48)}-{seed}"
-        params = dict(prompt=prompt, negative_prompt=negative, seed=seed, width=width, height=height, steps=steps,
-                      guidance=float(guidance), pag_scale=pag_scale, pag_layers=pag_layers)
-        jobs.append(ImageJob(index=start + len(jobs) + 1, row=row.line, path=os.path.join(output_dir, stem + extension),
-                             key=job_key(model, pixels, **params), pixels=pixels, **params))
+        jobs.append(make_job(model, pixels, index=start + len(jobs) + 1, row=row.line,
+                             path=os.path.join(output_dir, stem + extension), seed=seed, **params))
     return jobs
 
 

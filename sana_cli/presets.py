@@ -1,7 +1,7 @@
 """The Sana model family as data: one row per checkpoint, no if-chains elsewhere.
 
-Sources: the NVlabs model zoo, the diffusers Sana docs and the hub configs (see
-../shared/reference/diffusers-sana-notes.md). ``variant`` is the weight file suffix to ask for:
+Sources: the NVlabs model zoo, the diffusers Sana docs and the hub configs of each repository.
+``variant`` is the weight file suffix to ask for:
 the BF16 repos ship ``*.bf16.safetensors``, the older repos ``*.fp16.safetensors``, and Sprint and
 SANA 1.5 ship plain files only (asking them for a variant fails).
 """
@@ -48,55 +48,69 @@ class Preset:
 
     @property
     def supports_pag(self) -> bool:
-        # SanaPAGPipeline ignores timestep_scale, so the Sprint teacher cannot use it (see notes §1).
-        return self.pipeline == SANA and "no-pag" not in self.tags
+        return pag_supported(self.pipeline, tags=self.tags)
 
     @property
     def uses_cfg(self) -> bool:
         return self.pipeline != SANA_SPRINT
 
 
+def pag_supported(pipeline: str | None, *, timestep_scale: float = 1.0, tags: tuple[str, ...] = ()) -> bool:
+    """The one rule for whether a model can use perturbed-attention guidance: a Sana (or Sana PAG)
+    checkpoint whose transformer has no timestep_scale, because SanaPAGPipeline ignores that scale (so
+    the Sprint teacher, which has one, cannot use PAG), and not marked no-pag. Sprint has no PAG pipeline."""
+    return pipeline in (SANA, SANA_PAG) and float(timestep_scale) == 1.0 and "no-pag" not in tags
+
+
 PRESETS: tuple[Preset, ...] = (
-    Preset("sana-4k", "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers", SANA, "bfloat16", "bf16", 4096,
-           20, 5.0, flow_shift=6.0, aliases=("4k", "sana-1600m-4k"), params="1.6B",
-           description="Sana 1600M, 4096px, BF16"),
-    Preset("sana-2k", "Efficient-Large-Model/Sana_1600M_2Kpx_BF16_diffusers", SANA, "bfloat16", "bf16", 2048,
-           20, 4.5, flow_shift=3.0, aliases=("2k", "sana-1600m-2k"), params="1.6B",
-           description="Sana 1600M, 2048px, BF16"),
-    Preset("sana-1600m-1024", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", SANA, "bfloat16", "bf16",
-           1024, 20, 4.5, flow_shift=3.0, aliases=("sana", "sana-1024", "1024"), params="1.6B",
+    Preset(name="sana-4k", repo="Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers", pipeline=SANA, dtype="bfloat16",
+           variant="bf16", native_size=4096, steps=20, guidance=5.0, flow_shift=6.0, aliases=("4k", "sana-1600m-4k"),
+           params="1.6B", description="Sana 1600M, 4096px, BF16"),
+    Preset(name="sana-2k", repo="Efficient-Large-Model/Sana_1600M_2Kpx_BF16_diffusers", pipeline=SANA, dtype="bfloat16",
+           variant="bf16", native_size=2048, steps=20, guidance=4.5, flow_shift=3.0, aliases=("2k", "sana-1600m-2k"),
+           params="1.6B", description="Sana 1600M, 2048px, BF16"),
+    Preset(name="sana-1600m-1024", repo="Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", pipeline=SANA,
+           dtype="bfloat16", variant="bf16", native_size=1024, steps=20, guidance=4.5, flow_shift=3.0,
+           aliases=("sana", "sana-1024", "1024"), params="1.6B",
            description="Sana 1600M, 1024px, BF16 (the default model)"),
-    Preset("sana-1600m-512", "Efficient-Large-Model/Sana_1600M_512px_diffusers", SANA, "float16", "fp16", 512,
-           20, 4.5, flow_shift=3.0, aliases=("sana-512", "512"), params="1.6B",
-           description="Sana 1600M, 512px, FP16"),
-    Preset("sana-600m-1024", "Efficient-Large-Model/Sana_600M_1024px_diffusers", SANA, "float16", "fp16", 1024,
-           20, 4.5, flow_shift=3.0, aliases=("sana-600m",), params="0.6B",
-           description="Sana 600M, 1024px, FP16"),
-    Preset("sana-600m-512", "Efficient-Large-Model/Sana_600M_512px_diffusers", SANA, "float16", "fp16", 512,
-           20, 4.5, flow_shift=3.0, params="0.6B", description="Sana 600M, 512px, FP16"),
-    Preset("sana-multiling-1024", "Efficient-Large-Model/Sana_1600M_1024px_MultiLing_diffusers", SANA, "float16",
-           "fp16", 1024, 20, 4.5, flow_shift=3.0, aliases=("multiling",), params="1.6B",
+    Preset(name="sana-1600m-512", repo="Efficient-Large-Model/Sana_1600M_512px_diffusers", pipeline=SANA,
+           dtype="float16", variant="fp16", native_size=512, steps=20, guidance=4.5, flow_shift=3.0,
+           aliases=("sana-512", "512"), params="1.6B", description="Sana 1600M, 512px, FP16"),
+    Preset(name="sana-600m-1024", repo="Efficient-Large-Model/Sana_600M_1024px_diffusers", pipeline=SANA,
+           dtype="float16", variant="fp16", native_size=1024, steps=20, guidance=4.5, flow_shift=3.0,
+           aliases=("sana-600m",), params="0.6B", description="Sana 600M, 1024px, FP16"),
+    Preset(name="sana-600m-512", repo="Efficient-Large-Model/Sana_600M_512px_diffusers", pipeline=SANA, dtype="float16",
+           variant="fp16", native_size=512, steps=20, guidance=4.5, flow_shift=3.0, params="0.6B",
+           description="Sana 600M, 512px, FP16"),
+    Preset(name="sana-multiling-1024", repo="Efficient-Large-Model/Sana_1600M_1024px_MultiLing_diffusers",
+           pipeline=SANA, dtype="float16", variant="fp16", native_size=1024, steps=20, guidance=4.5, flow_shift=3.0,
+           aliases=("multiling",), params="1.6B",
            description="Sana 1600M, 1024px, multilingual (English, Chinese, emoji), FP16"),
-    Preset("sana-1.5-1.6b", "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", SANA, "bfloat16", None, 1024,
-           20, 4.5, aliases=("sana1.5", "sana-1.5"), params="1.6B", description="SANA 1.5 1.6B, 1024px, BF16"),
-    Preset("sana-1.5-4.8b", "Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers", SANA, "bfloat16", None, 1024,
-           20, 4.5, aliases=("sana1.5-4.8b",), params="4.8B", description="SANA 1.5 4.8B, 1024px, BF16"),
-    Preset("sprint", "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers", SANA_SPRINT, "bfloat16", None,
-           1024, 2, 4.5, min_steps=1, max_steps=4, aliases=("sana-sprint", "sprint-1.6b"), params="1.6B",
+    Preset(name="sana-1.5-1.6b", repo="Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", pipeline=SANA,
+           dtype="bfloat16", variant=None, native_size=1024, steps=20, guidance=4.5, aliases=("sana1.5", "sana-1.5"),
+           params="1.6B", description="SANA 1.5 1.6B, 1024px, BF16"),
+    Preset(name="sana-1.5-4.8b", repo="Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers", pipeline=SANA,
+           dtype="bfloat16", variant=None, native_size=1024, steps=20, guidance=4.5, aliases=("sana1.5-4.8b",),
+           params="4.8B", description="SANA 1.5 4.8B, 1024px, BF16"),
+    Preset(name="sprint", repo="Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers", pipeline=SANA_SPRINT,
+           dtype="bfloat16", variant=None, native_size=1024, steps=2, guidance=4.5, min_steps=1, max_steps=4,
+           aliases=("sana-sprint", "sprint-1.6b"), params="1.6B",
            description="SANA-Sprint 1.6B student, 1-4 steps, 1024px"),
-    Preset("sprint-0.6b", "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers", SANA_SPRINT, "bfloat16", None,
-           1024, 2, 4.5, min_steps=1, max_steps=4, params="0.6B",
-           description="SANA-Sprint 0.6B student, 1-4 steps, 1024px"),
-    Preset("sprint-teacher", "Efficient-Large-Model/SANA_Sprint_1.6B_1024px_teacher_diffusers", SANA, "bfloat16",
-           None, 1024, 20, 4.5, params="1.6B", tags=("no-pag",),
+    Preset(name="sprint-0.6b", repo="Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers", pipeline=SANA_SPRINT,
+           dtype="bfloat16", variant=None, native_size=1024, steps=2, guidance=4.5, min_steps=1, max_steps=4,
+           params="0.6B", description="SANA-Sprint 0.6B student, 1-4 steps, 1024px"),
+    Preset(name="sprint-teacher", repo="Efficient-Large-Model/SANA_Sprint_1.6B_1024px_teacher_diffusers", pipeline=SANA,
+           dtype="bfloat16", variant=None, native_size=1024, steps=20, guidance=4.5, params="1.6B", tags=("no-pag",),
            description="SANA-Sprint 1.6B teacher (qk_norm, dense timestep embedding) through SanaPipeline"),
-    Preset("tiny", "tiny:sana", SANA, "float32", None, 128, 4, 4.5, flow_shift=3.0,
-           pag_layers="transformer_blocks.1", params="tiny",
+    Preset(name="tiny", repo="tiny:sana", pipeline=SANA, dtype="float32", variant=None, native_size=128, steps=4,
+           guidance=4.5, flow_shift=3.0, pag_layers="transformer_blocks.1", params="tiny",
            description="built-in random tiny Sana, offline, for tests and CI (not a real model)"),
-    Preset("tiny-sprint", "tiny:sprint", SANA_SPRINT, "float32", None, 128, 2, 4.5, min_steps=1, max_steps=4,
-           params="tiny", description="built-in random tiny SANA-Sprint student (qk_norm, guidance embeds)"),
-    Preset("tiny-teacher", "tiny:teacher", SANA, "float32", None, 128, 4, 4.5, flow_shift=3.0, params="tiny",
-           tags=("no-pag",), description="built-in random tiny Sprint-teacher config (qk_norm, timestep_scale)"),
+    Preset(name="tiny-sprint", repo="tiny:sprint", pipeline=SANA_SPRINT, dtype="float32", variant=None, native_size=128,
+           steps=2, guidance=4.5, min_steps=1, max_steps=4, params="tiny",
+           description="built-in random tiny SANA-Sprint student (qk_norm, guidance embeds)"),
+    Preset(name="tiny-teacher", repo="tiny:teacher", pipeline=SANA, dtype="float32", variant=None, native_size=128,
+           steps=4, guidance=4.5, flow_shift=3.0, params="tiny", tags=("no-pag",),
+           description="built-in random tiny Sprint-teacher config (qk_norm, timestep_scale)"),
 )
 
 _BY_NAME = {p.name: p for p in PRESETS}

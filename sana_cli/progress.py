@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from .events import BatchStarted, Event, ImageFailed, ImageWritten, Loading, Noted, Planned, Step, Warned
 from .terminal import printable
 
 
@@ -24,7 +25,7 @@ def discard(stream) -> None:
         pass
 
 
-class Reporter:
+class ProgressDisplay:
     """Turns runner events into stderr output."""
 
     def __init__(self, total_images: int, *, quiet: bool = False, stream=None, interval: float | None = None):
@@ -60,45 +61,45 @@ class Reporter:
             self._bar = None
             discard(self.stream)
 
-    def __call__(self, kind: str, data: dict) -> None:
+    def __call__(self, event: Event) -> None:
         if self.quiet:
             return
-        if kind == "plan":
-            self.total = data["todo"]
-            if data["done"]:
-                self.log(f"sana: resuming: {data['done']} of {data['done'] + data['todo']} image(s) already done")
-        elif kind == "load":
-            self.log(f"sana: loading {data['model'].describe()}")
-        elif kind == "warning":
-            self.log(f"sana: warning: {data['message']}")
-        elif kind == "note":
-            self.log(f"sana: {data['message']}")
-        elif kind == "batch":
+        if isinstance(event, Planned):
+            self.total = event.todo
+            if event.done:
+                self.log(f"sana: resuming: {event.done} of {event.done + event.todo} image(s) already done")
+        elif isinstance(event, Loading):
+            self.log(f"sana: loading {event.model.describe()}")
+        elif isinstance(event, Warned):
+            self.log(f"sana: warning: {event.message}")
+        elif isinstance(event, Noted):
+            self.log(f"sana: {event.message}")
+        elif isinstance(event, BatchStarted):
             self.started = self.started or time.perf_counter()
-            self._batch = f"batch {data['number']}/{data['total']} "
+            self._batch = f"batch {event.number}/{event.total} "
             if self.tty and self._bar is None:
                 from tqdm import tqdm
 
                 self._bar = tqdm(total=self.total, unit="img", file=self.stream, dynamic_ncols=True, leave=False)
-        elif kind == "step":
+        elif isinstance(event, Step):
             if self._bar is not None:
-                self._bar.set_postfix_str(f"step {data['step']}/{data['total']}", refresh=True)  # numbers only
+                self._bar.set_postfix_str(f"step {event.step}/{event.total}", refresh=True)  # numbers only
             elif time.perf_counter() - self._last_step_line >= self.interval:
-                self.log(f"sana: {self._batch}step {data['step']}/{data['total']}")
+                self.log(f"sana: {self._batch}step {event.step}/{event.total}")
                 self._last_step_line = time.perf_counter()
-        elif kind in ("written", "failed"):
-            self._image(kind, data["result"])
+        elif isinstance(event, (ImageWritten, ImageFailed)):
+            self._image(event.result, failed=isinstance(event, ImageFailed))
 
-    def _image(self, kind: str, result) -> None:
+    def _image(self, result, *, failed: bool) -> None:
         self.done += 1
-        self.failed += kind == "failed"
+        self.failed += failed
         if self._bar is not None:
             self._bar.update(1)
-            if kind == "failed":
+            if failed:
                 self._bar.write(printable(f"sana: failed {result.job.path}: {result.error}"), file=self.stream)
             return
         now = time.perf_counter()
-        if kind == "failed":
+        if failed:
             self.log(f"sana: [{self.done}/{self.total}] failed {result.job.path}: {result.error}")
         elif self.total <= 20 or now - self._last_line >= self.interval or self.done == self.total:
             rate = self.done / max(now - (self.started or now), 1e-9)

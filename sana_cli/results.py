@@ -4,16 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
+from .events import EventSink, no_events  # noqa: F401 - re-exported for the API's callers
 from .output import WrittenImage
 from .plan import ImageJob
-
-EventSink = Callable[[str, dict], None]
-
-
-def no_events(kind: str, data: dict) -> None:
-    """The default event sink: ignore everything."""
 
 
 class StopToken:
@@ -57,10 +50,7 @@ class ImageResult:
         return self.written is not None
 
     def to_dict(self) -> dict:
-        job = self.job
-        data = {"index": job.index, "row": job.row, "prompt": job.prompt, "seed": job.seed,
-                "width": job.width, "height": job.height, "steps": job.steps, "guidance": job.guidance,
-                "pag_scale": job.pag_scale, "path": job.path, "key": job.key}
+        data = self.job.summary()
         if self.ok:
             data.update(sha256=self.written.sha256, bytes=self.written.bytes, decode=self.decode,
                         seconds=round(self.seconds, 4))
@@ -74,7 +64,7 @@ class ImageResult:
 
 
 @dataclass
-class RunReport:
+class RunOutcome:
     results: list[ImageResult] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     stopped_by: int | None = None  # signal number

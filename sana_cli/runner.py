@@ -9,7 +9,6 @@ at the next denoising step in generate); nothing partial is ever written.
 
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 import time
@@ -18,11 +17,13 @@ from typing import Callable
 import torch
 
 from . import __version__, decode as decoding, latents as keeping
+from .adapters import adapter_for
 from .errors import GenerationError, SanaError
 from .output import write_image
 from .pipeline import LoadedModel
 from .plan import KEY_SCHEMA, ImageJob, Plan
-from .results import EventSink, ImageResult, RunOptions, RunReport, StopToken, no_events
+from .events import BatchStarted, EventSink, ImageFailed, ImageWritten, Noted, Step, Warned, no_events
+from .results import ImageResult, RunOptions, RunOutcome, StopToken
 
 ENCODE_AHEAD_MAX = 256  # prompts; ~2.8 MB of bf16 embeddings each with CFG
 
@@ -35,7 +36,7 @@ class Writer:
     manifest cannot be written: disk full) is fatal, and from then on the thread only drains the
     queue, so the main thread is never left waiting on a dead consumer and signals keep working."""
 
-    def __init__(self, overwrite: bool, on_written: Callable[[ImageResult], None]):
+    def __init__(self, *, overwrite: bool, on_written: Callable[[ImageResult], None]):
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._overwrite = overwrite
         self._on_written = on_written
@@ -105,9 +106,9 @@ class _WriterFailed(Exception):
 
 
 def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, events: EventSink = no_events,
-        stop: StopToken | None = None, reusable: bool = True,
+        stop: StopToken | None = None, keep_text_encoder: bool = True,
         on_result: Callable[[ImageResult], None] | None = None, done: frozenset[int] = frozenset(),
-        claim: Callable[[list[ImageJob], list[bool]], tuple[list[bool], bool]] | None = None) -> RunReport:
+        claim: Callable[[list[ImageJob], list[bool]], tuple[list[bool], bool]] | None = None) -> RunOutcome:
     """Run every GPU batch of the plan. `done` holds positions in plan.jobs that already have their
     image: a batch whose images all exist is skipped, and a partly done batch is rendered whole (so
     its pixels equal an uninterrupted run's) with only the missing images written. A failed batch is
@@ -115,11 +116,14 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
 
     `claim(jobs, wanted)` (several processes on one directory) says which wanted images this process
     may write, and whether some are held by another live process; those batches are revisited at
-    the end until their holders are done."""
+    the end until their holders are done.
+
+    `keep_text_encoder=False` (a one-shot run) lets the runner encode every prompt first and release the
+    text encoder before denoising; a Session keeps it for later calls."""
     options = options or RunOptions()
     stop = stop or StopToken()
     events = _never_raising(events)
-    report = RunReport()
+    outcome = RunOutcome()
     timings = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
     started = time.perf_counter()
     if loaded.device.type == "cuda":
@@ -127,23 +131,23 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     lock = threading.Lock()
     pending = [group for group in plan.groups if any(i not in done for i in group)]
 
-    def warn(kind: str, data: dict) -> None:
-        if kind == "warning" and data["message"] not in report.warnings:
-            report.warnings.append(data["message"])
-        events(kind, data)
+    def warn(event) -> None:
+        if isinstance(event, Warned) and event.message not in outcome.warnings:
+            outcome.warnings.append(event.message)
+        events(event)
 
     def written(result: ImageResult) -> None:
         with lock:
-            report.results.append(result)
+            outcome.results.append(result)
         if on_result is not None:
             on_result(result)
-        events("written" if result.ok else "failed", {"result": result})
+        events(ImageWritten(result) if result.ok else ImageFailed(result))
 
-    def failed(job: ImageJob, failure: tuple[str, int], alone: bool) -> None:
+    def failed(job: ImageJob, failure: tuple[str, int], *, alone: bool) -> None:
         written(ImageResult(job=job, error=failure[0], error_exit_code=failure[1], retried_alone=alone))
 
     def halted() -> bool:
-        return stop.requested or (options.fail_fast and bool(report.failed)) or writer.failure is not None
+        return stop.requested or (options.fail_fast and bool(outcome.failed)) or writer.failure is not None
 
     tried: set[int] = set()  # positions this process rendered or handed to a holder
 
@@ -157,9 +161,9 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
         tried.update(i for i, wanted in zip(group, write) if wanted)
         if not any(write):
             return busy
-        events("batch", {"number": number + 1, "total": len(pending), "jobs": jobs})
-        failure = _attempt(_run_group, loaded, jobs, write, embeds, options, warn, stop, writer, timings,
-                           on_failed=failed)
+        events(BatchStarted(number=number + 1, total=len(pending), jobs=tuple(jobs)))
+        failure = _attempt(_run_group, loaded, jobs, write=write, embeddings=embeds, options=options, events=warn,
+                           stop=stop, writer=writer, timings=timings, on_failed=failed)
         if failure is None:
             return busy
         if len(jobs) == 1:
@@ -170,17 +174,19 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
                 continue
             # Each retry takes its row of the batch's embeddings: once the text encoder is released,
             # a retry cannot encode again.
-            single = _attempt(_run_group, loaded, [job], [True], _row(embeds, position), options, warn, stop,
-                              writer, timings, retried_alone=True, on_failed=failed)
+            single = _attempt(_run_group, loaded, [job], write=[True], embeddings=_row(embeds, position),
+                              options=options, events=warn, stop=stop, writer=writer, timings=timings,
+                              retried_alone=True, on_failed=failed)
             if single is not None:
                 failed(job, single, alone=True)
         return busy
 
-    writer = Writer(plan.overwrite, written)
+    writer = Writer(overwrite=plan.overwrite, on_written=written)
     embeddings: dict[int, tuple] = {}
     try:
-        if not reusable and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
-            _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings)
+        if not keep_text_encoder and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
+            _encode_ahead(loaded, plan, pending, options=options, events=warn, stop=stop, embeddings=embeddings,
+                          timings=timings)
         waiting = []
         for number, group in enumerate(pending):
             if halted():
@@ -190,8 +196,8 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
                 waiting.append((number, group, embeds))  # the text encoder may be gone: keep its embeddings
         if waiting and not halted():
             count = sum(len(group) for _, group, _ in waiting)
-            events("note", {"message": f"waiting for another process to finish image(s) of {len(waiting)} GPU "
-                                       f"batch(es) ({count} image(s)) it claimed"})
+            events(Noted(f"waiting for another process to finish image(s) of {len(waiting)} GPU batch(es) "
+                         f"({count} image(s)) it claimed"))
         while waiting and not halted():  # batches whose images other processes were rendering
             time.sleep(0.5)
             waiting = [entry for entry in waiting if not halted() and render(*entry)]
@@ -201,25 +207,26 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
         writer.close()
     if writer.error() is not None:
         raise writer.error()
-    report.stopped_by = stop.signal_number
+    outcome.stopped_by = stop.signal_number
     timings["write"] = writer.seconds
     timings["total"] = time.perf_counter() - started
-    report.timings = {key: round(value, 4) for key, value in timings.items()}
+    outcome.timings = {key: round(value, 4) for key, value in timings.items()}
     if loaded.device.type == "cuda":
-        report.peak_memory_bytes = torch.cuda.max_memory_allocated(loaded.device)
-        report.peak_reserved_bytes = torch.cuda.max_memory_reserved(loaded.device)
-    report.results.sort(key=lambda r: r.job.index)
-    return report
+        outcome.peak_memory_bytes = torch.cuda.max_memory_allocated(loaded.device)
+        outcome.peak_reserved_bytes = torch.cuda.max_memory_reserved(loaded.device)
+    outcome.results.sort(key=lambda r: r.job.index)
+    return outcome
 
 
-def _encode_ahead(loaded, plan, pending, options, warn, stop, embeddings, timings) -> None:
+def _encode_ahead(loaded, plan, pending, *, options, events, stop, embeddings, timings) -> None:
     """Encode every group's prompts, then release the text encoder. If encoding runs out of memory, keep
     the text encoder and let each remaining group encode its own prompts (and retry) as it comes."""
     for number, group in enumerate(pending):
         if stop.requested:
             return
         try:
-            embeddings[number], seconds = _timed(_encode, loaded, [plan.jobs[i] for i in group], options, warn)
+            embeddings[number], seconds = _timed(_encode, loaded, jobs=[plan.jobs[i] for i in group],
+                                                 options=options, events=events)
         except Exception as exc:  # noqa: BLE001 - only out of memory is survivable here
             if not decoding.is_out_of_memory(exc):
                 raise
@@ -243,9 +250,9 @@ def _row(encoded: tuple | None, position: int) -> tuple | None:
 def _never_raising(events: EventSink) -> EventSink:
     """Progress output must never fail an image: a closed or broken stderr loses lines, not work."""
 
-    def safe(kind: str, data: dict) -> None:
+    def safe(event) -> None:
         try:
-            events(kind, data)
+            events(event)
         except Exception:  # noqa: BLE001
             pass
 
@@ -256,11 +263,11 @@ class _Aborted(Exception):
     pass
 
 
-def _attempt(function, *args, **kwargs) -> tuple[str, int] | None:
+def _attempt(function, loaded, jobs, **kwargs) -> tuple[str, int] | None:
     """Run one GPU batch; on failure return (message, exit code) instead of the exception, so the
     traceback (and the tensors its frames hold) is gone before anything is retried."""
     try:
-        function(*args, **kwargs)
+        function(loaded, jobs, **kwargs)
         return None
     except (_Aborted, _WriterFailed):
         raise
@@ -295,9 +302,9 @@ def _sync(loaded: LoadedModel) -> None:
         torch.cuda.synchronize(loaded.device)
 
 
-def _timed(function, loaded: LoadedModel, *args):
+def _timed(function, loaded: LoadedModel, **kwargs):
     started = time.perf_counter()
-    value = function(loaded, *args)
+    value = function(loaded, **kwargs)
     _sync(loaded)
     return value, time.perf_counter() - started
 
@@ -310,11 +317,6 @@ def _describe_failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _chi(pipe) -> list[str] | None:
-    """The pipeline's default complex human instruction (on by default, as in the model cards)."""
-    return inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
-
-
 def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink) -> None:
     """Gemma reads at most max_sequence_length tokens of a prompt (the pipeline truncates silently)."""
     tokenizer = getattr(pipe, "tokenizer", None)
@@ -324,58 +326,39 @@ def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink)
         count = len(tokenizer(job.prompt, add_special_tokens=False).input_ids)
         if count > budget:
             which = f"the prompt of row {job.row}" if job.row else "the prompt"
-            events("warning", {"message": f"{which} is {count} tokens; the text encoder reads the first {budget} "
-                                          "and ignores the rest"})
+            events(Warned(f"{which} is {count} tokens; the text encoder reads the first {budget} "
+                          "and ignores the rest"))
 
 
 @torch.no_grad()
-def _encode(loaded: LoadedModel, jobs: list[ImageJob], options: RunOptions, events: EventSink = no_events) -> tuple:
+def _encode(loaded: LoadedModel, *, jobs: list[ImageJob], options: RunOptions, events: EventSink = no_events) -> tuple:
     """Prompt embeddings for a GPU batch, exactly as the pipeline would compute them itself."""
     pipe = loaded.pipeline_for(jobs[0].pag_layers)
     loaded.check_placement()
     if loaded.text_encoder_freed:
         raise RuntimeError("internal error: the text encoder was released before every prompt was encoded")
-    prompts = [job.prompt for job in jobs]
     _warn_truncation(pipe, jobs, options.max_sequence_length - 2, events)
-    common = dict(num_images_per_prompt=1, device=pipe._execution_device, clean_caption=False,
-                  max_sequence_length=options.max_sequence_length, complex_human_instruction=_chi(pipe))
-    if loaded.ref.is_sprint:
-        embeds, mask = pipe.encode_prompt(prompts, **common)
-        return embeds, mask, None, None
-    return tuple(pipe.encode_prompt(prompts, do_classifier_free_guidance=jobs[0].guidance > 1.0,
-                                    negative_prompt=[job.negative_prompt for job in jobs], **common))
+    return adapter_for(loaded.ref).encode(pipe, jobs, max_sequence_length=options.max_sequence_length)
 
 
-def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], embeddings, options: RunOptions,
+def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], embeddings, options: RunOptions,
                events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False,
                on_failed: Callable | None = None) -> None:
     first = jobs[0]
     pipe = loaded.pipeline_for(first.pag_layers)
     batch_started = time.perf_counter()
     if embeddings is None:
-        embeddings, seconds = _timed(_encode, loaded, jobs, options, events)
+        embeddings, seconds = _timed(_encode, loaded, jobs=jobs, options=options, events=events)
         timings["encode"] += seconds
-    embeds, mask, negative_embeds, negative_mask = embeddings
 
     def on_step(pipeline, step, timestep, callback_kwargs):
-        events("step", {"step": step + 1, "total": first.steps})
+        events(Step(step=step + 1, total=first.steps))
         if stop.requested and options.abort_in_flight:
             pipeline._interrupt = True
         return {}
 
-    kwargs = dict(prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, height=first.height,
-                  width=first.width, num_inference_steps=first.steps, guidance_scale=first.guidance,
-                  generator=[torch.Generator(loaded.generator_device).manual_seed(job.seed) for job in jobs],
-                  output_type="latent", use_resolution_binning=False, callback_on_step_end=on_step,
-                  return_dict=False)
-    if loaded.ref.is_sprint:
-        if first.steps != 2:
-            kwargs["intermediate_timesteps"] = None  # diffusers raises for steps != 2 otherwise
-    else:
-        kwargs.update(negative_prompt=None, negative_prompt_embeds=negative_embeds,
-                      negative_prompt_attention_mask=negative_mask)
-    if first.pag_scale > 0:
-        kwargs["pag_scale"] = first.pag_scale
+    generators = [torch.Generator(loaded.generator_device).manual_seed(job.seed) for job in jobs]
+    kwargs = adapter_for(loaded.ref).build_call(jobs, embeddings, generators=generators, on_step=on_step)
     started = time.perf_counter()
     loaded.check_placement()
     with torch.no_grad():
@@ -400,7 +383,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
             failure = _failure(exc)
         if failure is not None:
             decoding.release_memory()
-            on_failed(job, _kept_failure(loaded, job, one, failure), retried_alone)
+            on_failed(job, _kept_failure(loaded, job, one, failure), alone=retried_alone)
             continue
         if options.keep_latents:
             _keep(loaded, job, one)
@@ -409,7 +392,6 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], write: list[bool], emb
         timings["decode"] += seconds
         result = ImageResult(job=job, decode=decoded.strategy, fallbacks=decoded.fallbacks, seconds=shared + seconds,
                              retried_alone=retried_alone)
-        events("decoded", {"result": result})
         writer.submit(result, image, image_metadata(loaded, job, decoded.strategy))
     del latents
 
@@ -433,11 +415,8 @@ def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> 
     """Everything needed to reproduce the image. No timestamps or host names, so equal work gives
     byte-identical files whichever process, shard or GPU index made them."""
     model = loaded.describe()
-    meta = {"sana_cli": __version__, "key": job.key, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
-            "seed": job.seed, "steps": job.steps, "guidance": job.guidance, "width": job.width,
-            "height": job.height, "rendered": f"{job.width}x{job.height}", "pag_scale": job.pag_scale,
-            "pag_layers": job.pag_layers, "decode": decode_strategy, "chi": True, **model,
+    meta = {"sana_cli": __version__, "key": job.key, **job.params(), "rendered": f"{job.width}x{job.height}",
+            "decode": decode_strategy, "chi": True, **model,
             "device": loaded.device.type, "key_schema": KEY_SCHEMA, "pixel_options": job.pixels.to_dict()}
-    if loaded.ref.is_sprint:
-        meta["intermediate_timesteps"] = 1.3 if job.steps == 2 else None
+    meta.update(adapter_for(loaded.ref).metadata(job))
     return meta

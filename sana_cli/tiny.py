@@ -14,18 +14,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .cache import cache_root
+
 VERSION = "v1"  # bump when the recipe changes, so stale caches are not reused
 VARIANTS = ("sana", "sprint", "teacher")
 
 # Words the tokenizer knows (anything else maps to <unk>). Prompts in tests and examples use them.
-_WORDS = """a an the of and with in on at to for from by is are this that it its as or
+_WORD_TEXT = """a an the of and with in on at to for from by is are this that it its as or
 cat dog fox panda bird fish horse cyberpunk neon sign city street night day sky sea mountain forest
 tree flower river lake snow rain sun moon star cloud light dark red green blue yellow white black
 orange purple pink gold silver cute small big old new beautiful portrait photo painting drawing ink
 style art digital cinematic lighting detailed high quality eating bamboo sitting standing running
 flying under over near inside outside house castle car robot astronaut space planet ocean beach
 desert garden window door table cup coffee book girl boy man woman face eyes hair hat wearing
-that says sana hello world""".split()
+that says sana hello world"""
+_WORDS = _WORD_TEXT.split()
 
 
 # The tiny components (bench/make_checkpoints.py --scale tiny builds its models from these too).
@@ -49,14 +52,6 @@ FLOW_DPM_CONFIG = dict(
     algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="flow_prediction",
     use_flow_sigmas=True, final_sigmas_type="zero", lower_order_final=True, timestep_spacing="linspace",
     num_train_timesteps=1000)
-
-
-def cache_root() -> Path:
-    """Where sana-cli keeps its own files: $SANA_CLI_CACHE, else $XDG_CACHE_HOME/sana-cli."""
-    if os.environ.get("SANA_CLI_CACHE"):
-        return Path(os.environ["SANA_CLI_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sana-cli"
 
 
 def tiny_path(variant: str) -> Path:

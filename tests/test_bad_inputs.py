@@ -37,9 +37,11 @@ class Case:
 CASES = [
     Case("empty prompt", ["generate", "", "--model", "tiny"], 2, "the prompt is empty"),
     Case("whitespace-only prompt", ["generate", " \t ", "--model", "tiny"], 2, "the prompt is empty"),
-    Case("prompt longer than the text encoder reads", ["generate", "{long_prompt}", "--model", "tiny", "--seed", "1",
-                                                       "-o", "{tmp}/long.png"], 0, "the text encoder reads the first 298"),
-    Case("size not a multiple of 32", ["generate", "a cat", "--size", "1000"], 2, "is not a multiple of 32 (try 992 or 1024)"),
+    Case("prompt longer than the text encoder reads",
+         ["generate", "{long_prompt}", "--model", "tiny", "--seed", "1", "-o", "{tmp}/long.png"], 0,
+         "the text encoder reads the first 298"),
+    Case("size not a multiple of 32", ["generate", "a cat", "--size", "1000"], 2,
+         "is not a multiple of 32 (try 992 or 1024)"),
     Case("size zero", ["generate", "a cat", "--size", "0"], 2, "must be positive"),
     Case("negative size", ["generate", "a cat", "--width", "-64", "--height", "64"], 2, "must be positive"),
     Case("non-numeric size", ["generate", "a cat", "--size", "big"], 2, "'big' is not a valid integer"),
@@ -99,7 +101,8 @@ CASES = [
     Case("bad JSON line", ["batch", "{files}/bad.jsonl", "--model", "tiny"], 2, "line 2: not valid JSON"),
     Case("CSV without a prompt column", ["batch", "{files}/noprompt.csv", "--model", "tiny"], 2,
          "has no 'prompt' column"),
-    Case("unknown field", ["batch", "{files}/unknown.jsonl", "--model", "tiny"], 2, "line 1: unknown field(s) 'colour'"),
+    Case("unknown field", ["batch", "{files}/unknown.jsonl", "--model", "tiny"], 2,
+         "line 1: unknown field(s) 'colour'"),
     Case("wrong type", ["batch", "{files}/types.jsonl", "--model", "tiny"], 2,
          "line 1: 'steps' must be a whole number, got 'many'"),
     Case("duplicate names", ["batch", "{files}/dupes.jsonl", "--model", "tiny"], 2,
@@ -152,8 +155,9 @@ CASES = [
     Case("hub id with shell characters", ["generate", "a cat", "--model", "org/x;id"], 2, "is not a hub id"),
     Case("--fp8 on an fp16 checkpoint", ["generate", "a cat", "--model", "sana-600m-1024", "--fp8", "--device", "cpu",
                                          "-o", "{tmp}/"], 2, "--fp8 needs the transformer in bf16"),
-    Case("--fp8 with --dtype fp16", ["generate", "a cat", "--model", "tiny", "--fp8", "--dtype", "fp16", "-o", "{tmp}/"],
-         2, "--fp8 needs the transformer in bf16"),
+    Case("--fp8 with --dtype fp16",
+         ["generate", "a cat", "--model", "tiny", "--fp8", "--dtype", "fp16", "-o", "{tmp}/"], 2,
+         "--fp8 needs the transformer in bf16"),
     Case("--max-memory 0", ["generate", "a cat", "--model", "tiny", "--max-memory", "0", "-o", "{tmp}/"], 2,
          "0.0 is not in the range x>0"),
     Case("sana decode on a file that is not kept latents", ["decode", "{files}/ok.txt"], 2,
@@ -260,8 +264,10 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "escape.jsonl").write_text('{"prompt": "a", "name": "../../x"}\n')
     (root / "absolute.jsonl").write_text('{"prompt": "a", "name": "/etc/cron.d/x"}\n')
     (root / "ok.txt").write_text("a cat\n")
-    (root / "one-huge.jsonl").write_text('{"prompt": "small"}\n{"prompt": "huge", "size": 4096}\n{"prompt": "small too"}\n')
-    (root / "newline.jsonl").write_text(json.dumps({"prompt": "first line\nsecond line \"quoted\" 🐼", "seed": 2}) + "\n")
+    (root / "one-huge.jsonl").write_text('{"prompt": "small"}\n{"prompt": "huge", "size": 4096}\n'
+                                         '{"prompt": "small too"}\n')
+    (root / "newline.jsonl").write_text(
+        json.dumps({"prompt": "first line\nsecond line \"quoted\" 🐼", "seed": 2}) + "\n")
     _untrusted_files(root, tiny)
     for name in ("manifest-dir", "manifest-dangling", "manifest-link", "manifest-foreign"):
         (root / name).mkdir()
@@ -304,7 +310,8 @@ def _untrusted_files(root: Path, tiny: Path) -> None:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header
                                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
     Image.new("RGB", (16, 16)).save(root / "plain.png")
     from PIL import PngImagePlugin
@@ -368,7 +375,8 @@ def test_bad_input(case: Case, files, tiny_dir, tmp_path):
 
 
 def test_allow_pickle_loads_what_the_default_refuses(sana, files, tmp_path):
-    process = sana("generate", "a cat", "--model", files / "pickle", "--allow-pickle", "--seed", 1, "-o", f"{tmp_path}/")
+    process = sana("generate", "a cat", "--model", files / "pickle", "--allow-pickle", "--seed", 1,
+                   "-o", f"{tmp_path}/")
     assert process.returncode == 0, process.stderr
     assert len(list(tmp_path.glob("*.png"))) == 1
 

@@ -136,7 +136,10 @@ def test_stdin_is_read_with_dash(sana, tmp_path):
 def test_seeds_depend_on_the_row_not_its_position(tmp_path):
     forward = write(tmp_path / "a.txt", "\n".join(PROMPTS))
     backward = write(tmp_path / "b.txt", "\n".join(reversed(PROMPTS)))
-    seeds = lambda path: {j.prompt: j.seed for j in plan_batch_file(str(path), model="tiny", output_dir="o")[0].jobs}
+
+    def seeds(path):
+        return {j.prompt: j.seed for j in plan_batch_file(str(path), model="tiny", output_dir="o")[0].jobs}
+
     assert seeds(forward) == seeds(backward)
     assert seeds(forward)[PROMPTS[0]] == derive_seed(0, PROMPTS[0], 0, 0)
     other_base = plan_batch_file(str(forward), model="tiny", output_dir="o", defaults=BatchDefaults(base_seed=9))[0]
@@ -173,7 +176,8 @@ def test_dry_run_prints_the_whole_plan_without_torch(tmp_path, prompts_txt):
 import sys
 from sana_cli.cli import main
 try:
-    main(["batch", {str(prompts_txt)!r}, "--model", "tiny", "-o", {str(tmp_path / 'o')!r}, "--dry-run", "--batch-size", "4"])
+    main(["batch", {str(prompts_txt)!r}, "--model", "tiny", "-o", {str(tmp_path / 'o')!r}, "--dry-run",
+          "--batch-size", "4"])
 except SystemExit as exit:
     assert exit.code == 0, exit.code
 print("HEAVY", sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')))
@@ -223,8 +227,11 @@ def test_files_from_other_settings_are_not_overwritten(sana, tmp_path, prompts_t
 
 def test_pixels_do_not_depend_on_position_shard_or_process_count(tmp_path, prompts_txt, tiny_models):
     env = dict(os.environ, **DETERMINISTIC)
-    run = lambda *args: subprocess.run([SANA, "batch", *map(str, args), "--model", "tiny", "-q", "--batch-size", "2"],
-                                       env=env, capture_output=True, text=True, timeout=300)
+
+    def run(*args):
+        return subprocess.run([SANA, "batch", *map(str, args), "--model", "tiny", "-q", "--batch-size", "2"],
+                              env=env, capture_output=True, text=True, timeout=300)
+
     assert run(prompts_txt, "-o", tmp_path / "whole").returncode == 0
     for index in range(2):
         assert run(prompts_txt, "-o", tmp_path / "sharded", "--shard", f"{index}/2").returncode == 0
@@ -234,7 +241,10 @@ def test_pixels_do_not_depend_on_position_shard_or_process_count(tmp_path, promp
     # Reversed file: the same rows give the same images (names carry the line number, so compare by seed).
     reversed_txt = write(tmp_path / "rev.txt", "\n".join(reversed(PROMPTS)))
     assert run(reversed_txt, "-o", tmp_path / "reversed").returncode == 0
-    by_seed = lambda d: {name.rsplit("-", 1)[1]: data for name, data in images(d).items()}
+
+    def by_seed(d):
+        return {name.rsplit("-", 1)[1]: data for name, data in images(d).items()}
+
     assert by_seed(tmp_path / "reversed") == by_seed(tmp_path / "whole")
 
 
@@ -361,7 +371,7 @@ os.makedirs(sys.argv[2])
 size = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
 limit = size + 500 * 2**20      # one 768px tiny image fits (~200 MB); a GPU batch of 16 (~750 MB) does not
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-report = run(plan, loaded, reusable=False)
+report = run(plan, loaded, keep_text_encoder=False)
 print(json.dumps([[r.ok, r.retried_alone, r.error] for r in report.results]))
 """
 

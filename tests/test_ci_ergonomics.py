@@ -20,7 +20,8 @@ def test_doctor_reports_versions_and_exits_4_with_a_fix_when_a_gpu_is_required(s
     assert needs_gpu.returncode == 4
     assert "fix:" in one_line_error(needs_gpu)
     offline_missing = sana("doctor", "--model", "sana-4k", "--offline")
-    assert offline_missing.returncode == 4 and "Sana_1600M_4Kpx_BF16_diffusers is missing" in one_line_error(offline_missing)
+    assert offline_missing.returncode == 4
+    assert "Sana_1600M_4Kpx_BF16_diffusers is missing" in one_line_error(offline_missing)
 
 
 def test_batch_report_writes_a_gallery_and_a_github_step_summary(sana, tmp_path, tiny_models):

@@ -56,7 +56,7 @@ def test_pag_runs_on_an_fp16_transformer_beside_bf16_gemma_and_dcae(tiny_models,
     """The fp16-preset layout: PAG's latents follow the transformer's dtype, never the embeddings'."""
     loaded = load(resolve("tiny"), LoadOptions(dtype="fp16"))
     plan = plan_for(tmp_path, pag_scale=2.0, pag_layers="transformer_blocks.1", num_images=2)
-    report = run(plan, loaded, reusable=False)
+    report = run(plan, loaded, keep_text_encoder=False)
     assert not report.failed, [r.error for r in report.results]
     assert all(pixels(r.written.path).std() > 0 for r in report.results)
     assert dtypes_of(loaded)["transformer"] == {torch.float16}
@@ -75,8 +75,8 @@ def test_a_silent_cast_fails_loudly(tiny_models, tmp_path):
     loaded = load(resolve("tiny"))
     loaded.pipe.vae.to(torch.bfloat16)  # something casts a component behind the plan's back
     with pytest.raises(RuntimeError, match="vae is bfloat16 on cpu, planned float32"):
-        run(plan_for(tmp_path), loaded, reusable=False)
-    report = run(plan_for(tmp_path), loaded, reusable=True)  # per-batch encoding: the image fails instead
+        run(plan_for(tmp_path), loaded, keep_text_encoder=False)
+    report = run(plan_for(tmp_path), loaded, keep_text_encoder=True)  # per-batch encoding: the image fails instead
     assert report.failed and "vae is bfloat16 on cpu, planned float32" in report.failed[0].error
 
 
@@ -122,14 +122,15 @@ def test_an_oom_batch_is_retried_alone_after_the_text_encoder_was_released(tiny_
     loaded = release_on_cpu(load(resolve("tiny")))
     handle, calls = inject_oom(loaded.pipe.transformer, lambda hidden: hidden.shape[0] > 2)  # CFG doubles
     try:
-        report = run(plan_for(tmp_path, num_images=3, batch_size=3), loaded, reusable=False)
+        report = run(plan_for(tmp_path, num_images=3, batch_size=3), loaded, keep_text_encoder=False)
     finally:
         handle.remove()
     assert calls["raised"] == 1
     assert loaded.text_encoder_freed and all(p.device.type == "meta" for p in loaded.pipe.text_encoder.parameters())
     assert [(r.ok, r.retried_alone, r.error) for r in report.results] == [(True, True, None)] * 3
     (tmp_path / "alone").mkdir()
-    alone = run(plan_for(tmp_path / "alone", num_images=3, batch_size=1), load(resolve("tiny")), reusable=False)
+    alone = run(plan_for(tmp_path / "alone", num_images=3, batch_size=1), load(resolve("tiny")),
+                keep_text_encoder=False)
     for retried, reference in zip(report.results, alone.results):
         assert np.abs(pixels(retried.written.path) - pixels(reference.written.path)).max() <= 1
 
@@ -147,7 +148,7 @@ def test_an_oom_while_encoding_ahead_keeps_the_text_encoder(tiny_models, tmp_pat
 
     handle = loaded.pipe.text_encoder.register_forward_pre_hook(hook)
     try:
-        report = run(plan_for(tmp_path, num_images=3, batch_size=1), loaded, reusable=False)
+        report = run(plan_for(tmp_path, num_images=3, batch_size=1), loaded, keep_text_encoder=False)
     finally:
         handle.remove()
     assert not loaded.text_encoder_freed
@@ -176,7 +177,7 @@ def test_compile_survives_more_shapes_than_the_recompile_limit(tiny_models, tmp_
         for number, extra in enumerate(requests):
             size = extra.pop("size")
             plan = plan_for(tmp_path, f"{number}.png", width=size, height=size, force_size=True, **extra)
-            report = run(plan, loaded, reusable=True)
+            report = run(plan, loaded, keep_text_encoder=True)
             assert not report.failed, (extra, report.failed[0].error)
     finally:
         dynamo_config.recompile_limit = saved
@@ -192,14 +193,14 @@ def test_compile_under_offload_hooks_compiles_blocks_only(tiny_models, tmp_path)
     from sana_cli import speed
 
     torch._dynamo.reset()
-    eager = run(plan_for(tmp_path, "eager.png"), load(resolve("tiny")), reusable=True)
+    eager = run(plan_for(tmp_path, "eager.png"), load(resolve("tiny")), keep_text_encoder=True)
     loaded = load(resolve("tiny"))
     cpu_offload_with_hook(loaded.pipe.transformer, execution_device="cpu")
     try:
         speed.enable_compile(loaded, backend="aot_eager")
         assert not hasattr(loaded.pipe.transformer, "_compiled_call_impl") or \
             loaded.pipe.transformer._compiled_call_impl is None
-        report = run(plan_for(tmp_path, "compiled.png"), loaded, reusable=True)
+        report = run(plan_for(tmp_path, "compiled.png"), loaded, keep_text_encoder=True)
     finally:
         torch._dynamo.reset()
     assert not report.failed, report.failed[0].error
@@ -380,7 +381,7 @@ def test_cuda_library_allocation_failures_are_out_of_memory(exc, tiny_models, tm
 
     handle = loaded.pipe.vae.decoder.conv_in.register_forward_pre_hook(fail_full_decode)
     try:
-        report = run(plan_for(tmp_path), loaded, reusable=True)
+        report = run(plan_for(tmp_path), loaded, keep_text_encoder=True)
     finally:
         handle.remove()
     assert report.results[0].ok and report.results[0].fallbacks == ("full",)

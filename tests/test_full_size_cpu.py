@@ -30,7 +30,8 @@ from diffusers import SanaPipeline
 pipe = SanaPipeline.from_pretrained(sys.argv[1], variant="bf16", torch_dtype=torch.bfloat16)
 pipe.text_encoder.to(torch.bfloat16)
 image = pipe(prompt="a cyberpunk cat with a neon sign", height=256, width=256, num_inference_steps=2,
-             guidance_scale=4.5, generator=torch.Generator("cpu").manual_seed(1), use_resolution_binning=False).images[0]
+             guidance_scale=4.5, generator=torch.Generator("cpu").manual_seed(1),
+             use_resolution_binning=False).images[0]
 image.save(sys.argv[2])
 """
 

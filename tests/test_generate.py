@@ -202,7 +202,8 @@ def test_exit_1_when_writing_fails_and_nothing_partial_is_left(tiny_models, tmp_
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
 
-    process = subprocess.run([SANA, "generate", PROMPT, "--model", "tiny", "--seed", "1", "-o", str(tmp_path / "a.png")],
+    process = subprocess.run([SANA, "generate", PROMPT, "--model", "tiny", "--seed", "1",
+                              "-o", str(tmp_path / "a.png")],
                              capture_output=True, text=True, preexec_fn=limit, timeout=180)
     assert process.returncode == 1, process.stderr
     assert "cannot write" in process.stderr.splitlines()[-1]

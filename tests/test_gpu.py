@@ -93,7 +93,10 @@ def test_4096_decode_helper_strips_and_patch_conv_against_full(full_vae_bf16):
     full, full_peak = _decode_peak(full_vae_bf16, z, "full")
     strips, strips_peak = _decode_peak(full_vae_bf16, z, "strips", strip_rows=64)
     patched, _ = _decode_peak(full_vae_bf16, z, "patch-conv")
-    to_uint8 = lambda t: ((t.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+
+    def to_uint8(t):
+        return ((t.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+
     reference = to_uint8(full.image)
     assert strips.strategy == "strips:64" and patched.strategy == "patch-conv:32"
     assert psnr(to_uint8(strips.image), reference) >= 40
@@ -117,7 +120,7 @@ def test_text_encoder_is_released_after_encoding_in_one_shot_runs(tiny_dir, tmp_
 
     loaded = load(resolve(str(tiny_dir)))
     plan = plan_generate(Request(prompt=PROMPT, seed=1, output=str(tmp_path) + "/"), loaded.ref)
-    run(plan, loaded, reusable=False)
+    run(plan, loaded, keep_text_encoder=False)
     assert loaded.text_encoder_freed
     assert all(p.device.type == "meta" for p in loaded.pipe.text_encoder.parameters())
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sana_cli import output
+from sana_cli import manifest as manifests, output
 from sana_cli.errors import GenerationError, UsageError
 
 META = {"sana_cli": "0.1.0", "prompt": "一只可爱的熊猫 🐼 eating \"bamboo\"\nsecond line", "negative_prompt": "blurry",
@@ -32,7 +32,8 @@ def test_metadata_round_trips_in_every_format(tmp_path, name):
     assert meta["sana"] == META
     assert meta["parameters"].startswith(META["prompt"])
     assert "Negative prompt: blurry" in meta["parameters"]
-    assert "Steps: 20, Sampler: DPMSolverMultistepScheduler, CFG scale: 4.5, Seed: 42, Size: 64x32" in meta["parameters"]
+    assert ("Steps: 20, Sampler: DPMSolverMultistepScheduler, CFG scale: 4.5, Seed: 42, Size: 64x32"
+            in meta["parameters"])
     assert (meta["width"], meta["height"]) == (64, 32)
 
 
@@ -73,7 +74,7 @@ def record(index: int) -> dict:
 
 def test_a_torn_manifest_line_is_skipped_and_closed_never_rewritten(tmp_path):
     path = tmp_path / "results.jsonl"
-    manifest = output.Manifest(path)
+    manifest = manifests.Manifest(path)
     manifest.append(record(1))
     manifest.append(record(2))
     manifest.close()
@@ -81,14 +82,14 @@ def test_a_torn_manifest_line_is_skipped_and_closed_never_rewritten(tmp_path):
         handle.write(b'{"event": "image", "ind')  # what kill -9 mid-write would leave
     torn = path.read_bytes()
     inode = path.stat().st_ino
-    assert [r["index"] for r in output.read_manifests(tmp_path)] == [1, 2]
+    assert [r["index"] for r in manifests.read_manifests(tmp_path)] == [1, 2]
     assert path.read_bytes() == torn  # reading changes nothing
-    again = output.Manifest(path)
+    again = manifests.Manifest(path)
     again.append(record(3))
     again.close()
     assert path.stat().st_ino == inode and path.read_bytes().startswith(torn)  # appended, never replaced
     assert path.read_bytes().endswith(b'"ind\n' + json.dumps(record(3), sort_keys=True).encode() + b"\n")
-    assert [r["index"] for r in output.read_manifests(tmp_path)] == [1, 2, 3]
+    assert [r["index"] for r in manifests.read_manifests(tmp_path)] == [1, 2, 3]
 
 
 def test_a_full_disk_leaves_no_partial_file(tmp_path):

@@ -11,17 +11,15 @@ import pty
 import resource
 import select
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from sana_cli import batchfile, output
+from sana_cli import batchfile, manifest as manifests, output
 from sana_cli.output import TEMP_MARK, read_metadata
 from sana_cli.plan import PixelOptions, Request, model_for, plan_generate
 
@@ -89,7 +87,7 @@ def test_a_run_that_refuses_leaves_the_directory_byte_identical(tmp_path, tiny_m
     assert sana_batch(prompts, "--model", "tiny", "-o", out, "-q").returncode == 0
     stray = out / f".x.png{TEMP_MARK}{output._host()}-{dead_pid()}-abcd1234"  # left by a killed run
     stray.write_bytes(b"half an image")
-    claim = out / f".x.png{output.CLAIM_SUFFIX}"
+    claim = out / f".x.png{manifests.CLAIM_SUFFIX}"
     claim.write_text(f"{output._host()} {dead_pid()} abcd\n")
     with open(out / "results.jsonl", "ab") as handle:
         handle.write(b'{"event": "image", "fi')  # a torn last line
@@ -110,7 +108,7 @@ def test_a_manifest_that_links_out_of_the_directory_is_refused(tmp_path, tiny_mo
     assert process.returncode == 2 and "is a symbolic link" in one_line_error(process)
     assert snapshot(out) == before and outside.read_bytes() == outside_before
     # A reader never follows it either.
-    assert output.read_manifests(out) == []
+    assert manifests.read_manifests(out) == []
 
 
 # ---- several processes on one directory ----------------------------------------------------------------
@@ -139,9 +137,9 @@ def test_an_image_claimed_by_a_live_process_is_waited_for_and_a_dead_ones_claim_
     plan = json.loads(subprocess.run([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--dry-run",
                                       "--json"], capture_output=True, text=True).stdout)
     paths = [Path(image["path"]) for image in plan["images"]]
-    live = output.claim_path_for(paths[0])
+    live = manifests.claim_path_for(paths[0])
     live.write_text(f"{output._host()} {os.getpid()} test\n")  # this test process holds image 1
-    output.claim_path_for(paths[1]).write_text(f"{output._host()} {dead_pid()} gone\n")  # killed holder
+    manifests.claim_path_for(paths[1]).write_text(f"{output._host()} {dead_pid()} gone\n")  # killed holder
     run = subprocess.Popen([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--batch-size", "1",
                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -155,7 +153,7 @@ def test_an_image_claimed_by_a_live_process_is_waited_for_and_a_dead_ones_claim_
     assert run.returncode == 0, stderr
     assert "waiting for another process to finish" in stderr  # never a silent wait
     assert json.loads(stdout)["written"] == 3 and all(path.exists() for path in paths)
-    assert not list(out.glob(f"*{output.CLAIM_SUFFIX}*"))
+    assert not list(out.glob(f"*{manifests.CLAIM_SUFFIX}*"))
 
 
 def test_something_else_in_a_claims_place_is_refused(tmp_path, tiny_models):
@@ -164,7 +162,7 @@ def test_something_else_in_a_claims_place_is_refused(tmp_path, tiny_models):
     prompts = write_prompts(tmp_path / "p.txt", PROMPTS[:1])
     plan = json.loads(subprocess.run([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--dry-run",
                                       "--json"], capture_output=True, text=True).stdout)
-    claim = output.claim_path_for(plan["images"][0]["path"])
+    claim = manifests.claim_path_for(plan["images"][0]["path"])
     claim.symlink_to(tmp_path / "elsewhere")
     run = sana_batch(prompts, "--model", "tiny", "-o", out)
     assert run.returncode == 2 and "is in the way: it is not a sana-cli claim file" in one_line_error(run)
@@ -173,8 +171,8 @@ def test_something_else_in_a_claims_place_is_refused(tmp_path, tiny_models):
 
 def test_manifest_appends_of_many_writers_are_all_kept(tmp_path):
     """Processes appending to one manifest while one of them merges parts into it: nothing is lost."""
-    code = ("import sys; from sana_cli import output\n"
-            "m = output.Manifest(sys.argv[1])\n"
+    code = ("import sys; from sana_cli import manifest as manifests\n"
+            "m = manifests.Manifest(sys.argv[1])\n"
             "for i in range(200):\n"
             "    m.append({'event': 'image', 'file': f'{sys.argv[2]}-{i}.png', 'key': 'k', 'pad': 'x' * 3000})\n")
     part = tmp_path / "results.rank-1-of-2.jsonl"
@@ -182,9 +180,9 @@ def test_manifest_appends_of_many_writers_are_all_kept(tmp_path):
                             for i in range(50)))
     writers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "results.jsonl"), f"w{n}"])
                for n in range(3)]
-    output.merge_manifests(tmp_path, [part.name])
+    manifests.merge_manifests(tmp_path, [part.name])
     assert [w.wait(timeout=120) for w in writers] == [0, 0, 0]
-    files = Counter(r["file"] for r in output.read_manifests(tmp_path))
+    files = Counter(r["file"] for r in manifests.read_manifests(tmp_path))
     assert len(files) == 3 * 200 + 50 and set(files.values()) == {1}
     assert not part.exists()
 
@@ -193,7 +191,10 @@ def test_manifest_appends_of_many_writers_are_all_kept(tmp_path):
 
 def test_the_job_key_covers_every_pixel_option_and_the_metadata_names_them():
     request = Request(prompt="a cat", model="tiny", seed=1, output="x.png")
-    key = lambda **options: plan_generate(request, model_for(request), PixelOptions(**options)).jobs[0].key
+
+    def key(**options):
+        return plan_generate(request, model_for(request), PixelOptions(**options)).jobs[0].key
+
     base = key()
     changed = {"dtype": "bf16", "device": "cpu", "fp8": True, "decode": "tiled"}
     assert set(changed) == set(PixelOptions.__dataclass_fields__)  # a new pixel option needs a case here
@@ -249,7 +250,7 @@ def test_a_manifest_that_cannot_be_written_ends_the_run_with_one_line_and_exit_1
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
     assert (summary["already_done"], summary["written"]) == (len(made), 4 - len(made))
-    assert sorted({r["file"] for r in output.read_manifests(out) if r["event"] == "image"}) == \
+    assert sorted({r["file"] for r in manifests.read_manifests(out) if r["event"] == "image"}) == \
         sorted(p.name for p in out.glob("*.png"))
 
 
@@ -268,7 +269,7 @@ def test_two_sigterms_end_a_batch_at_once(tmp_path, tiny_models):
     _, stderr = run.communicate(timeout=30)
     assert run.returncode == 143, stderr
     assert "aborted" in stderr.splitlines()[-1]
-    assert not [p for p in (tmp_path / "out").iterdir() if TEMP_MARK in p.name or output.CLAIM_SUFFIX in p.name]
+    assert not [p for p in (tmp_path / "out").iterdir() if TEMP_MARK in p.name or manifests.CLAIM_SUFFIX in p.name]
 
 
 # ---- the output contract ----------------------------------------------------------------------------------

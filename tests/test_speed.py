@@ -17,7 +17,7 @@ from sana_cli.speed import compile_pays_off, estimated_saving_seconds
 from .conftest import SANA
 
 
-def call_order(plan, reusable: bool):
+def call_order(plan, keep_text_encoder: bool):
     """Run a plan on the real tiny pipeline and record which component ran when (forward hooks)."""
     from sana_cli.pipeline import load
     from sana_cli.runner import run
@@ -27,7 +27,7 @@ def call_order(plan, reusable: bool):
     hooks = [loaded.pipe.text_encoder.register_forward_hook(lambda *a: order.append("encode")),
              loaded.pipe.transformer.register_forward_hook(lambda *a: order.append("denoise"))]
     try:
-        report = run(plan, loaded, reusable=reusable)
+        report = run(plan, loaded, keep_text_encoder=keep_text_encoder)
     finally:
         for hook in hooks:
             hook.remove()
@@ -42,13 +42,13 @@ def three_batches(tmp_path):
 
 
 def test_one_shot_runs_encode_every_prompt_before_any_denoising(tmp_path):
-    order = call_order(three_batches(tmp_path), reusable=False)
+    order = call_order(three_batches(tmp_path), keep_text_encoder=False)
     assert order.count("encode") == 6  # prompt and negative prompt for each of 3 GPU batches (CFG)
     assert order.index("denoise") > max(i for i, step in enumerate(order) if step == "encode")
 
 
 def test_a_session_that_stays_loaded_keeps_encoding_per_batch(tmp_path):
-    order = call_order(three_batches(tmp_path), reusable=True)
+    order = call_order(three_batches(tmp_path), keep_text_encoder=True)
     assert order[:5] == ["encode", "encode", "denoise", "denoise", "encode"]  # each batch: encode, 2 steps
     assert order.count("encode") == 6
 

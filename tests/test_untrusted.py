@@ -87,7 +87,7 @@ def test_postscript_under_an_image_name_never_reaches_ghostscript(tmp_path, tiny
     process = run_sana("info", fake, env=env)
     assert process.returncode == 2
     assert "not a PNG, JPEG or WebP file" in one_line_error(process)
-    assert not run_sana("info", fake, "--command", env=env).returncode == 0
+    assert run_sana("info", fake, "--command", env=env).returncode != 0
 
     # --report: a manifest record naming the PostScript file shows a failed card.
     out = tmp_path / "out"
@@ -133,7 +133,7 @@ def test_gallery_refuses_a_huge_image_quietly_and_cheaply(tmp_path):
     (out / "huge.png").write_bytes(png(12000, 12000))
     (out / "results.jsonl").write_text(json.dumps({"event": "image", "file": "huge.png", "index": 1, "row": 1,
                                                                 "key": "tampered"}) + "\n")
-    script = ("import sys; from sana_cli.report import write_report; "
+    script = ("import sys; from sana_cli.gallery import write_report; "
               "write_report(sys.argv[1], {'output_dir': sys.argv[1]})")
     process = subprocess.run([os.path.join(os.path.dirname(SANA), "python"), "-c", script, str(out)],
                              capture_output=True, text=True, timeout=120, preexec_fn=limited(768 * 2**20))
@@ -163,7 +163,7 @@ def test_tampered_manifest_writes_nothing_outside_the_output_directory(tmp_path)
                                                                           "key": "tampered"})
                                                + "\n" for i, name in enumerate(names)))
     before = _tree(tmp_path, out)
-    from sana_cli.report import write_report
+    from sana_cli.gallery import write_report
 
     write_report(out, {"output_dir": str(out)})
     assert _tree(tmp_path, out) == before  # nothing outside out/ was created or touched
@@ -339,7 +339,8 @@ ROUND_TRIPS = [
                  "🦊 狐狸 in the snow", ".jpg", id="negative-emoji-jpg"),
     pytest.param(["--model", "tiny", "--seed", "3", "--pag-scale", "2", "--pag-layers", "transformer_blocks.0"],
                  "- a list item from a .txt file", ".webp", id="pag-dash-prompt-webp"),
-    pytest.param(["--model", "tiny", "--seed", "4", "--pag-scale", "1.5"], "--steps 99", ".png", id="pag-default-layers"),
+    pytest.param(["--model", "tiny", "--seed", "4", "--pag-scale", "1.5"], "--steps 99", ".png",
+                 id="pag-default-layers"),
     pytest.param(["--model", "tiny", "--seed", "5", "-W", "256", "-H", "128", "--force-size"], "wide", ".png",
                  id="force-size"),
     pytest.param(["--model", "tiny", "--seed", "6", "--dtype", "bf16", "--guidance", "7.25", "--steps", "3"],
@@ -556,7 +557,7 @@ def test_doctor_diagnoses_a_broken_cache_instead_of_crashing(breakage, tmp_path)
 # ---- decided: the step summary's headline and thumbnails' orientation -----------------------------------
 
 def test_step_summary_headline_counts_the_failures_it_lists(tmp_path):
-    from sana_cli.report import step_summary
+    from sana_cli.gallery import step_summary
 
     out = tmp_path / "out"
     out.mkdir()
@@ -568,7 +569,7 @@ def test_step_summary_headline_counts_the_failures_it_lists(tmp_path):
 
 
 def test_thumbnail_follows_exif_orientation_after_shrinking(tmp_path):
-    from sana_cli.report import render_thumbnail
+    from sana_cli.gallery import render_thumbnail
 
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display

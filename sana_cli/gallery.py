@@ -1,7 +1,7 @@
 """What a batch made, for people: a self-contained HTML gallery and a CI step summary. PIL and the
 standard library only, no torch, so a report can be rebuilt from a manifest on any machine.
 
-    from sana_cli.output import read_manifests
+    from sana_cli.manifest import read_manifests
     from sana_cli.report import write_gallery
     write_gallery("gallery/", read_manifests("gallery/"), result.to_dict())
 
@@ -27,7 +27,8 @@ from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
-from .output import _abandoned, atomic_write_bytes, is_temp_file, read_manifests, temp_path_for
+from .manifest import read_manifests
+from .output import _abandoned, atomic_write_bytes, is_temp_file, temp_path_for
 from .safeio import UnsafeFile, image_file, image_problem, is_regular_or_absent, open_regular
 
 GALLERY = "index.html"
@@ -246,7 +247,7 @@ def write_gallery(output_dir: str | Path, records: list[dict], summary: dict, *,
     """Write output_dir/index.html (atomically): a thumbnail card per image linking to the full image,
     failed images as highlighted cards with their error, and a header with the run's counts.
 
-    records: manifest records (output.read_manifests(output_dir)); summary: BatchResult.to_dict() or
+    records: manifest records (manifest.read_manifests(output_dir)); summary: BatchResult.to_dict() or
     any dict with some of its keys. Thumbnails go to output_dir/thumbnails/ and are remade only when
     missing or older than their image. An index.html that sana-cli did not write is replaced only
     with overwrite (FileExistsError otherwise)."""
