@@ -81,6 +81,12 @@ def metadata_sprint(job: ImageJob) -> dict:
     return {"intermediate_timesteps": 1.3 if job.steps == 2 else None}
 
 
+def pipeline_of(job: ImageJob, loaded_pipeline: str | None) -> str | None:
+    """The pipeline class that makes a job's image: SanaPAGPipeline (built from the loaded
+    SanaPipeline's components) when it uses PAG, else the loaded pipeline."""
+    return "SanaPAGPipeline" if job.pag_scale > 0 else loaded_pipeline
+
+
 # ---- the table ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

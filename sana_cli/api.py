@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
+from .adapters import pipeline_of
 from .distributed import reports_completion
 from .events import EventSink, Loading, Planned, no_events
 from .errors import EnvironmentProblem, GenerationError, Interrupted, PartialFailure, UsageError
@@ -480,6 +481,7 @@ def _manifest_record(image: ImageResult, info: dict, output_dir: str) -> dict:
                       seconds=round(image.seconds, 4),
                       **{k: info[k] for k in ("model", "model_id", "revision", "commit", "pipeline", "dtype")},
                       device=info["device"])
+        record["pipeline"] = pipeline_of(image.job, info["pipeline"])
     else:
         record["error"] = image.error
     return record

@@ -333,7 +333,7 @@ def models(json_output):
              for p in PRESETS]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 @cli.command(name="decode", epilog=EPILOG)
@@ -362,7 +362,7 @@ def decode_command(file, output, strategy, device, max_memory, overwrite, offlin
             _emit_json({"ok": True, "command": "decode", "latents": file, "path": written.path,
                         "sha256": written.sha256, "bytes": written.bytes, "decode": meta["decode"]})
         else:
-            click.echo(written.path)
+            _echo_result(written.path)
 
 
 @cli.command()
@@ -381,7 +381,7 @@ def doctor(model, require_gpu, offline, json_output, debug):
         from .doctor import diagnose, format_text
 
         diagnosis = diagnose(model, require_gpu=require_gpu, offline=True if offline else None)
-        click.echo(json_text(diagnosis) if json_output else printable(format_text(diagnosis), keep_newlines=True))
+        _out(json_text(diagnosis) if json_output else printable(format_text(diagnosis), keep_newlines=True))
         failed = [check for check in diagnosis["checks"] if not check["ok"] and check.get("exit_code")]
         if diagnosis["exit_code"]:
             first = failed[0] if failed else {"detail": "a check failed", "fix": None}
@@ -424,14 +424,14 @@ def info(image, json_output, as_command, debug):
             if local:
                 click.echo(printable(f"sana: note: the image names the local model directory {model}; check that "
                                      "it is the model you mean before running the command"), err=True)
-            click.echo(command)
+            _out(command)
         elif json_output:
             _emit_json(meta)
         else:
             if meta["parameters"]:
-                click.echo(printable(meta["parameters"], keep_newlines=True))
+                _out(printable(meta["parameters"], keep_newlines=True))
             if meta["sana"]:
-                click.echo(json_text(meta["sana"], indent=2, sort_keys=True))
+                _out(json_text(meta["sana"], indent=2, sort_keys=True))
 
 
 def reproduce_command(meta: dict, image_path: str | None = None) -> str:

@@ -138,6 +138,7 @@ def import_runtime(verbose: bool = False):
     compile_cache_dir()  # before torch: inductor fixes its cache directory the first time it looks
     try:
         import diffusers
+        import huggingface_hub
         import torch
         import transformers
     except ImportError as exc:
@@ -148,6 +149,7 @@ def import_runtime(verbose: bool = False):
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity(transformers.utils.logging.CRITICAL)
         transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.logging.set_verbosity_error()  # its retry notices, when the hub is unreachable
     return torch
 
 
@@ -408,6 +410,22 @@ def _cached_commit(ref: ModelRef) -> str | None:
     return None
 
 
+def _hub_unreachable(exc: BaseException) -> bool:
+    """Whether a load failed because the hub could not be reached (no network, DNS, a refused or timed-out
+    connection): huggingface_hub and diffusers wrap the connection error in their own, so look down the chain."""
+    seen = 0
+    while exc is not None and seen < 20:
+        name = type(exc).__name__
+        text = str(exc)
+        if name in ("LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ConnectionError", "ReadTimeout",
+                    "NameResolutionError") or isinstance(exc, (ConnectionError, TimeoutError)) or \
+                "error occurred while trying to fetch metadata from the Hub" in text or \
+                "trying to locate the file on the Hub" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _loading_error(ref: ModelRef, exc: Exception, offline: bool, allow_pickle: bool = False) -> Exception:
     """Map an exception from hub / diffusers / safetensors to a SanaError with the right exit code."""
     name = type(exc).__name__
@@ -421,6 +439,10 @@ def _loading_error(ref: ModelRef, exc: Exception, offline: bool, allow_pickle: b
         return EnvironmentProblem(f"model '{ref.source}' was not found on the Hugging Face hub")
     if name in ("RevisionNotFoundError",):
         return EnvironmentProblem(f"revision '{ref.revision}' of {ref.source} was not found")
+    if not offline and _hub_unreachable(exc):
+        return EnvironmentProblem(f"{ref.name} is not fully in the Hugging Face cache and the hub cannot be reached",
+                                  hint=f"check the network (and HF_ENDPOINT), or download it where the hub is "
+                                       f"reachable (`hf download {ref.source}`) and copy the cache here")
     if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or (
             offline and ("local cache" in text or "offline" in text.lower() or "Cannot find" in text)):
         return EnvironmentProblem(f"{ref.name} is not in the Hugging Face cache and offline mode is on",

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import __version__, decode as decoding, latents as keeping
-from .adapters import adapter_for
+from .adapters import adapter_for, pipeline_of
 from .errors import GenerationError, SanaError
 from .output import write_image
 from .pipeline import LoadedModel
@@ -418,5 +418,6 @@ def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> 
     meta = {"sana_cli": __version__, "key": job.key, **job.params(), "rendered": f"{job.width}x{job.height}",
             "decode": decode_strategy, "chi": True, **model,
             "device": loaded.device.type, "key_schema": KEY_SCHEMA, "pixel_options": job.pixels.to_dict()}
+    meta["pipeline"] = pipeline_of(job, meta["pipeline"])
     meta.update(adapter_for(loaded.ref).metadata(job))
     return meta

@@ -226,6 +226,11 @@ CASES = [
          "one run makes at most 1000000"),
     Case("garbage yes/no SANA_ variable", ["generate", "a cat", "--model", "tiny", "--dry-run"], 2,
          "SANA_GENERATE_OVERWRITE='maybe' is not a yes/no value", env={"SANA_GENERATE_OVERWRITE": "maybe"}),
+    # A closed port on the loopback stands in for a hub that cannot be reached (no network, DNS, firewall).
+    Case("hub unreachable, model not in the cache", ["generate", "a cat", "--model", "sana-1600m-1024", "--device",
+                                                     "cpu", "-o", "{tmp}/"], 4,
+         "is not fully in the Hugging Face cache and the hub cannot be reached",
+         env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
 ]
 
 

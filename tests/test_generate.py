@@ -260,3 +260,22 @@ def test_progress_goes_to_stderr_and_stdout_has_only_the_path(sana, tmp_path):
     assert "wrote" in process.stderr and "\r" not in process.stderr  # no bar when stderr is not a TTY
     quiet = sana("generate", "a red fox", "--model", "tiny", "--seed", 3, "-o", tmp_path / "g.png", "-q")
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_a_pag_image_records_the_pipeline_that_made_it(sana, tmp_path, tiny_models):
+    """PAG runs through SanaPAGPipeline (built from the loaded SanaPipeline's components): the image,
+    the JSON and the batch manifest say so; an image without PAG says SanaPipeline."""
+    from sana_cli.output import read_metadata
+
+    for pag, expected in (("2", "SanaPAGPipeline"), ("0", "SanaPipeline")):
+        path = tmp_path / f"pag-{pag}.png"
+        made = sana("generate", "a red fox", "--model", "tiny", "--seed", 1, "--pag-scale", pag, "-o", path)
+        assert made.returncode == 0, made.stderr
+        assert read_metadata(path)["sana"]["pipeline"] == expected
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a cat", "pag_scale": 2, "seed": 1}\n{"prompt": "a dog", "seed": 2}\n')
+    out = tmp_path / "out"
+    assert sana("batch", rows, "--model", "tiny", "-o", out, "-q").returncode == 0
+    records = sorted((json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()),
+                     key=lambda r: r["row"])
+    assert [r["pipeline"] for r in records] == ["SanaPAGPipeline", "SanaPipeline"]

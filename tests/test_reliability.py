@@ -358,6 +358,30 @@ def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1(tmp_path, tiny_m
     assert read_metadata(tmp_path / "f.png")["sana"]["seed"] == 1
 
 
+@pytest.mark.parametrize("args", [["info", "{image}"], ["info", "{image}", "--command"], ["models"],
+                                  ["doctor", "--json"]], ids=["info", "info-command", "models", "doctor"])
+def test_every_command_into_a_closed_pipe_is_one_line_and_exit_1(args, tmp_path):
+    """`sana info IMAGE | head -0`: the reader is gone before anything is written (Python ignores
+    SIGPIPE, so the write fails with EPIPE); every command answers that the same way."""
+    from PIL import Image
+
+    from sana_cli.output import encode_image
+
+    image = tmp_path / "x.png"
+    image.write_bytes(encode_image(Image.new("RGB", (8, 8)), "PNG", {"prompt": "p", "model": "tiny", "width": 128,
+                                                                     "height": 128, "steps": 4, "guidance": 4.5,
+                                                                     "seed": 1}))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        run = subprocess.run([SANA, *[a.format(image=image) for a in args]], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert run.returncode == 1, run.stderr
+    assert "cannot write the results to stdout" in one_line_error(run)
+
+
 # ---- bounded input, never a silent wait -----------------------------------------------------------------
 
 @pytest.mark.parametrize("args, says", [
