@@ -71,8 +71,9 @@ def _notice(text: str) -> None:
         pass
 
 
-def read_bounded(path: str, limit: int, what: str, *, stop_at_nul: bool = False) -> bytes:
-    """At most limit + 1 bytes of a file, FIFO or stdin ('-'). Never waits silently: a terminal on
+def read_input(path: str, limit: int, what: str, *, stop_at_nul: bool = False) -> bytes:
+    """At most limit + 1 bytes of a file, FIFO or stdin ('-'): unlike safeio.read_bounded, which refuses
+    anything but a regular file, a prompt source may be a pipe. Never waits silently: a terminal on
     stdin is told how to end the input, and a pipe or FIFO that stays silent gets a notice (Ctrl-C
     still stops it). With stop_at_nul, reading stops at a first chunk that holds NUL (binary)."""
     stdin = path == "-"
@@ -119,7 +120,7 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 def read_prompt_stdin() -> str:
     """The prompt of `sana generate -`: UTF-8 from stdin, at most MAX_PROMPT_BYTES."""
-    data = read_bounded("-", MAX_PROMPT_BYTES, "the prompt on stdin")
+    data = read_input("-", MAX_PROMPT_BYTES, "the prompt on stdin")
     if len(data) > MAX_PROMPT_BYTES:
         raise UsageError(f"the prompt on stdin is larger than {MAX_PROMPT_BYTES // 2**20} MiB",
                          hint="a prompt is a few hundred words; use `sana batch -` for many prompts")
@@ -131,7 +132,7 @@ def read_text(path: str) -> tuple[str, str]:
     UTF-16 with a byte-order mark (what Windows tools often write) is read too."""
     name = "stdin" if path == "-" else path
     try:
-        data = read_bounded(path, MAX_BYTES, name, stop_at_nul=True)
+        data = read_input(path, MAX_BYTES, name, stop_at_nul=True)
     except FileNotFoundError as exc:
         raise UsageError(f"{path}: no such file") from exc
     except IsADirectoryError as exc:
