@@ -399,15 +399,13 @@ def _sprint_class():
 
 
 def _cached_commit(ref: ModelRef) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
+    """The commit of the loaded snapshot, for the metadata (None when the cache cannot say)."""
+    from .modelref import cached_commit
 
-        found = try_to_load_from_cache(ref.source, "model_index.json", revision=ref.revision)
-    except Exception:  # noqa: BLE001
+    try:
+        return cached_commit(ref.source, ref.revision)
+    except (OSError, ValueError):
         return None
-    if isinstance(found, str) and "/snapshots/" in found.replace(os.sep, "/"):
-        return found.replace(os.sep, "/").split("/snapshots/")[1].split("/")[0]
-    return None
 
 
 def _hub_unreachable(exc: BaseException) -> bool:

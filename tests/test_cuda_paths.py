@@ -399,3 +399,20 @@ def test_a_bare_cuda_device_means_this_ranks_own_gpu():
     assert with_index(torch.device("cuda"), StandInCuda()) == torch.device("cuda", 3)  # what offload receives
     assert with_index(torch.device("cuda", 1), StandInCuda()) == torch.device("cuda", 1)
     assert with_index(torch.device("cpu"), StandInCuda()) == torch.device("cpu")
+
+
+def test_the_recorded_commit_is_read_from_the_cache_as_untrusted_input(tmp_path, monkeypatch):
+    """The metadata's `commit` comes from the HF cache's refs file, through the same reader that
+    refuses a broken one; a broken or missing refs file records no commit instead of failing."""
+    from sana_cli.modelref import resolve
+    from sana_cli.pipeline import _cached_commit
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    ref = resolve("sana-1600m-1024")
+    refs = tmp_path / ("models--" + ref.source.replace("/", "--")) / "refs"
+    assert _cached_commit(ref) is None
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    assert _cached_commit(ref) == "a" * 40
+    (refs / "main").write_bytes(b"\xff not a commit")
+    assert _cached_commit(ref) is None
