@@ -319,10 +319,24 @@ def prepare(loaded, sets, *, restorable: bool) -> None:
         return
     if state.get("fused"):
         _restore(loaded)
+    state.setdefault("requires_grad", {name: p.requires_grad for name, p in loaded.pipe.transformer.named_parameters()})
     for identity, digest in sorted(missing):
         load_adapter(loaded, identity, digest)
     loaded.pipe.disable_lora()  # nothing acts until a set is applied
+    _plain_flags(loaded, base=True)
     state["restorable"] = restorable
+
+
+def _plain_flags(loaded, *, base: bool) -> None:
+    """peft marks the base weights as frozen (requires_grad False) when it adds an adapter, and the CPU
+    kernels round differently for frozen weights (the last float bit, now and then a pixel level). So the
+    base weights carry their flags from before any adapter while no LoRA is fused (plain images equal a
+    model that never had one) and are frozen while one is (equal to diffusers after load_lora_weights)."""
+    flags = loaded.lora_state.get("requires_grad", {})
+    for name, parameter in loaded.pipe.transformer.named_parameters():
+        name = name.replace(".base_layer.", ".")  # peft wraps a module; its weights move under base_layer
+        if name in flags:
+            parameter.requires_grad_(flags[name] if base else False)
 
 
 def apply(loaded, loras: tuple, *, restorable: bool) -> None:
@@ -345,6 +359,7 @@ def apply(loaded, loras: tuple, *, restorable: bool) -> None:
     if restorable:
         _snapshot(loaded)
     pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=names)
+    _plain_flags(loaded, base=False)
     state["fused"] = wanted
     state["restorable"] = restorable
 
@@ -403,4 +418,5 @@ def _restore(loaded) -> None:
             for name, tensor in base.named_parameters(recurse=False):
                 tensor.copy_(tensors[name].to(tensor.device))
     loaded.pipe.disable_lora()
+    _plain_flags(loaded, base=True)
     state["fused"] = ()

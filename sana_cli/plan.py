@@ -686,7 +686,10 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, p
                                steps=row.get("steps", defaults.steps), guidance=row.get("guidance", defaults.guidance),
                                pag_scale=float(row.get("pag_scale", defaults.pag_scale)),
                                pag_layers=defaults.pag_layers, force_size=defaults.force_size, command_line=False,
-                               loras=row.get("lora", defaults.loras), controlnet=defaults.controlnet,
+                               loras=row.get("lora", defaults.loras),
+                               # --controlnet serves the rows that have a control image; the others run plain
+                               controlnet=defaults.controlnet if row.get("control_image", defaults.control_image)
+                               is not None else None,
                                control_image=row.get("control_image", defaults.control_image),
                                control_scale=row.get("control_scale", defaults.control_scale),
                                image=row.get("image", defaults.image), strength=row.get("strength", defaults.strength),

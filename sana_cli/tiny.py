@@ -118,6 +118,23 @@ def build_controlnet(directory: str | Path):
     return model
 
 
+def build_lora(directory: str | Path, *, variant: str = "sana", seed: int = 1, rank: int = 2,
+               targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> Path:
+    """A LoRA for a tiny transformer, made with peft and saved with diffusers' save_lora_weights (the
+    format a trained Sana LoRA has). Its lora_B is random, not zero as a fresh one's, so it changes pixels.
+    Returns the weights file."""
+    import torch
+    from diffusers import SanaPipeline, SanaTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(**transformer_config(variant))
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False))
+    SanaPipeline.save_lora_weights(str(directory), transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return Path(directory) / "pytorch_lora_weights.safetensors"
+
+
 def build(variant: str, directory: str | Path):
     """Build a tiny pipeline of the given variant and save it to directory; returns the pipeline."""
     if variant == CONTROLNET:
