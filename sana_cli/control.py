@@ -112,19 +112,15 @@ def check_control_scale(scale) -> float:
     return float(scale)
 
 
-def check_strength(strength, steps: int) -> float:
-    """Strength in 0..1 that leaves at least one denoising step (diffusers runs int(steps * strength) of them,
-    rounded as its get_timesteps does)."""
+def check_strength(strength) -> float:
+    """Strength in 0..1, above 0: diffusers then always runs at least one denoising step (its get_timesteps
+    keeps steps - int(steps * (1 - strength)) of them)."""
     import math
 
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
         raise UsageError(f"--strength must be a finite number in 0..1, got {strength!r}")
     if not 0 < strength <= 1:
         raise UsageError(f"--strength must be in 0..1 (above 0), got {strength:g}")
-    start = int(max(steps - min(steps * strength, steps), 0))
-    if steps - start < 1:
-        raise UsageError(f"--strength {strength:g} with {steps} step(s) leaves no denoising step",
-                         hint=f"use a strength of at least {1 / steps:g}, or more steps")
     return float(strength)
 
 

@@ -277,7 +277,7 @@ def resolve_inputs(model: ModelRef, *, steps, pag_scale, loras, controlnet, cont
                              f"{control.IMG2IMG_MODELS}")
         path, digest = inputs.check_image(image, option("image"))
         extra.update(image=path, image_sha256=digest,
-                     strength=control.check_strength(0.6 if strength is None else strength, steps))
+                     strength=control.check_strength(0.6 if strength is None else strength))
     return extra
 
 
