@@ -262,10 +262,16 @@ def check_plan_fits(plan: Plan, ref: ModelRef) -> None:
 
     if plan.model.native_size is not None and plan.model.pipeline is not None:
         return
+    from .control import IMG2IMG_MODELS
+
     for job in plan.jobs:
         check_steps_guidance(ref, job.steps, job.guidance)
         check_pag(ref, job.pag_scale)
         resolve_size(ref, job.width, job.height, force=plan.force_size)
+        if job.controlnet and ref.is_sprint:
+            raise UsageError(f"{ref.name} (SANA-Sprint) cannot use a ControlNet")
+        if job.image and not ref.is_sprint:
+            raise UsageError(f"{ref.name} cannot start from an image: image-to-image works with {IMG2IMG_MODELS}")
 
 
 # ---- batch -----------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def resolve_controlnet(value: str, model) -> str:
         path = Path(value).expanduser()
         if path.exists():
             folder = path / "controlnet" if (path / "controlnet" / "config.json").is_file() else path
-            config = _read_config(folder / "config.json", value)
+            config = _read_config(folder / "config.json")
             if config is None:
                 raise UsageError(f"--controlnet {value} has no config.json of a SanaControlNetModel")
             source = str(folder.resolve())
@@ -61,7 +61,7 @@ def _tiny_config() -> dict:
     return {"_class_name": "SanaControlNetModel", **tiny.controlnet_config()}
 
 
-def _read_config(path: Path, value: str) -> dict | None:
+def _read_config(path: Path) -> dict | None:
     from .modelref import _read_json
 
     if not path.is_file():

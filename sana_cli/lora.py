@@ -271,7 +271,7 @@ def resolve_all(specs, model_ref, *, offline: bool = False) -> tuple[tuple[str, 
         seen.add(digest)
         if config is None:
             config = transformer_config(model_ref) or {}
-        check_fits(_header(weights, source), source, model_ref.name, config or None)
+        check_fits(read_header(weights, source), source, model_ref.name, config or None)
         resolved.append((identity, digest, scale))
     return tuple(resolved)
 
@@ -289,10 +289,6 @@ def _resolved(source: str, offline: bool):
     if key not in _CACHE:
         _CACHE[key] = resolve(source, offline=offline)
     return _CACHE[key]
-
-
-def _header(weights: str, source: str) -> dict:
-    return read_header(weights, source)
 
 
 def weights_file(identity: str, digest: str, offline: bool = False) -> str:

@@ -241,14 +241,14 @@ def resolve_params(model: ModelRef, *, prompt, negative_prompt, width, height, s
         raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt"
                          + ("; drop --negative-prompt" if command_line else ""))
     pag_layers = (pag_layers or model.pag_layers) if pag_scale > 0 else None
-    extra = resolve_inputs(model, steps=steps, pag_scale=pag_scale, loras=loras, controlnet=controlnet,
+    extra = resolve_inputs(model, pag_scale=pag_scale, loras=loras, controlnet=controlnet,
                            control_image=control_image, control_scale=control_scale, image=image, strength=strength,
                            offline=offline, command_line=command_line)
     return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                 guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers, **extra), notes
 
 
-def resolve_inputs(model: ModelRef, *, steps, pag_scale, loras, controlnet, control_image, control_scale, image,
+def resolve_inputs(model: ModelRef, *, pag_scale, loras, controlnet, control_image, control_scale, image,
                    strength, offline: bool, command_line: bool) -> dict:
     """The LoRA, ControlNet and image-to-image fields of a job, checked (files hashed, headers and
     configs compared with the model) before anything loads."""
@@ -542,6 +542,7 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
         for path in paths:
             if os.path.lexists(path):
                 raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it, or -o elsewhere")
+    check_with_pixels(params, pixels)
     jobs = [make_job(model, pixels, index=index, row=0, path=path, seed=seed, **params)
             for index, (seed, path) in enumerate(zip(seeds, paths), 1)]
     batch_size = request.batch_size if request.batch_size is not None else default_batch_size(width, height)
@@ -674,6 +675,13 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
                 notes=notes, seed_rule=SEED_RULE, force_size=defaults.force_size), errors
 
 
+def check_with_pixels(params: dict, pixels: PixelOptions) -> None:
+    """What the load options rule out: a LoRA cannot be fused into torchao's fp8 weights."""
+    if pixels.fp8 and params.get("loras"):
+        raise UsageError("--lora cannot be combined with --fp8 (a LoRA is fused into the transformer's weights, "
+                         "which fp8 replaces)")
+
+
 def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, pixels) -> list[ImageJob]:
     check_prompt(row.prompt)
     check_prompt(row.get("negative_prompt", ""), "the negative prompt", allow_empty=True)
@@ -694,6 +702,7 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, p
                                control_scale=row.get("control_scale", defaults.control_scale),
                                image=row.get("image", defaults.image), strength=row.get("strength", defaults.strength),
                                offline=defaults.offline)
+    check_with_pixels(params, pixels)
     prompt = params["prompt"]
     count = row.get("n", 1)
     if count < 1 or count > MAX_IMAGES:
