@@ -81,9 +81,39 @@ def metadata_sprint(job: ImageJob) -> dict:
     return {"intermediate_timesteps": 1.3 if job.steps == 2 else None}
 
 
+# ---- ControlNet (SanaControlNetPipeline built from the loaded SanaPipeline's components) -----------
+
+def call_controlnet(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
+    """A SanaPipeline call plus the control image (prepared by the input-image rule) and its scale."""
+    from .inputs import prepare
+
+    first = jobs[0]
+    kwargs = call_sana(jobs, embeddings, generators=generators, on_step=on_step)
+    kwargs.update(control_image=prepare(first.control_image, first.width, first.height),
+                  controlnet_conditioning_scale=first.control_scale)
+    return kwargs
+
+
+# ---- image-to-image (SanaSprintImg2ImgPipeline built from the loaded Sprint pipeline's components) ----
+
+def call_img2img(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
+    """A SanaSprintPipeline call plus the start image (prepared by the input-image rule) and strength."""
+    from .inputs import prepare
+
+    first = jobs[0]
+    kwargs = call_sprint(jobs, embeddings, generators=generators, on_step=on_step)
+    kwargs.update(image=prepare(first.image, first.width, first.height), strength=first.strength)
+    return kwargs
+
+
 def pipeline_of(job: ImageJob, loaded_pipeline: str | None) -> str | None:
-    """The pipeline class that makes a job's image: SanaPAGPipeline (built from the loaded
-    SanaPipeline's components) when it uses PAG, else the loaded pipeline."""
+    """The pipeline class that makes a job's image: SanaPAGPipeline, SanaControlNetPipeline or
+    SanaSprintImg2ImgPipeline (each built from the loaded pipeline's components) when the job uses
+    PAG, a ControlNet or a start image; else the loaded pipeline."""
+    if job.controlnet:
+        return "SanaControlNetPipeline"
+    if job.image:
+        return "SanaSprintImg2ImgPipeline"
     return "SanaPAGPipeline" if job.pag_scale > 0 else loaded_pipeline
 
 
@@ -98,7 +128,13 @@ class Adapter:
 
 SANA_ADAPTER = Adapter(encode=encode_sana, build_call=call_sana, metadata=metadata_sana)
 SPRINT_ADAPTER = Adapter(encode=encode_sprint, build_call=call_sprint, metadata=metadata_sprint)
+CONTROLNET_ADAPTER = Adapter(encode=encode_sana, build_call=call_controlnet, metadata=metadata_sana)
+IMG2IMG_ADAPTER = Adapter(encode=encode_sprint, build_call=call_img2img, metadata=metadata_sprint)
 
 
-def adapter_for(ref: ModelRef) -> Adapter:
+def adapter_for(ref: ModelRef, job: ImageJob | None = None) -> Adapter:
+    if job is not None and job.controlnet:
+        return CONTROLNET_ADAPTER
+    if job is not None and job.image:
+        return IMG2IMG_ADAPTER
     return SPRINT_ADAPTER if ref.is_sprint else SANA_ADAPTER

@@ -80,8 +80,11 @@ class Session:
     def generate(self, prompt: str, *, decode: str = "auto", events: EventSink = no_events,
                  stop: StopToken | None = None, keep_latents: bool = False, **request) -> GenerateResult:
         """Make and write images for one prompt; keyword arguments are Request fields (width,
-        height, steps, guidance, negative_prompt, seed, num_images, pag_scale, output, ...)."""
+        height, steps, guidance, negative_prompt, seed, num_images, pag_scale, output, loras,
+        controlnet, control_image, control_scale, image, strength, ...). A session fuses the LoRAs
+        each call asks for and restores the exact base weights when a later call asks for others."""
         request.setdefault("model", self.loaded.ref.name)
+        request.setdefault("offline", self.loaded.options.offline)
         decode = self.loaded.options.decode_for(decode)
         plan = plan_generate(Request(prompt=prompt, **request), self.loaded.ref, self.pixels(decode))
         prepare_outputs(plan)
@@ -137,6 +140,7 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
     if size is not None:
         request.setdefault("width", size)
         request.setdefault("height", size)
+    request.setdefault("offline", options.offline)
     req = Request(prompt=prompt, model=model, **request)
     plan = plan_generate(req, model_for(req), options.pixels(options.decode_for(decode)))
     return run_plan(plan, options, decode=decode, keep_latents=keep_latents, events=events, stop=stop)
@@ -258,10 +262,16 @@ def check_plan_fits(plan: Plan, ref: ModelRef) -> None:
 
     if plan.model.native_size is not None and plan.model.pipeline is not None:
         return
+    from .control import IMG2IMG_MODELS
+
     for job in plan.jobs:
         check_steps_guidance(ref, job.steps, job.guidance)
         check_pag(ref, job.pag_scale)
         resolve_size(ref, job.width, job.height, force=plan.force_size)
+        if job.controlnet and ref.is_sprint:
+            raise UsageError(f"{ref.name} (SANA-Sprint) cannot use a ControlNet")
+        if job.image and not ref.is_sprint:
+            raise UsageError(f"{ref.name} cannot start from an image: image-to-image works with {IMG2IMG_MODELS}")
 
 
 # ---- batch -----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from .errors import UsageError
 FIELDS = {
     "prompt": str, "negative_prompt": str, "seed": int, "size": int, "width": int, "height": int,
     "steps": int, "guidance": float, "pag_scale": float, "name": str, "n": int,
+    "lora": tuple, "control_image": str, "control_scale": float, "image": str, "strength": float,
 }
 FORMATS = ("auto", "txt", "jsonl", "csv")
 MAX_BYTES = 256 * 2**20  # a prompt file larger than this is almost certainly not one
@@ -304,6 +305,11 @@ def _convert(key: str, value, from_text: bool):
     kind = FIELDS[key]
     if value is None:
         raise ValueError(f"'{key}' is null")
+    if kind is tuple:  # LoRAs: one "PATH_OR_HUB_ID[:SCALE]" string (CSV, JSONL) or a list of them (JSONL)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) and item.strip() for item in items):
+            raise ValueError(f"'{key}' must be a string or a list of strings, got {value!r}")
+        return tuple(items)
     if from_text and kind is not str:
         text = value.strip()
         try:

@@ -91,6 +91,28 @@ def _model_options(function):
     return function
 
 
+def _input_options(function):
+    """LoRA, ControlNet and image-to-image: what `generate` makes, or every row of `batch` by default."""
+    options = [
+        click.option("--lora", "loras", multiple=True, metavar="PATH_OR_HUB_ID[:SCALE]",
+                     help="A LoRA (.safetensors file, a directory holding one, or hub id org/name[@REV]) fused into "
+                          "the transformer, scale -4..4 (default 1). Repeat for several."),
+        click.option("--controlnet", metavar="NAME|ID|DIR",
+                     help="A SanaControlNetModel (tiny-controlnet, hub id or directory); needs --control-image."),
+        click.option("--control-image", metavar="IMAGE", help="The ControlNet's control image (PNG, JPEG or WebP)."),
+        click.option("--control-scale", type=float, metavar="X",
+                     help="ControlNet conditioning scale, 0-2 (default 1)."),
+        click.option("--image", metavar="IMAGE",
+                     help="Start from this image (image-to-image; SANA-Sprint models). Resized to cover the size "
+                          "and centre-cropped."),
+        click.option("--strength", type=float, metavar="X",
+                     help="How far image-to-image moves from --image, 0-1 (default 0.6)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 @cli.command(epilog=EPILOG)
 @click.argument("prompt")
 @click.option("-s", "--size", type=int, metavar="N", help="Square size in pixels (multiple of 32).")
@@ -110,10 +132,12 @@ def _model_options(function):
 @click.option("--overwrite", is_flag=True, help="Replace existing files (never done otherwise).")
 @click.option("--force-size", is_flag=True, help="Render a size far from the model's native scale anyway.")
 @click.option("--batch-size", type=int, metavar="N", help="Images per GPU batch with -n. Default: by size.")
+@_input_options
 @_model_options
 def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed, num_images, pag_scale, pag_layers,
-             output, overwrite, force_size, batch_size, model, revision, offline, device, dtype, decode, low_memory,
-             compile_mode, max_memory, keep_latents, fp8, allow_pickle, dry_run, json_output, quiet, debug):
+             output, overwrite, force_size, batch_size, loras, controlnet, control_image, control_scale, image,
+             strength, model, revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory,
+             keep_latents, fp8, allow_pickle, dry_run, json_output, quiet, debug):
     """Make images from one PROMPT ('-' reads it from stdin).
 
     Paths of written images go to stdout, one per line (or one JSON object with --json);
@@ -136,7 +160,9 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
                           height=height if size is None else size, steps=steps, guidance=guidance,
                           negative_prompt=negative_prompt, seed=seed, num_images=num_images, pag_scale=pag_scale,
                           pag_layers=pag_layers, output=output, overwrite=overwrite, force_size=force_size,
-                          revision=revision, batch_size=batch_size)
+                          revision=revision, batch_size=batch_size, loras=tuple(loras), controlnet=controlnet,
+                          control_image=control_image, control_scale=control_scale, image=image, strength=strength,
+                          offline=offline)
         plan = plan_generate(request, model_for(request), pixels)
         if dry_run:
             _print_plan(plan, json_output)
@@ -210,12 +236,14 @@ def _parse_shard(ctx, param, value):
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed image (exit 1).")
 @click.option("--overwrite", is_flag=True, help="Redo every image, replacing existing files.")
 @click.option("--force-size", is_flag=True, help="Allow sizes far from the model's native scale.")
+@_input_options
 @click.option("--report", is_flag=True,
               help="Write index.html (a gallery with thumbnails, failures highlighted, relative links) in the output "
                    "directory, and append a Markdown summary to $GITHUB_STEP_SUMMARY when it is set.")
 @_model_options
 def batch(file, output_dir, size, width, height, steps, guidance, negative_prompt, pag_scale, pag_layers, base_seed,
-          extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, report, model,
+          extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, loras, controlnet,
+          control_image, control_scale, image, strength, report, model,
           revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory, keep_latents, fp8,
           allow_pickle, dry_run, json_output,
           quiet, debug):
@@ -224,7 +252,8 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
     \b
     .txt:   one prompt per line; blank lines and lines starting with # are skipped.
     .jsonl: {"prompt": ..., "negative_prompt", "seed", "size" | "width"/"height",
-            "steps", "guidance", "pag_scale", "name", "n"} per line.
+            "steps", "guidance", "pag_scale", "name", "n", "lora" (one, or a list),
+            "control_image", "control_scale", "image", "strength"} per line.
     .csv:   a header row with the same field names.
 
     Every row is checked before anything loads. Rerunning the same command resumes: finished images are
@@ -242,7 +271,9 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         defaults = BatchDefaults(width=width if size is None else size, height=height if size is None else size,
                                  steps=steps, guidance=guidance, negative_prompt=negative_prompt, pag_scale=pag_scale,
                                  pag_layers=pag_layers, base_seed=base_seed, extension="." + extension,
-                                 force_size=force_size)
+                                 force_size=force_size, loras=tuple(loras), controlnet=controlnet,
+                                 control_image=control_image, control_scale=control_scale, image=image,
+                                 strength=strength, offline=offline)
         common = dict(model=model, output_dir=output_dir, defaults=defaults, batch_size=batch_size, shard=shard,
                       overwrite=overwrite, skip_invalid=skip_invalid, input_format=input_format, revision=revision)
         if dry_run:

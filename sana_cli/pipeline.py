@@ -41,6 +41,10 @@ class LoadedModel:
     # Only CUDA by default (on the CPU the memory comes back only to the allocator); tests widen it to run
     # that path on a CPU.
     release_text_encoder_on: tuple = ("cuda",)
+    lora_state: dict = field(default_factory=dict)  # the LoRA adapters loaded and the set fused (see lora.apply)
+    lora_restorable: bool = False  # keep a copy of the weights a LoRA changes, to change the set later
+    _controlnets: dict = field(default_factory=dict)  # ControlNet source -> SanaControlNetPipeline
+    _img2img: object = None
 
     @property
     def generator_device(self) -> str:
@@ -70,6 +74,33 @@ class LoadedModel:
             pag.set_progress_bar_config(disable=True)
             self._pag[pag_layers] = pag
         return self._pag[pag_layers]
+
+    def pipeline_for_job(self, job):
+        """The pipeline that makes a job's image: a ControlNet or image-to-image pipeline built from the base
+        pipeline's components (sharing every module, as PAG does), else pipeline_for(pag_layers)."""
+        if job.controlnet:
+            if job.controlnet not in self._controlnets:
+                from diffusers import SanaControlNetPipeline
+
+                from .control import load_controlnet
+
+                controlnet = load_controlnet(self, job.controlnet)
+                pipe = SanaControlNetPipeline(**self._base_components(), controlnet=controlnet)
+                pipe.set_progress_bar_config(disable=True)
+                self._controlnets[job.controlnet] = pipe
+            return self._controlnets[job.controlnet]
+        if job.image:
+            if self._img2img is None:
+                from diffusers import SanaSprintImg2ImgPipeline
+
+                self._img2img = SanaSprintImg2ImgPipeline(**self._base_components())
+                self._img2img.set_progress_bar_config(disable=True)
+            return self._img2img
+        return self.pipeline_for(job.pag_layers)
+
+    def _base_components(self) -> dict:
+        return {name: self.pipe.components[name]
+                for name in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
 
     def free_text_encoder(self) -> None:
         """Release the text encoder's GPU memory for good, once every prompt of a one-shot run is

@@ -64,6 +64,13 @@ class Request:
     force_size: bool = False
     revision: str | None = None
     batch_size: int | None = None
+    loras: tuple = ()  # --lora values: "PATH_OR_HUB_ID[:SCALE]" (see lora.parse_spec)
+    controlnet: str | None = None
+    control_image: str | None = None
+    control_scale: float | None = None
+    image: str | None = None  # image-to-image start image
+    strength: float | None = None
+    offline: bool = False  # resolve hub LoRAs from the cache only
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,15 @@ class LoadOptions:
 # line, the JSON summary) lists them in this order, from here. A new generation parameter is a field
 # of ImageJob named here, resolved in resolve_params.
 PIXEL_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "pag_scale",
-                "pag_layers")
+                "pag_layers", "loras", "controlnet", "control_image", "control_image_sha256", "control_scale", "image",
+                "image_sha256", "strength")
+# Fields that are left out of an image's records and key while they are unused (None or empty), so the
+# images made before they existed keep their keys and resume.
+OPTIONAL_FIELDS = ("loras", "controlnet", "control_image", "control_image_sha256", "control_scale", "image",
+                   "image_sha256", "strength")
+# Where an input file was is not what it is: the key takes the files' hashes, not their paths, and a
+# LoRA's hash and scale, not where it was loaded from.
+_KEY_SKIPS = ("control_image", "image")
 PER_IMAGE_FIELDS = ("prompt", "negative_prompt", "seed")  # may differ within one GPU batch; the rest may not
 SUMMARY_OMITS = ("negative_prompt", "pag_layers")  # left out of the short per-image JSON summary
 
@@ -153,10 +168,20 @@ class ImageJob:
     path: str
     key: str  # hash of everything that decides the pixels; the batch manifest matches on it
     pixels: PixelOptions = PixelOptions()  # the load options the key was made with
+    loras: tuple = ()  # ((id, sha256, scale), ...): fused into the transformer, in this order
+    controlnet: str | None = None  # its source: tiny-controlnet's, an absolute directory or a hub id
+    control_image: str | None = None  # absolute path
+    control_image_sha256: str | None = None
+    control_scale: float | None = None
+    image: str | None = None  # image-to-image start image, absolute path
+    image_sha256: str | None = None
+    strength: float | None = None
 
     def params(self) -> dict:
-        """The per-image inputs that decide the pixels (with the model and `pixels`, the key)."""
-        return {name: getattr(self, name) for name in PIXEL_FIELDS}
+        """The per-image inputs that decide the pixels (with the model and `pixels`, the key); the
+        optional ones only when used."""
+        return {name: _plain(getattr(self, name)) for name in PIXEL_FIELDS
+                if name not in OPTIONAL_FIELDS or getattr(self, name) not in (None, ())}
 
     def summary(self) -> dict:
         """The short form for JSON output: position, the pixel-deciding fields but long ones, path, key."""
@@ -173,13 +198,33 @@ class ImageJob:
         return tuple(getattr(self, name) for name in PIXEL_FIELDS if name not in PER_IMAGE_FIELDS)
 
 
+def _plain(value):
+    """A field as its records show it: a LoRA set as a list of {id, sha256, scale}."""
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return [{"id": identity, "sha256": digest, "scale": scale} for identity, digest, scale in value]
+    return value
+
+
+def _as_loras(value) -> tuple:
+    """A LoRA set from a record (a list of {id, sha256, scale}) or as a job holds it."""
+    if not value:
+        return ()
+    return tuple((item["id"], item["sha256"], item["scale"]) if isinstance(item, dict) else tuple(item)
+                 for item in value)
+
+
 def make_job(model: ModelRef, pixels: PixelOptions, *, index: int, row: int, path: str, **params) -> ImageJob:
     """An ImageJob with its key computed from the model, the load options and its PIXEL_FIELDS."""
-    return ImageJob(index=index, row=row, path=path, key=job_key(model, pixels, **params), pixels=pixels, **params)
+    params = {**params, "loras": _as_loras(params.get("loras"))}
+    key_params = {name: _plain(value) for name, value in params.items()
+                  if name not in OPTIONAL_FIELDS or value not in (None, ())}
+    return ImageJob(index=index, row=row, path=path, key=job_key(model, pixels, **key_params), pixels=pixels,
+                    **params)
 
 
 def resolve_params(model: ModelRef, *, prompt, negative_prompt, width, height, steps, guidance, pag_scale,
-                   pag_layers, force_size: bool, command_line: bool) -> tuple[dict, list[str]]:
+                   pag_layers, force_size: bool, command_line: bool, loras=(), controlnet=None, control_image=None,
+                   control_scale=None, image=None, strength=None, offline: bool = False) -> tuple[dict, list[str]]:
     """Defaults and checks of one image's pixel-deciding fields (all but the seed), the same for
     `sana generate` and a batch row: (fields, notes). `command_line` words the errors for generate's
     options (a batch row's come from the row and the batch defaults)."""
@@ -196,8 +241,44 @@ def resolve_params(model: ModelRef, *, prompt, negative_prompt, width, height, s
         raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt"
                          + ("; drop --negative-prompt" if command_line else ""))
     pag_layers = (pag_layers or model.pag_layers) if pag_scale > 0 else None
+    extra = resolve_inputs(model, pag_scale=pag_scale, loras=loras, controlnet=controlnet,
+                           control_image=control_image, control_scale=control_scale, image=image, strength=strength,
+                           offline=offline, command_line=command_line)
     return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-                guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers), notes
+                guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers, **extra), notes
+
+
+def resolve_inputs(model: ModelRef, *, pag_scale, loras, controlnet, control_image, control_scale, image,
+                   strength, offline: bool, command_line: bool) -> dict:
+    """The LoRA, ControlNet and image-to-image fields of a job, checked (files hashed, headers and
+    configs compared with the model) before anything loads."""
+    from . import control, inputs, lora
+
+    option = (lambda name: f"--{name.replace('_', '-')}") if command_line else (lambda name: f"'{name}'")
+    extra: dict = {"loras": lora.resolve_all(loras, model, offline=offline) if loras else ()}
+    if control_image is not None and controlnet is None:
+        raise UsageError(f"{option('control_image')} needs --controlnet")
+    if control_scale is not None and controlnet is None:
+        raise UsageError(f"{option('control_scale')} needs --controlnet")
+    if controlnet is not None:
+        source = control.resolve_controlnet(controlnet, model)
+        if pag_scale > 0:
+            raise UsageError("a ControlNet cannot be combined with PAG (diffusers has no pipeline for both)")
+        if control_image is None:
+            raise UsageError(f"--controlnet needs a control image ({option('control_image')} IMAGE)")
+        path, digest = inputs.check_image(control_image, option("control_image"))
+        scale = control.check_control_scale(1.0 if control_scale is None else control_scale)
+        extra.update(controlnet=source, control_image=path, control_image_sha256=digest, control_scale=scale)
+    if strength is not None and image is None:
+        raise UsageError(f"{option('strength')} needs {option('image')}")
+    if image is not None:
+        if not model.is_sprint:
+            raise UsageError(f"{model.name} cannot start from an image: image-to-image works with "
+                             f"{control.IMG2IMG_MODELS}")
+        path, digest = inputs.check_image(image, option("image"))
+        extra.update(image=path, image_sha256=digest,
+                     strength=control.check_strength(0.6 if strength is None else strength))
+    return extra
 
 
 @dataclass
@@ -236,6 +317,11 @@ class Plan:
         for number, group in enumerate(self.groups, 1):
             first = self.jobs[group[0]]
             pag = f", PAG {first.pag_scale} on {first.pag_layers}" if first.pag_scale > 0 else ""
+            pag += "".join(f", LoRA {identity} x{scale:g}" for identity, _, scale in first.loras)
+            if first.controlnet:
+                pag += f", ControlNet {first.controlnet} x{first.control_scale:g} on {first.control_image}"
+            if first.image:
+                pag += f", from {first.image} at strength {first.strength:g}"
             lines.append(f"batch {number}: {first.width}x{first.height} rendered as asked (no resize), "
                          f"{first.steps} steps, guidance {first.guidance}{pag}")
             for i in group:
@@ -381,6 +467,9 @@ def slugify(text: str, max_chars: int = 40) -> str:
 def job_key(model: ModelRef, pixels: PixelOptions | None = None, **params) -> str:
     """A short hash of everything that decides an image's pixels: the model, the image's own
     parameters (ImageJob.params) and the load options that change pixels (PixelOptions)."""
+    params = {name: value for name, value in params.items() if name not in _KEY_SKIPS}
+    if params.get("loras"):
+        params["loras"] = [[lora["sha256"], lora["scale"]] for lora in params["loras"]]
     data = {"key_schema": KEY_SCHEMA, "model": model.source, "revision": model.revision, **params,
             **(pixels or PixelOptions()).key_fields()}
     return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
@@ -441,7 +530,10 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
     params, notes = resolve_params(model, prompt=prompt, negative_prompt=request.negative_prompt, width=request.width,
                                    height=request.height, steps=request.steps, guidance=request.guidance,
                                    pag_scale=request.pag_scale, pag_layers=request.pag_layers,
-                                   force_size=request.force_size, command_line=True)
+                                   force_size=request.force_size, command_line=True, loras=request.loras,
+                                   controlnet=request.controlnet, control_image=request.control_image,
+                                   control_scale=request.control_scale, image=request.image,
+                                   strength=request.strength, offline=request.offline)
     width, height = params["width"], params["height"]
     first_seed = check_seed(request.seed) if request.seed is not None else draw_seed()
     seeds = [check_seed(first_seed + k) for k in range(request.num_images)]
@@ -450,6 +542,7 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
         for path in paths:
             if os.path.lexists(path):
                 raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it, or -o elsewhere")
+    check_with_pixels(params, pixels)
     jobs = [make_job(model, pixels, index=index, row=0, path=path, seed=seed, **params)
             for index, (seed, path) in enumerate(zip(seeds, paths), 1)]
     batch_size = request.batch_size if request.batch_size is not None else default_batch_size(width, height)
@@ -501,6 +594,13 @@ class BatchDefaults:
     base_seed: int = 0
     extension: str = ".png"
     force_size: bool = False
+    loras: tuple = ()  # for rows without a 'lora' of their own
+    controlnet: str | None = None  # the ControlNet of rows with a 'control_image'
+    control_image: str | None = None
+    control_scale: float | None = None
+    image: str | None = None
+    strength: float | None = None
+    offline: bool = False
 
 
 def derive_seed(base: int, identity: str, occurrence: int, image: int) -> int:
@@ -575,6 +675,13 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
                 notes=notes, seed_rule=SEED_RULE, force_size=defaults.force_size), errors
 
 
+def check_with_pixels(params: dict, pixels: PixelOptions) -> None:
+    """What the load options rule out: a LoRA cannot be fused into torchao's fp8 weights."""
+    if pixels.fp8 and params.get("loras"):
+        raise UsageError("--lora cannot be combined with --fp8 (a LoRA is fused into the transformer's weights, "
+                         "which fp8 replaces)")
+
+
 def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, pixels) -> list[ImageJob]:
     check_prompt(row.prompt)
     check_prompt(row.get("negative_prompt", ""), "the negative prompt", allow_empty=True)
@@ -586,7 +693,16 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, p
                                height=row.get("height", row.get("size", defaults.height)),
                                steps=row.get("steps", defaults.steps), guidance=row.get("guidance", defaults.guidance),
                                pag_scale=float(row.get("pag_scale", defaults.pag_scale)),
-                               pag_layers=defaults.pag_layers, force_size=defaults.force_size, command_line=False)
+                               pag_layers=defaults.pag_layers, force_size=defaults.force_size, command_line=False,
+                               loras=row.get("lora", defaults.loras),
+                               # --controlnet serves the rows that have a control image; the others run plain
+                               controlnet=defaults.controlnet if row.get("control_image", defaults.control_image)
+                               is not None else None,
+                               control_image=row.get("control_image", defaults.control_image),
+                               control_scale=row.get("control_scale", defaults.control_scale),
+                               image=row.get("image", defaults.image), strength=row.get("strength", defaults.strength),
+                               offline=defaults.offline)
+    check_with_pixels(params, pixels)
     prompt = params["prompt"]
     count = row.get("n", 1)
     if count < 1 or count > MAX_IMAGES:

@@ -112,6 +112,34 @@ def _fp8(value, meta):
     return _flag(value.get("fp8"), meta)
 
 
+def _loras(value, meta):
+    """One --lora ID:SCALE per LoRA, in the order fused. The hash is checked when the command runs: a
+    changed file makes another key, so it is not taken for this image."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValueError("a list of LoRAs")
+    specs = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"].strip():
+            raise ValueError("a list of LoRAs, each with an id")
+        specs.append(f"{item['id']}:{_number(item.get('scale'), meta)}")
+    return specs
+
+
+def _path(value, meta):
+    """An input image or ControlNet, as recorded (an absolute path, a name or a hub id)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ValueError("a path or name")
+    return value
+
+
+def _optional_number(value, meta):
+    return None if value is None else _number(value, meta)
+
+
 def _revision(value, meta):
     """The exact commit when the metadata has it (the branch may have moved since), else the revision."""
     if _is_local(meta):
@@ -140,6 +168,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "--device", _device),
     Option("decode", "--decode", _decode),
     Option("pixel_options", "--fp8", _fp8),
+    Option("loras", "--lora", _loras),
+    Option("controlnet", "--controlnet", _path),
+    Option("control_image", "--control-image", _path),
+    Option("control_scale", "--control-scale", _optional_number),
+    Option("image", "--image", _path),
+    Option("strength", "--strength", _optional_number),
 )
 
 # Every other field, and why it needs no option of its own.
@@ -158,6 +192,8 @@ NOT_OPTIONS = {
     "generator": "follows from the device",
     "versions": "library versions, for the record",
     "key_schema": "the version of the key's recipe",
+    "control_image_sha256": "checked when the command runs: another file gives another key",
+    "image_sha256": "checked when the command runs: another file gives another key",
 }
 
 
@@ -224,9 +260,10 @@ def command_parts(meta: dict, output: str | None = None) -> list[tuple[str, bool
         if value is None:
             continue
         values[option.field] = value
-        parts.append((option.option, False))
-        if value is not True:
-            parts.append((value, False))
+        for one in value if isinstance(value, list) else [value]:  # a repeatable option: once per value
+            parts.append((option.option, False))
+            if one is not True:
+                parts.append((one, False))
     if "width" not in values or "height" not in values:
         raise BadMetadata("its sana metadata has no width and height")
     if needs_force_size(model, values.get("revision"), int(values["width"]), int(values["height"])):

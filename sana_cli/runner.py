@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, decode as decoding, latents as keeping
+from . import __version__, decode as decoding, latents as keeping, lora
 from .adapters import adapter_for, pipeline_of
 from .errors import GenerationError, SanaError
 from .output import write_image
@@ -181,6 +181,12 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
                 failed(job, single, alone=True)
         return busy
 
+    sets = {plan.jobs[i].loras for group in pending for i in group}
+    # A model kept for later calls, or a run with several LoRA sets, must be able to restore the base weights.
+    loaded.lora_restorable = loaded.lora_restorable or keep_text_encoder or len(sets - {()}) > 1
+    lora.prepare(loaded, sets, restorable=loaded.lora_restorable)  # a LoRA that does not fit: exit 2, no image
+    for job in {plan.jobs[i].controlnet: plan.jobs[i] for group in pending for i in group}.values():
+        loaded.pipeline_for_job(job)  # likewise a ControlNet
     writer = Writer(overwrite=plan.overwrite, on_written=written)
     embeddings: dict[int, tuple] = {}
     try:
@@ -333,19 +339,20 @@ def _warn_truncation(pipe, jobs: list[ImageJob], budget: int, events: EventSink)
 @torch.no_grad()
 def _encode(loaded: LoadedModel, *, jobs: list[ImageJob], options: RunOptions, events: EventSink = no_events) -> tuple:
     """Prompt embeddings for a GPU batch, exactly as the pipeline would compute them itself."""
-    pipe = loaded.pipeline_for(jobs[0].pag_layers)
+    pipe = loaded.pipeline_for(jobs[0].pag_layers)  # encoding is the same in every pipeline of a family
     loaded.check_placement()
     if loaded.text_encoder_freed:
         raise RuntimeError("internal error: the text encoder was released before every prompt was encoded")
     _warn_truncation(pipe, jobs, options.max_sequence_length - 2, events)
-    return adapter_for(loaded.ref).encode(pipe, jobs, max_sequence_length=options.max_sequence_length)
+    return adapter_for(loaded.ref, jobs[0]).encode(pipe, jobs, max_sequence_length=options.max_sequence_length)
 
 
 def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], embeddings, options: RunOptions,
                events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False,
                on_failed: Callable | None = None) -> None:
     first = jobs[0]
-    pipe = loaded.pipeline_for(first.pag_layers)
+    pipe = loaded.pipeline_for_job(first)
+    lora.apply(loaded, first.loras, restorable=loaded.lora_restorable)
     batch_started = time.perf_counter()
     if embeddings is None:
         embeddings, seconds = _timed(_encode, loaded, jobs=jobs, options=options, events=events)
@@ -358,7 +365,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
         return {}
 
     generators = [torch.Generator(loaded.generator_device).manual_seed(job.seed) for job in jobs]
-    kwargs = adapter_for(loaded.ref).build_call(jobs, embeddings, generators=generators, on_step=on_step)
+    kwargs = adapter_for(loaded.ref, first).build_call(jobs, embeddings, generators=generators, on_step=on_step)
     started = time.perf_counter()
     loaded.check_placement()
     with torch.no_grad():
@@ -419,5 +426,5 @@ def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> 
             "decode": decode_strategy, "chi": True, **model,
             "device": loaded.device.type, "key_schema": KEY_SCHEMA, "pixel_options": job.pixels.to_dict()}
     meta["pipeline"] = pipeline_of(job, meta["pipeline"])
-    meta.update(adapter_for(loaded.ref).metadata(job))
+    meta.update(adapter_for(loaded.ref, job).metadata(job))
     return meta

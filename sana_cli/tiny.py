@@ -18,6 +18,7 @@ from .cache import cache_root
 
 VERSION = "v1"  # bump when the recipe changes, so stale caches are not reused
 VARIANTS = ("sana", "sprint", "teacher")
+CONTROLNET = "controlnet"  # a SanaControlNetModel matching the tiny Sana transformer (a model, not a pipeline)
 
 # Words the tokenizer knows (anything else maps to <unk>). Prompts in tests and examples use them.
 _WORD_TEXT = """a an the of and with in on at to for from by is are this that it its as or
@@ -61,10 +62,11 @@ def tiny_path(variant: str) -> Path:
 def ensure(variant: str) -> Path:
     """The directory of a tiny model, building it the first time. Safe when several processes
     race: each builds in its own temp dir and only one rename wins."""
-    if variant not in VARIANTS:
+    if variant not in (*VARIANTS, CONTROLNET):
         raise ValueError(f"unknown tiny variant {variant!r}")
     final = tiny_path(variant)
-    if (final / "model_index.json").is_file():
+    marker = "config.json" if variant == CONTROLNET else "model_index.json"
+    if (final / marker).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{variant}.build-", dir=final.parent))
@@ -73,15 +75,70 @@ def ensure(variant: str) -> Path:
         try:
             os.rename(staging, final)
         except OSError:
-            if not (final / "model_index.json").is_file():
+            if not (final / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
+def transformer_config(variant: str) -> dict:
+    """The tiny transformer's config for a variant (what build() makes), without torch."""
+    config = dict(TRANSFORMER_CONFIG)
+    if variant == "sprint":
+        config.update(qk_norm="rms_norm_across_heads", guidance_embeds=True, guidance_embeds_scale=0.1)
+    elif variant == "teacher":
+        # The Sprint teacher: qk_norm and a dense timestep embedding fed t in [0, 1] (timestep_scale).
+        config.update(qk_norm="rms_norm_across_heads", timestep_scale=0.001)
+    return config
+
+
+def controlnet_config() -> dict:
+    """A SanaControlNetModel config with the tiny Sana transformer's sizes and one block."""
+    keys = ("in_channels", "num_attention_heads", "attention_head_dim", "num_cross_attention_heads",
+            "cross_attention_head_dim", "cross_attention_dim", "caption_channels", "sample_size", "patch_size")
+    return {**{key: TRANSFORMER_CONFIG[key] for key in keys}, "out_channels": TRANSFORMER_CONFIG["out_channels"],
+            "num_layers": 1}
+
+
+def build_controlnet(directory: str | Path):
+    """The tiny ControlNet, saved to directory. diffusers zero-initialises a ControlNet's input and output
+    projections (a fresh one changes nothing); here they get small random weights, as training gives them,
+    so the control image really changes the pixels."""
+    import torch
+    from diffusers import SanaControlNetModel
+
+    torch.manual_seed(0)
+    model = SanaControlNetModel(**controlnet_config())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in (model.input_block, *model.controlnet_blocks):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.5)
+    model.save_pretrained(directory)
+    return model
+
+
+def build_lora(directory: str | Path, *, variant: str = "sana", seed: int = 1, rank: int = 2,
+               targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> Path:
+    """A LoRA for a tiny transformer, made with peft and saved with diffusers' save_lora_weights (the
+    format a trained Sana LoRA has). Its lora_B is random, not zero as a fresh one's, so it changes pixels.
+    Returns the weights file."""
+    import torch
+    from diffusers import SanaPipeline, SanaTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(**transformer_config(variant))
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False))
+    SanaPipeline.save_lora_weights(str(directory), transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return Path(directory) / "pytorch_lora_weights.safetensors"
+
+
 def build(variant: str, directory: str | Path):
     """Build a tiny pipeline of the given variant and save it to directory; returns the pipeline."""
+    if variant == CONTROLNET:
+        return build_controlnet(directory)
     import torch
     from diffusers import (AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaSprintPipeline,
                            SanaTransformer2DModel, SCMScheduler)
@@ -91,13 +148,7 @@ def build(variant: str, directory: str | Path):
     torch.manual_seed(0)
     text_encoder = Gemma2Model(Gemma2Config(**GEMMA2_CONFIG, vocab_size=len(tokenizer), attn_implementation="eager"))
     torch.manual_seed(0)
-    transformer_config = dict(TRANSFORMER_CONFIG)
-    if variant == "sprint":
-        transformer_config.update(qk_norm="rms_norm_across_heads", guidance_embeds=True, guidance_embeds_scale=0.1)
-    elif variant == "teacher":
-        # The Sprint teacher: qk_norm and a dense timestep embedding fed t in [0, 1] (timestep_scale).
-        transformer_config.update(qk_norm="rms_norm_across_heads", timestep_scale=0.001)
-    transformer = SanaTransformer2DModel(**transformer_config)
+    transformer = SanaTransformer2DModel(**transformer_config(variant))
     torch.manual_seed(0)
     vae = AutoencoderDC(**VAE_CONFIG)
     if variant == "sprint":

@@ -231,6 +231,55 @@ CASES = [
                                                      "cpu", "-o", "{tmp}/"], 4,
          "is not fully in the Hugging Face cache and the hub cannot be reached",
          env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+    # LoRA, ControlNet and image-to-image inputs: all checked while planning, before torch is imported.
+    Case("LoRA file that does not exist", ["generate", "a cat", "--model", "tiny", "--lora", "{tmp}/no.safetensors",
+                                           "-o", "{tmp}/"], 2, "no such file or directory"),
+    Case("LoRA that is a pickle file", ["generate", "a cat", "--model", "tiny", "--lora", "{files}/lora.bin", "-o",
+                                        "{tmp}/"], 2, "is a pickle file; sana-cli loads LoRAs from .safetensors only"),
+    Case("LoRA that is not a safetensors file", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                 "{files}/not-a-lora.safetensors", "-o", "{tmp}/"], 2,
+         "is not a readable safetensors file"),
+    Case("LoRA made for another base model", ["generate", "a cat", "--model", "tiny", "--lora",
+                                              "{files}/lora-other-base.safetensors", "-o", "{tmp}/"], 2,
+         "does not fit tiny: transformer_blocks.0.attn1.to_q is 8->8 there and 2240->2240 in the LoRA"),
+    Case("LoRA with a broken rank layout", ["generate", "a cat", "--model", "tiny", "--lora",
+                                            "{files}/lora-rank.safetensors", "-o", "{tmp}/"], 2,
+         "has a rank layout diffusers cannot load"),
+    Case("LoRA scale NaN", ["generate", "a cat", "--model", "tiny", "--lora", "{files}/lora-other-base.safetensors:nan",
+                            "-o", "{tmp}/"], 2, "must be a finite number, got nan"),
+    Case("LoRA scale out of range", ["generate", "a cat", "--model", "tiny", "--lora",
+                                     "{files}/lora-other-base.safetensors:9", "-o", "{tmp}/"], 2, "must be in -4..4"),
+    Case("hub LoRA offline and not in the cache", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                   "someone/uncached-lora", "--offline", "-o", "{tmp}/"], 4,
+         "is not in the Hugging Face cache and offline mode is on"),
+    Case("bad 'lora' value in a batch row", ["batch", "{files}/lora-row.jsonl", "--model", "tiny"], 2,
+         "line 1: 'lora' must be a string or a list of strings"),
+    Case("ControlNet with a SANA-Sprint model", ["generate", "a cat", "--model", "tiny-sprint", "--controlnet",
+                                                 "tiny-controlnet", "--control-image", "{files}/input.png"], 2,
+         "tiny-sprint (SANA-Sprint) cannot use a ControlNet"),
+    Case("ControlNet without a control image", ["generate", "a cat", "--model", "tiny", "--controlnet",
+                                                "tiny-controlnet"], 2, "--controlnet needs a control image"),
+    Case("control image without a ControlNet", ["generate", "a cat", "--model", "tiny", "--control-image",
+                                                "{files}/input.png"], 2, "--control-image needs --controlnet"),
+    Case("ControlNet made for another model", ["generate", "a cat", "--model", "tiny", "--controlnet",
+                                               "{files}/controlnet-other", "--control-image", "{files}/input.png"], 2,
+         "does not fit tiny: its num_attention_heads is 70"),
+    Case("control image that is not an image", ["generate", "a cat", "--model", "tiny", "--controlnet",
+                                                "tiny-controlnet", "--control-image", "{files}/ok.txt"], 2,
+         "is not a readable image: not a PNG, JPEG or WebP file"),
+    Case("truncated input image", ["generate", "a cat", "--model", "tiny-sprint", "--image",
+                                   "{files}/truncated.png"], 2, "is not a readable image: image file is truncated"),
+    Case("decompression bomb as an input image", ["generate", "a cat", "--model", "tiny-sprint", "--image",
+                                                  "{files}/bomb.png"], 2, "is too large"),
+    Case("image-to-image with a model that cannot", ["generate", "a cat", "--model", "tiny", "--image",
+                                                     "{files}/input.png"], 2,
+         "tiny cannot start from an image: image-to-image works with the SANA-Sprint models"),
+    Case("strength outside 0-1", ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/input.png",
+                                  "--strength", "1.5"], 2, "--strength must be in 0..1 (above 0), got 1.5"),
+    Case("strength zero", ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/input.png",
+                           "--strength", "0", "-o", "{tmp}/"], 2, "--strength must be in 0..1 (above 0), got 0"),
+    Case("--strength without --image", ["generate", "a cat", "--model", "tiny-sprint", "--strength", "0.5"], 2,
+         "--strength needs --image"),
 ]
 
 
@@ -295,7 +344,32 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "carriage-return.csv").write_bytes(b"prompt,seed\na,1\nb\rc,2\n")
     (root / "million.jsonl").write_text('{"prompt": "a cat", "n": 10000}\n' * 101)
     (root / "spaced-names.jsonl").write_text('{"prompt": "a", "name": "cat"}\n{"prompt": "b", "name": " cat "}\n')
+    _input_files(root)
     return root
+
+
+def _input_files(root: Path) -> None:
+    """LoRA, ControlNet and input-image files that must be refused (their headers and configs only)."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    def pair(module: str, a: tuple, b: tuple) -> dict:
+        prefix = f"transformer.{module}"
+        return {f"{prefix}.lora_A.weight": np.ones(a, np.float32), f"{prefix}.lora_B.weight": np.ones(b, np.float32)}
+
+    save_file(pair("transformer_blocks.0.attn1.to_q", (4, 2240), (2240, 4)), str(root / "lora-other-base.safetensors"))
+    save_file(pair("transformer_blocks.0.attn1.to_q", (4, 8), (8, 2)), str(root / "lora-rank.safetensors"))
+    (root / "lora.bin").write_bytes(b"\x80\x02}q\x00.")
+    (root / "not-a-lora.safetensors").write_text("this is not a safetensors file")
+    (root / "lora-row.jsonl").write_text('{"prompt": "a", "lora": 3}\n')
+    (root / "controlnet-other").mkdir()
+    (root / "controlnet-other" / "config.json").write_text(json.dumps(
+        {"_class_name": "SanaControlNetModel", "num_attention_heads": 70, "attention_head_dim": 32}))
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(root / "input.png")
+    whole = (root / "input.png").read_bytes()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(root / "noise.png")
+    (root / "truncated.png").write_bytes((root / "noise.png").read_bytes()[: len(whole) // 2 + 200])
 
 
 def _untrusted_files(root: Path, tiny: Path) -> None:

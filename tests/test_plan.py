@@ -130,6 +130,43 @@ def test_job_key_changes_with_anything_that_changes_pixels():
     assert make(model="tiny", seed=2).jobs[0].key != base
 
 
+def test_new_fields_leave_old_keys_alone_and_each_changes_the_key(tmp_path):
+    # Keys made before LoRA, ControlNet and image-to-image existed (computed with that version) still match.
+    assert make(model="tiny", prompt="a cat").jobs[0].key == "815acc8356b0f489"
+    assert make(model="tiny-sprint", prompt="a cat", seed=5, steps=3).jobs[0].key == "2603b59fabb212e7"
+    assert "loras" not in make(model="tiny").jobs[0].params()
+    from safetensors.numpy import save_file
+    import numpy as np
+    from PIL import Image
+
+    def lora_file(name, value):
+        weights = {f"transformer.transformer_blocks.0.attn1.to_q.lora_{part}.weight": np.full(shape, value, np.float32)
+                   for part, shape in (("A", (2, 8)), ("B", (8, 2)))}
+        save_file(weights, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    one, two = lora_file("one.safetensors", 1.0), lora_file("two.safetensors", 2.0)
+    for name, colour in (("a.png", 1), ("b.png", 2)):
+        Image.new("RGB", (8, 8), (colour, 0, 0)).save(tmp_path / name)
+    base = make(model="tiny").jobs[0].key
+    keys = {make(model="tiny", **extra).jobs[0].key for extra in (
+        {}, {"loras": (one,)}, {"loras": (two,)}, {"loras": (f"{one}:0.5",)}, {"loras": (one, two)},
+        {"loras": (two, one)}, {"controlnet": "tiny-controlnet", "control_image": str(tmp_path / "a.png")},
+        {"controlnet": "tiny-controlnet", "control_image": str(tmp_path / "b.png")},
+        {"controlnet": "tiny-controlnet", "control_image": str(tmp_path / "a.png"), "control_scale": 0.5})}
+    assert len(keys) == 9 and base in keys
+    sprint = {make(model="tiny-sprint", **extra).jobs[0].key for extra in (
+        {}, {"image": str(tmp_path / "a.png")}, {"image": str(tmp_path / "b.png")},
+        {"image": str(tmp_path / "a.png"), "strength": 0.9})}
+    assert len(sprint) == 4
+    # Where an input file is does not matter, what it holds does.
+    (tmp_path / "moved").mkdir()
+    moved = tmp_path / "moved" / "a.png"
+    moved.write_bytes((tmp_path / "a.png").read_bytes())
+    assert make(model="tiny-sprint", image=str(moved)).jobs[0].key == make(model="tiny-sprint",
+                                                                             image=str(tmp_path / "a.png")).jobs[0].key
+
+
 def test_sprint_steps_and_features_are_checked():
     assert make(model="sprint").jobs[0].steps == 2
     for steps in (1, 3, 4):

@@ -1,0 +1,320 @@
+"""LoRA, ControlNet and image-to-image on real tiny parts built here: a peft LoRA on the tiny
+transformer, the tiny SanaControlNetModel and the tiny Sprint. Each image equals a direct diffusers call
+with the same arguments; the metadata reproduces it through `sana info --command`; batch rows take the
+new columns; a changed LoRA file is never taken for a finished image."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sana_cli
+from sana_cli import inputs, lora, tiny
+from sana_cli.errors import UsageError
+from sana_cli.output import read_metadata
+
+from .conftest import SANA, run_sana
+
+PROMPT = "a red fox in the snow"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("parts")
+    made = {"a": tiny.build_lora(root / "lora-a", seed=1), "b": tiny.build_lora(root / "lora-b", seed=2),
+            "controlnet": tiny.ensure(tiny.CONTROLNET), "root": root}
+    rng = np.random.RandomState(0)
+    for name in ("control", "start"):
+        Image.fromarray((rng.rand(128, 128, 3) * 255).astype("uint8")).save(root / f"{name}.png")
+        made[name] = root / f"{name}.png"
+    return made
+
+
+@pytest.fixture(scope="module")
+def session(tiny_models):
+    return sana_cli.load("tiny")
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def direct(pipe, steps, seed, **call) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt=PROMPT, num_inference_steps=steps, height=128, width=128, use_resolution_binning=False,
+                 generator=torch.Generator("cpu").manual_seed(seed), **call).images[0]
+    return np.asarray(image)
+
+
+_REFERENCES: dict = {}
+
+
+def reference(tiny_models, *loras) -> np.ndarray:
+    """The direct diffusers image for a LoRA set (3 steps, seed 4), computed once per set."""
+    key = tuple((str(path), scale) for path, scale in loras)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = direct(sana_pipe(tiny_models, *loras), steps=3, seed=4)
+    return _REFERENCES[key]
+
+
+def sana_pipe(tiny_models, *loras):
+    from diffusers import SanaPipeline
+
+    pipe = SanaPipeline.from_pretrained(str(tiny_models["sana"]), dtype=torch.float32)
+    if loras:
+        names = []
+        for number, (path, scale) in enumerate(loras):
+            pipe.load_lora_weights(str(path.parent), adapter_name=f"l{number}")
+            names.append((f"l{number}", scale))
+        pipe.set_adapters([n for n, _ in names], [s for _, s in names])
+        pipe.fuse_lora(adapter_names=[n for n, _ in names])
+    return pipe
+
+
+def make(session, tmp_path, name, **request):
+    target = tmp_path / name
+    result = session.generate(PROMPT, seed=4, steps=3, output=str(target), **request)
+    assert result.images[0].ok, result.images[0].error
+    return target
+
+
+def test_two_loras_equal_diffusers_set_adapters_and_fuse(session, parts, tiny_models, tmp_path):
+    target = make(session, tmp_path, "ab.png", loras=[f"{parts['a']}:0.7", f"{parts['b'].parent}:-0.5"])
+    expected = reference(tiny_models, (parts["a"], 0.7), (parts["b"], -0.5))
+    assert np.array_equal(pixels(target), expected)
+    plain = make(session, tmp_path, "plain.png")
+    assert np.array_equal(pixels(plain), reference(tiny_models))
+    assert not np.array_equal(pixels(plain), expected)  # the LoRAs really changed the image
+    meta = read_metadata(target)["sana"]
+    assert [item["scale"] for item in meta["loras"]] == [0.7, -0.5]
+    assert meta["loras"][0]["sha256"] == lora.sha256_file(parts["a"], "a")
+    assert "loras" not in read_metadata(plain)["sana"]
+
+
+def test_a_session_switching_loras_gives_each_set_its_own_pixels(session, parts, tiny_models, tmp_path):
+    first = make(session, tmp_path, "a1.png", loras=[str(parts["a"])])
+    other = make(session, tmp_path, "b.png", loras=[str(parts["b"])])
+    plain = make(session, tmp_path, "none.png")
+    again = make(session, tmp_path, "a2.png", loras=[str(parts["a"])])
+    assert np.array_equal(pixels(first), pixels(again))
+    assert np.array_equal(pixels(first), reference(tiny_models, (parts["a"], 1.0)))
+    assert np.array_equal(pixels(other), reference(tiny_models, (parts["b"], 1.0)))
+    assert np.array_equal(pixels(plain), reference(tiny_models))
+
+
+def test_pag_with_a_lora_equals_diffusers_pag_on_the_fused_transformer(session, parts, tiny_models, tmp_path):
+    from diffusers import SanaPAGPipeline
+
+    target = make(session, tmp_path, "pag.png", loras=[str(parts["a"])], pag_scale=2.0,
+                  pag_layers="transformer_blocks.1")
+    base = sana_pipe(tiny_models, (parts["a"], 1.0))
+    components = {k: base.components[k] for k in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
+    pag = SanaPAGPipeline(**components, pag_applied_layers=["transformer_blocks.1"])
+    assert np.array_equal(pixels(target), direct(pag, steps=3, seed=4, pag_scale=2.0))
+
+
+def test_controlnet_equals_diffusers_controlnet_pipeline(session, parts, tiny_models, tmp_path):
+    from diffusers import SanaControlNetModel, SanaControlNetPipeline
+
+    target = make(session, tmp_path, "cn.png", controlnet="tiny-controlnet", control_image=str(parts["control"]),
+                  control_scale=0.8)
+    base = sana_pipe(tiny_models)
+    controlnet = SanaControlNetModel.from_pretrained(str(parts["controlnet"]))
+    pipe = SanaControlNetPipeline(**{k: base.components[k] for k in ("tokenizer", "text_encoder", "vae",
+                                                                      "transformer", "scheduler")},
+                                  controlnet=controlnet)
+    with Image.open(parts["control"]) as control:
+        expected = direct(pipe, steps=3, seed=4, control_image=control.convert("RGB"),
+                          controlnet_conditioning_scale=0.8)
+    assert np.array_equal(pixels(target), expected)
+    assert not np.array_equal(pixels(target), reference(tiny_models))
+    meta = read_metadata(target)["sana"]
+    assert meta["pipeline"] == "SanaControlNetPipeline" and meta["control_scale"] == 0.8
+    assert meta["control_image_sha256"] == inputs.check_image(str(parts["control"]), "x")[1]
+
+
+def test_img2img_equals_diffusers_sprint_img2img(parts, tiny_models, tmp_path):
+    from diffusers import SanaSprintImg2ImgPipeline
+
+    target = tmp_path / "i2i.png"
+    result = sana_cli.generate(PROMPT, model="tiny-sprint", seed=6, steps=2, image=str(parts["start"]), strength=0.5,
+                               output=str(target))
+    assert result.images[0].ok
+    pipe = SanaSprintImg2ImgPipeline.from_pretrained(str(tiny_models["sprint"]), dtype=torch.float32)
+    with Image.open(parts["start"]) as start:
+        expected = direct(pipe, steps=2, seed=6, image=start.convert("RGB"), strength=0.5)
+    assert np.array_equal(pixels(target), expected)
+    assert read_metadata(target)["sana"]["pipeline"] == "SanaSprintImg2ImgPipeline"
+
+
+@pytest.mark.parametrize("model, request_", [
+    pytest.param("tiny", dict(loras=["{a}:0.6"], controlnet="tiny-controlnet", control_image="{control}",
+                              control_scale=1.5), id="lora-controlnet"),
+    pytest.param("tiny-sprint", dict(image="{start}", strength=0.75, steps=4), id="img2img"),
+])
+def test_info_command_reproduces_lora_controlnet_and_img2img(model, request_, parts, tmp_path):
+    def fill(value):
+        if isinstance(value, list):
+            return [fill(item) for item in value]
+        return value.format(a=parts["a"], control=parts["control"], start=parts["start"]) \
+            if isinstance(value, str) else value
+
+    first = tmp_path / "first.png"
+    sana_cli.generate(PROMPT, model=model, seed=2, output=str(first), **{k: fill(v) for k, v in request_.items()})
+    meta = read_metadata(first)["sana"]
+    assert {"loras", "controlnet", "control_image", "image"} & set(meta)
+    shown = run_sana("info", first, "--command")
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+    env = dict(os.environ, PATH=f"{os.path.dirname(SANA)}:{os.environ['PATH']}")
+    again = subprocess.run(["bash", "-c", shown.stdout.strip()], capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=180)
+    assert again.returncode == 0, again.stderr
+    second = tmp_path / "first-again.png"
+    assert np.array_equal(pixels(first), pixels(second))
+    asked = ("key", "pixel_options")  # the command names the resolved dtype and device where the first said auto
+    again = read_metadata(second)["sana"]
+    assert {k: v for k, v in again.items() if k not in asked} == {k: v for k, v in meta.items() if k not in asked}
+
+
+def test_batch_rows_take_lora_control_image_and_scale_columns(session, parts, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        f'{{"prompt": "{PROMPT}", "seed": 4, "name": "lora", "lora": ["{parts["a"]}:0.7", "{parts["b"]}:-0.5"]}}\n'
+        f'{{"prompt": "{PROMPT}", "seed": 4, "name": "cn", "control_image": "{parts["control"]}", '
+        f'"control_scale": 0.8}}\n'
+        f'{{"prompt": "{PROMPT}", "seed": 4, "name": "plain"}}\n')
+    from sana_cli.plan import BatchDefaults
+
+    result = session.batch(str(rows), output_dir=str(tmp_path / "out"),
+                           defaults=BatchDefaults(steps=3, controlnet="tiny-controlnet"))
+    assert not result.failed and len(result.written) == 3
+    assert np.array_equal(pixels(tmp_path / "out" / "lora.png"),
+                          pixels(make(session, tmp_path, "l.png", loras=[f"{parts['a']}:0.7",
+                                                                           f"{parts['b']}:-0.5"])))
+    assert np.array_equal(pixels(tmp_path / "out" / "cn.png"),
+                          pixels(make(session, tmp_path, "c.png", controlnet="tiny-controlnet",
+                                      control_image=str(parts["control"]), control_scale=0.8)))
+    assert np.array_equal(pixels(tmp_path / "out" / "plain.png"), pixels(make(session, tmp_path, "p.png")))
+
+
+def test_batch_image_and_strength_columns_plan_img2img_jobs(parts, tmp_path):
+    from sana_cli.api import plan_batch_file
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text(f"prompt,image,strength,lora\nfox,{parts['start']},0.5,{parts['a']}:0.25\nfox,{parts['start']},,\n")
+    plan, invalid, _ = plan_batch_file(str(rows), model="tiny-sprint", output_dir=str(tmp_path / "o"))
+    assert not invalid
+    first, second = plan.jobs
+    assert (first.strength, second.strength) == (0.5, 0.6) and first.image == str(parts["start"])
+    assert first.loras[0][2] == 0.25 and second.loras == ()
+    assert len(plan.groups) == 2  # different LoRA sets never share a GPU batch
+
+
+def test_resume_never_takes_an_image_made_with_a_changed_lora_file(session, parts, tmp_path):
+    mine = tmp_path / "mine.safetensors"
+    shutil.copy(parts["a"], mine)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(f'{{"prompt": "{PROMPT}", "seed": 4, "name": "fox", "lora": "{mine}"}}\n')
+    out = tmp_path / "out"
+    from sana_cli.plan import BatchDefaults
+
+    defaults = BatchDefaults(steps=3)
+    assert len(session.batch(str(rows), output_dir=str(out), defaults=defaults).written) == 1
+    before = pixels(out / "fox.png")
+    assert session.batch(str(rows), output_dir=str(out), defaults=defaults).already_done == 1  # unchanged: resumed
+    shutil.copy(parts["b"], mine)  # the same file name, other weights
+    with pytest.raises(UsageError, match="were not made by this batch with these settings"):
+        session.batch(str(rows), output_dir=str(out), defaults=defaults)
+    assert np.array_equal(pixels(out / "fox.png"), before)
+    redone = session.batch(str(rows), output_dir=str(out), defaults=defaults, overwrite=True)
+    assert len(redone.written) == 1 and redone.already_done == 0
+    assert not np.array_equal(pixels(out / "fox.png"), before)
+
+
+def test_a_lora_diffusers_cannot_load_is_exit_2_naming_it_before_any_image(session, parts, tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"  # passes the header check (no size known for ff convs); peft refuses it
+    save_file({"transformer.transformer_blocks.0.ff.conv_inverted.lora_A.weight": torch.ones(2, 99, 1, 1),
+               "transformer.transformer_blocks.0.ff.conv_inverted.lora_B.weight": torch.ones(20, 2, 1, 1)}, str(bad))
+    with pytest.raises(UsageError, match=f"LoRA {bad} does not fit tiny"):
+        session.generate(PROMPT, seed=1, steps=1, output=str(tmp_path / "x.png"), loras=[str(bad)])
+    assert not (tmp_path / "x.png").exists()
+    make(session, tmp_path, "after.png")  # the session still works
+
+
+# ---- pure parts: the spec rule, the header check, the input-image rule ------------------------------
+
+@pytest.mark.parametrize("text, source, scale", [
+    ("style.safetensors", "style.safetensors", 1.0),
+    ("style.safetensors:0.8", "style.safetensors", 0.8),
+    ("/data/run:2/style.safetensors", "/data/run:2/style.safetensors", 1.0),
+    ("/data/run:2:1.0", "/data/run:2", 1.0),
+    ("org/name@v1:-1.5", "org/name@v1", -1.5),
+    ("org/name", "org/name", 1.0),
+    ("c:lora", "c:lora", 1.0),
+])
+def test_lora_spec_rule(text, source, scale):
+    assert lora.parse_spec(text) == (source, scale)
+
+
+@pytest.mark.parametrize("text, says", [("x:nan", "finite"), ("x:inf", "finite"), ("x:-inf", "finite"),
+                                        ("x:4.5", "in -4..4"), ("", "empty")])
+def test_lora_spec_refusals(text, says):
+    with pytest.raises(UsageError, match=says):
+        lora.parse_spec(text)
+
+
+def test_header_check_names_what_does_not_fit():
+    config = tiny.transformer_config("sana")
+    good = {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": (2, 8),
+            "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": (8, 2)}
+    lora.check_fits(good, "x", "tiny", config)
+    cases = [
+        ({**good, "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": (2, 2240)}, "is 8->8 there"),
+        ({"transformer.transformer_blocks.7.attn1.to_q.lora_A.weight": (2, 8),
+          "transformer.transformer_blocks.7.attn1.to_q.lora_B.weight": (8, 2)}, "has 2 transformer blocks"),
+        ({**good, "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": (8, 4)}, "rank layout"),
+        ({"unet.down.lora_down.weight": (2, 8), "unet.down.lora_up.weight": (8, 2)}, "kohya"),
+        ({"transformer.text_model.x.lora_A.weight": (2, 8), "transformer.text_model.x.lora_B.weight": (8, 2)},
+         "which a Sana transformer does not have"),
+    ]
+    for shapes, says in cases:
+        with pytest.raises(UsageError, match=says):
+            lora.check_fits(shapes, "x", "tiny", config)
+
+
+def test_input_images_any_mode_exif_and_the_cover_crop_rule(tmp_path):
+    # EXIF orientation 6 (rotate 90 clockwise to view): a 40x20 file shows as 20x40, the left half red.
+    wide = Image.new("RGB", (40, 20), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 40, 10))  # the top half of the stored image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    wide.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    shown = inputs.prepare(str(tmp_path / "rot.jpg"), 20, 40)
+    assert shown.size == (20, 40)
+    assert shown.getpixel((15, 20))[0] > 200 and shown.getpixel((4, 20))[2] > 200  # top became the right side
+    Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert inputs.prepare(str(tmp_path / "clear.png"), 32, 32).getpixel((0, 0)) == (255, 255, 255)
+    Image.new("LA", (32, 32), (0, 0)).save(tmp_path / "la.png")
+    assert inputs.prepare(str(tmp_path / "la.png"), 32, 32).getpixel((0, 0)) == (255, 255, 255)
+    Image.fromarray(np.full((32, 32), 0xABCD, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert inputs.prepare(str(tmp_path / "grey16.png"), 32, 32).getpixel((0, 0)) == (0xAB,) * 3
+    Image.new("CMYK", (32, 32), (0, 0, 0, 0)).save(tmp_path / "cmyk.jpg")
+    assert inputs.prepare(str(tmp_path / "cmyk.jpg"), 32, 32).getpixel((5, 5))[0] > 250
+    Image.new("P", (32, 32), 3).save(tmp_path / "p.webp", lossless=True)
+    assert inputs.prepare(str(tmp_path / "p.webp"), 64, 64).size == (64, 64)
+    # Cover and centre-crop: a 100x50 image to 64x64 scales to 128x64 and keeps its middle.
+    striped = Image.new("RGB", (100, 50), (0, 255, 0))
+    striped.paste((255, 0, 0), (0, 0, 25, 50))
+    out = inputs.fit(inputs.to_rgb(striped), 64, 64)
+    assert out.size == (64, 64) and out.getpixel((0, 32))[1] > 200  # the red quarter was cropped away
+    same = Image.new("RGB", (64, 64), (1, 2, 3))
+    assert inputs.fit(same, 64, 64) is same  # an image at the planned size is used as it is
