@@ -90,12 +90,12 @@ class Session:
 
 
 LOAD_KEYWORDS = ("device", "dtype", "offline", "allow_pickle", "low_memory", "compile", "fp8", "max_memory",
-                 "verbose")
+                 "verbose", "quantize")
 
 
 def load_options(options: LoadOptions | None = None, **keywords) -> LoadOptions:
     """The public functions' load keyword arguments (device, dtype, offline, allow_pickle, low_memory,
-    compile, fp8, max_memory, verbose) as one LoadOptions; or `options` itself, given whole."""
+    compile, fp8, max_memory, verbose, quantize) as one LoadOptions; or `options` itself, given whole."""
     unknown = set(keywords) - set(LOAD_KEYWORDS)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")

@@ -112,6 +112,20 @@ def _fp8(value, meta):
     return _flag(value.get("fp8"), meta)
 
 
+def _quantize(value, meta):
+    """--quantize as asked (int8 or nf4; fp8 is recorded as --fp8), from the pixel options."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("an object")
+    quantize = value.get("quantize")
+    if quantize is None:
+        return None
+    if quantize not in ("int8", "nf4"):
+        raise ValueError("a --quantize value (int8 or nf4)")
+    return quantize
+
+
 def _revision(value, meta):
     """The exact commit when the metadata has it (the branch may have moved since), else the revision."""
     if _is_local(meta):
@@ -140,6 +154,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "--device", _device),
     Option("decode", "--decode", _decode),
     Option("pixel_options", "--fp8", _fp8),
+    Option("pixel_options", "--quantize", _quantize),
 )
 
 # Every other field, and why it needs no option of its own.
