@@ -13,7 +13,7 @@ the run's dtype. bitsandbytes quantizes on CUDA only, so it is refused elsewhere
 fp8 is not here: `--quantize fp8` is `--fp8` (speed.enable_fp8, torchao fp8 weights and activations).
 
 The VAE and Gemma stay as loaded: the VAE's convolutions decide every pixel directly, and under
-`--low-memory` Gemma is on the GPU alone, where its bf16 weights (5.2 GB) already fit an 8 GiB budget.
+`--low-memory` Gemma is on the GPU alone, where its bf16 weights (4.9 GiB) already fit an 8 GiB budget.
 """
 
 from __future__ import annotations

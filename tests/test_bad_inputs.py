@@ -231,6 +231,17 @@ CASES = [
                                                      "cpu", "-o", "{tmp}/"], 4,
          "is not fully in the Hugging Face cache and the hub cannot be reached",
          env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+    # --quantize: a weight format is checked before anything loads; what the machine cannot run is exit 4.
+    Case("unknown --quantize value", ["generate", "a cat", "--model", "tiny", "--quantize", "int4", "-o", "{tmp}/"], 2,
+         "'int4' is not one of 'int8', 'fp8', 'nf4'"),
+    Case("--quantize int8 with --fp8",
+         ["generate", "a cat", "--model", "tiny", "--quantize", "int8", "--fp8", "-o", "{tmp}/"], 2,
+         "--quantize int8 conflicts with --fp8"),
+    Case("--quantize nf4 without a CUDA GPU",
+         ["generate", "a cat", "--model", "tiny", "--quantize", "nf4", "-o", "{tmp}/"], 4,
+         "--quantize nf4 needs a CUDA GPU"),
+    Case("--quantize fp8 without a CUDA GPU",
+         ["generate", "a cat", "--model", "tiny", "--quantize", "fp8", "-o", "{tmp}/"], 4, "--fp8 needs a CUDA GPU"),
 ]
 
 
