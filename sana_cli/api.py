@@ -181,7 +181,10 @@ def _load_timed(ref: ModelRef, options: LoadOptions, events: EventSink | None = 
 
 def _compile_decided(options: LoadOptions, plan: Plan, device: str | None = None) -> LoadOptions:
     """The options with `compile` settled for this plan (and, for one process of several, its device)."""
-    settled = replace(options, compile=_want_compile(options.compile, plan, options.device))
+    compile = options.compile
+    if compile == "auto" and options.quantize and options.low_memory:
+        compile = "off"  # diffusers runs torchao's quantized weights under CPU offload, but not compiled
+    settled = replace(options, compile=_want_compile(compile, plan, options.device))
     return settled if device is None else replace(settled, device=device)
 
 
