@@ -16,7 +16,7 @@ from . import tiny
 from .cache import cache_root
 from .errors import EnvironmentProblem, UsageError
 from .modelref import ModelRef, check_components
-from .plan import LoadOptions
+from .plan import LoadOptions, quantize_choice
 from .presets import SANA, SANA_PAG, SANA_SPRINT, component_dtypes, fp8_refusal, pag_supported
 
 # Weight files above this size on disk mean "a real model": it needs CUDA unless --device cpu.
@@ -304,7 +304,7 @@ def _pipeline_class(ref: ModelRef, source: str, offline: bool, revision: str | N
 def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     """Load the pipeline a ModelRef names, ready to run. Raises SanaError subclasses on failure."""
     options = options or LoadOptions()
-    options.pixels()  # bad values and conflicting options are usage errors, before anything loads
+    quantize_choice(options.quantize, options.fp8)  # an unknown or conflicting weight format, before loading
     check_max_memory(options.max_memory_gib)
     import_runtime(options.verbose)
     offline = options.offline or any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
