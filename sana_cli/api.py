@@ -93,12 +93,12 @@ class Session:
 
 
 LOAD_KEYWORDS = ("device", "dtype", "offline", "allow_pickle", "low_memory", "compile", "fp8", "max_memory",
-                 "verbose")
+                 "verbose", "quantize")
 
 
 def load_options(options: LoadOptions | None = None, **keywords) -> LoadOptions:
     """The public functions' load keyword arguments (device, dtype, offline, allow_pickle, low_memory,
-    compile, fp8, max_memory, verbose) as one LoadOptions; or `options` itself, given whole."""
+    compile, fp8, max_memory, verbose, quantize) as one LoadOptions; or `options` itself, given whole."""
     unknown = set(keywords) - set(LOAD_KEYWORDS)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
@@ -185,7 +185,10 @@ def _load_timed(ref: ModelRef, options: LoadOptions, events: EventSink | None = 
 
 def _compile_decided(options: LoadOptions, plan: Plan, device: str | None = None) -> LoadOptions:
     """The options with `compile` settled for this plan (and, for one process of several, its device)."""
-    settled = replace(options, compile=_want_compile(options.compile, plan, options.device))
+    compile = options.compile
+    if compile == "auto" and options.quantize and options.low_memory:
+        compile = "off"  # diffusers runs torchao's quantized weights under CPU offload, but not compiled
+    settled = replace(options, compile=_want_compile(compile, plan, options.device))
     return settled if device is None else replace(settled, device=device)
 
 

@@ -79,6 +79,10 @@ def _model_options(function):
                           "decode fails after every fallback); `sana decode` turns them into the image."),
         click.option("--fp8", is_flag=True,
                      help="fp8 linear layers via torchao (Hopper/Ada GPUs; changes pixels slightly)."),
+        click.option("--quantize", type=click.Choice(["int8", "fp8", "nf4"]), metavar="int8|fp8|nf4",
+                     help="Store the transformer's weights quantized, computing in --dtype: int8 (torchao, any "
+                          "device, about half the memory), fp8 (the same as --fp8), nf4 (bitsandbytes 4-bit, CUDA). "
+                          "Changes pixels slightly."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading pickle (.bin) weights. Only for sources you trust."),
         click.option("--dry-run", is_flag=True, help="Validate and print the plan; load nothing."),
@@ -137,7 +141,7 @@ def _input_options(function):
 def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed, num_images, pag_scale, pag_layers,
              output, overwrite, force_size, batch_size, loras, controlnet, control_image, control_scale, image,
              strength, model, revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory,
-             keep_latents, fp8, allow_pickle, dry_run, json_output, quiet, debug):
+             keep_latents, fp8, quantize, allow_pickle, dry_run, json_output, quiet, debug):
     """Make images from one PROMPT ('-' reads it from stdin).
 
     Paths of written images go to stdout, one per line (or one JSON object with --json);
@@ -148,7 +152,8 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
         from .progress import progress_interval
 
         progress_interval()
-        load = _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug)
+        load = _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug,
+                             quantize)
         pixels = load.pixels(decode)
         if prompt == "-":
             from .batchfile import read_prompt_stdin
@@ -191,12 +196,13 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
                          f"(seed {seeds}; decode {result.images[0].decode})")
 
 
-def _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug):
+def _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug,
+                  quantize=None):
     """The model options of a command as one LoadOptions, built once and passed whole to the API."""
     from .plan import LoadOptions
 
     return LoadOptions(device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle, low_memory=low_memory,
-                       compile=compile_mode, fp8=fp8, max_memory_gib=max_memory, verbose=debug)
+                       compile=compile_mode, fp8=fp8, max_memory_gib=max_memory, verbose=debug, quantize=quantize)
 
 
 def _parse_shard(ctx, param, value):
@@ -245,7 +251,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
           extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, loras, controlnet,
           control_image, control_scale, image, strength, report, model,
           revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory, keep_latents, fp8,
-          allow_pickle, dry_run, json_output,
+          quantize, allow_pickle, dry_run, json_output,
           quiet, debug):
     """Render every prompt of FILE (.txt, .jsonl or .csv; '-' reads stdin) into --output-dir.
 
@@ -264,7 +270,8 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         from .progress import progress_interval
 
         progress_interval()
-        load = _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug)
+        load = _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug,
+                             quantize)
         pixels = load.pixels(decode)
         if size is not None and (width is not None or height is not None):
             raise click.UsageError("--size conflicts with --width/--height; give one or the other")

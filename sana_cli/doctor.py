@@ -35,8 +35,9 @@ REQUIRED = (
     ("huggingface_hub", "huggingface_hub", "huggingface_hub>=1.0"),
     ("safetensors", "safetensors", "safetensors>=0.4"),
     ("tokenizers", "tokenizers", "tokenizers>=0.21"),
+    ("torchao", "torchao", "torchao>=0.15"),
 )
-OPTIONAL = (("torchao", "torchao", "torchao>=0.12", "only needed for --fp8"),)
+OPTIONAL = (("bitsandbytes", "bitsandbytes", "sana-cli[nf4]", "only needed for --quantize nf4"),)
 
 _TRUE = ("1", "ON", "YES", "TRUE")  # huggingface_hub's own reading of HF_HUB_OFFLINE
 _WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model")  # diffusers / transformers weight file names
@@ -77,6 +78,9 @@ def _check(checks: list[dict], name: str, ok: bool, detail: str, fix: str | None
 def _versions(checks: list[dict]) -> tuple[dict, dict]:
     versions = {"python": platform.python_version(), "sana-cli": __version__}
     modules = {}
+    from .pipeline import quiet_backend_imports
+
+    quiet_backend_imports()
     for module_name, dist, spec in REQUIRED:
         module, version, error = _import(module_name, dist)
         versions[dist] = version

@@ -16,7 +16,7 @@ from . import tiny
 from .cache import cache_root
 from .errors import EnvironmentProblem, UsageError
 from .modelref import ModelRef, check_components
-from .plan import LoadOptions
+from .plan import LoadOptions, quantize_choice
 from .presets import SANA, SANA_PAG, SANA_SPRINT, component_dtypes, fp8_refusal, pag_supported
 
 # Weight files above this size on disk mean "a real model": it needs CUDA unless --device cpu.
@@ -167,6 +167,8 @@ def import_runtime(verbose: bool = False):
     from .speed import compile_cache_dir
 
     compile_cache_dir()  # before torch: inductor fixes its cache directory the first time it looks
+    if not verbose:
+        quiet_backend_imports()
     try:
         import diffusers
         import huggingface_hub
@@ -182,6 +184,19 @@ def import_runtime(verbose: bool = False):
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.logging.set_verbosity_error()  # its retry notices, when the hub is unreachable
     return torch
+
+
+# Loggers that speak when diffusers imports an installed quantization backend: torchao lists the CUDA kernels a
+# CPU build cannot load, torch's pytree a deprecation in torchao's registrations, bitsandbytes its missing CPU
+# kernels. None of it concerns a run, and stderr is for sana's own lines.
+_BACKEND_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes")
+
+
+def quiet_backend_imports() -> None:
+    import logging
+
+    for name in _BACKEND_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def resolve_device(ref: ModelRef, requested: str, source_dir: Path | None):
@@ -220,8 +235,10 @@ def _is_big(ref: ModelRef, source_dir: Path | None) -> bool:
 
 
 def _plain_dtype(parameter):
-    """The dtype a parameter was loaded in (a torchao fp8 weight reports its original dtype)."""
-    return getattr(parameter, "dtype", None)
+    """The dtype a parameter was loaded in (a torchao fp8 or int8 weight reports its original dtype; a
+    bitsandbytes 4-bit one keeps it in its quantization state)."""
+    state_dtype = getattr(getattr(parameter, "quant_state", None), "dtype", None)
+    return state_dtype if state_dtype is not None else getattr(parameter, "dtype", None)
 
 
 def _dtype_plan(ref: ModelRef, device, requested: str, checkpoint: str | None):
@@ -318,6 +335,7 @@ def _pipeline_class(ref: ModelRef, source: str, offline: bool, revision: str | N
 def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     """Load the pipeline a ModelRef names, ready to run. Raises SanaError subclasses on failure."""
     options = options or LoadOptions()
+    quantize_choice(options.quantize, options.fp8)  # an unknown or conflicting weight format, before loading
     check_max_memory(options.max_memory_gib)
     import_runtime(options.verbose)
     offline = options.offline or any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
@@ -334,6 +352,11 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     device = resolve_device(ref, options.device, source_dir)
     if options.fp8 and device.type != "cuda":
         raise EnvironmentProblem("--fp8 needs a CUDA GPU (compute capability 8.9 or newer)")
+    quantize = None if options.only else options.quantize  # `sana decode` loads only the VAE, never quantized
+    if quantize:
+        from . import quantize as quantizing
+
+        quantizing.check(quantize, device.type)
     dtype_argument, dtypes = _dtype_plan(ref, device, options.dtype, checkpoint)
     transformer_dtype = dtypes["transformer"]
     source = str(source_dir) if source_dir is not None else ref.source
@@ -346,8 +369,15 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
         kwargs.update(revision=ref.revision, local_files_only=offline)
     if options.only:
         kwargs.update({name: None for name in ("tokenizer", "text_encoder", "transformer") if name not in options.only})
+    if quantize:
+        kwargs["quantization_config"] = quantizing.pipeline_config(quantize, transformer_dtype)
     try:
-        pipe = cls.from_pretrained(source, **kwargs)
+        if quantize:
+            with quantizing.compact_heap():
+                pipe = cls.from_pretrained(source, **kwargs)
+                quantizing.finish(pipe, quantize)
+        else:
+            pipe = cls.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every loading failure becomes one clear line
         raise _loading_error(ref, exc, offline, allow_pickle=options.allow_pickle) from exc
     pipe.set_progress_bar_config(disable=True)
@@ -379,8 +409,11 @@ MEMORY_RESERVE_BYTES = 2 * 2**30
 
 
 def weights_bytes(pipe) -> int:
+    """Bytes of the three models' weights as stored (quantized weights at their quantized size)."""
+    from .quantize import storage_bytes
+
     modules = [getattr(pipe, name, None) for name in ("text_encoder", "transformer", "vae")]
-    return sum(p.numel() * p.element_size() for module in modules if module is not None for p in module.parameters())
+    return sum(storage_bytes(p) for module in modules if module is not None for p in module.parameters())
 
 
 def needs_offload(weights: int, max_memory: int) -> bool:

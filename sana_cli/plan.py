@@ -39,6 +39,9 @@ KEY_SCHEMA = 2  # bump when what goes into job_key changes, so old images are no
 _DTYPES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
            "fp32": "fp32", "float32": "fp32"}
 _EXACT_DECODES = ("auto", "full", "strips", "patch-conv")  # equal to a full decode up to float rounding
+# --quantize: the transformer's weights in int8 (torchao, any device) or nf4 (bitsandbytes, CUDA). fp8 is the
+# --fp8 mode under its other name: one fp8 path, so both spellings make the same pixels and the same key.
+QUANTIZE_CHOICES = ("int8", "fp8", "nf4")
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 DEFAULT_OUTPUT_DIR = "sana-out"
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -84,21 +87,45 @@ class PixelOptions:
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     fp8: bool = False
     decode: str = "auto"
+    quantize: str | None = None  # int8 | nf4; `fp8` becomes fp8=True (see quantize_choice)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UsageError(f"unsupported --device {self.device!r}; use auto, cuda, cuda:N or cpu")
         if self.dtype not in _DTYPES:
             raise UsageError(f"unknown --dtype {self.dtype!r}; use auto, bf16, fp16 or fp32")
+        quantize, fp8 = quantize_choice(self.quantize, self.fp8)
+        object.__setattr__(self, "quantize", quantize)
+        object.__setattr__(self, "fp8", fp8)
 
     def key_fields(self) -> dict:
-        """Normalised: the GPU index and the choice among exact decodes do not change pixels."""
+        """Normalised: the GPU index and the choice among exact decodes do not change pixels. `quantize`
+        only when set, so the keys of images made without it stay what they were."""
         decode = self.decode if self.decode.split(":")[0] not in _EXACT_DECODES else "exact"
         return {"device": self.device.split(":")[0], "dtype": _DTYPES[self.dtype], "fp8": bool(self.fp8),
-                "decode": decode}
+                "decode": decode, **self._quantize_field()}
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "dtype": self.dtype, "fp8": bool(self.fp8), "decode": self.decode}
+        return {"device": self.device, "dtype": self.dtype, "fp8": bool(self.fp8), "decode": self.decode,
+                **self._quantize_field()}
+
+    def _quantize_field(self) -> dict:
+        return {"quantize": self.quantize} if self.quantize else {}
+
+
+def quantize_choice(quantize: str | None, fp8: bool) -> tuple[str | None, bool]:
+    """(quantize, fp8) checked and normalised: `fp8` is the --fp8 mode (torchao fp8 weights and activations),
+    so --quantize fp8 sets fp8 and leaves quantize unset; int8 or nf4 beside --fp8 is a usage error."""
+    if quantize is None:
+        return None, bool(fp8)
+    if quantize not in QUANTIZE_CHOICES:
+        raise UsageError(f"unknown --quantize {quantize!r}; use {', '.join(QUANTIZE_CHOICES)}")
+    if quantize == "fp8":
+        return None, True
+    if fp8:
+        raise UsageError(f"--quantize {quantize} conflicts with --fp8; choose one weight format",
+                         hint="--fp8 is the same as --quantize fp8")
+    return quantize, False
 
 
 @dataclass(frozen=True)
@@ -114,13 +141,19 @@ class LoadOptions:
     low_memory: bool = False  # accelerate model CPU offload: one component on the GPU at a time
     compile: str | bool = "auto"  # auto | on | off, or a bool; `auto` is decided per plan, and is off without one
     fp8: bool = False
+    quantize: str | None = None  # int8 | fp8 | nf4: the transformer's weights (fp8 is the same as fp8=True)
     verbose: bool = False  # let diffusers / transformers log (for --debug)
     max_memory_gib: float | None = None  # --max-memory: a cap on device memory that `auto` plans within
     only: tuple[str, ...] | None = None  # load just these components (`sana decode` needs only the VAE)
 
+    def __post_init__(self) -> None:
+        if self.quantize == "fp8":  # the loader knows one spelling of fp8; pixels() checks the rest
+            object.__setattr__(self, "quantize", None)
+            object.__setattr__(self, "fp8", True)
+
     def pixels(self, decode: str = "auto") -> PixelOptions:
         """The pixel-deciding subset with a decode strategy (checked: bad values are usage errors)."""
-        return PixelOptions(device=self.device, dtype=self.dtype, fp8=self.fp8, decode=decode)
+        return PixelOptions(device=self.device, dtype=self.dtype, fp8=self.fp8, decode=decode, quantize=self.quantize)
 
     def decode_for(self, decode: str) -> str:
         """--low-memory decodes in strips unless a strategy was chosen: with CPU offload the GPU looks
@@ -676,10 +709,14 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
 
 
 def check_with_pixels(params: dict, pixels: PixelOptions) -> None:
-    """What the load options rule out: a LoRA cannot be fused into torchao's fp8 weights."""
+    """What the load options rule out: a LoRA is fused into the transformer's weights, which fp8, int8 and
+    nf4 replace with quantized tensors that cannot take it."""
     if pixels.fp8 and params.get("loras"):
         raise UsageError("--lora cannot be combined with --fp8 (a LoRA is fused into the transformer's weights, "
                          "which fp8 replaces)")
+    if pixels.quantize and params.get("loras"):
+        raise UsageError(f"--lora cannot be combined with --quantize {pixels.quantize} (a LoRA is fused into the "
+                         f"transformer's weights, which {pixels.quantize} replaces)")
 
 
 def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, pixels) -> list[ImageJob]:

@@ -138,6 +138,18 @@ def _path(value, meta):
 
 def _optional_number(value, meta):
     return None if value is None else _number(value, meta)
+def _quantize(value, meta):
+    """--quantize as asked (int8 or nf4; fp8 is recorded as --fp8), from the pixel options."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("an object")
+    quantize = value.get("quantize")
+    if quantize is None:
+        return None
+    if quantize not in ("int8", "nf4"):
+        raise ValueError("a --quantize value (int8 or nf4)")
+    return quantize
 
 
 def _revision(value, meta):
@@ -174,6 +186,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("control_scale", "--control-scale", _optional_number),
     Option("image", "--image", _path),
     Option("strength", "--strength", _optional_number),
+    Option("pixel_options", "--quantize", _quantize),
 )
 
 # Every other field, and why it needs no option of its own.

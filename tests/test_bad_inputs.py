@@ -280,6 +280,20 @@ CASES = [
                            "--strength", "0", "-o", "{tmp}/"], 2, "--strength must be in 0..1 (above 0), got 0"),
     Case("--strength without --image", ["generate", "a cat", "--model", "tiny-sprint", "--strength", "0.5"], 2,
          "--strength needs --image"),
+    # --quantize: a weight format is checked before anything loads; what the machine cannot run is exit 4.
+    Case("unknown --quantize value", ["generate", "a cat", "--model", "tiny", "--quantize", "int4", "-o", "{tmp}/"], 2,
+         "'int4' is not one of 'int8', 'fp8', 'nf4'"),
+    Case("--quantize int8 with --fp8",
+         ["generate", "a cat", "--model", "tiny", "--quantize", "int8", "--fp8", "-o", "{tmp}/"], 2,
+         "--quantize int8 conflicts with --fp8"),
+    Case("--quantize nf4 without a CUDA GPU",
+         ["generate", "a cat", "--model", "tiny", "--quantize", "nf4", "-o", "{tmp}/"], 4,
+         "--quantize nf4 needs a CUDA GPU"),
+    Case("--quantize fp8 without a CUDA GPU",
+         ["generate", "a cat", "--model", "tiny", "--quantize", "fp8", "-o", "{tmp}/"], 4, "--fp8 needs a CUDA GPU"),
+    Case("--lora with --quantize", ["generate", "a cat", "--model", "tiny", "--quantize", "int8", "--lora",
+                                    "{files}/lora-fits.safetensors", "-o", "{tmp}/"], 2,
+         "--lora cannot be combined with --quantize int8"),
 ]
 
 
@@ -360,6 +374,7 @@ def _input_files(root: Path) -> None:
 
     save_file(pair("transformer_blocks.0.attn1.to_q", (4, 2240), (2240, 4)), str(root / "lora-other-base.safetensors"))
     save_file(pair("transformer_blocks.0.attn1.to_q", (4, 8), (8, 2)), str(root / "lora-rank.safetensors"))
+    save_file(pair("transformer_blocks.0.attn1.to_q", (4, 8), (8, 4)), str(root / "lora-fits.safetensors"))
     (root / "lora.bin").write_bytes(b"\x80\x02}q\x00.")
     (root / "not-a-lora.safetensors").write_text("this is not a safetensors file")
     (root / "lora-row.jsonl").write_text('{"prompt": "a", "lora": 3}\n')

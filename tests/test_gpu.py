@@ -173,3 +173,53 @@ def test_speed_modes_stay_close_to_the_default(tmp_path, mode):
     assert default.images[0].ok and fast.images[0].ok
     value = psnr(pixels(tmp_path / f"{mode}.png"), pixels(tmp_path / "default.png"))
     assert value >= (35 if mode == "compile" else 25), value
+
+
+# ---- --quantize on CUDA ---------------------------------------------------------------------------------
+
+def test_int8_on_cuda_matches_diffusers_and_offload_keeps_the_pixels(tiny_dir, tmp_path):
+    """int8 weights quantized on the CPU as they load, then moved to the GPU (or moved in and out by the CPU
+    offload of --low-memory): the pixels of diffusers and torchao called directly, the same under offload."""
+    import sana_cli
+    from diffusers import SanaPipeline, TorchAoConfig
+    from diffusers.quantizers import PipelineQuantizationConfig
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_, swap_conv2d_1x1_to_linear
+
+    made = sana_cli.generate(PROMPT, model=str(tiny_dir), seed=4, steps=3, dtype="bf16", quantize="int8",
+                             output=str(tmp_path / "int8.png"))
+    assert made.model["device"].startswith("cuda")
+    offloaded = sana_cli.generate(PROMPT, model=str(tiny_dir), seed=4, steps=3, dtype="bf16", quantize="int8",
+                                  low_memory=True, decode="full", output=str(tmp_path / "int8-low.png"))
+    assert offloaded.images[0].ok
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+    pipe = SanaPipeline.from_pretrained(str(tiny_dir), dtype=torch.bfloat16, quantization_config=config)
+    swap_conv2d_1x1_to_linear(pipe.transformer, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Conv2d)
+                              and m.kernel_size == (1, 1) and fqn.startswith("transformer_"))
+    quantize_(pipe.transformer, Int8WeightOnlyConfig(),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.endswith(".mod"))
+    pipe.to("cuda")
+    expected = pipe(prompt=PROMPT, num_inference_steps=3, height=128, width=128, guidance_scale=4.5,
+                    generator=torch.Generator("cuda").manual_seed(4), use_resolution_binning=False).images[0]
+    assert np.array_equal(pixels(tmp_path / "int8.png"), np.asarray(expected))
+    assert np.array_equal(pixels(tmp_path / "int8-low.png"), pixels(tmp_path / "int8.png"))
+
+
+def test_nf4_on_cuda_runs_and_stays_near_bf16(tiny_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import sana_cli
+
+    sana_cli.generate(PROMPT, model=str(tiny_dir), seed=5, steps=3, dtype="bf16", output=str(tmp_path / "b.png"))
+    nf4 = sana_cli.generate(PROMPT, model=str(tiny_dir), seed=5, steps=3, dtype="bf16", quantize="nf4",
+                            output=str(tmp_path / "n.png"))
+    assert nf4.images[0].ok
+    assert psnr(pixels(tmp_path / "n.png"), pixels(tmp_path / "b.png")) >= 20
+
+
+@needs_checkpoints
+def test_int8_low_memory_4096_within_8_gib(tmp_path, sana):
+    """The small-card workload (bench/quantize_gpu.py runs it with 20 steps and a bf16 comparison)."""
+    process = sana("generate", PROMPT, "--model", CHECKPOINTS / "sana-1600m-4k", "--size", 4096, "--steps", 2,
+                   "--seed", 1, "--low-memory", "--quantize", "int8", "-o", tmp_path / "int8.png", "--json",
+                   check_json=True, timeout=900)
+    assert process.returncode == 0, process.stderr
+    assert process.json["peak_memory_bytes"] <= 8 * GiB, process.json["peak_memory_bytes"] / GiB

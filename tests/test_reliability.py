@@ -196,7 +196,7 @@ def test_the_job_key_covers_every_pixel_option_and_the_metadata_names_them():
         return plan_generate(request, model_for(request), PixelOptions(**options)).jobs[0].key
 
     base = key()
-    changed = {"dtype": "bf16", "device": "cpu", "fp8": True, "decode": "tiled"}
+    changed = {"dtype": "bf16", "device": "cpu", "fp8": True, "decode": "tiled", "quantize": "int8"}
     assert set(changed) == set(PixelOptions.__dataclass_fields__)  # a new pixel option needs a case here
     for name, value in changed.items():
         assert key(**{name: value}) != base, name
@@ -207,7 +207,7 @@ def test_the_job_key_covers_every_pixel_option_and_the_metadata_names_them():
 
 @pytest.mark.parametrize("rerun, done", [
     (["--dtype", "bf16"], False), (["--device", "cpu"], False), (["--fp8"], False), (["--decode", "tiled"], False),
-    (["--decode", "strips"], True),
+    (["--decode", "strips"], True), (["--quantize", "int8"], False),
 ])
 def test_a_rerun_with_other_pixel_options_never_takes_the_old_images(tmp_path, tiny_models, rerun, done):
     out = tmp_path / "out"

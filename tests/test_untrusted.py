@@ -347,6 +347,8 @@ ROUND_TRIPS = [
                  "bf16", ".png", id="dtype-bf16"),
     pytest.param(["--model", "tiny", "--seed", "8", "--dtype", "fp16", "--decode", "tiled"], "fp16 tiled", ".png",
                  id="dtype-fp16-tiled"),
+    pytest.param(["--model", "tiny", "--seed", "9", "--quantize", "int8", "--steps", "2"], "int8", ".png",
+                 id="quantize-int8"),
     pytest.param(["--model", "tiny-sprint", "--seed", str(2**63 - 1), "--steps", "1"], "sprint", ".webp",
                  id="sprint-max-seed"),
     pytest.param(["--model", "tiny-teacher", "--seed", "0", "--guidance", "0"], EVIL, ".png", id="teacher-evil-prompt"),
@@ -383,6 +385,7 @@ def test_info_command_reproduces_the_same_pixels(options, prompt, suffix, tmp_pa
     asked = ("key", "pixel_options")
     assert {k: v for k, v in again_meta.items() if k not in asked} == {k: v for k, v in meta.items() if k not in asked}
     assert again_meta["pixel_options"]["fp8"] == meta["pixel_options"]["fp8"]
+    assert again_meta["pixel_options"].get("quantize") == meta["pixel_options"].get("quantize")
     assert not (tmp_path / "pwned").exists()
 
 
