@@ -207,9 +207,10 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         data = []
         for message in messages:
             if message["type"] == "error":
-                raise ApiError(message.get("status", 500), message["message"],
-                               type_="server_error" if message.get("status", 500) >= 500 else "invalid_request_error",
-                               exit_code=message.get("exit_code"))
+                status = message.get("status", 500)
+                raise ApiError(status, message["message"],
+                               type_="server_error" if status >= 500 else "invalid_request_error",
+                               code="unavailable" if status == 503 else None, exit_code=message.get("exit_code"))
             if message["type"] == "failed":
                 raise ApiError(500, message["error"], type_="server_error", exit_code=message.get("exit_code"))
             if message["type"] == "image":
@@ -267,6 +268,8 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                         message = await asyncio.wait_for(inbox.get(), timeout=0.25)
                     except asyncio.TimeoutError:
                         if work.finished.is_set() and inbox.empty():
+                            return
+                        if await request.is_disconnected():
                             return
                         continue
                     if message["type"] in ("image",):
@@ -483,6 +486,9 @@ def bind_unix(path: Path) -> socket.socket:
         raise EnvironmentProblem(f"the server socket directory is unsafe: {problem}",
                                  hint=f"remove {directory} or set SANA_CLI_CACHE elsewhere")
     if os.path.lexists(path):
+        problem = private_place_problem(path, want_socket=True)
+        if problem:
+            raise EnvironmentProblem(f"the server socket is unsafe: {problem}", hint=f"remove {path}")
         if not remove_if_stale(path):
             raise EnvironmentProblem(f"a sana server already runs for this user on {path}",
                                      hint="stop it first, or set SANA_CLI_CACHE for a second one")
@@ -633,37 +639,25 @@ async function loadModels() {
     if (loaded) $("model").value = loaded.id;
   } catch (e) { $("status").textContent = "cannot list models: " + e; }
 }
-async function generate(prompt, model, n) {
-  $("status").textContent = "queued";
+async function one(prompt, model) {
   const answer = await fetch("/v1/images/generations", {method: "POST", headers: headers(),
-    body: JSON.stringify({prompt, model, n, stream: true, response_format: "b64_json"})});
-  if (!answer.ok) {
-    const body = await answer.json().catch(() => ({}));
-    $("status").textContent = "error: " + ((body.error || {}).message || answer.status);
-    return;
-  }
-  const reader = answer.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const {value, done} = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, {stream: true});
-    let cut;
-    while ((cut = buffer.indexOf("\\n")) >= 0) {
-      const event = JSON.parse(buffer.slice(0, cut));
-      buffer = buffer.slice(cut + 1);
-      if (event.type === "step") $("status").textContent = "step " + event.step + "/" + event.total;
-      if (event.type === "image") {
-        const img = document.createElement("img");
-        img.src = "data:image/png;base64," + event.b64_json;
-        img.alt = prompt; img.title = "seed " + event.seed; img.dataset.seed = event.seed;
-        $("images").appendChild(img);
-      }
-      if (event.type === "error") $("status").textContent = "error: " + event.message;
-      if (event.type === "done") $("status").textContent = "done";
-    }
-  }
+    body: JSON.stringify({prompt, model, n: 1, response_format: "b64_json"})});
+  const body = await answer.json().catch(() => ({}));
+  if (!answer.ok) throw new Error((body.error || {}).message || String(answer.status));
+  const item = body.data[0];
+  const img = document.createElement("img");
+  img.src = "data:image/png;base64," + item.b64_json;
+  img.alt = prompt; img.title = "seed " + item.seed; img.dataset.seed = item.seed;
+  $("images").appendChild(img);
+}
+async function generate(prompt, model, n) {
+  // One request per image, all at once: the server batches them, and each shows as soon as it is done.
+  let done = 0, failed = "";
+  $("status").textContent = "0 of " + n + " done";
+  await Promise.all(Array.from({length: n}, () => one(prompt, model).then(
+    () => { done += 1; $("status").textContent = done + " of " + n + " done"; },
+    (e) => { failed = String(e.message || e); })));
+  $("status").textContent = failed ? "error: " + failed : "done";
 }
 $("form").addEventListener("submit", (e) => {
   e.preventDefault();
