@@ -117,7 +117,7 @@ def concurrent(args, server: Server) -> tuple[float, list[str]]:
     seconds = time.perf_counter() - started
     if errors:
         raise SystemExit(f"{len(errors)} request(s) failed: {errors[0]}")
-    return seconds, [line for line in server.lines[mark:] if "GPU batch" in line]
+    return seconds, [line for line in server.lines[mark:] if re.search(r"GPU batch \d+/\d+", line)]
 
 
 def one_batch(args, env, work: Path) -> tuple[float, dict]:

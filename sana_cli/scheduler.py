@@ -260,7 +260,7 @@ class Scheduler:
         plan = Plan(command="serve", model=loaded.ref, jobs=jobs, groups=groups,
                     output_dir=os.path.dirname(jobs[0].path), force_size=any(w.force_size for w in works))
         run_number = next(self._numbers)
-        labels = ", ".join(w.label for w in works)
+        labels = ", ".join(w.label for w in works[:2]) + (f" and {len(works) - 2} more" if len(works) > 2 else "")
         log(f"run {run_number}: {len(jobs)} image(s) from {len(works)} request(s) ({labels}) in {len(groups)} "
             f"GPU batch(es)")
         current: list[Work] = []
