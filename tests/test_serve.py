@@ -127,6 +127,18 @@ def test_attached_generate_writes_the_in_process_bytes_and_json(server, tmp_path
     assert again.returncode == 2 and "already exists" in one_line_error(again)  # never overwrites, as in-process
 
 
+def test_attached_client_imports_neither_torch_nor_the_http_framework(server, tmp_path):
+    import sys
+
+    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "sana_cli", "generate", "a cat", "--model",
+                              "tiny", "--seed", "4", "-o", str(tmp_path / "c.png")], env=server.env,
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0 and "rendering on the server" in process.stderr, process.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in process.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "sana_cli" in imported and not imported & {"torch", "diffusers", "transformers", "fastapi", "uvicorn"}
+
+
 def test_attached_batch_resumes_and_matches_in_process(server, tmp_path):
     import sana_cli
 
