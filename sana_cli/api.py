@@ -224,6 +224,8 @@ def check_cache_dir() -> None:
 
 def _run(plan: Plan, loaded: LoadedModel, options: RunOptions, *, events: EventSink, stop: StopToken | None,
          keep_text_encoder: bool, on_result=None, done: frozenset[int] = frozenset(), claim=None) -> RunOutcome:
+    if getattr(loaded, "remote", False):  # attached to `sana serve`: it renders, this process writes
+        return loaded.run(plan, options, events=events, stop=stop, on_result=on_result, done=done, claim=claim)
     from .runner import run
 
     return run(plan, loaded, options, events=events, stop=stop, keep_text_encoder=keep_text_encoder,

@@ -85,6 +85,8 @@ def _model_options(function):
                           "Changes pixels slightly."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading pickle (.bin) weights. Only for sources you trust."),
+        click.option("--no-server", is_flag=True,
+                     help="Render in this process even when a `sana serve` server runs (or SANA_SERVER names one)."),
         click.option("--dry-run", is_flag=True, help="Validate and print the plan; load nothing."),
         click.option("--json", "json_output", is_flag=True, help="Print one JSON object on stdout, nothing else."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or log lines on stderr."),
@@ -141,7 +143,7 @@ def _input_options(function):
 def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed, num_images, pag_scale, pag_layers,
              output, overwrite, force_size, batch_size, loras, controlnet, control_image, control_scale, image,
              strength, model, revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory,
-             keep_latents, fp8, quantize, allow_pickle, dry_run, json_output, quiet, debug):
+             keep_latents, fp8, quantize, allow_pickle, no_server, dry_run, json_output, quiet, debug):
     """Make images from one PROMPT ('-' reads it from stdin).
 
     Paths of written images go to stdout, one per line (or one JSON object with --json);
@@ -177,11 +179,12 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
         from .results import StopToken
 
         display = ProgressDisplay(len(plan.jobs), quiet=quiet)
+        remote = None if no_server else _attach(plan.model, load, keep_latents, display)
         stop = StopToken()
         try:
             with _graceful_signals(stop, display, "stopping at the next step"):
                 result = run_plan(plan, load, decode=decode, keep_latents=keep_latents, events=display, stop=stop,
-                                  abort_in_flight=True)
+                                  abort_in_flight=True, loaded=remote)
         finally:
             display.close()
         _results_phase()
@@ -194,6 +197,22 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             seconds = result.outcome.timings["total"] + result.load_seconds
             display.log(f"sana: {len(result.images)} image(s) in {seconds:.1f} s "
                          f"(seed {seeds}; decode {result.images[0].decode})")
+
+
+def _attach(model, load, keep_latents: bool, display):
+    """The server this run goes to (a RemoteModel), or None to run here. SANA_SERVER that cannot be
+    reached is exit 4; a run a server cannot do the same way (see client.attach_blocker) stays here."""
+    from . import client
+
+    endpoint = client.discover(note=lambda message: display.log(f"sana: {message}"))
+    if endpoint is None:
+        return None
+    blocker = client.attach_blocker(model, load, keep_latents=keep_latents)
+    if blocker is not None:
+        display.log(f"sana: not using the server at {endpoint.describe()}: {blocker}; rendering here")
+        return None
+    display.log(f"sana: rendering on the server at {endpoint.describe()}")
+    return client.remote_model(endpoint, model, load)
 
 
 def _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug,
@@ -251,7 +270,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
           extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, loras, controlnet,
           control_image, control_scale, image, strength, report, model,
           revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory, keep_latents, fp8,
-          quantize, allow_pickle, dry_run, json_output,
+          quantize, allow_pickle, no_server, dry_run, json_output,
           quiet, debug):
     """Render every prompt of FILE (.txt, .jsonl or .csv; '-' reads stdin) into --output-dir.
 
@@ -296,11 +315,21 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         from .results import StopToken
 
         display = ProgressDisplay(0, quiet=quiet)  # the total arrives with the "plan" event
+        session = None
+        if not no_server:
+            from .api import Session
+            from .distributed import launched_processes
+            from .plan import Request, model_for
+
+            ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height,
+                                    revision=revision))
+            remote = None if launched_processes() else _attach(ref, load, keep_latents, display)
+            session = None if remote is None else Session(remote)
         stop = StopToken()
         try:
             with _graceful_signals(stop, display, "finishing the current GPU batch"):
                 result = run_batch(file, fail_fast=fail_fast, decode=decode, options=load, keep_latents=keep_latents,
-                                   events=display, stop=stop, **common)
+                                   events=display, stop=stop, session=session, **common)
         finally:
             display.close()
         for error in result.invalid_rows:
@@ -352,6 +381,70 @@ def _batch_summary(result) -> str:
     rate = result.to_dict()["images_per_second"]
     speed = f" in {timings.get('total', 0):.1f} s ({rate:.2f} img/s)" if rate else ""
     return f"sana: {len(result.plan.jobs)} image(s): {', '.join(parts)}{speed}; manifest {result.manifest}"
+
+
+def _parse_duration(ctx, param, value):
+    """--keep-alive: 30s, 5m, 2h, a number of seconds, or `forever`."""
+    if value is None or value.strip().lower() in ("forever", "inf", "-1"):
+        return None
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value.lower())
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a duration (30s, 5m, 2h, seconds, or forever)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+@cli.command(epilog=EPILOG)
+@click.option("-m", "--model", "models", multiple=True, metavar="NAME",
+              help="Load this model up front (repeatable); the first is the default of API requests without one.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address of the HTTP port. Anything but loopback needs --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8723, show_default=True, help="HTTP port (0: any).")
+@click.option("--keep-alive", callback=_parse_duration, default="forever", show_default=True, metavar="DURATION",
+              help="Unload a model unused this long (30s, 5m, 2h, or forever).")
+@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), metavar="GiB",
+              help="Memory budget of the loaded models' weights; least recently used ones are unloaded past it.")
+@click.option("--api-key", envvar="SANA_API_KEY", show_envvar=True, metavar="KEY",
+              help="Require `Authorization: Bearer KEY` on every request (the Unix socket too).")
+@click.option("--batch-window", type=click.FloatRange(0, 10), default=0.2, show_default=True, metavar="SECONDS",
+              help="How long a request waits for others to share its GPU batch.")
+@click.option("--max-queue", type=click.IntRange(1, 100000), default=64, show_default=True, metavar="N",
+              help="Requests that may wait; more are answered 429.")
+@click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", show_envvar=True,
+              help="Use only the local Hugging Face cache.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max_queue, offline, debug):
+    """Keep models loaded and serve them: `sana generate` and `sana batch` of this user attach to it
+    through a user-only Unix socket, and the HTTP port speaks OpenAI's images API.
+
+    \b
+      sana serve --model sana-1600m-1024 &
+      for i in 1 2 3; do sana generate "a lighthouse, take $i" --seed $i; done
+    \b
+    SIGTERM/SIGINT: finish the work in flight, refuse new work (503), exit 0; a second one stops at once.
+    """
+    with _reporting(False, debug):
+        from .server import is_loopback
+
+        if not is_loopback(host) and not api_key:
+            raise UsageError(f"--host {host} is not a loopback address: set --api-key (or SANA_API_KEY) to serve "
+                             "other machines")
+        if api_key is not None and not api_key.strip():
+            raise UsageError("--api-key is empty")
+        from .api import check_cache_dir
+        from .cache import cache_root
+        from .modelref import resolve
+        from .plan import LoadOptions
+        from .server import serve as run_server
+
+        check_cache_dir()
+        for name in models:
+            resolve(name)  # an unknown name is exit 2 before anything binds
+        code = run_server(host=host, port=port, models=list(models), keep_alive=keep_alive,
+                          max_memory_gib=max_memory, api_key=api_key, window=batch_window, max_queue=max_queue,
+                          output_dir=cache_root() / "serve-images", load=LoadOptions(offline=offline))
+        sys.exit(code)
 
 
 @cli.command()

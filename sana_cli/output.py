@@ -195,7 +195,11 @@ def encode_image(image: Image.Image, fmt: str, meta: dict) -> bytes:
 
 def write_image(image: Image.Image, path: str | Path, meta: dict, *, overwrite: bool) -> "WrittenImage":
     """Encode and atomically write one image; returns its path, size and sha256."""
-    data = encode_image(image, image_format(str(path)), meta)
+    return write_encoded(encode_image(image, image_format(str(path)), meta), path, overwrite=overwrite)
+
+
+def write_encoded(data: bytes, path: str | Path, *, overwrite: bool) -> "WrittenImage":
+    """Atomically write an already encoded image (made here or by a `sana serve` server)."""
     try:
         atomic_write_bytes(path, data, overwrite=overwrite)
     except FileExistsError as exc:

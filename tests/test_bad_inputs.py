@@ -294,6 +294,14 @@ CASES = [
     Case("--lora with --quantize", ["generate", "a cat", "--model", "tiny", "--quantize", "int8", "--lora",
                                     "{files}/lora-fits.safetensors", "-o", "{tmp}/"], 2,
          "--lora cannot be combined with --quantize int8"),
+    Case("sana serve on a non-loopback address without an API key", ["serve", "--host", "0.0.0.0"], 2,
+         "--host 0.0.0.0 is not a loopback address: set --api-key"),
+    Case("bad --keep-alive", ["serve", "--keep-alive", "soon"], 2, "'soon' is not a duration"),
+    # Port 9 on the loopback is closed: a named server that nobody answers is an error, never a silent fallback.
+    Case("SANA_SERVER that nobody answers", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 4,
+         "no sana server answers at http://127.0.0.1:9", env={"SANA_SERVER": "http://127.0.0.1:9"}),
+    Case("SANA_SERVER that is not a server address", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "is not http://HOST:PORT or unix:/PATH", env={"SANA_SERVER": "ftp://example"}),
 ]
 
 

@@ -1,0 +1,445 @@
+"""`sana serve` with real parts: a real server process on a free loopback port and its user-only Unix
+socket, the official `openai` client, curl, the installed `sana` attached through the socket, real
+signals (SIGTERM, kill -9) and real client disconnects.
+
+Server A (this module's, no API key) carries most tests; server B is killed with -9 under a waiting CLI;
+server C has an API key and is stopped with SIGTERM while requests are in flight.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import SANA, one_line_error, run_sana
+
+
+class Server:
+    """A `sana serve` subprocess whose stderr is collected line by line."""
+
+    def __init__(self, cache: Path, *args: str, env: dict | None = None):
+        self.cache = cache
+        self.env = dict(os.environ, SANA_CLI_CACHE=str(cache), **(env or {}))
+        self.lines: list[str] = []
+        self.process = subprocess.Popen([SANA, "serve", "--port", "0", *args], env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = int(self.wait_for("listening on http://127.0.0.1:").split("127.0.0.1:")[1].split()[0])
+        self.socket = cache / "serve" / "sana.sock"
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, fragment: str, timeout: float = 90, after: int = 0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[after:]:
+                if fragment in line:
+                    return line
+            if self.process.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"server never logged {fragment!r}:\n" + "\n".join(self.lines))
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def post(self, path: str, body, headers: dict | None = None, raw: bytes | None = None):
+        data = raw if raw is not None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url(path), data=data, method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def _copy_tiny(source_cache: Path, cache: Path) -> None:
+    """Give a server cache the tiny models already built (a build costs seconds)."""
+    for tiny in source_cache.glob("tiny-*"):
+        shutil.copytree(tiny, cache / tiny.name, dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models, cache_dir):
+    cache = tmp_path_factory.mktemp("serve-a")
+    _copy_tiny(cache_dir, cache)
+    started = Server(cache, "--model", "tiny", "--batch-window", "0.5")
+    yield started
+    started.stop()
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def _in_process(tmp_path: Path, name: str, **request) -> bytes:
+    import sana_cli
+
+    out = tmp_path / f"{name}.png"
+    sana_cli.generate(model="tiny", output=str(out), **request)
+    return out.read_bytes()
+
+
+# ---- transparent attach ----------------------------------------------------------------------------
+
+def test_attached_generate_writes_the_in_process_bytes_and_json(server, tmp_path):
+    attached = run_sana("generate", "a red fox", "--model", "tiny", "--seed", 11, "-o", tmp_path / "a.png", "--json",
+                        env=server.env, check_json=True)
+    assert attached.returncode == 0, attached.stderr
+    assert "rendering on the server at unix:" in attached.stderr
+    assert "loading" not in attached.stderr  # the model was warm
+    reference = _in_process(tmp_path, "ref", prompt="a red fox", seed=11)
+    assert (tmp_path / "a.png").read_bytes() == reference  # same pixels and the same metadata
+    image = attached.json["images"][0]
+    assert image["path"] == str(tmp_path / "a.png") and image["seed"] == 11
+    assert attached.json["model"]["model"] == "tiny" and attached.json["ok"] is True
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    again = run_sana("generate", "a red fox", "--model", "tiny", "--seed", 11, "-o", tmp_path / "a.png",
+                     env=server.env)
+    assert again.returncode == 2 and "already exists" in one_line_error(again)  # never overwrites, as in-process
+
+
+def test_attached_client_imports_neither_torch_nor_the_http_framework(server, tmp_path):
+    import sys
+
+    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "sana_cli", "generate", "a cat", "--model",
+                              "tiny", "--seed", "4", "-o", str(tmp_path / "c.png")], env=server.env,
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0 and "rendering on the server" in process.stderr, process.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in process.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "sana_cli" in imported and not imported & {"torch", "diffusers", "transformers", "fastapi", "uvicorn"}
+
+
+def test_attached_batch_resumes_and_matches_in_process(server, tmp_path):
+    import sana_cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na fox\n")
+    attached = run_sana("batch", prompts, "--model", "tiny", "--force-size", "-o", tmp_path / "att", "--json",
+                        env=server.env, check_json=True)
+    assert attached.returncode == 0, attached.stderr
+    assert "rendering on the server" in attached.stderr and attached.json["written"] == 3
+    sana_cli.batch(str(prompts), model="tiny", output_dir=str(tmp_path / "ref"), defaults=_force_size())
+    for image in (tmp_path / "ref").glob("*.png"):
+        assert (tmp_path / "att" / image.name).read_bytes() == image.read_bytes()
+    rerun = run_sana("batch", prompts, "--model", "tiny", "--force-size", "-o", tmp_path / "att", "--json",
+                     env=server.env, check_json=True)
+    assert rerun.returncode == 0 and rerun.json["already_done"] == 3 and rerun.json["written"] == 0
+    records = [json.loads(line) for line in (tmp_path / "att" / "results.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records] == ["image"] * 3 and all(r["model"] == "tiny" for r in records)
+
+
+def _force_size():
+    from sana_cli.plan import BatchDefaults
+
+    return BatchDefaults(force_size=True)
+
+
+def test_no_server_and_what_a_server_cannot_do_the_same_way_run_here(server, tmp_path, tiny_dir):
+    from sana_cli.client import attach_blocker
+    from sana_cli.modelref import resolve
+    from sana_cli.plan import LoadOptions
+
+    forced = run_sana("generate", "a cat", "--model", "tiny", "--seed", 1, "--no-server", "-o", tmp_path / "a.png",
+                      env=server.env)
+    assert forced.returncode == 0 and "rendering on the server" not in forced.stderr
+    assert "loading tiny" in forced.stderr
+    tiny = resolve("tiny")
+    assert attach_blocker(tiny, LoadOptions(), keep_latents=False) is None
+    assert "--max-memory" in attach_blocker(tiny, LoadOptions(max_memory_gib=4), keep_latents=False)
+    assert "--keep-latents" in attach_blocker(tiny, LoadOptions(), keep_latents=True)
+    assert "local model directory" in attach_blocker(resolve(str(tiny_dir)), LoadOptions(), keep_latents=False)
+
+
+def test_socket_is_user_only_and_a_foreign_or_open_socket_is_not_trusted(server, tmp_path):
+    from sana_cli.client import private_place_problem
+
+    assert stat.S_IMODE(os.lstat(server.socket).st_mode) == 0o600
+    assert stat.S_IMODE(os.lstat(server.socket.parent).st_mode) == 0o700
+    assert private_place_problem(server.socket, want_socket=True) is None
+    open_dir = tmp_path / "serve"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    assert "open to other users" in private_place_problem(open_dir, want_socket=False)
+    link = tmp_path / "link.sock"
+    link.symlink_to(server.socket)
+    assert "is not a socket" in private_place_problem(link, want_socket=True)
+
+
+# ---- the OpenAI images API -----------------------------------------------------------------------
+
+def test_openai_client_b64_and_url(server, tmp_path):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0)
+    answer = client.images.generate(prompt="a lighthouse", model="tiny", size="128x128", n=2,
+                                    response_format="b64_json", extra_body={"seed": 5})
+    assert len(answer.data) == 2
+    first = base64.b64decode(answer.data[0].b64_json)
+    reference = _in_process(tmp_path, "lh", prompt="a lighthouse", seed=5)
+    # Two images of one request share a GPU batch: equal within batched rounding, metadata equal.
+    assert np.abs(_pixels(first) - _pixels(reference)).max() <= 2
+    from sana_cli.output import read_metadata
+
+    (tmp_path / "first.png").write_bytes(first)
+    assert read_metadata(tmp_path / "first.png")["sana"]["key"] == read_metadata(tmp_path / "lh.png")["sana"]["key"]
+    urls = client.images.generate(prompt="a lighthouse", model="tiny", size="128x128", response_format="url",
+                                  extra_body={"seed": 5, "output_format": "webp"})
+    url = urls.data[0].url
+    assert url.startswith(server.url("/v1/images/files/")) and url.endswith(".webp")
+    with urllib.request.urlopen(url, timeout=30) as fetched:
+        assert fetched.headers["Content-Type"] == "image/webp" and fetched.read(4) == b"RIFF"
+    models = client.models.list()
+    assert {"tiny", "sana-4k"} <= {m.id for m in models.data}
+
+
+def test_curl_and_bad_requests(server):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("no curl binary on PATH")
+    made = subprocess.run([curl, "-sS", "-X", "POST", server.url("/v1/images/generations"), "-H",
+                           "Content-Type: application/json", "-d",
+                           '{"prompt": "a cat", "model": "tiny", "size": "128x128", "seed": 2, "steps": 2}'],
+                          capture_output=True, text=True, timeout=120)
+    data = json.loads(made.stdout)["data"]
+    assert len(data) == 1 and _pixels(base64.b64decode(data[0]["b64_json"])).shape == (128, 128, 3)
+
+    def error(status, body, *, raw=None, headers=None):
+        code, answer = server.post("/v1/images/generations", body, raw=raw, headers=headers)
+        assert code == status, (code, answer)
+        assert set(answer["error"]) >= {"message", "type", "param", "code"}
+        return answer["error"]
+
+    cli = run_sana("generate", "a cat", "--model", "tiny", "--size", "100", "--dry-run")
+    message = one_line_error(cli).removeprefix("sana: error: ")
+    assert error(400, {"prompt": "a cat", "model": "tiny", "size": "100x100"})["message"] == message
+    assert "the prompt is empty" in error(400, {"prompt": "  ", "model": "tiny"})["message"]
+    assert error(404, {"prompt": "a cat", "model": "no-such-model"})["code"] == "model_not_found"
+    assert error(400, {"prompt": "a cat", "model": "tiny", "n": 11})["param"] == "n"
+    assert error(400, {"prompt": "x" * 10001, "model": "tiny"})["param"] == "prompt"
+    assert error(400, {"prompt": "a cat", "model": "tiny", "size": "big"})["param"] == "size"
+    assert error(400, {"prompt": "a cat", "model": "tiny", "response_format": "file"})["param"] == "response_format"
+    assert error(400, {"prompt": "a cat", "model": "tiny", "output": "/etc/passwd"})["param"] == "output"
+    assert error(400, {"prompt": "a cat", "model": "tiny", "steps": "many"})["param"] == "steps"
+    assert "guidance must be at most 30" in error(400, {"prompt": "a cat", "model": "tiny", "guidance": 99})["message"]
+    assert error(400, None, raw=b"{not json")["message"] == "the request body is not valid JSON"
+    big = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # headers only: answered before a body
+    big.putrequest("POST", "/v1/images/generations")
+    big.putheader("Content-Type", "application/json")
+    big.putheader("Content-Length", str((1 << 20) + 1))
+    big.endheaders()
+    too_large = big.getresponse()
+    assert too_large.status == 413 and json.loads(too_large.read())["error"]["code"] == "body_too_large"
+    big.close()
+    unavailable = error(503, {"prompt": "a cat", "model": "org/not-cached", "size": "128x128"})
+    assert unavailable["code"] == "unavailable" and "org/not-cached" in unavailable["message"]
+    for name in ("..%2F..%2Fetc%2Fpasswd", "x.png", "0" * 32 + ".txt"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(server.url(f"/v1/images/files/{name}"), timeout=10)
+        assert refused.value.code == 404
+
+
+# ---- concurrency, disconnects --------------------------------------------------------------------
+
+def test_eight_clients_at_once_share_gpu_batches_and_keep_their_seeds(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0)
+    mark = len(server.lines)
+    results: dict[int, bytes] = {}
+
+    def one(seed: int) -> None:
+        answer = client.images.generate(prompt=f"prompt {seed}", model="tiny", size="128x128",
+                                        extra_body={"seed": seed, "steps": 2})
+        results[seed] = base64.b64decode(answer.data[0].b64_json)
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(results) == list(range(8))
+    assert len({_pixels(data).tobytes() for data in results.values()}) == 8  # each its own seed, its own image
+    batches = [line for line in server.lines[mark:] if "GPU batch" in line]
+    shared = [line for line in batches if "from 1 request(s)" not in line]
+    assert shared, "no GPU batch served several requests:\n" + "\n".join(batches)
+    assert len(batches) < 8
+
+
+def _raw_post(server: Server, body: dict) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_client_disconnect_while_queued_drops_the_work_and_while_running_discards_it(server):
+    mark = len(server.lines)
+    busy = _raw_post(server, {"prompt": "slow", "model": "tiny", "size": "128x128", "steps": 1000, "stream": True,
+                              "pag_scale": 2.0})
+    server.wait_for("GPU batch", after=mark)
+    queued = _raw_post(server, {"prompt": "queued", "model": "tiny", "size": "160x160", "seed": 1})
+    time.sleep(0.5)
+    queued.close()
+    server.wait_for("the client went away while it was queued", after=mark)
+    busy.close()
+    server.wait_for("the client went away while it was rendering", after=mark)
+    code, answer = server.post("/v1/images/generations", {"prompt": "after", "model": "tiny", "size": "128x128",
+                                                          "steps": 1})
+    assert code == 200 and len(answer["data"]) == 1  # the server goes on
+    assert "160x160" not in server.log()  # the dropped request never rendered
+
+
+def test_streaming_endpoint_sends_steps_then_images(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/images/generations", json.dumps(
+        {"prompt": "a cat", "model": "tiny", "size": "128x128", "steps": 3, "n": 2, "stream": True}),
+        {"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    assert answer.status == 200 and answer.headers["Content-Type"].startswith("application/x-ndjson")
+    events = [json.loads(line) for line in answer.read().splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds.count("step") >= 3 and kinds.count("image") == 2 and kinds[-1] == "done"
+    assert kinds.index("step") < kinds.index("image")
+
+
+def test_page_generates_in_headless_chromium(server, tmp_path):
+    from .test_report import _chromium
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium, chromium-browser or google-chrome binary on PATH (apt-get install chromium)")
+    url = server.url("/?prompt=a+lighthouse+%3Cb%3E&model=tiny&n=2")
+    assert server.post("/v1/images/generations", {"prompt": "warm", "model": "tiny", "steps": 1})[0] == 200
+    process = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=30000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr[-2000:]
+    dom = process.stdout
+    assert dom.count('src="data:image/png;base64,') == 2, dom[-3000:]
+    assert '<div id="status">done</div>' in dom
+    assert "<b>" not in dom.split('id="images"', 1)[1]  # the prompt is text, never markup
+
+
+# ---- crashes, keys, shutdown ----------------------------------------------------------------------
+
+def test_kill_9_while_a_cli_waits_then_the_rerun_works_in_process(tmp_path, tiny_models, cache_dir):
+    cache = tmp_path / "cache-b"
+    cache.mkdir()
+    _copy_tiny(cache_dir, cache)
+    server = Server(cache, "--model", "tiny")
+    try:
+        out = tmp_path / "out"
+        env = dict(server.env)
+        waiting = subprocess.Popen([SANA, "generate", "a cat", "--model", "tiny", "--steps", "400", "--seed", "1",
+                                    "-o", f"{out}/"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        server.wait_for("GPU batch")
+        os.kill(server.process.pid, signal.SIGKILL)
+        stdout, stderr = waiting.communicate(timeout=60)
+        assert waiting.returncode == 1, stderr
+        assert "went away before the run finished" in one_line_error(
+            subprocess.CompletedProcess([], waiting.returncode, stdout, stderr))
+        assert stdout == "" and (not out.exists() or not list(out.iterdir()))  # no partial file
+        assert server.socket.exists()  # a crash leaves the socket behind
+        rerun = run_sana("generate", "a cat", "--model", "tiny", "--seed", 1, "-o", f"{out}/", env=env)
+        assert rerun.returncode == 0, rerun.stderr
+        assert "removed the stale server socket" in rerun.stderr and not server.socket.exists()
+        assert len(list(out.glob("*.png"))) == 1
+    finally:
+        server.stop()
+
+
+def test_api_key_and_sigterm_finishes_in_flight_and_refuses_new(tmp_path, tiny_models, cache_dir):
+    cache = tmp_path / "cache-c"
+    cache.mkdir()
+    _copy_tiny(cache_dir, cache)
+    (cache / "serve").mkdir(mode=0o700)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a crashed server's socket: nobody listens
+    stale.bind(str(cache / "serve" / "sana.sock"))
+    stale.close()
+    os.chmod(cache / "serve" / "sana.sock", 0o600)
+    server = Server(cache, "--model", "tiny", "--api-key", "s3cret")
+    try:
+        assert "removed the stale socket" in server.log()
+        key = {"Authorization": "Bearer s3cret"}
+        body = {"prompt": "a cat", "model": "tiny", "size": "128x128", "steps": 1}
+        assert server.post("/v1/images/generations", body)[0] == 401
+        assert server.post("/v1/images/generations", body, headers={"Authorization": "Bearer wrong"})[0] == 401
+        status, answer = server.post("/v1/images/generations", body, headers=key)
+        assert status == 200 and len(answer["data"]) == 1
+        no_key = run_sana("generate", "a cat", "--model", "tiny", "--seed", 1, "-o", tmp_path / "n.png",
+                          env=server.env)
+        assert no_key.returncode == 0 and "refused the API key" in no_key.stderr  # rendered here instead
+        explicit = run_sana("generate", "a cat", "--model", "tiny", "-o", tmp_path / "e.png", env={
+            **server.env, "SANA_SERVER": f"unix:{server.socket}", "SANA_API_KEY": "wrong"})
+        assert explicit.returncode == 4 and "refused the API key" in one_line_error(explicit)
+
+        attached_env = {**server.env, "SANA_API_KEY": "s3cret"}
+        in_flight = subprocess.Popen([SANA, "generate", "a cat", "--model", "tiny", "--steps", "40", "--seed", "3",
+                                      "-o", str(tmp_path / "flight.png"), "--json"], env=attached_env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        mark = len(server.lines)
+        server.wait_for("GPU batch", after=mark)
+        os.kill(server.process.pid, signal.SIGTERM)
+        server.wait_for("SIGTERM received", after=mark)
+        refused = server.post("/v1/images/generations", body, headers=key)
+        assert refused[0] == 503 and refused[1]["error"]["code"] == "shutting_down"
+        stdout, stderr = in_flight.communicate(timeout=120)
+        assert in_flight.returncode == 0, stderr
+        assert json.loads(stdout)["images"][0]["path"] == str(tmp_path / "flight.png")
+        assert server.process.wait(timeout=60) == 0
+        assert not server.socket.exists()
+    finally:
+        server.stop()
+
+
+def test_queue_full_and_cancel_in_the_scheduler():
+    from sana_cli.scheduler import Draining, QueueFull, Scheduler, Work
+
+    class Ref:
+        source, revision = "tiny:sana", None
+
+    from sana_cli.plan import LoadOptions
+
+    scheduler = Scheduler(window=30, max_queue=1)
+    work = Work(ref=Ref(), options=LoadOptions(), decode="auto", jobs=[], sink=lambda m: None, label="w")
+    scheduler.submit(work)
+    with pytest.raises(QueueFull):
+        scheduler.submit(Work(ref=Ref(), options=LoadOptions(), decode="auto", jobs=[], sink=lambda m: None))
+    scheduler.cancel(work)
+    assert scheduler.idle() and work.finished.is_set()
+    scheduler.stop_accepting()
+    with pytest.raises(Draining):
+        scheduler.submit(work)
