@@ -179,7 +179,10 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
         from .results import StopToken
 
         display = ProgressDisplay(len(plan.jobs), quiet=quiet)
-        remote = None if no_server else _attach(plan.model, load, keep_latents, display)
+        from .client import uses_input_files
+
+        remote = None if no_server else _attach(plan.model, load, keep_latents, display,
+                                                input_files=any(uses_input_files(job) for job in plan.jobs))
         stop = StopToken()
         try:
             with _graceful_signals(stop, display, "stopping at the next step"):
@@ -199,7 +202,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
                          f"(seed {seeds}; decode {result.images[0].decode})")
 
 
-def _attach(model, load, keep_latents: bool, display):
+def _attach(model, load, keep_latents: bool, display, input_files: bool = False):
     """The server this run goes to (a RemoteModel), or None to run here. SANA_SERVER that cannot be
     reached is exit 4; a run a server cannot do the same way (see client.attach_blocker) stays here."""
     from . import client
@@ -207,7 +210,7 @@ def _attach(model, load, keep_latents: bool, display):
     endpoint = client.discover(note=lambda message: display.log(f"sana: {message}"))
     if endpoint is None:
         return None
-    blocker = client.attach_blocker(model, load, keep_latents=keep_latents)
+    blocker = client.attach_blocker(model, load, keep_latents=keep_latents, input_files=input_files)
     if blocker is not None:
         display.log(f"sana: not using the server at {endpoint.describe()}: {blocker}; rendering here")
         return None
@@ -323,7 +326,10 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
 
             ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height,
                                     revision=revision))
-            remote = None if launched_processes() else _attach(ref, load, keep_latents, display)
+            # rows may name LoRAs or images too: the server refuses those rows, saying to use --no-server
+            input_files = bool(loras or controlnet or control_image or image)
+            remote = None if launched_processes() else _attach(ref, load, keep_latents, display,
+                                                               input_files=input_files)
             session = None if remote is None else Session(remote)
         stop = StopToken()
         try:

@@ -64,7 +64,14 @@ def job_from_wire(data: dict, path: str):
         raise UsageError(f"unknown job field(s): {', '.join(sorted(unknown))}")
     values = {**data, "path": path}
     values["pixels"] = PixelOptions(**values.get("pixels", {}))
+    for field in fields(ImageJob):  # JSON made tuples into lists; the key tells () from []
+        if isinstance(field.default, tuple) and isinstance(values.get(field.name), list):
+            values[field.name] = _tuples(values[field.name])
     return ImageJob(**values)
+
+
+def _tuples(value):
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
 
 
 def load_to_wire(options) -> dict:
@@ -260,10 +267,20 @@ def _error_text(body: dict) -> str:
     return str(error.get("message")) if isinstance(error, dict) else "no error message"
 
 
-def attach_blocker(model, options, *, keep_latents: bool) -> str | None:
+INPUT_FILE_FIELDS = ("loras", "controlnet", "control_image", "image")  # job fields that name files on this machine
+
+
+def uses_input_files(job) -> bool:
+    """Whether a job needs a LoRA, a ControlNet or an input image, which only this process may open."""
+    return any(getattr(job, name, None) for name in INPUT_FILE_FIELDS)
+
+
+def attach_blocker(model, options, *, keep_latents: bool, input_files: bool = False) -> str | None:
     """Why this run cannot go to a server the same way it would run here (None: it can)."""
     if model.kind == "local":
         return "a local model directory is loaded by this process (a server never opens a client's path)"
+    if input_files:
+        return "LoRA, ControlNet and input-image files are read by this process (a server never opens a client's path)"
     if options.max_memory_gib is not None:
         return "--max-memory caps one process's memory, which a shared server cannot do for one request"
     if keep_latents:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import inspect
 import json
 import os
 import re
@@ -36,7 +37,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, presets
-from .client import API_PREFIX, job_from_wire, load_from_wire, private_place_problem, remove_if_stale
+from .client import (API_PREFIX, job_from_wire, load_from_wire, private_place_problem, remove_if_stale,
+                     uses_input_files)
 from .errors import EnvironmentProblem, SanaError, UsageError
 from .plan import (IMAGE_SUFFIXES, KEY_SCHEMA, PIXEL_FIELDS, LoadOptions, Request, check_seed, job_key, model_for,
                    plan_generate, resolve_params)
@@ -51,7 +53,7 @@ OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
 SERVER_OWNED = {"prompt", "model", "width", "height", "num_images", "output", "overwrite", "force_size",
                 "batch_size", "revision"}
 # Fields that name files on the server's disk are never taken from a client.
-PATH_FIELDS = {"image", "control_image", "mask_image", "lora", "loras"}
+PATH_FIELDS = {"image", "control_image", "mask_image", "lora", "loras", "controlnet"}
 # OpenAI fields that do not apply to these models and are accepted without effect.
 IGNORED_OPENAI = {"user", "quality", "style", "moderation", "background", "output_compression", "partial_images"}
 _FILE_NAME = re.compile(r"[0-9a-f]{32}(-\d+)?\.(png|jpg|webp)")
@@ -376,13 +378,25 @@ def _checked_job(ref, item: dict, pixels, force_size: bool, scratch: Path):
     if job.pixels != pixels:
         raise UsageError("a job's pixel options differ from its load options")
     check_seed(job.seed)
-    params = {name: getattr(job, name) for name in PIXEL_FIELDS if name != "seed"}
-    resolved, _ = resolve_params(ref, **params, force_size=force_size, command_line=False)
-    if any(resolved.get(name) != value for name, value in params.items()):
+    if uses_input_files(job):
+        raise UsageError("LoRA, ControlNet and input-image files are read only by an in-process run (a server "
+                         "never opens a client's path); run it with --no-server")
+    fields_ = [name for name in PIXEL_FIELDS if name != "seed"]
+    resolved, _ = resolve_params(ref, **{name: getattr(job, name) for name in fields_ if name in _PLANNING_INPUTS},
+                                 force_size=force_size, command_line=False)
+    if any(_plain(resolved.get(name)) != _plain(getattr(job, name)) for name in fields_):
         raise UsageError("a job's fields are not the ones planning makes of them")
     if job_key(ref, job.pixels, **job.params()) != job.key:
         raise UsageError("a job's key does not match its fields")
     return job
+
+
+_PLANNING_INPUTS = set(inspect.signature(resolve_params).parameters)  # the rest of PIXEL_FIELDS are its outputs
+
+
+def _plain(value):
+    """Lists and tuples alike, as JSON makes them."""
+    return [_plain(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
 def _openai_fields() -> set:

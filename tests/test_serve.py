@@ -180,6 +180,22 @@ def test_no_server_and_what_a_server_cannot_do_the_same_way_run_here(server, tmp
     assert "local model directory" in attach_blocker(resolve(str(tiny_dir)), LoadOptions(), keep_latents=False)
 
 
+def test_input_files_are_read_only_by_an_in_process_run(server, tmp_path):
+    """A server never opens a client's path: a run with a ControlNet image renders here, with a note, and a
+    batch row naming an image, sent to the server, is refused with one line that says what to do."""
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "in.png")
+    control = run_sana("generate", "a castle", "--model", "tiny", "--seed", 2, "--controlnet", "tiny-controlnet",
+                       "--control-image", tmp_path / "in.png", "-o", tmp_path / "c.png", env=server.env)
+    assert control.returncode == 0, control.stderr
+    assert "input-image files are read by this process" in control.stderr and (tmp_path / "c.png").is_file()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a street", "image": str(tmp_path / "in.png")}) + "\n")
+    refused = run_sana("batch", rows, "--model", "tiny-sprint", "-o", tmp_path / "out", env=server.env)
+    assert refused.returncode == 2
+    assert "a server never opens a client's path); run it with --no-server" in one_line_error(refused)
+    assert not list((tmp_path / "out").glob("*.png"))
+
 def test_socket_is_user_only_and_a_foreign_or_open_socket_is_not_trusted(server, tmp_path):
     from sana_cli.client import private_place_problem
 
