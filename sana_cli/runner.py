@@ -182,8 +182,9 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
         return busy
 
     sets = {plan.jobs[i].loras for group in pending for i in group}
-    # A model kept for later calls, or a run with several LoRA sets, must be able to restore the base weights.
-    loaded.lora_restorable = loaded.lora_restorable or keep_text_encoder or len(sets - {()}) > 1
+    # A model kept for later calls, or a run with several LoRA sets (no LoRA counts as one: going back to it
+    # unfuses), must be able to restore the base weights.
+    loaded.lora_restorable = loaded.lora_restorable or keep_text_encoder or len(sets) > 1
     lora.prepare(loaded, sets, restorable=loaded.lora_restorable)  # a LoRA that does not fit: exit 2, no image
     for job in {plan.jobs[i].controlnet: plan.jobs[i] for group in pending for i in group}.values():
         loaded.pipeline_for_job(job)  # likewise a ControlNet

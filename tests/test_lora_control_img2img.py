@@ -204,6 +204,17 @@ def test_batch_rows_take_lora_control_image_and_scale_columns(session, parts, tm
     assert np.array_equal(pixels(tmp_path / "out" / "plain.png"), pixels(make(session, tmp_path, "p.png")))
 
 
+def test_a_one_shot_batch_goes_back_from_a_lora_row_to_a_plain_row(session, parts, tmp_path):
+    """Without a session too, a row without a LoRA after one with a LoRA gets the base weights back."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(f'{{"prompt": "{PROMPT}", "seed": 4, "name": "lora", "lora": "{parts["a"]}:0.7"}}\n'
+                    f'{{"prompt": "{PROMPT}", "seed": 4, "name": "plain"}}\n')
+    process = run_sana("batch", rows, "--model", "tiny", "--steps", 3, "-o", tmp_path / "out", "--no-server")
+    assert process.returncode == 0, process.stderr
+    assert np.array_equal(pixels(tmp_path / "out" / "plain.png"), pixels(make(session, tmp_path, "p.png")))
+    assert not np.array_equal(pixels(tmp_path / "out" / "lora.png"), pixels(tmp_path / "out" / "plain.png"))
+
+
 def test_batch_image_and_strength_columns_plan_img2img_jobs(parts, tmp_path):
     from sana_cli.api import plan_batch_file
 
