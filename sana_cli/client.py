@@ -372,7 +372,9 @@ class RemoteModel:
             try:
                 for line in response:
                     lines.put(line)
-            except (OSError, ValueError, http.client.HTTPException):
+            # The main thread closes the connection once it has the last line, and http.client then fails in
+            # whatever way it is caught (ValueError, AttributeError on a released socket, ...): all mean "ended".
+            except Exception:  # noqa: BLE001
                 pass
             lines.put(None)
 
