@@ -122,6 +122,12 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                            code="shutting_down", exit_code=4)
 
     async def read_json(request: HttpRequest, limit: int) -> dict:
+        # A web page may POST text/plain to a loopback server without asking first; application/json
+        # needs a CORS preflight, which this server never grants, so other sites cannot make it render.
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(415, "the request body must be sent with Content-Type: application/json",
+                           code="unsupported_media_type")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
@@ -338,18 +344,31 @@ def _is_regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
+NOT_A_PATH = "'model' must be a preset name or a hub id (org/name): the server never opens a client's path"
+
+
+def _no_path(name) -> None:
+    """A model a client names is a preset or a hub id, checked before anything looks at the disk, so no
+    answer tells which paths exist on this machine."""
+    from .modelref import looks_like_path
+
+    if isinstance(name, str) and presets.find(name) is None and looks_like_path(name):
+        raise ApiError(400, NOT_A_PATH, param="model")
+
+
 def _model_and_options(body: dict):
     from .modelref import resolve
 
     name, revision = body.get("model"), body.get("revision")
     if not isinstance(name, str) or (revision is not None and not isinstance(revision, str)):
         raise ApiError(400, "'model' must be a model name and 'revision' text", param="model")
+    _no_path(name)
     try:
         ref = resolve(name, revision=revision)
     except SanaError as exc:
         raise ApiError(404, exc.line(), param="model", code="model_not_found", exit_code=exc.exit_code) from None
     if ref.kind == "local":
-        raise ApiError(400, "the server does not load models from a client's path", param="model")
+        raise ApiError(400, NOT_A_PATH, param="model")
     load = body.get("load") or {}
     try:
         options = load_from_wire(load) if isinstance(load, dict) else None
@@ -454,6 +473,7 @@ def _openai_work(body: dict, config: ServerConfig) -> tuple[Work, str]:
     model = body.get("model") or (config.models[0] if config.models else None)
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "'model' must be a model name", param="model")
+    _no_path(model)
     types = {f.name: str(f.type) for f in fields(Request)}
     extra = {name: _check_type(name, body[name], types[name]) for name in extras if name in body}
     directory = config.output_dir if response_format == "url" else config.scratch_dir
@@ -464,7 +484,7 @@ def _openai_work(body: dict, config: ServerConfig) -> tuple[Work, str]:
     except SanaError as exc:
         raise ApiError(404, exc.line(), param="model", code="model_not_found") from None
     if ref.kind == "local":
-        raise ApiError(400, "the server does not load models from a client's path", param="model")
+        raise ApiError(400, NOT_A_PATH, param="model")
     try:
         plan = plan_generate(request, ref, config.load.pixels(config.load.decode_for("auto")))
     except SanaError as exc:

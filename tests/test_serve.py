@@ -268,6 +268,12 @@ def test_curl_and_bad_requests(server):
     assert error(400, {"prompt": "a cat", "model": "tiny", "steps": "many"})["param"] == "steps"
     assert "guidance must be at most 30" in error(400, {"prompt": "a cat", "model": "tiny", "guidance": 99})["message"]
     assert error(400, None, raw=b"{not json")["message"] == "the request body is not valid JSON"
+    # No answer tells which paths exist here: a path is refused before anything looks at the disk.
+    for path in ("/root", "/nonexistent/x", "./here", "~"):
+        assert "never opens a client's path" in error(400, {"prompt": "a cat", "model": path})["message"]
+    # A web page may POST text/plain without a CORS preflight; only application/json is taken.
+    plain = error(415, {"prompt": "a cat", "model": "tiny"}, headers={"Content-Type": "text/plain"})
+    assert plain["code"] == "unsupported_media_type"
     big = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # headers only: answered before a body
     big.putrequest("POST", "/v1/images/generations")
     big.putheader("Content-Type", "application/json")
