@@ -393,6 +393,12 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
                          hint="use --overwrite to replace them, or another --output-dir")
     if session is None and len(done) < len(plan.jobs):
         check_cache_dir()
+    if session is not None and getattr(session.loaded, "remote", False):
+        from .client import uses_input_files
+
+        if any(uses_input_files(job) for i, job in enumerate(plan.jobs) if i not in done):
+            raise UsageError("rows name LoRA, ControlNet or input-image files, which are read only by an "
+                             "in-process run (a server never opens a client's path); run it with --no-server")
     # Nothing in the directory has changed up to here.
     ensure_directory(output_dir)
     removed = remove_stray_temp_files(output_dir)
