@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import sys
+import signal
 import threading
 from dataclasses import dataclass, field
 
@@ -72,6 +73,33 @@ def _notice(text: str) -> None:
         pass
 
 
+class _WaitNotice(threading.Thread):
+    """Prints one notice after `seconds` unless cancelled. It blocks SIGINT and SIGTERM: the kernel may
+    deliver a signal to any thread that takes it, and one taken here would leave the main thread blocked
+    in open() or read() of a silent FIFO, so Ctrl-C would be lost."""
+
+    def __init__(self, seconds: float, text: str):
+        super().__init__(daemon=True, name="sana-wait-notice")
+        self.seconds, self.text, self._cancelled = seconds, text, threading.Event()
+
+    def start(self) -> None:
+        if not hasattr(signal, "pthread_sigmask"):
+            return super().start()
+        # A new thread starts with its creator's mask: block here, start it, unblock here.
+        saved = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+    def run(self) -> None:
+        if not self._cancelled.wait(self.seconds):
+            _notice(self.text)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
 def read_input(path: str, limit: int, what: str, *, stop_at_nul: bool = False) -> bytes:
     """At most limit + 1 bytes of a file, FIFO or stdin ('-'): unlike safeio.read_bounded, which refuses
     anything but a regular file, a prompt source may be a pipe. Never waits silently: a terminal on
@@ -87,9 +115,7 @@ def read_input(path: str, limit: int, what: str, *, stop_at_nul: bool = False) -
             return data.encode("utf-8") if isinstance(data, str) else data
         if os.isatty(fd):
             _notice(f"sana: reading {what} from the terminal; end it with Ctrl-D")
-    timer = threading.Timer(WAIT_NOTICE_SECONDS, _notice,
-                            [f"sana: still waiting for {what} (nothing has arrived yet; Ctrl-C stops)"])
-    timer.daemon = True
+    timer = _WaitNotice(WAIT_NOTICE_SECONDS, f"sana: still waiting for {what} (nothing has arrived yet; Ctrl-C stops)")
     timer.start()
     try:
         if not stdin:
