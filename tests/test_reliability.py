@@ -407,11 +407,18 @@ def test_a_terminal_on_stdin_is_told_how_to_end_the_prompt(tmp_path):
     assert run.returncode == 0 and json.loads(stdout)["images"][0]["prompt"] == "a cat on the moon"
 
 
+def _shell_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_fifo_without_a_writer_gets_a_notice_and_ctrl_c_stops_it(tmp_path):
     fifo = tmp_path / "prompts.txt"
     os.mkfifo(fifo)
+    # Started as from a shell: SIGINT at its default and unblocked, whatever earlier tests left in this
+    # process (in a full run the child once ignored Ctrl-C; running this file alone it never did).
     run = subprocess.Popen([SANA, "batch", str(fifo), "--model", "tiny", "--dry-run"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, preexec_fn=_shell_signals)
     ready, _, _ = select.select([run.stderr], [], [], 30)
     assert ready, "no notice while waiting on a FIFO"
     assert "still waiting for" in run.stderr.readline()
