@@ -416,7 +416,7 @@ def test_a_fifo_without_a_writer_gets_a_notice_and_ctrl_c_stops_it(tmp_path):
     fifo = tmp_path / "prompts.txt"
     os.mkfifo(fifo)
     # Started as from a shell: SIGINT at its default and unblocked, whatever earlier tests left in this
-    # process (in a full run the child once ignored Ctrl-C; running this file alone it never did).
+    # process (in full runs the child once ignored Ctrl-C, cause not yet found; this file alone never did).
     run = subprocess.Popen([SANA, "batch", str(fifo), "--model", "tiny", "--dry-run"], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, preexec_fn=_shell_signals)
     ready, _, _ = select.select([run.stderr], [], [], 30)
