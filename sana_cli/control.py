@@ -102,10 +102,9 @@ def _check_fits(config: dict, value: str, model) -> None:
 
 
 def check_control_scale(scale) -> float:
-    import math
+    from .plan import check_finite
 
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise UsageError(f"--control-scale must be a finite number, got {scale!r}")
+    check_finite("--control-scale", scale)
     low, high = CONTROL_SCALE_RANGE
     if not low <= scale <= high:
         raise UsageError(f"--control-scale must be in {low:g}..{high:g}, got {scale:g}")

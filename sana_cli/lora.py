@@ -29,7 +29,6 @@ step. Changing the set restores the exact original weights from a copy taken bef
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 from pathlib import Path
@@ -55,8 +54,9 @@ def parse_spec(text: str) -> tuple[str, float]:
 
 
 def check_scale(scale, source: str) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise UsageError(f"the scale of LoRA {source} must be a finite number, got {scale!r}")
+    from .plan import check_finite
+
+    check_finite(f"the scale of LoRA {source}", scale)
     low, high = SCALE_RANGE
     if not low <= scale <= high:
         raise UsageError(f"the scale of LoRA {source} must be in {low:g}..{high:g}, got {scale:g}")

@@ -455,10 +455,16 @@ def check_steps_guidance(model: ModelRef, steps: int, guidance: float) -> None:
     check_scale("guidance", guidance)
 
 
-def check_scale(name: str, value) -> float:
-    """guidance and PAG scale: finite, 0..MAX_GUIDANCE (infinite guidance gives a black image)."""
+def check_finite(name: str, value) -> float:
+    """A number that is neither a bool, NaN nor infinite: the first check of every scale."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise UsageError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def check_scale(name: str, value) -> float:
+    """guidance and PAG scale: finite, 0..MAX_GUIDANCE (infinite guidance gives a black image)."""
+    check_finite(name, value)
     if value < 0:
         raise UsageError(f"{name} must be 0 or more, got {value}")
     if value > MAX_GUIDANCE:
