@@ -24,6 +24,9 @@ At run time all the run's LoRAs are loaded as named adapters, and the set an ima
 into the transformer (diffusers' set_adapters weights, then fuse_lora): fused runs cost nothing per
 step. Changing the set restores the exact original weights from a copy taken before the first fuse
 (unfusing subtracts, which is off by float rounding), so A, then B, then A again gives A's pixels.
+Fusing is all or nothing: diffusers fuses one layer at a time, so a fuse that fails part way (out of
+memory on the GPU, an interrupt) is undone from that copy, which every fuse takes, and the weights are
+exactly the base weights again. A run that never changes its set drops the copy once its fuse is done.
 """
 
 from __future__ import annotations
@@ -352,12 +355,21 @@ def apply(loaded, loras: tuple, *, restorable: bool) -> None:
     names = [adapter_name(digest) for digest, _ in wanted]
     pipe.enable_lora()
     pipe.set_adapters(names, [scale for _, scale in wanted])
-    if restorable:
-        _snapshot(loaded)
-    pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=names)
+    _snapshot(loaded)  # always: a fuse that fails part way is undone from this copy
+    try:
+        pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=names)
+    except BaseException:
+        # diffusers fuses one layer at a time: an error in the middle (out of memory, an interrupt) has
+        # changed the earlier layers. Back to the exact base weights before anything else runs.
+        _back_to_base(loaded)
+        if not restorable:
+            state["originals"] = {}
+        raise
     _plain_flags(loaded, base=False)
     state["fused"] = wanted
     state["restorable"] = restorable
+    if not restorable:
+        state["originals"] = {}  # the set never changes in this run: the copy is not needed any more
 
 
 def load_adapter(loaded, identity: str, digest: str) -> None:
@@ -400,19 +412,32 @@ def _snapshot(loaded) -> None:
 
 
 def _restore(loaded) -> None:
-    import torch
-
     state = loaded.lora_state
     if not state.get("restorable"):
         raise RuntimeError("internal error: a fused LoRA set would change without a copy of the original weights")
-    loaded.pipe.unfuse_lora(components=["transformer"])
+    _back_to_base(loaded)
+
+
+def _back_to_base(loaded) -> None:
+    """The exact original weights, from the copy, whatever a fuse left behind: fully fused, fused part way,
+    or not at all. Nothing here computes on the device (peft's unmerge subtracts each layer's product, which
+    can run out of memory part way too): each saved tensor is copied into its parameter in place, on the
+    parameter's current device, so compiled graphs and offload hooks keep seeing the same tensors."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = loaded.lora_state
     originals = state.get("originals", {})
     modules = dict(loaded.pipe.transformer.named_modules())
     with torch.no_grad():
         for path, tensors in originals.items():
             base = modules[path].get_base_layer()
             for name, tensor in base.named_parameters(recurse=False):
-                tensor.copy_(tensors[name].to(tensor.device))
+                tensor.copy_(tensors[name])
+    for module in modules.values():
+        if isinstance(module, BaseTunerLayer):
+            del module.merged_adapters[:]  # peft's record of what is merged: nothing is, now
+    loaded.pipe._merged_adapters = set()  # diffusers' record of the same
     loaded.pipe.disable_lora()
     _plain_flags(loaded, base=True)
     state["fused"] = ()

@@ -5,6 +5,7 @@ new columns; a changed LoRA file is never taken for a finished image."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -329,3 +330,67 @@ def test_input_images_any_mode_exif_and_the_cover_crop_rule(tmp_path):
     assert out.size == (64, 64) and out.getpixel((0, 32))[1] > 200  # the red quarter was cropped away
     same = Image.new("RGB", (64, 64), (1, 2, 3))
     assert inputs.fit(same, 64, 64) is same  # an image at the planned size is used as it is
+
+
+# ---- a fuse that fails part way ------------------------------------------------------------------------
+
+def oom_on_third_merge(monkeypatch):
+    """peft's merge raises CUDA's out-of-memory error on its third layer, after two layers are fused (as a
+    big card runs out part way through diffusers' layer-by-layer fuse)."""
+    from peft.tuners.lora.layer import Linear
+
+    original, calls = Linear.merge, {"n": 0}
+
+    @functools.wraps(original)  # diffusers reads merge's signature
+    def merge(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Linear, "merge", merge)
+    return calls
+
+
+def base_weights(loaded) -> dict:
+    return {name.replace(".base_layer.", "."): p.detach().clone()
+            for name, p in loaded.pipe.transformer.named_parameters() if ".lora_" not in name}
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["session", "one-shot"])
+def test_a_lora_fuse_that_fails_part_way_leaves_the_exact_base_weights(kept, parts, tiny_models, tmp_path,
+                                                                        monkeypatch):
+    from sana_cli.api import Session
+    from sana_cli.modelref import resolve
+    from sana_cli.pipeline import load
+    from sana_cli.plan import Request, model_for, plan_generate
+    from sana_cli.runner import run
+
+    loaded = load(resolve("tiny"))  # its own model: the failure must not touch the module's session
+
+    def image(name, *loras):
+        request = Request(prompt=PROMPT, model="tiny", steps=3, seed=4, output=str(tmp_path / name),
+                          loras=list(loras))
+        plan = plan_generate(request, model_for(request))
+        # A session (and the server) keeps the model for later calls; a one-shot run with one LoRA set keeps
+        # no copy of the weights after its fuse, but needs one while it fuses.
+        outcome = Session(loaded).run(plan) if kept else run(plan, loaded, keep_text_encoder=False)
+        return outcome.results[0]
+
+    first = image("first.png")
+    before = base_weights(loaded)
+    calls = oom_on_third_merge(monkeypatch)
+    failure = image("lora.png", str(parts["a"]))
+    assert loaded.lora_restorable is kept
+    assert calls["n"] >= 3 and not failure.ok and "out of memory" in failure.error
+    assert not (tmp_path / "lora.png").exists()
+    after = base_weights(loaded)
+    assert after.keys() == before.keys()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert not changed, changed[:5]
+    monkeypatch.undo()
+    again = image("again.png")
+    assert np.array_equal(pixels(again.written.path), pixels(first.written.path))  # no half LoRA in the weights
+    if kept:  # and the LoRA still applies whole afterwards
+        lora_image = image("lora-after.png", str(parts["a"]))
+        assert np.array_equal(pixels(lora_image.written.path), reference(tiny_models, (parts["a"], 1.0)))
