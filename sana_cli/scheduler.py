@@ -9,6 +9,7 @@ A request's jobs keep their own seeds, so batching changes its pixels by batched
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import sys
@@ -58,35 +59,72 @@ def log(message: str) -> None:
 
 
 def _model_bytes(loaded) -> int:
-    """What a loaded model's weights hold (parameters and buffers of every component)."""
-    total = 0
+    """What a loaded model's weights hold on the device its budget is for (its own: the GPU, or the CPU for a
+    model that runs there). Each tensor counts at its stored size: a torchao int8 or fp8 tensor reports its
+    original dtype but stores int8 data and scales, a bitsandbytes one packed data and a state. Tensors
+    elsewhere count nothing (a text encoder released to `meta`). Under --low-memory on a GPU every weight
+    lives on the CPU and one component at a time comes to the GPU: the largest one is what it holds there."""
+    from .quantize import storage_bytes
+
+    kind = getattr(loaded.device, "type", "cpu")
+    offloaded = kind == "cuda" and bool(getattr(loaded.options, "low_memory", False))
+    sizes = []
     for component in getattr(loaded.pipe, "components", {}).values():
-        for tensors in (getattr(component, "parameters", None), getattr(component, "buffers", None)):
-            if tensors is None:
-                continue
-            with _quiet():
-                total += sum(t.numel() * t.element_size() for t in tensors())
-    return total
+        if not callable(getattr(component, "parameters", None)) or not callable(getattr(component, "buffers", None)):
+            continue  # the tokenizer, the scheduler
+        tensors = [*component.parameters(), *component.buffers()]
+        sizes.append(sum(storage_bytes(t) for t in tensors if offloaded or t.device.type == kind))
+    return max(sizes, default=0) if offloaded else sum(sizes)
 
 
-class _quiet:
-    def __enter__(self):
-        return self
+# Loads of different models never overlap: diffusers builds each model inside accelerate's init_empty_weights,
+# which swaps nn.Module.register_parameter for the whole process while it runs, so a second load at the same
+# time builds its modules on `meta`, and two interleaved swaps can leave the swap in place for good. One load
+# at a time also keeps the peak memory of loading to one model's.
+_ONE_LOAD_AT_A_TIME = threading.Lock()
 
-    def __exit__(self, kind, value, traceback):
-        return kind is not None and issubclass(kind, (TypeError, AttributeError))
+
+@dataclass(eq=False)
+class _Entry:
+    loaded: object  # LoadedModel
+    size: int  # bytes counted against the budget (_model_bytes)
+    used: float  # time.monotonic() of the last use
+    users: int = 0  # runs rendering with it now: while any does, it is never unloaded
+
+
+@dataclass
+class _Waiting:
+    deadline: float
+    said: bool = False
+
+
+@dataclass(eq=False)
+class _Loading:
+    """A load in progress: every thread that asks for the same key waits for it and gets its model (or its error)."""
+
+    done: bool = False
+    loaded: object = None
+    error: BaseException | None = None
 
 
 class ModelCache:
     """Loaded models by (model, revision, load options), least recently used first. A model idle
-    longer than keep_alive, or the oldest ones while the total exceeds the memory budget, are unloaded
-    (never the one in use)."""
+    longer than keep_alive, or the oldest ones while the total exceeds the memory budget, are unloaded.
 
-    def __init__(self, *, keep_alive: float | None, budget_bytes: int | None):
+    One load per key: a second request for a model that is loading waits for that load and gets the same
+    model. A model in use (a run renders with it: `use`) is never unloaded; one the budget would unload goes
+    when its run ends. Under a budget, a load waits while other models are in use, as it may need their
+    memory (a model's size is known only once loaded, so one never loaded here may need the whole budget);
+    it says so in the log, and after `wait_seconds` refuses (exit 4, HTTP 503) naming what still renders."""
+
+    def __init__(self, *, keep_alive: float | None, budget_bytes: int | None, wait_seconds: float = 600.0):
         self.keep_alive = keep_alive
         self.budget_bytes = budget_bytes
-        self._models: collections.OrderedDict = collections.OrderedDict()  # key -> [loaded, bytes, last used]
-        self.lock = threading.Lock()
+        self.wait_seconds = wait_seconds
+        self._models: collections.OrderedDict = collections.OrderedDict()  # key -> _Entry
+        self._loading: dict[tuple, _Loading] = {}
+        self._sizes: dict[tuple, int] = {}  # the size of every key loaded so far, to plan the next load of it
+        self._cond = threading.Condition()
 
     @staticmethod
     def key(ref, options: LoadOptions) -> tuple:
@@ -94,54 +132,143 @@ class ModelCache:
         return (ref.source, ref.revision, replace(options, compile=options.compiles(), verbose=False, offline=False))
 
     def get(self, ref, options: LoadOptions):
-        from .pipeline import load
+        """The loaded model for (ref, options), loading it if needed (POST /load, models loaded up front)."""
+        return self._acquire(ref, options, hold=False)
 
+    @contextlib.contextmanager
+    def use(self, ref, options: LoadOptions):
+        """The loaded model, held in use until the block ends: nothing unloads it meanwhile."""
+        loaded = self._acquire(ref, options, hold=True)
+        try:
+            yield loaded
+        finally:
+            self._release(self.key(ref, options))
+
+    def _acquire(self, ref, options: LoadOptions, *, hold: bool):
         key = self.key(ref, options)
-        with self.lock:
-            entry = self._models.get(key)
-            if entry is not None:
-                self._models.move_to_end(key)
-                entry[2] = time.monotonic()
-                return entry[0]
-        log(f"loading {ref.describe()}")
-        started = time.perf_counter()
-        loaded = load(ref, replace(options, verbose=False))
-        size = _model_bytes(loaded)
-        log(f"loaded {ref.name} in {time.perf_counter() - started:.1f} s ({size / 2**30:.2f} GiB of weights)")
-        with self.lock:
-            self._models[key] = [loaded, size, time.monotonic()]
-            self._evict(keep=key)
+        waiting = _Waiting(deadline=time.monotonic() + self.wait_seconds)
+        with self._cond:
+            while True:
+                entry = self._models.get(key)
+                if entry is not None:
+                    self._models.move_to_end(key)
+                    entry.used = time.monotonic()
+                    entry.users += hold
+                    return entry.loaded
+                loading = self._loading.get(key)
+                if loading is not None:
+                    while not loading.done:  # another thread loads this very model: take what it loads
+                        self._cond.wait()
+                    if loading.error is not None:
+                        raise loading.error
+                    continue
+                if self._room(key, ref, waiting):
+                    break
+            loading = self._loading[key] = _Loading()
+        try:
+            loaded, size = self._load(ref, options)
+        except BaseException as exc:
+            with self._cond:
+                loading.error, loading.done = exc, True
+                del self._loading[key]
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._models[key] = _Entry(loaded, size, time.monotonic(), users=int(hold))
+            self._sizes[key] = size
+            loading.loaded, loading.done = loaded, True
+            del self._loading[key]
+            self._cond.notify_all()
+            evicted = self._evict(keep=key)
+        _release_memory(evicted)
         return loaded
 
+    def _load(self, ref, options: LoadOptions):
+        from .pipeline import load
+
+        with _ONE_LOAD_AT_A_TIME:
+            log(f"loading {ref.describe()}")
+            started = time.perf_counter()
+            loaded = load(ref, replace(options, verbose=False))
+            size = _model_bytes(loaded)
+        log(f"loaded {ref.name} in {time.perf_counter() - started:.1f} s ({size / 2**30:.2f} GiB of weights)")
+        return loaded, size
+
+    def _room(self, key: tuple, ref, waiting: "_Waiting") -> bool:
+        """Under a budget, whether the models in use leave room for this load; if not, wait a while on the
+        condition (the caller holds it) and say False, or refuse once the wait is over."""
+        if self.budget_bytes is None:
+            return True
+        need = self._sizes.get(key, self.budget_bytes)
+        busy = [entry for k, entry in self._models.items() if entry.users and k != key]
+        if not busy or sum(entry.size for entry in busy) + need <= self.budget_bytes:
+            return True
+        names = ", ".join(sorted({entry.loaded.ref.name for entry in busy}))
+        left = waiting.deadline - time.monotonic()
+        if left <= 0:
+            raise EnvironmentProblem(
+                f"cannot load {ref.name} within the --max-memory budget: {names} still rendering after "
+                f"{self.wait_seconds:g} s", hint="try again when the running work is done, or raise --max-memory")
+        if not waiting.said:
+            log(f"waiting for {names} to finish rendering before loading {ref.name} (the --max-memory budget may "
+                "need its memory)")
+            waiting.said = True
+        self._cond.wait(min(left, 1.0))
+        return False
+
+    def _release(self, key: tuple) -> None:
+        with self._cond:
+            entry = self._models.get(key)
+            if entry is None:
+                return
+            entry.users -= 1
+            entry.used = time.monotonic()
+            evicted = self._evict() if not entry.users else []
+            self._cond.notify_all()  # a load may be waiting for this model's memory
+        _release_memory(evicted)
+
     def loaded_names(self) -> list[str]:
-        with self.lock:
-            return sorted({entry[0].ref.name for entry in self._models.values()})
+        with self._cond:
+            return sorted({entry.loaded.ref.name for entry in self._models.values()})
 
     def expire(self) -> None:
-        with self.lock:
-            self._evict()
+        with self._cond:
+            evicted = self._evict()
+        _release_memory(evicted)
 
-    def _evict(self, keep: tuple | None = None) -> None:
+    def _evict(self, keep: tuple | None = None) -> list:
+        """Unload, least recently used first, what is idle past keep-alive or what the budget has no room for;
+        never a model in use, nor `keep` (just loaded). Returns the unloaded models (freed outside the lock)."""
         now = time.monotonic()
-        evicted = False
+        evicted = []
         for key in list(self._models):
-            if key == keep:
+            entry = self._models[key]
+            if key == keep or entry.users:
                 continue
-            loaded, size, used = self._models[key]
             over_budget = self.budget_bytes is not None and self._total() > self.budget_bytes
-            idle = self.keep_alive is not None and now - used > self.keep_alive
+            idle = self.keep_alive is not None and now - entry.used > self.keep_alive
             if over_budget or idle:
                 del self._models[key]
-                evicted = True
-                log(f"unloaded {loaded.ref.name} ({'over the memory budget' if over_budget else 'idle'})")
-        if not evicted:
-            return
-        from .decode import release_memory
-
-        release_memory()
+                evicted.append(entry.loaded)
+                log(f"unloaded {entry.loaded.ref.name} ({'over the memory budget' if over_budget else 'idle'})")
+        if self.budget_bytes is not None and self._total() > self.budget_bytes:
+            busy = sorted({e.loaded.ref.name for e in self._models.values() if e.users})
+            if busy:
+                log(f"over the memory budget while {', '.join(busy)} renders; the least recently used model is "
+                    "unloaded when its run ends")
+        return evicted
 
     def _total(self) -> int:
-        return sum(entry[1] for entry in self._models.values())
+        return sum(entry.size for entry in self._models.values())
+
+
+def _release_memory(evicted: list) -> None:
+    if not evicted:
+        return
+    evicted.clear()  # the last references, so the collector can free their weights
+    from .decode import release_memory
+
+    release_memory()
 
 
 class Scheduler:
@@ -240,15 +367,19 @@ class Scheduler:
             _send(work, {"type": "error", "message": message, "exit_code": code, "status": status})
 
     def _render(self, works: list[Work]) -> None:
-        from .events import BatchStarted, ImageFailed, ImageWritten, Noted, Step, Warned
-        from .results import RunOptions, StopToken
-        from .runner import run
-
         works = [w for w in works if not w.cancelled.is_set()]
         if not works:
             return
         first = works[0]
-        loaded = self.models.get(first.ref, first.options)
+        with self.models.use(first.ref, first.options) as loaded:  # never unloaded while it renders
+            self._render_with(loaded, works)
+
+    def _render_with(self, loaded, works: list[Work]) -> None:
+        from .events import BatchStarted, ImageFailed, ImageWritten, Noted, Step, Warned
+        from .results import RunOptions, StopToken
+        from .runner import run
+
+        first = works[0]
         jobs, owner = [], {}
         for work in works:
             for job in work.jobs:

@@ -465,3 +465,176 @@ def test_queue_full_and_cancel_in_the_scheduler():
     scheduler.stop_accepting()
     with pytest.raises(Draining):
         scheduler.submit(work)
+
+
+# ---- the model cache: one load per key, a model in use stays, the budget counts stored bytes -----------------
+
+def _slow_loads(monkeypatch, fail_first: bool = False) -> list:
+    """pipeline.load, recording each call and taking half a second first (a real load takes seconds, so a
+    second request arrives while the first loads); optionally the first load fails as a missing model would."""
+    from sana_cli import pipeline
+    from sana_cli.errors import EnvironmentProblem
+
+    real, calls = pipeline.load, []
+
+    def load(ref, options=None):
+        calls.append((ref.name, threading.current_thread().name))
+        spans.append([time.monotonic(), None])
+        span = spans[-1]
+        time.sleep(0.5)
+        try:
+            if fail_first and len(calls) == 1:
+                raise EnvironmentProblem(f"{ref.name} is not in the Hugging Face cache and offline mode is on")
+            return real(ref, options)
+        finally:
+            span[1] = time.monotonic()
+
+    spans = load.spans = []
+
+    monkeypatch.setattr(pipeline, "load", load)
+    return calls
+
+
+def _at_once(*calls) -> dict:
+    """Run each (name, function) on its own thread, all released together; {name: result or exception}."""
+    barrier, results = threading.Barrier(len(calls)), {}
+
+    def one(name, function):
+        barrier.wait()
+        try:
+            results[name] = function()
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            results[name] = exc
+
+    threads = [threading.Thread(target=one, args=call, name=call[0]) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+def test_the_model_cache_loads_a_model_once_however_many_threads_ask(tiny_models, monkeypatch):
+    import torch
+
+    from sana_cli.modelref import resolve
+    from sana_cli.plan import LoadOptions
+    from sana_cli.scheduler import ModelCache
+
+    calls = _slow_loads(monkeypatch)
+    cache = ModelCache(keep_alive=None, budget_bytes=None)
+    ref = resolve("tiny")
+    got = _at_once(("render", lambda: cache.get(ref, LoadOptions())),
+                   ("load", lambda: cache.get(ref, LoadOptions(offline=True))))  # offline: the same loaded model
+    assert len(calls) == 1, calls
+    assert got["render"] is got["load"] and got["render"].ref.name == "tiny"
+    assert cache.get(ref, LoadOptions()) is got["render"] and len(calls) == 1
+
+    # A load that fails fails every waiter with its one error, caches nothing, and the next request loads again.
+    calls = _slow_loads(monkeypatch, fail_first=True)
+    cache = ModelCache(keep_alive=None, budget_bytes=None)
+    got = _at_once(("render", lambda: cache.get(ref, LoadOptions())), ("load", lambda: cache.get(ref, LoadOptions())))
+    assert len(calls) == 1 and got["render"] is got["load"] and got["render"].exit_code == 4
+    assert cache.loaded_names() == []
+    assert cache.get(ref, LoadOptions()).ref.name == "tiny" and len(calls) == 2
+
+    # Two different models asked for at once load one after the other: diffusers builds a model inside
+    # accelerate's process-wide init_empty_weights, so overlapping loads would build modules on `meta`.
+    calls = _slow_loads(monkeypatch)
+    from sana_cli import pipeline
+
+    cache = ModelCache(keep_alive=None, budget_bytes=None)
+    got = _at_once(("render", lambda: cache.get(ref, LoadOptions())),
+                   ("load", lambda: cache.get(resolve("tiny-sprint"), LoadOptions())))
+    (start_a, end_a), (start_b, end_b) = sorted(pipeline.load.spans)
+    assert len(calls) == 2 and end_a <= start_b
+    for loaded in got.values():
+        assert not [name for name, p in loaded.pipe.transformer.named_parameters() if p.is_meta]
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # and nothing was left swapped
+
+
+def _rendering_work(tmp_path, hold: threading.Event, rendering: threading.Event, messages: list):
+    """A Work for one tiny image whose sink blocks at the first denoising step until `hold` is set."""
+    from sana_cli.plan import LoadOptions, Request, model_for, plan_generate
+    from sana_cli.scheduler import Work
+
+    request = Request(prompt="a red fox", model="tiny", steps=2, seed=3, output=str(tmp_path / "fox.png"))
+    plan = plan_generate(request, model_for(request))
+
+    def sink(message):
+        messages.append(message)
+        if message["type"] == "step" and not rendering.is_set():
+            rendering.set()
+            hold.wait(120)
+
+    return Work(ref=plan.model, options=LoadOptions(), decode="auto", jobs=plan.jobs, sink=sink, label="fox")
+
+
+def test_a_model_that_renders_is_never_unloaded_and_the_budget_waits_or_refuses(tiny_models, tmp_path, capfd):
+    from sana_cli.errors import EnvironmentProblem
+    from sana_cli.modelref import resolve
+    from sana_cli.plan import LoadOptions
+    from sana_cli.scheduler import ModelCache, Scheduler
+
+    cache = ModelCache(keep_alive=None, budget_bytes=1)  # every model is over this budget: one at a time
+    scheduler = Scheduler(window=0.0, models=cache)
+    hold, rendering, messages = threading.Event(), threading.Event(), []
+    work = _rendering_work(tmp_path, hold, rendering, messages)
+    scheduler.submit(work)
+    assert rendering.wait(120), messages
+    other = {}
+    loader = threading.Thread(target=lambda: other.update(model=cache.get(resolve("tiny-sprint"), LoadOptions())))
+    loader.start()
+    loader.join(2.0)
+    assert loader.is_alive() and not other  # the load waits for the rendering model's memory...
+    assert cache.loaded_names() == ["tiny"]  # ...which stays loaded while it renders
+    hold.set()
+    assert work.finished.wait(120) and loader.join(120) is None and not loader.is_alive()
+    assert [m["type"] for m in messages if m["type"] in ("image", "done")] == ["image", "done"], messages
+    assert Image.open(tmp_path / "fox.png").size == (128, 128)
+    assert other["model"].ref.name == "tiny-sprint"
+    assert cache.loaded_names() == ["tiny-sprint"]  # the finished one made room
+    log = capfd.readouterr().err
+    assert "waiting for tiny to finish rendering before loading tiny-sprint" in log
+    assert log.index("waiting for tiny") < log.index("unloaded tiny (over the memory budget)")
+
+    # Past its wait the load is refused, naming what renders (exit 4: HTTP 503); the rendering model stays.
+    cache = ModelCache(keep_alive=None, budget_bytes=1, wait_seconds=0.3)
+    with cache.use(resolve("tiny"), LoadOptions()):
+        with pytest.raises(EnvironmentProblem) as refused:
+            cache.get(resolve("tiny-sprint"), LoadOptions())
+        assert refused.value.exit_code == 4
+        assert "cannot load tiny-sprint within the --max-memory budget: tiny still rendering after 0.3 s" in str(
+            refused.value)
+        assert cache.loaded_names() == ["tiny"]
+    assert cache.loaded_names() == []  # over the budget: unloaded as soon as its run ended
+
+
+def test_the_memory_budget_counts_what_the_models_device_really_holds(tiny_models):
+    import dataclasses
+
+    import torch
+
+    from sana_cli.modelref import resolve
+    from sana_cli.pipeline import load
+    from sana_cli.plan import LoadOptions
+    from sana_cli.quantize import module_bytes
+    from sana_cli.scheduler import _model_bytes
+
+    def components(loaded):
+        return [c for c in loaded.pipe.components.values() if isinstance(c, torch.nn.Module)]
+
+    int8 = load(resolve("tiny"), LoadOptions(dtype="bf16", quantize="int8"))
+    stored = sum(module_bytes(c) for c in components(int8))
+    nominal = sum(t.numel() * t.element_size() for c in components(int8) for t in [*c.parameters(), *c.buffers()])
+    assert _model_bytes(int8) == stored < nominal  # torchao tensors report bf16 and store int8 and scales
+
+    # --low-memory on a GPU (a stand-in device: the weights stay on the CPU, as CPU offload keeps them): one
+    # component at a time comes to the GPU, so the largest one is what counts against a GPU budget.
+    offloaded = load(resolve("tiny"))
+    offloaded.device = torch.device("cuda", 0)
+    offloaded.options = dataclasses.replace(offloaded.options, low_memory=True)
+    sizes = [module_bytes(c) for c in components(offloaded)]
+    assert _model_bytes(offloaded) == max(sizes) < sum(sizes)
+    offloaded.options = dataclasses.replace(offloaded.options, low_memory=False)
+    assert _model_bytes(offloaded) == 0  # nothing of it is on the GPU it is budgeted for
