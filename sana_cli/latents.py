@@ -3,11 +3,14 @@
 A denoise is the expensive part of an image. When its decode still fails after every fallback (or with
 --keep-latents, always), the latents go to NAME.latents.safetensors next to NAME.png, with the image's
 metadata and the VAE's dtype, written atomically. `sana decode NAME.latents.safetensors` loads only the
-VAE, decodes them as the run would have and writes NAME.png with the same pixels and metadata.
+VAE, decodes them as the run would have and writes NAME.png with the same pixels and metadata. Decoded on
+another kind of device than the run's (`--device cpu` for a CUDA run), the metadata says so and the image
+gets a key of its own (decoded_metadata).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,5 +93,20 @@ def finish(path: str, *, output: str | None = None, decode: str = "auto", device
                                    offline=offline, max_memory_gib=max_memory, verbose=verbose, only=("vae",)))
     budget = None if max_memory is None else int(max_memory * 2**30)
     image, decoded = decode_to_pil(loaded, kept.latents.to(loaded.device), decode, budget)
-    meta = {**meta, "decode": decoded.strategy}
+    meta = decoded_metadata(meta, decoded.strategy, loaded.device.type)
     return write_image(image, target, meta, overwrite=overwrite), meta
+
+
+def decoded_metadata(meta: dict, strategy: str, device_type: str) -> dict:
+    """The run's metadata for the image a kept latents file became. Decoded on the kind of device the run
+    used, it is the run's own (same pixels, same key). Decoded on another kind (`--device cpu` for a CUDA
+    run), the decode may round differently, so the metadata says where (`decode_device`), keeps the run's key
+    as `run_key`, and takes a key of its own: the image is never taken for the run's on resume."""
+    meta = {**meta, "decode": strategy}
+    ran = str(meta.get("device") or "").split(":")[0]
+    if ran and device_type != ran:
+        run_key = meta.get("key")
+        meta.update(decode_device=device_type, run_key=run_key,
+                    key=hashlib.sha256(json.dumps({"run_key": run_key, "decode_device": device_type},
+                                                  sort_keys=True).encode()).hexdigest()[:16])
+    return meta

@@ -205,6 +205,9 @@ NOT_OPTIONS = {
     "generator": "follows from the device",
     "versions": "library versions, for the record",
     "key_schema": "the version of the key's recipe",
+    "decode_device": "`sana decode --device` finished the image on another kind of device than the run; the "
+                     "command reproduces the run, which decodes where it denoises",
+    "run_key": "the key the run planned, for an image `sana decode` finished on another kind of device",
     "control_image_sha256": "checked when the command runs: another file gives another key",
     "image_sha256": "checked when the command runs: another file gives another key",
 }

@@ -82,3 +82,34 @@ def test_sana_decode_refuses_what_is_not_a_latents_file(sana, tmp_path):
     assert process.returncode == 2 and "is not a sana latents file" in one_line_error(process)
     missing = sana("decode", tmp_path / "missing.latents.safetensors")
     assert missing.returncode == 2 and "no such file" in one_line_error(missing)
+
+
+def test_a_decode_on_another_kind_of_device_says_so_and_takes_its_own_key(sana, tiny_models, tmp_path):
+    """A CUDA run's kept latents finished with `--device cpu` (forced here: the file's metadata says CUDA, as
+    a CUDA run writes it): the metadata says where the decode ran and the key covers it."""
+    from sana_cli.output import read_metadata
+
+    made = sana("generate", "a red fox", "--model", "tiny", "--seed", 3, "--steps", 2, "--keep-latents",
+                "-o", tmp_path / "fox.png")
+    assert made.returncode == 0, made.stderr
+    kept = latents.read(str(tmp_path / "fox.latents.safetensors"))
+    on_cuda = {**kept.meta, "device": "cuda:0", "generator": "cuda",
+               "pixel_options": {**kept.meta["pixel_options"], "device": "cuda"}}
+    (tmp_path / "gpu").mkdir()
+    latents.save(str(tmp_path / "gpu" / "fox.png"), kept.latents, on_cuda, kept.vae_dtype)
+    source = tmp_path / "gpu" / "fox.latents.safetensors"
+    unasked = sana("decode", source)  # the run's kind of device by default: no CUDA here, never a silent CPU
+    assert unasked.returncode == 4 and "CUDA" in one_line_error(unasked)
+    assert not (tmp_path / "gpu" / "fox.png").exists()
+    finished = sana("decode", source, "--device", "cpu")
+    assert finished.returncode == 0, finished.stderr
+    meta = read_metadata(tmp_path / "gpu" / "fox.png")["sana"]
+    assert meta["decode_device"] == "cpu" and meta["device"] == "cuda:0"  # denoised on CUDA, decoded on the CPU
+    assert meta["run_key"] == on_cuda["key"] and meta["key"] != on_cuda["key"]
+    assert {k: v for k, v in meta.items() if k not in ("decode_device", "run_key", "key")} == \
+        {k: v for k, v in on_cuda.items() if k != "key"} | {"decode": "full"}
+    # The same file decoded where its run ran keeps the run's metadata and key.
+    same = sana("decode", tmp_path / "fox.latents.safetensors", "-o", tmp_path / "again.png")
+    assert same.returncode == 0, same.stderr
+    again = read_metadata(tmp_path / "again.png")["sana"]
+    assert again["key"] == kept.meta["key"] and "decode_device" not in again and "run_key" not in again
