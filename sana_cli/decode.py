@@ -124,13 +124,17 @@ def spatial_ratio(vae) -> int:
 
 # ---- choosing ----------------------------------------------------------------------------------------
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory on the device that will decode (CUDA: the driver's view once this process's cache of
-    unused blocks is handed back, which it would otherwise count as taken; CPU: MemAvailable)."""
+def free_memory_bytes(device: torch.device, cuda=None) -> int:
+    """Free memory on the device that will decode (CUDA: what the driver has free plus the blocks this process's
+    caching allocator holds unused, which the driver counts as taken but the decode can use as they are;
+    CPU: MemAvailable). The cache is not emptied to read this: emptying it before every decode made each
+    next GPU batch allocate its memory from the driver again, and synchronised the device. It is emptied
+    only where a fallback needs the memory back (release_memory). `cuda` is torch.cuda (a stand-in in tests)."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        cuda = cuda or torch.cuda
+        free, _total = cuda.mem_get_info(device)
+        cached = cuda.memory_reserved(device) - cuda.memory_allocated(device)
+        return int(free) + max(0, int(cached))
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -141,10 +145,11 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def in_use_bytes(device: torch.device) -> int:
-    """What this process already holds on the device (CUDA: reserved by the caching allocator; CPU: RSS)."""
+def in_use_bytes(device: torch.device, cuda=None) -> int:
+    """What this process already holds on the device (CUDA: allocated tensors, as the caching allocator's unused
+    blocks count as free in free_memory_bytes and are handed back before a capped allocation fails; CPU: RSS)."""
     if device.type == "cuda":
-        return int(torch.cuda.memory_reserved(device))
+        return int((cuda or torch.cuda).memory_allocated(device))
     try:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

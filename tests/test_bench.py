@@ -256,3 +256,22 @@ def test_image_comparison():
     assert "error" in common.compare_images(a, Image.new("RGB", (4, 4)))
     summary = common.combine_comparisons([common.compare_images(a, a), diff])
     assert summary["images"] == 2 and summary["identical_images"] == 1 and summary["max_abs_diff"] == 3
+
+
+def test_decode_cache_bench_runs_both_modes_and_refuses_without_cuda(tmp_path):
+    """bench/decode_cache_gpu.py, the GPU measurement of keeping the CUDA cache across auto decodes, as a smoke
+    test on the CPU (tiny DC-AE): both modes decode, and without --device cpu it needs CUDA (exit 4)."""
+    import torch
+
+    script = [sys.executable, str(BENCH / "decode_cache_gpu.py")]
+    done = subprocess.run([*script, "--device", "cpu", "--scale", "tiny", "--count", "2", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(Path(done.stdout.strip()).read_text())
+    assert set(result["modes"]) == {"keep", "empty"} and result["size"] == 128
+    assert all(len(m["seconds"]) == 2 and m["strategies"] == ["full"] for m in result["modes"].values())
+    assert result["saving_per_decode_seconds"] is None  # no cache to empty on the CPU: no figure claimed
+    assert "not a saving" in Path(done.stdout.strip()).with_suffix(".md").read_text()
+    if not torch.cuda.is_available():
+        refused = subprocess.run(script, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert refused.returncode == 4 and "CUDA is not available" in refused.stderr

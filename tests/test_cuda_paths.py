@@ -334,14 +334,38 @@ def test_max_memory_is_a_hard_cap_on_the_caching_allocator():
     assert cuda.calls == [(pytest.approx(0.15), 3), (1.0, 1)]
 
 
-def test_free_memory_is_read_after_emptying_the_cache(monkeypatch):
+def test_auto_decodes_keep_the_cuda_cache_and_empty_it_only_for_a_fallback(tiny_models, monkeypatch):
+    """The CUDA branch of the auto decode on a stand-in GPU (torch.cuda's memory readings replaced, the model's
+    device set to cuda:0 while its tensors stay on the CPU): free memory counts the caching allocator's unused
+    blocks instead of emptying the cache before every decode; only a fallback empties it."""
     from sana_cli import decode
+    from sana_cli.runner import decode_to_pil
 
+    loaded = load(resolve("tiny"))
     calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: calls.append("mem_get_info") or (5, 10))
-    assert decode.free_memory_bytes(torch.device("cuda", 0)) == 5
-    assert calls == ["empty_cache", "mem_get_info"]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 10 * GiB)
+    gpu = torch.device("cuda", 0)
+    assert decode.free_memory_bytes(gpu) == 21 * GiB  # 1 free at the driver + 20 cached and unused
+    assert decode.in_use_bytes(gpu) == 10 * GiB
+    assert decode.budget_bytes(decode.free_memory_bytes(gpu), 12 * GiB, decode.in_use_bytes(gpu)) == 2 * GiB
+    loaded.device = gpu
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        _, decoded = decode_to_pil(loaded, latents, "auto")
+        assert decoded.strategy == "full" and not decoded.fallbacks
+    assert calls == []
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(decode, "_full", out_of_memory)  # a full decode that does not fit after all
+    _, decoded = decode_to_pil(loaded, latents, "auto")
+    assert decoded.fallbacks == ("full",) and decoded.strategy.startswith("strips:")
+    assert calls == ["empty_cache"]  # once, for the fallback
 
 
 def test_max_memory_steers_the_auto_decode_end_to_end(sana, tiny_models, tmp_path):
