@@ -7,6 +7,7 @@ failure to a one-line error with the right exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -225,6 +226,27 @@ def with_index(device, cuda):
     return device
 
 
+@contextlib.contextmanager
+def current_cuda_device(device, cuda=None):
+    """While a model loads for cuda:N, N is the current CUDA device, then the one before again. diffusers'
+    bitsandbytes path (nf4) quantizes each weight on the current device when no device_map is given (and a
+    pipeline's device_map cannot name a GPU index), so without this every process of a multi-GPU run, and
+    `--device cuda:N`, quantized on GPU 0 before the transformer moved. `cuda` is torch.cuda (a stand-in in tests)."""
+    if getattr(device, "type", None) != "cuda" or device.index is None:
+        yield
+        return
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    previous = cuda.current_device()
+    cuda.set_device(device.index)
+    try:
+        yield
+    finally:
+        cuda.set_device(previous)
+
+
 def _is_big(ref: ModelRef, source_dir: Path | None) -> bool:
     if ref.kind == "tiny":
         return False
@@ -372,12 +394,13 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     if quantize:
         kwargs["quantization_config"] = quantizing.pipeline_config(quantize, transformer_dtype)
     try:
-        if quantize:
-            with quantizing.compact_heap():
+        with current_cuda_device(device):
+            if quantize:
+                with quantizing.compact_heap():
+                    pipe = cls.from_pretrained(source, **kwargs)
+                    quantizing.finish(pipe, quantize)
+            else:
                 pipe = cls.from_pretrained(source, **kwargs)
-                quantizing.finish(pipe, quantize)
-        else:
-            pipe = cls.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every loading failure becomes one clear line
         raise _loading_error(ref, exc, offline, allow_pickle=options.allow_pickle) from exc
     pipe.set_progress_bar_config(disable=True)

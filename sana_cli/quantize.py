@@ -8,7 +8,8 @@ the same product as a Linear, and the same config quantizes those too. That brin
 half its bf16 size (Linear layers alone: about 0.74x). It works on every device torch runs on.
 
 nf4: bitsandbytes' 4-bit NormalFloat through diffusers' `BitsAndBytesConfig` (Linear layers), computing in
-the run's dtype. bitsandbytes quantizes on CUDA only, so it is refused elsewhere before anything loads.
+the run's dtype. bitsandbytes quantizes on CUDA only, so it is refused elsewhere before anything loads. It
+quantizes on the current CUDA device, which the load makes the GPU asked for (pipeline.current_cuda_device).
 
 fp8 is not here: `--quantize fp8` is `--fp8` (speed.enable_fp8, torchao fp8 weights and activations).
 

@@ -127,3 +127,53 @@ def test_nf4_config_computes_in_the_presets_dtype():
     config = quantizing.pipeline_config("nf4", torch.float16).quant_mapping["transformer"]
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
     assert config.bnb_4bit_compute_dtype == torch.float16
+
+
+class RecordingCuda:
+    """torch.cuda's current device on a stand-in machine with several GPUs, recording every change."""
+
+    def __init__(self):
+        self.current, self.changes = 0, []
+
+    def current_device(self):
+        return self.current
+
+    def set_device(self, index):
+        self.changes.append(index)
+        self.current = index
+
+
+class StopBeforeTheGpu(Exception):
+    """The stand-in GPU cannot take weights: the load stops once from_pretrained has returned."""
+
+
+@pytest.mark.parametrize("asked, gpu", [("cuda:2", 2), ("cuda:1", 1)])
+def test_a_load_for_cuda_n_quantizes_on_gpu_n_not_gpu_0(tiny_models, monkeypatch, asked, gpu):
+    """diffusers' bitsandbytes path (nf4) puts each quantized weight on torch.cuda.current_device() when no
+    device_map is given. While sana loads for cuda:N (--device cuda:N, or a torchrun rank's own GPU), that is N;
+    afterwards it is the device before again."""
+    from diffusers import SanaPipeline
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+
+    from sana_cli.modelref import resolve
+    from sana_cli.pipeline import LoadOptions, load
+
+    cuda, placements = RecordingCuda(), []
+    real = SanaPipeline.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        pipe = real(cls, *args, **kwargs)  # the real load of the tiny model's files
+        # ...and where diffusers' bitsandbytes quantizer would have placed this load's weights
+        placements.append(BnB4BitDiffusersQuantizer.update_device_map(object.__new__(BnB4BitDiffusersQuantizer),
+                                                                      None))
+        assert pipe.transformer is not None
+        raise StopBeforeTheGpu()
+
+    monkeypatch.setattr(SanaPipeline, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", cuda.current_device)
+    monkeypatch.setattr(torch.cuda, "set_device", cuda.set_device)
+    with pytest.raises(StopBeforeTheGpu):
+        load(resolve("tiny"), LoadOptions(device=asked))
+    assert placements == [{"": f"cuda:{gpu}"}]  # not cuda:0
+    assert cuda.changes == [gpu, 0] and cuda.current == 0  # set for the load, then given back
