@@ -162,6 +162,8 @@ CASES = [
          "0.0 is not in the range x>0"),
     Case("sana decode on a file that is not kept latents", ["decode", "{files}/ok.txt"], 2,
          "is not a sana latents file"),
+    Case("sana decode of a CUDA run's latents where there is no CUDA",
+         ["decode", "{files}/gpu-run.latents.safetensors"], 4, "--device cuda was asked for but CUDA is not available"),
     # Manifests: only sana-cli's own, never through a link; numbers: finite, in documented ranges;
     # lines end only at \n; questionable inputs decided; usage and environment errors before torch.
     Case("manifest that is a directory", ["batch", "{files}/ok.txt", "--model", "tiny", "-o", "{files}/manifest-dir"],
@@ -340,6 +342,7 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "escape.jsonl").write_text('{"prompt": "a", "name": "../../x"}\n')
     (root / "absolute.jsonl").write_text('{"prompt": "a", "name": "/etc/cron.d/x"}\n')
     (root / "ok.txt").write_text("a cat\n")
+    _gpu_run_latents(root)
     (root / "one-huge.jsonl").write_text('{"prompt": "small"}\n{"prompt": "huge", "size": 4096}\n'
                                          '{"prompt": "small too"}\n')
     (root / "newline.jsonl").write_text(
@@ -368,6 +371,23 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "spaced-names.jsonl").write_text('{"prompt": "a", "name": "cat"}\n{"prompt": "b", "name": " cat "}\n')
     _input_files(root)
     return root
+
+
+def _gpu_run_latents(root: Path) -> None:
+    """gpu-run.latents.safetensors: the latents a CUDA run of the tiny model kept, with the metadata it writes."""
+    import torch
+
+    from sana_cli import __version__, latents
+    from sana_cli.plan import KEY_SCHEMA, Request, model_for, plan_generate
+
+    request = Request(prompt="a cat", model="tiny", steps=2, seed=1, output=str(root / "gpu-run.png"))
+    job = plan_generate(request, model_for(request)).jobs[0]
+    meta = {"sana_cli": __version__, "key": job.key, **job.params(), "rendered": "128x128", "decode": None,
+            "chi": True, "model": "tiny", "model_id": "tiny:sana", "revision": None, "commit": None,
+            "pipeline": "SanaPipeline", "device": "cuda:0", "dtype": "bfloat16", "generator": "cuda",
+            "scheduler": "DPMSolverMultistepScheduler", "versions": {}, "key_schema": KEY_SCHEMA,
+            "pixel_options": {**job.pixels.to_dict(), "device": "cuda"}}
+    latents.save(str(root / "gpu-run.png"), torch.zeros(1, 4, 32, 32, dtype=torch.bfloat16), meta, "bfloat16")
 
 
 def _input_files(root: Path) -> None:
