@@ -394,3 +394,28 @@ def test_a_lora_fuse_that_fails_part_way_leaves_the_exact_base_weights(kept, par
     if kept:  # and the LoRA still applies whole afterwards
         lora_image = image("lora-after.png", str(parts["a"]))
         assert np.array_equal(pixels(lora_image.written.path), reference(tiny_models, (parts["a"], 1.0)))
+
+
+def test_changing_the_lora_set_copies_the_base_weights_back_into_the_same_tensors(session, parts, tmp_path):
+    """Compiled graphs and offload hooks hold the parameters themselves: fusing, switching sets and going back
+    to none change the values in place, on each parameter's own device; no parameter is ever replaced."""
+    transformer = session.loaded.pipe.transformer
+    make(session, tmp_path, "a.png", loras=[str(parts["a"])])  # the adapters are in, the base weights wrapped
+
+    def storage():
+        return {name: (p.data_ptr(), p.device, p.dtype) for name, p in transformer.named_parameters()
+                if ".lora_" not in name}
+
+    def values():
+        return {name: p.detach().clone() for name, p in transformer.named_parameters() if ".lora_" not in name}
+
+    before = storage()
+    make(session, tmp_path, "b.png", loras=[str(parts["b"])])
+    assert storage() == before
+    make(session, tmp_path, "plain.png")
+    assert storage() == before
+    base = values()
+    make(session, tmp_path, "a-again.png", loras=[str(parts["a"])])
+    make(session, tmp_path, "plain-again.png")
+    assert storage() == before
+    assert all(torch.equal(base[name], value) for name, value in values().items())

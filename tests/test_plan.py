@@ -232,3 +232,23 @@ def test_planning_never_imports_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','diffusers','transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("fp8, quantize, named", [(True, None, "--fp8"), (False, "fp8", "--fp8"),
+                                                   (False, "int8", "--quantize int8"),
+                                                   (False, "nf4", "--quantize nf4")])
+def test_a_lora_with_quantized_weights_is_refused_while_planning(fp8, quantize, named, tiny_models, tmp_path):
+    """A LoRA is fused into the transformer's weights, which fp8, int8 and nf4 replace: refused in the plan,
+    before torch is imported."""
+    from sana_cli import tiny
+
+    lora = tiny.build_lora(tmp_path / "lora", seed=1)
+    code = ("import sys; from sana_cli.plan import PixelOptions, Request, model_for, plan_generate\n"
+            f"request = Request(prompt='a cat', model='tiny', loras=[{str(lora)!r}], "
+            f"output={str(tmp_path)!r})\n"
+            "try:\n"
+            f"    plan_generate(request, model_for(request), PixelOptions(fp8={fp8}, quantize={quantize!r}))\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, 'torch' in sys.modules, exc)\n")
+    answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert answer.startswith("UsageError False --lora cannot be combined with " + named + " "), answer

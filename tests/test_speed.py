@@ -83,3 +83,29 @@ def test_compile_matches_eager_and_a_second_process_reuses_the_cache(tmp_path, t
     a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("eager", "first", "second"))
     assert np.abs(a - b).max() <= 1
     assert np.array_equal(b, c)
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (12, 0)])
+def test_the_fp8_capability_check_matches_torchaos(capability, monkeypatch):
+    """--fp8 is refused exactly where torchao's own fp8 check (is_sm_at_least_89) says no, on a stand-in GPU
+    of each compute capability (a transformer without layers: nothing to quantize when it is accepted)."""
+    import types
+
+    import torch
+    from torchao.utils import is_sm_at_least_89
+
+    from sana_cli.errors import EnvironmentProblem
+    from sana_cli.speed import enable_fp8
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    loaded = types.SimpleNamespace(device=torch.device("cuda", 0),
+                                   pipe=types.SimpleNamespace(transformer=torch.nn.Sequential()))
+    try:
+        enable_fp8(loaded)
+        accepted = True
+    except EnvironmentProblem as refusal:
+        assert refusal.exit_code == 4 and f"this GPU has {capability[0]}.{capability[1]}" in str(refusal)
+        accepted = False
+    assert accepted == bool(is_sm_at_least_89())
