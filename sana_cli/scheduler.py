@@ -238,14 +238,16 @@ class ModelCache:
 
     def _evict(self, keep: tuple | None = None) -> list:
         """Unload, least recently used first, what is idle past keep-alive or what the budget has no room for;
-        never a model in use, nor `keep` (just loaded). Returns the unloaded models (freed outside the lock)."""
+        never a model in use, nor `keep` (just loaded), nor for the budget the most recently used one. Returns the
+        unloaded models (freed outside the lock)."""
         now = time.monotonic()
         evicted = []
+        newest = next(reversed(self._models), None)  # a model alone over the budget stays: it was asked for
         for key in list(self._models):
             entry = self._models[key]
             if key == keep or entry.users:
                 continue
-            over_budget = self.budget_bytes is not None and self._total() > self.budget_bytes
+            over_budget = self.budget_bytes is not None and self._total() > self.budget_bytes and key != newest
             idle = self.keep_alive is not None and now - entry.used > self.keep_alive
             if over_budget or idle:
                 del self._models[key]

@@ -607,7 +607,10 @@ def test_a_model_that_renders_is_never_unloaded_and_the_budget_waits_or_refuses(
         assert "cannot load tiny-sprint within the --max-memory budget: tiny still rendering after 0.3 s" in str(
             refused.value)
         assert cache.loaded_names() == ["tiny"]
-    assert cache.loaded_names() == []  # over the budget: unloaded as soon as its run ended
+    assert cache.loaded_names() == ["tiny"]  # alone over the budget, it stays: it is the one asked for
+    cache.wait_seconds = 30
+    assert cache.get(resolve("tiny-sprint"), LoadOptions()).ref.name == "tiny-sprint"
+    assert cache.loaded_names() == ["tiny-sprint"]  # nothing in use now: the older one made room
 
 
 def test_the_memory_budget_counts_what_the_models_device_really_holds(tiny_models):
@@ -638,3 +641,81 @@ def test_the_memory_budget_counts_what_the_models_device_really_holds(tiny_model
     assert _model_bytes(offloaded) == max(sizes) < sum(sizes)
     offloaded.options = dataclasses.replace(offloaded.options, low_memory=False)
     assert _model_bytes(offloaded) == 0  # nothing of it is on the GPU it is budgeted for
+
+
+def test_an_out_of_memory_server_batch_is_retried_per_image_and_the_worker_goes_on(tiny_models, tmp_path):
+    """The CUDA out-of-memory error of a shared GPU batch (injected on the transformer whenever it sees more than
+    one image): each image is retried alone and written, and the rendering thread takes the next work."""
+    import torch
+
+    from sana_cli.modelref import resolve
+    from sana_cli.plan import LoadOptions, Request, model_for, plan_generate
+    from sana_cli.scheduler import ModelCache, Scheduler, Work
+
+    cache = ModelCache(keep_alive=None, budget_bytes=None)
+    loaded = cache.get(resolve("tiny"), LoadOptions())
+    raised = []
+
+    def out_of_memory(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[0] > 2:  # two images with classifier-free guidance: a shared batch
+            raised.append(hidden.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    loaded.pipe.transformer.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    scheduler = Scheduler(window=0.0, models=cache)
+
+    def work(name, count):
+        request = Request(prompt="a red fox", model="tiny", steps=2, seed=3, num_images=count,
+                          output=str(tmp_path / name))
+        plan = plan_generate(request, model_for(request))
+        messages = []
+        return Work(ref=plan.model, options=LoadOptions(), decode="auto", jobs=plan.jobs, sink=messages.append,
+                    label=name), messages
+
+    shared, shared_messages = work("shared.png", 2)
+    scheduler.submit(shared)
+    assert shared.finished.wait(300)
+    images = [m for m in shared_messages if m["type"] == "image"]
+    assert raised and len(images) == 2 and all(m["retried_alone"] for m in images), shared_messages
+    assert not [m for m in shared_messages if m["type"] in ("failed", "error")]
+    for message in images:
+        assert Image.open(message["path"]).size == (128, 128)
+    after, after_messages = work("after.png", 1)  # the worker is alive and renders the next request
+    scheduler.submit(after)
+    assert after.finished.wait(300)
+    assert [m["type"] for m in after_messages if m["type"] in ("image", "done")] == ["image", "done"]
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_an_evicted_compiled_model_is_freed(backend, tiny_models, tmp_path, monkeypatch):
+    """A compiled model that rendered, then unloaded for another (a budget of one model): nothing torch.compile
+    keeps (dynamo's guards and caches, the backend's graphs) holds its weights once the cache lets it go."""
+    import gc
+    import weakref
+
+    from sana_cli import speed
+    from sana_cli.modelref import resolve
+    from sana_cli.plan import LoadOptions
+    from sana_cli.scheduler import ModelCache, Scheduler
+
+    real = speed.enable_compile
+    monkeypatch.setattr(speed, "enable_compile", lambda loaded: real(loaded, backend=backend))
+    cache = ModelCache(keep_alive=None, budget_bytes=1)
+    scheduler = Scheduler(window=0.0, models=cache)
+    hold, rendering, messages = threading.Event(), threading.Event(), []
+    hold.set()
+    work = _rendering_work(tmp_path, hold, rendering, messages)
+    work.options = LoadOptions(compile="on")
+    scheduler.submit(work)
+    assert work.finished.wait(600) and [m["type"] for m in messages][-1] == "done", messages
+    compiled = cache.get(resolve("tiny"), LoadOptions(compile="on"))
+    assert type(compiled.pipe.transformer).__name__ != "OptimizedModule"  # compiled in place (Module.compile)
+    assert compiled.pipe.transformer._compiled_call_impl is not None
+    transformer, parameter = weakref.ref(compiled.pipe.transformer), weakref.ref(
+        next(compiled.pipe.transformer.parameters()))
+    del compiled
+    cache.get(resolve("tiny-sprint"), LoadOptions())  # over the budget: the compiled model is unloaded
+    assert cache.loaded_names() == ["tiny-sprint"]
+    gc.collect()
+    assert transformer() is None and parameter() is None
