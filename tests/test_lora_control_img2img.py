@@ -419,3 +419,28 @@ def test_changing_the_lora_set_copies_the_base_weights_back_into_the_same_tensor
     make(session, tmp_path, "plain-again.png")
     assert storage() == before
     assert all(torch.equal(base[name], value) for name, value in values().items())
+
+
+def test_loading_a_lora_under_cpu_offload_keeps_the_hooks_and_the_gpu_index(parts, tiny_models, monkeypatch):
+    """--low-memory on cuda:1 (a stand-in: accelerate's hooks are registered and nothing moves before a forward):
+    diffusers takes the offload hooks off to load an adapter and puts them back with enable_model_cpu_offload()
+    and no device, which must keep GPU 1, not fall back to GPU 0."""
+    from diffusers.pipelines import pipeline_utils
+
+    from sana_cli.modelref import resolve
+    from sana_cli.pipeline import load
+
+    loaded = load(resolve("tiny"))
+    loaded.pipe.enable_model_cpu_offload(device=torch.device("cuda", 1))
+    monkeypatch.setattr(pipeline_utils, "get_device", lambda: "cuda")  # the accelerator this machine would have
+
+    def hooks():
+        return {name: str(module._hf_hook.execution_device) for name, module in loaded.pipe.components.items()
+                if isinstance(module, torch.nn.Module) and getattr(module, "_hf_hook", None) is not None}
+
+    before = hooks()
+    assert before == {"text_encoder": "cuda:1", "transformer": "cuda:1", "vae": "cuda:1"}
+    loras = lora.resolve_all([str(parts["a"])], loaded.ref)
+    lora.prepare(loaded, [loras], restorable=True)
+    assert lora._adapter_modules(loaded.pipe.transformer, lora.adapter_name(loras[0][1]))  # the adapter is in
+    assert hooks() == before and loaded.pipe._offload_gpu_id == 1
