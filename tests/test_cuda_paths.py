@@ -440,3 +440,34 @@ def test_the_recorded_commit_is_read_from_the_cache_as_untrusted_input(tmp_path,
     assert _cached_commit(ref) == "a" * 40
     (refs / "main").write_bytes(b"\xff not a commit")
     assert _cached_commit(ref) is None
+
+
+# ---- the fp16 preset layout through image-to-image and ControlNet ------------------------------------------
+
+@pytest.mark.parametrize("model, request_", [
+    ("tiny-sprint", {"image": "start", "strength": 0.5}),
+    ("tiny", {"controlnet": "tiny-controlnet", "control_image": "start", "control_scale": 0.8}),
+], ids=["sprint-img2img", "controlnet"])
+def test_img2img_and_controlnet_keep_the_fp16_layout(model, request_, tiny_models, tmp_path):
+    """An fp16 transformer beside bf16 Gemma and DC-AE (the fp16 presets' layout): the input image's latents, the
+    ControlNet's inputs and outputs and the noise are cast to what each module runs in, nothing is recast, and
+    the noise is drawn on the execution device."""
+    from sana_cli.output import read_metadata
+
+    start = tmp_path / "start.png"
+    Image.fromarray((np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8")).save(start)
+    request_ = {key: str(start) if value == "start" else value for key, value in request_.items()}
+    loaded = load(resolve(model), LoadOptions(dtype="fp16"))
+    expected = {"transformer": {torch.float16}, "text_encoder": {torch.bfloat16}, "vae": {torch.bfloat16}}
+    assert dtypes_of(loaded) == expected
+    plan = plan_for(tmp_path, model=model, steps=2, **request_)
+    report = run(plan, loaded, keep_text_encoder=True)
+    assert not report.failed, [r.error for r in report.results]
+    assert pixels(report.results[0].written.path).std() > 0
+    assert dtypes_of(loaded) == expected
+    loaded.check_placement()
+    if "controlnet" in request_:
+        controlnet = loaded.pipeline_for_job(plan.jobs[0]).controlnet
+        assert {p.dtype for p in controlnet.parameters()} == {torch.float16}
+    meta = read_metadata(report.results[0].written.path)["sana"]
+    assert meta["generator"] == loaded.device.type and meta["dtype"] == "float16"
