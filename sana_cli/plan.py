@@ -147,6 +147,10 @@ class LoadOptions:
     only: tuple[str, ...] | None = None  # load just these components (`sana decode` needs only the VAE)
 
     def __post_init__(self) -> None:
+        if self.max_memory_gib is not None:  # the API's max_memory: the same check as the option's type
+            check_finite("max_memory", self.max_memory_gib)
+            if not self.max_memory_gib > 0:
+                raise UsageError(f"--max-memory must be more than 0 GiB, got {self.max_memory_gib:g}")
         if self.quantize == "fp8":  # the loader knows one spelling of fp8; pixels() checks the rest
             object.__setattr__(self, "quantize", None)
             object.__setattr__(self, "fp8", True)

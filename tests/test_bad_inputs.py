@@ -173,13 +173,31 @@ CASES = [
     Case("results.jsonl that sana-cli did not write", ["batch", "{files}/ok.txt", "--model", "tiny", "-o",
                                                        "{files}/manifest-foreign"], 2, "was not written by sana-cli"),
     Case("infinite guidance", ["generate", "a cat", "--model", "tiny", "--guidance", "inf"], 2,
-         "guidance must be a finite number"),
+         "'inf' is not a finite number"),
     Case("NaN guidance", ["generate", "a cat", "--model", "tiny", "--guidance", "nan"], 2,
-         "guidance must be a finite number"),
+         "'nan' is not a finite number"),
     Case("absurd guidance", ["generate", "a cat", "--model", "tiny", "--guidance", "1e9"], 2,
          "guidance must be at most 30"),
     Case("infinite PAG scale", ["generate", "a cat", "--model", "tiny", "--pag-scale", "inf"], 2,
-         "--pag-scale must be a finite number"),
+         "'inf' is not a finite number"),
+    # No option of any command takes NaN or infinity (NaN passes any range check): one float type for all.
+    Case("NaN --batch-window for sana serve", ["serve", "--batch-window", "nan"], 2,
+         "Invalid value for '--batch-window': 'nan' is not a finite number"),
+    Case("NaN --max-memory for sana serve", ["serve", "--max-memory", "nan"], 2,
+         "Invalid value for '--max-memory': 'nan' is not a finite number"),
+    Case("NaN --max-memory for a batch into a new directory", ["batch", "{files}/ok.txt", "--model", "tiny",
+                                                               "--max-memory", "nan", "-o", "{tmp}/new/"], 2,
+         "'nan' is not a finite number"),
+    Case("infinite SANA_MAX_MEMORY", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/new/"], 2,
+         "'inf' is not a finite number", env={"SANA_MAX_MEMORY": "inf"}),
+    Case("--max-memory 1e999 for sana decode", ["decode", "{files}/ok.txt", "--max-memory", "1e999"], 2,
+         "'1e999' is not a finite number"),
+    Case("NaN --control-scale", ["generate", "a cat", "--model", "tiny", "--controlnet", "tiny-controlnet",
+                                 "--control-image", "{files}/input.png", "--control-scale", "nan"], 2,
+         "'nan' is not a finite number"),
+    Case("infinite --strength", ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/input.png",
+                                 "--strength", "-inf"], 2, "'-inf' is not a finite number"),
+    Case("--keep-alive of 400 digits", ["serve", "--keep-alive", "9" * 400 + "s"], 2, "is more than ten years"),
     Case("infinite guidance in a batch row", ["batch", "{files}/inf-guidance.jsonl", "--model", "tiny"], 2,
          "line 1: 'guidance' must be a finite number"),
     Case("absurd guidance in a batch row", ["batch", "{files}/huge-guidance.jsonl", "--model", "tiny"], 2,
@@ -481,6 +499,36 @@ def test_allow_pickle_loads_what_the_default_refuses(sana, files, tmp_path):
                    "-o", f"{tmp_path}/")
     assert process.returncode == 0, process.stderr
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_every_float_option_of_every_command_refuses_nan_and_infinity():
+    """The class, not the cases above: each float option of each command (found by walking the CLI) is
+    refused with NaN and with infinity by the installed `sana`, exit 2 with one line, before anything runs."""
+    import click
+
+    from sana_cli.cli import FiniteFloat, cli
+
+    floats = [(name, param) for name, command in cli.commands.items() for param in command.params
+              if isinstance(param, click.Option) and isinstance(param.type, click.types.FloatParamType)]
+    assert len(floats) >= 12
+    for name, param in floats:
+        assert isinstance(param.type, FiniteFloat), (name, param.name)
+        positional = ["x" for other in cli.commands[name].params if isinstance(other, click.Argument)]
+        for bad in ("nan", "inf"):
+            process = subprocess.run([SANA, name, *positional, param.opts[-1], bad, "--debug"], capture_output=True,
+                                     text=True, timeout=60)
+            assert process.returncode == 2, (name, param.name, bad, process.stderr)
+            assert f"'{bad}' is not a finite number" in one_line_error(process)
+
+
+def test_the_python_api_refuses_a_non_finite_max_memory_before_loading(tmp_path):
+    import sana_cli
+    from sana_cli.errors import UsageError
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="max_memory must be a finite number"):
+            sana_cli.generate("a cat", model="tiny", max_memory=bad, output=str(tmp_path / "new" / "x.png"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
