@@ -144,33 +144,19 @@ def sha256_file(path, source: str) -> str:
 # ---- the header check ----------------------------------------------------------------------------
 
 def read_header(path, source: str) -> dict:
-    """The tensors a safetensors file declares: {name: shape}. A file that is not safetensors is a usage error."""
-    import json
-
-    from .safeio import open_regular
+    """The tensors a safetensors file declares: {name: shape}. The whole header is parsed and checked by one
+    call under one guard (safeio.read_safetensors_header): a file that is not safetensors is a usage error."""
+    from .safeio import BadSafetensors, read_safetensors_header
 
     try:
-        with open_regular(path) as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 2 <= size <= MAX_HEADER_BYTES:
-                raise ValueError("bad header size")
-            header = json.loads(handle.read(size))
-            end = handle.seek(0, os.SEEK_END)
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise UsageError(f"LoRA {source} is not a readable safetensors file") from None
-    if not isinstance(header, dict):
-        raise UsageError(f"LoRA {source} is not a readable safetensors file")
-    shapes = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or \
-                not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2:
-            raise UsageError(f"LoRA {source} is not a readable safetensors file")
-        if 8 + size + int(entry["data_offsets"][1]) > end:
-            raise UsageError(f"LoRA {source} is truncated")
-        shapes[name] = tuple(int(n) for n in entry["shape"])
-    return shapes
+        tensors, _ = read_safetensors_header(path, MAX_HEADER_BYTES)
+    except BadSafetensors as exc:
+        if exc.truncated:
+            raise UsageError(f"LoRA {source} is truncated") from None
+        raise UsageError(f"LoRA {source} is not a readable safetensors file ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"LoRA {source} is not a readable safetensors file ({exc.strerror or exc})") from None
+    return {name: shape for name, (_, shape, _) in tensors.items()}
 
 
 def _module_sizes(config: dict) -> dict[str, tuple[int, int]]:

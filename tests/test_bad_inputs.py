@@ -257,6 +257,22 @@ CASES = [
     Case("LoRA that is not a safetensors file", ["generate", "a cat", "--model", "tiny", "--lora",
                                                  "{files}/not-a-lora.safetensors", "-o", "{tmp}/"], 2,
          "is not a readable safetensors file"),
+    # A LoRA header is parsed and checked whole under one guard: every field of every entry, not just its JSON.
+    Case("LoRA header with non-numeric data_offsets", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                        "{files}/lora-offsets-text.safetensors", "-o", "{tmp}/"], 2,
+         "is not a readable safetensors file ('transformer.transformer_blocks.0.attn1.to_q.lora_A.weight' has "
+         "data_offsets that are not [begin, end])"),
+    Case("LoRA header with a non-numeric shape", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                  "{files}/lora-shape-text.safetensors", "-o", "{tmp}/"], 2,
+         "has a shape that is not a list of whole numbers"),
+    Case("LoRA header with a fractional shape", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                 "{files}/lora-shape-float.safetensors", "-o", "{tmp}/"], 2,
+         "has a shape that is not a list of whole numbers"),
+    Case("LoRA header whose shape and data size disagree", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                            "{files}/lora-size.safetensors", "-o", "{tmp}/"], 2,
+         "declares 16 bytes for its shape [4, 8]"),
+    Case("LoRA whose data is cut short", ["generate", "a cat", "--model", "tiny", "--lora",
+                                          "{files}/lora-cut.safetensors", "-o", "{tmp}/"], 2, "is truncated"),
     Case("LoRA made for another base model", ["generate", "a cat", "--model", "tiny", "--lora",
                                               "{files}/lora-other-base.safetensors", "-o", "{tmp}/"], 2,
          "does not fit tiny: transformer_blocks.0.attn1.to_q is 8->8 there and 2240->2240 in the LoRA"),
@@ -402,6 +418,19 @@ def _input_files(root: Path) -> None:
     save_file(pair("transformer_blocks.0.attn1.to_q", (4, 8), (8, 2)), str(root / "lora-rank.safetensors"))
     save_file(pair("transformer_blocks.0.attn1.to_q", (4, 8), (8, 4)), str(root / "lora-fits.safetensors"))
     (root / "lora.bin").write_bytes(b"\x80\x02}q\x00.")
+    a_name, b_name = (f"transformer.transformer_blocks.0.attn1.to_q.lora_{x}.weight" for x in "AB")
+
+    def crafted(name: str, a_entry: dict) -> None:  # a well-formed lora_B beside a crafted lora_A
+        header = {a_name: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 128], **a_entry},
+                  b_name: {"dtype": "F32", "shape": [8, 4], "data_offsets": [128, 256]}}
+        text = json.dumps(header).encode()
+        (root / name).write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * 256)
+
+    crafted("lora-offsets-text.safetensors", {"data_offsets": ["zero", "x"]})
+    crafted("lora-shape-text.safetensors", {"shape": ["four", 8]})
+    crafted("lora-shape-float.safetensors", {"shape": [4.5, 8]})
+    crafted("lora-size.safetensors", {"data_offsets": [0, 16]})
+    crafted("lora-cut.safetensors", {"data_offsets": [128, 100128], "shape": [25000]})
     (root / "not-a-lora.safetensors").write_text("this is not a safetensors file")
     (root / "lora-row.jsonl").write_text('{"prompt": "a", "lora": 3}\n')
     (root / "controlnet-other").mkdir()
