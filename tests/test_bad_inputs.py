@@ -162,6 +162,32 @@ CASES = [
          "0.0 is not in the range x>0"),
     Case("sana decode on a file that is not kept latents", ["decode", "{files}/ok.txt"], 2,
          "is not a sana latents file"),
+    # A latents file is untrusted input like an image: its header, metadata and shape are checked before a
+    # byte of the tensor is read, and against the VAE before anything is decoded. Each file below is a real
+    # kept latents file with one thing changed.
+    Case("latents whose metadata is not JSON", ["decode", "{files}/latents/meta-not-json.latents.safetensors"], 2,
+         "is not a sana latents file (its metadata is not JSON"),
+    Case("latents whose metadata names no model", ["decode", "{files}/latents/no-model.latents.safetensors"], 2,
+         "(its metadata names no model"),
+    Case("latents naming an image in another directory",
+         ["decode", "{files}/latents/slash-name.latents.safetensors"], 2,
+         "its image name '../escaped.png' is not a plain .png, .jpg or .webp file name"),
+    Case("latents naming an image with a NUL", ["decode", "{files}/latents/nul-name.latents.safetensors"], 2,
+         "is not a plain .png, .jpg or .webp file name"),
+    Case("latents recording a bad device", ["decode", "{files}/latents/bad-device.latents.safetensors"], 2,
+         "its metadata records the device 'gpu; rm -rf ~'"),
+    Case("latents of the wrong rank", ["decode", "{files}/latents/rank3.latents.safetensors"], 2,
+         "not one image's (1, C, h, w) in a float dtype"),
+    Case("latents with more tensors than one", ["decode", "{files}/latents/extra.latents.safetensors"], 2,
+         "not one tensor 'latents'"),
+    Case("latents whose shape disagrees with their metadata",
+         ["decode", "{files}/latents/wide.latents.safetensors"], 2,
+         "its latents are 2600x8, which no VAE decodes into the 128x128 its metadata records"),
+    Case("latents whose metadata size is beyond generate's limits",
+         ["decode", "{files}/latents/huge-size.latents.safetensors"], 2, "its metadata: width 16384 is outside"),
+    Case("latents with the wrong channel count for the VAE",
+         ["decode", "{files}/latents/channels.latents.safetensors"], 2,
+         "the latents (8 channels, 32x32) do not fit the VAE of"),
     # Manifests: only sana-cli's own, never through a link; numbers: finite, in documented ranges;
     # lines end only at \n; questionable inputs decided; usage and environment errors before torch.
     Case("manifest that is a directory", ["batch", "{files}/ok.txt", "--model", "tiny", "-o", "{files}/manifest-dir"],
@@ -401,7 +427,44 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "million.jsonl").write_text('{"prompt": "a cat", "n": 10000}\n' * 101)
     (root / "spaced-names.jsonl").write_text('{"prompt": "a", "name": "cat"}\n{"prompt": "b", "name": " cat "}\n')
     _input_files(root)
+    _latents_files(root)
     return root
+
+
+def _latents_files(root: Path) -> None:
+    """A real kept latents file from the tiny model, and copies with one thing changed each."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .conftest import run_sana
+
+    folder = root / "latents"
+    made = run_sana("generate", "a cat", "--model", "tiny", "--seed", 1, "--steps", 1, "--keep-latents",
+                    "-o", folder / "good.png")
+    assert made.returncode == 0, made.stderr
+    (folder / "good.png").unlink()
+    with safe_open(str(folder / "good.latents.safetensors"), framework="pt") as handle:
+        info, latents = handle.metadata(), handle.get_tensor("latents")
+    meta = json.loads(info["sana"])
+    assert tuple(latents.shape) == (1, 4, 32, 32)
+
+    def variant(name: str, tensors=None, **changes):
+        metadata = {**info, **{key: value for key, value in changes.items() if key != "meta"}}
+        if "meta" in changes:
+            metadata["sana"] = json.dumps(changes["meta"])
+        save_file(tensors or {"latents": latents}, str(folder / f"{name}.latents.safetensors"), metadata=metadata)
+
+    variant("meta-not-json", sana="{not json")
+    variant("no-model", meta={key: value for key, value in meta.items() if key != "model_id"})
+    variant("slash-name", image="../escaped.png")
+    variant("nul-name", image="cat\0.png")
+    variant("bad-device", meta={**meta, "device": "gpu; rm -rf ~"})
+    variant("rank3", tensors={"latents": latents[0].clone()})
+    variant("extra", tensors={"latents": latents, "more": latents.clone()})
+    variant("wide", tensors={"latents": torch.zeros(1, 4, 8, 2600)})
+    variant("huge-size", meta={**meta, "width": 16384, "height": 16384})
+    variant("channels", tensors={"latents": torch.zeros(1, 8, 32, 32)})
 
 
 def _input_files(root: Path) -> None:
