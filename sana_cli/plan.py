@@ -278,15 +278,15 @@ def resolve_params(model: ModelRef, *, prompt, negative_prompt, width, height, s
         raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt"
                          + ("; drop --negative-prompt" if command_line else ""))
     pag_layers = (pag_layers or model.pag_layers) if pag_scale > 0 else None
-    extra = resolve_inputs(model, pag_scale=pag_scale, loras=loras, controlnet=controlnet,
+    extra = resolve_inputs(model, size=(width, height), pag_scale=pag_scale, loras=loras, controlnet=controlnet,
                            control_image=control_image, control_scale=control_scale, image=image, strength=strength,
                            offline=offline, command_line=command_line)
     return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                 guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers, **extra), notes
 
 
-def resolve_inputs(model: ModelRef, *, pag_scale, loras, controlnet, control_image, control_scale, image,
-                   strength, offline: bool, command_line: bool) -> dict:
+def resolve_inputs(model: ModelRef, *, size: tuple[int, int] | None = None, pag_scale, loras, controlnet,
+                   control_image, control_scale, image, strength, offline: bool, command_line: bool) -> dict:
     """The LoRA, ControlNet and image-to-image fields of a job, checked (files hashed, headers and
     configs compared with the model) before anything loads."""
     from . import control, inputs, lora
@@ -303,7 +303,7 @@ def resolve_inputs(model: ModelRef, *, pag_scale, loras, controlnet, control_ima
             raise UsageError("a ControlNet cannot be combined with PAG (diffusers has no pipeline for both)")
         if control_image is None:
             raise UsageError(f"--controlnet needs a control image ({option('control_image')} IMAGE)")
-        path, digest = inputs.check_image(control_image, option("control_image"))
+        path, digest = inputs.check_image(control_image, option("control_image"), size)
         scale = control.check_control_scale(1.0 if control_scale is None else control_scale)
         extra.update(controlnet=source, control_image=path, control_image_sha256=digest, control_scale=scale)
     if strength is not None and image is None:
@@ -312,7 +312,7 @@ def resolve_inputs(model: ModelRef, *, pag_scale, loras, controlnet, control_ima
         if not model.is_sprint:
             raise UsageError(f"{model.name} cannot start from an image: image-to-image works with "
                              f"{control.IMG2IMG_MODELS}")
-        path, digest = inputs.check_image(image, option("image"))
+        path, digest = inputs.check_image(image, option("image"), size)
         extra.update(image=path, image_sha256=digest,
                      strength=control.check_strength(0.6 if strength is None else strength))
     return extra

@@ -331,6 +331,18 @@ CASES = [
                                    "{files}/truncated.png"], 2, "is not a readable image: image file is truncated"),
     Case("decompression bomb as an input image", ["generate", "a cat", "--model", "tiny-sprint", "--image",
                                                   "{files}/bomb.png"], 2, "is too large"),
+    # Input images are bounded per side and by the work of the cover-resize, while planning (a 1-pixel strip
+    # has few pixels and would be resized into gigapixels); the address-space limit keeps a regression cheap.
+    Case("input image 100000x1 pixels", ["generate", "a cat", "--model", "tiny-sprint", "--image",
+                                         "{files}/strip-100000x1.png", "-o", "{tmp}/"], 2,
+         "is 100000x1: a side is longer than the 8192 pixels", limit_memory=3 * 2**30),
+    Case("input image whose cover-resize is too large", ["generate", "a cat", "--model", "tiny", "--controlnet",
+                                                         "tiny-controlnet", "--control-image",
+                                                         "{files}/strip-8000x1.png", "-o", "{tmp}/"], 2,
+         "covering 128x128 would resize it to 1024000x128 pixels", limit_memory=3 * 2**30),
+    Case("input image between sana-cli's pixel limit and Pillow's own",
+         ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/pixels-9000x8000.png", "-o", "{tmp}/"],
+         2, "is 9000x8000, larger than any image sana-cli writes", limit_memory=3 * 2**30),
     Case("image-to-image with a model that cannot", ["generate", "a cat", "--model", "tiny", "--image",
                                                      "{files}/input.png"], 2,
          "tiny cannot start from an image: image-to-image works with the SANA-Sprint models"),
@@ -502,7 +514,23 @@ def _input_files(root: Path) -> None:
     Image.new("RGB", (64, 64), (10, 20, 30)).save(root / "input.png")
     whole = (root / "input.png").read_bytes()
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(root / "noise.png")
+    _png(root / "strip-100000x1.png", 100000, 1)
+    _png(root / "strip-8000x1.png", 8000, 1)
+    _png(root / "pixels-9000x8000.png", 9000, 8000, rows=1)  # refused from its header: one row is enough
     (root / "truncated.png").write_bytes((root / "noise.png").read_bytes()[: len(whole) // 2 + 200])
+
+
+def _png(path: Path, width: int, height: int, rows: int | None = None) -> None:
+    """A black RGB PNG of any size in a few hundred bytes (its zero rows compress to almost nothing)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    pixels = zlib.compress(b"\0" * ((3 * width + 1) * (height if rows is None else rows)), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
 
 
 def _untrusted_files(root: Path, tiny: Path) -> None:
