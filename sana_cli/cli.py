@@ -151,7 +151,9 @@ def _input_options(function):
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, metavar="N", help="Images to make.")
 @click.option("--pag-scale", type=FINITE, default=0.0, metavar="X",
               help="Perturbed-attention guidance scale; > 0 uses SanaPAGPipeline (model card: 2.0).")
-@click.option("--pag-layers", metavar="LAYERS", help="Comma-separated layers for PAG. Default: transformer_blocks.8.")
+@click.option("--pag-layers", metavar="LAYERS",
+              help="Comma-separated layer patterns for PAG, each matching a transformer_blocks.N of the model. "
+                   "Default: the model's (transformer_blocks.8; the tiny models transformer_blocks.1).")
 @click.option("-o", "--output", envvar="SANA_OUTPUT_DIR", show_envvar=True, metavar="PATH",
               help="Image file (.png/.jpg/.webp) or directory. Default: ./sana-out/<prompt>-<seed>.png")
 @click.option("--overwrite", is_flag=True, help="Replace existing files (never done otherwise).")
@@ -270,7 +272,9 @@ def _parse_shard(ctx, param, value):
 @click.option("--negative-prompt", default="", metavar="TEXT", help="Default negative prompt.")
 @click.option("--pag-scale", type=FINITE, default=0.0, metavar="X",
               help="Default PAG scale (> 0 uses SanaPAGPipeline).")
-@click.option("--pag-layers", metavar="LAYERS", help="Layers for PAG. Default: transformer_blocks.8.")
+@click.option("--pag-layers", metavar="LAYERS",
+              help="Layer patterns for PAG, as for generate. Default: the model's (transformer_blocks.8; the tiny "
+                   "models transformer_blocks.1).")
 @click.option("--seed", "base_seed", type=int, default=0, show_default=True, metavar="N",
               help="Base seed for rows without their own seed (see README: seeds).")
 @click.option("--ext", "extension", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,

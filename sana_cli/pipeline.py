@@ -64,7 +64,9 @@ class LoadedModel:
         if pag_layers not in self._pag:
             from diffusers import SanaPAGPipeline
 
-            layers = [layer.strip() for layer in pag_layers.split(",") if layer.strip()]
+            from .presets import check_pag_layers
+
+            layers = check_pag_layers(pag_layers, int(self.pipe.transformer.config.num_layers), self.ref.name)
             components = {name: self.pipe.components[name]
                           for name in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
             try:

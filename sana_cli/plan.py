@@ -278,11 +278,31 @@ def resolve_params(model: ModelRef, *, prompt, negative_prompt, width, height, s
         raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt"
                          + ("; drop --negative-prompt" if command_line else ""))
     pag_layers = (pag_layers or model.pag_layers) if pag_scale > 0 else None
+    if pag_layers is not None:
+        presets.check_pag_layers(pag_layers, transformer_layers(model), model.name)
     extra = resolve_inputs(model, size=(width, height), pag_scale=pag_scale, loras=loras, controlnet=controlnet,
                            control_image=control_image, control_scale=control_scale, image=image, strength=strength,
                            offline=offline, command_line=command_line)
     return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                 guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers, **extra), notes
+
+
+_LAYERS: dict[tuple, int | None] = {}  # one batch plans many rows of one model: read its config once
+
+
+def transformer_layers(model: ModelRef) -> int | None:
+    """The number of transformer blocks of a model, from its config when that is readable without loading
+    (tiny, a local directory, a cached hub model), else None."""
+    key = (model.kind, model.source, model.revision)
+    if key not in _LAYERS:
+        from .lora import transformer_config
+
+        try:
+            layers = (transformer_config(model) or {}).get("num_layers")
+        except (OSError, ValueError):
+            layers = None
+        _LAYERS[key] = layers if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else None
+    return _LAYERS[key]
 
 
 def resolve_inputs(model: ModelRef, *, size: tuple[int, int] | None = None, pag_scale, loras, controlnet,
