@@ -157,6 +157,7 @@ def run_plan(plan: Plan, options: LoadOptions | None = None, *, decode: str = "a
     if loaded is None:
         plan = rekey(plan, options.pixels(options.decode_for(decode)))
         check_cache_dir()
+        _preflight(plan.model, options)  # what refuses the run without loading, before any directory is made
     else:
         plan = rekey(plan, loaded.options.pixels(loaded.options.decode_for(decode)))
     prepare_outputs(plan)
@@ -181,6 +182,14 @@ def _load_timed(ref: ModelRef, options: LoadOptions, events: EventSink | None = 
     started = time.perf_counter()
     loaded = load_model(ref, options)
     return loaded, time.perf_counter() - started
+
+
+def _preflight(ref: ModelRef, options: LoadOptions) -> None:
+    """pipeline.preflight: the refusals a load would make (no CUDA, no GPU for --fp8 or nf4, a model not
+    cached offline), decided before the run creates a directory or a manifest."""
+    from .pipeline import preflight
+
+    preflight(ref, options)
 
 
 def _compile_decided(options: LoadOptions, plan: Plan, device: str | None = None) -> LoadOptions:
@@ -393,6 +402,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
                          hint="use --overwrite to replace them, or another --output-dir")
     if session is None and len(done) < len(plan.jobs):
         check_cache_dir()
+        _preflight(plan.model, replace(options, device=distributed.device_for(options.device, processes)))
     if session is not None and getattr(session.loaded, "remote", False):
         from .client import uses_input_files
 

@@ -158,11 +158,11 @@ def finish(path: str, *, output: str | None = None, decode: str = "auto", device
     image_format(target)
     if Path(target).exists() and not overwrite:
         raise UsageError(f"{target} already exists", hint="pass --overwrite to replace it, or -o elsewhere")
-    ensure_directory(str(Path(target).parent))
     meta = kept.meta
     ref = resolve(meta["model_id"], revision=meta.get("revision"))
     loaded = load(ref, LoadOptions(device=device or meta.get("device") or "auto", dtype=_SHORT[kept.vae_dtype],
                                    offline=offline, max_memory_gib=max_memory, verbose=verbose, only=("vae",)))
+    ensure_directory(str(Path(target).parent))  # after every refusal loading can make: a refused run makes none
     budget = None if max_memory is None else int(max_memory * 2**30)
     check_fits(kept, loaded.pipe.vae)
     image, decoded = decode_to_pil(loaded, kept.latents.to(loaded.device), decode, budget)
