@@ -61,7 +61,16 @@ def read(path: str) -> Kept:
             latents = handle.get_tensor("latents")
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{path} is not a sana latents file ({exc})") from exc
+    check_finite(path, latents)
     return Kept(latents, meta, vae_dtype, str(source.with_name(image)))
+
+
+def check_finite(path: str, latents) -> None:
+    """Latents holding NaN or infinity decode into a black image that would pass for the run's: refused."""
+    import torch
+
+    if not bool(torch.isfinite(latents).all()):
+        raise UsageError(f"{path}: its latents hold NaN or infinity, which decode into no image")
 
 
 MAX_HEADER_BYTES = 16 * 2**20  # the metadata of one image: kilobytes

@@ -357,7 +357,10 @@ def load_adapter(loaded, identity: str, digest: str) -> None:
         raise EnvironmentProblem("LoRAs need the peft package", hint="pip install peft") from None
     try:
         state_dict = load_file(weights)
+        check_finite_weights(state_dict, identity)
         loaded.pipe.load_lora_weights(state_dict, adapter_name=adapter_name(digest))
+    except UsageError:
+        raise
     except Exception as exc:  # noqa: BLE001 - diffusers / peft say why in many ways: one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"LoRA {identity} does not fit {loaded.ref.name}: {first}") from None
@@ -365,6 +368,15 @@ def load_adapter(loaded, identity: str, digest: str) -> None:
     # An adapter that matched no module loads as nothing: diffusers only warns.
     if not _adapter_modules(loaded.pipe.transformer, adapter_name(digest)):
         raise UsageError(f"LoRA {identity} does not fit {loaded.ref.name}: none of its weights match a module")
+
+
+def check_finite_weights(state_dict: dict, identity: str) -> None:
+    """A LoRA with a NaN or infinite weight makes every image it touches black: a usage error naming it."""
+    import torch
+
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UsageError(f"LoRA {identity} has weights that are not finite (NaN or infinity in {name})")
 
 
 def _adapter_modules(transformer, name: str) -> list:

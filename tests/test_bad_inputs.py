@@ -332,6 +332,15 @@ CASES = [
          "declares 16 bytes for its shape [4, 8]"),
     Case("LoRA whose data is cut short", ["generate", "a cat", "--model", "tiny", "--lora",
                                           "{files}/lora-cut.safetensors", "-o", "{tmp}/"], 2, "is truncated"),
+    # A non-finite result is never written as a success: NaN weights in a LoRA are refused as input, and
+    # latents or pixels that are not finite fail the image (exit 1) with nothing written.
+    Case("LoRA with NaN weights", ["generate", "a cat", "--model", "tiny", "--lora", "{files}/lora-nan",
+                                   "-o", "{tmp}/"], 2, "has weights that are not finite (NaN or infinity in"),
+    Case("model whose weights make NaN latents", ["generate", "a cat", "--model", "{files}/nan-transformer",
+                                                  "-o", "{tmp}/"], 1,
+         "the denoised latents hold NaN or infinity"),
+    Case("latents holding NaN", ["decode", "{files}/latents/nan.latents.safetensors"], 2,
+         "its latents hold NaN or infinity"),
     Case("LoRA made for another base model", ["generate", "a cat", "--model", "tiny", "--lora",
                                               "{files}/lora-other-base.safetensors", "-o", "{tmp}/"], 2,
          "does not fit tiny: transformer_blocks.0.attn1.to_q is 8->8 there and 2240->2240 in the LoRA"),
@@ -473,6 +482,7 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "spaced-names.jsonl").write_text('{"prompt": "a", "name": "cat"}\n{"prompt": "b", "name": " cat "}\n')
     _input_files(root)
     _latents_files(root)
+    _non_finite_files(root, tiny)
     return root
 
 
@@ -510,6 +520,31 @@ def _latents_files(root: Path) -> None:
     variant("wide", tensors={"latents": torch.zeros(1, 4, 8, 2600)})
     variant("huge-size", meta={**meta, "width": 16384, "height": 16384})
     variant("channels", tensors={"latents": torch.zeros(1, 8, 32, 32)})
+    poisoned = latents.clone()
+    poisoned[0, 0, 3, 3] = float("nan")
+    variant("nan", tensors={"latents": poisoned})
+
+
+def _non_finite_files(root: Path, tiny: Path) -> None:
+    """A tiny LoRA with one NaN weight, and tiny models with NaN in the transformer's output layer or the
+    VAE decoder's last convolution."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sana_cli.tiny import build_lora
+
+    weights = build_lora(root / "lora-nan")
+    state = load_file(str(weights))
+    first = sorted(state)[0]
+    state[first][0, 0] = float("nan")
+    save_file(state, str(weights))
+    for name, component, tensor in (("nan-transformer", "transformer", "proj_out.weight"),
+                                    ("nan-vae", "vae", "decoder.conv_out.weight")):
+        shutil.copytree(tiny, root / name)
+        path = next((root / name / component).glob("*.safetensors"))
+        state = load_file(str(path))
+        state[tensor] = torch.full_like(state[tensor], float("nan"))
+        save_file(state, str(path))
 
 
 def _input_files(root: Path) -> None:
@@ -682,6 +717,25 @@ def test_the_python_api_refuses_a_non_finite_max_memory_before_loading(tmp_path)
         with pytest.raises(UsageError, match="max_memory must be a finite number"):
             sana_cli.generate("a cat", model="tiny", max_memory=bad, output=str(tmp_path / "new" / "x.png"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_pixels_are_no_image_and_a_batch_records_the_row_as_failed(files, tmp_path):
+    """NaN pixels from the VAE: exit 1 with one line and no image (the finite latents are kept, as for any
+    failed decode); in a batch the row is a recorded failure, exit 3, never a black image taken for done."""
+    process = subprocess.run([SANA, "generate", "a cat", "--model", str(files / "nan-vae"), "-o",
+                              str(tmp_path / "cat.png")], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 1, process.stderr
+    assert "the decoded image holds NaN or infinity" in one_line_error(process)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.latents.safetensors"]
+    batch = subprocess.run([SANA, "batch", str(files / "ok.txt"), "--model", str(files / "nan-transformer"),
+                            "-o", str(tmp_path / "b"), "--json"], capture_output=True, text=True, timeout=300)
+    assert batch.returncode == 3, batch.stderr
+    summary = json.loads(batch.stdout)
+    assert summary["written"] == 0 and summary["failed"] == 1
+    assert "the denoised latents hold NaN or infinity" in summary["failures"][0]["error"]
+    assert not list((tmp_path / "b").glob("*.png"))
+    records = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records if r.get("event") in ("image", "error")] == ["error"]
 
 
 def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
