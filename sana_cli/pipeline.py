@@ -86,7 +86,7 @@ class LoadedModel:
 
                 from .control import load_controlnet
 
-                controlnet = load_controlnet(self, job.controlnet)
+                controlnet = load_controlnet(self, job.controlnet, getattr(job, "controlnet_sha256", None))
                 pipe = SanaControlNetPipeline(**self._base_components(), controlnet=controlnet)
                 pipe.set_progress_bar_config(disable=True)
                 self._controlnets[job.controlnet] = pipe

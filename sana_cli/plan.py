@@ -174,12 +174,12 @@ class LoadOptions:
 # line, the JSON summary) lists them in this order, from here. A new generation parameter is a field
 # of ImageJob named here, resolved in resolve_params.
 PIXEL_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "pag_scale",
-                "pag_layers", "loras", "controlnet", "control_image", "control_image_sha256", "control_scale", "image",
-                "image_sha256", "strength")
+                "pag_layers", "loras", "controlnet", "controlnet_sha256", "control_image", "control_image_sha256",
+                "control_scale", "image", "image_sha256", "strength")
 # Fields that are left out of an image's records and key while they are unused (None or empty), so the
 # images made before they existed keep their keys and resume.
-OPTIONAL_FIELDS = ("loras", "controlnet", "control_image", "control_image_sha256", "control_scale", "image",
-                   "image_sha256", "strength")
+OPTIONAL_FIELDS = ("loras", "controlnet", "controlnet_sha256", "control_image", "control_image_sha256",
+                   "control_scale", "image", "image_sha256", "strength")
 # Where an input file was is not what it is: the key takes the files' hashes, not their paths, and a
 # LoRA's hash and scale, not where it was loaded from.
 _KEY_SKIPS = ("control_image", "image")
@@ -207,6 +207,7 @@ class ImageJob:
     pixels: PixelOptions = PixelOptions()  # the load options the key was made with
     loras: tuple = ()  # ((id, sha256, scale), ...): fused into the transformer, in this order
     controlnet: str | None = None  # its source: tiny-controlnet's, an absolute directory or a hub id
+    controlnet_sha256: str | None = None  # a local directory's content (control.controlnet_digest)
     control_image: str | None = None  # absolute path
     control_image_sha256: str | None = None
     control_scale: float | None = None
@@ -326,6 +327,9 @@ def resolve_inputs(model: ModelRef, *, size: tuple[int, int] | None = None, pag_
         path, digest = inputs.check_image(control_image, option("control_image"), size)
         scale = control.check_control_scale(1.0 if control_scale is None else control_scale)
         extra.update(controlnet=source, control_image=path, control_image_sha256=digest, control_scale=scale)
+        content = control.controlnet_digest(source)
+        if content is not None:
+            extra["controlnet_sha256"] = content
     if strength is not None and image is None:
         raise UsageError(f"{option('strength')} needs {option('image')}")
     if image is not None:

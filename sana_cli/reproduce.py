@@ -206,6 +206,7 @@ NOT_OPTIONS = {
     "versions": "library versions, for the record",
     "key_schema": "the version of the key's recipe",
     "control_image_sha256": "checked when the command runs: another file gives another key",
+    "controlnet_sha256": "checked when the command runs: another directory content gives another key",
     "image_sha256": "checked when the command runs: another file gives another key",
 }
 

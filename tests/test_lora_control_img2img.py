@@ -329,3 +329,33 @@ def test_input_images_any_mode_exif_and_the_cover_crop_rule(tmp_path):
     assert out.size == (64, 64) and out.getpixel((0, 32))[1] > 200  # the red quarter was cropped away
     same = Image.new("RGB", (64, 64), (1, 2, 3))
     assert inputs.fit(same, 64, 64) is same  # an image at the planned size is used as it is
+
+
+def test_a_controlnet_directory_edited_in_place_is_never_taken_for_finished_images(parts, tmp_path):
+    """The key covers the content of a local ControlNet's files, as it does a LoRA's: a batch rerun after the
+    weights changed in place (same size, same name) renders again instead of resuming."""
+    from safetensors.torch import load_file, save_file
+
+    controlnet = tmp_path / "my-controlnet"
+    shutil.copytree(parts["controlnet"], controlnet)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(f'{{"prompt": "a fox", "seed": 1, "control_image": "{parts["control"]}"}}\n')
+    args = ["batch", rows, "--model", "tiny", "--steps", 1, "--controlnet", controlnet, "-o", tmp_path / "out",
+            "--json"]
+    first = run_sana(*args, check_json=True)
+    assert first.returncode == 0 and first.json["written"] == 1, first.stderr
+    image = next((tmp_path / "out").glob("*.png"))
+    meta = read_metadata(str(image))["sana"]
+    assert len(meta["controlnet_sha256"]) == 64
+    again = run_sana(*args, check_json=True)
+    assert again.json["written"] == 0 and again.json["already_done"] == 1  # unchanged: resumed
+    weights = next(controlnet.glob("*.safetensors"))
+    state = load_file(str(weights))
+    name = sorted(state)[0]
+    state[name] = state[name] + 0.5
+    save_file(state, str(weights))
+    stale = run_sana(*args)  # the image there was made with other ControlNet weights: not this batch's
+    assert stale.returncode == 2 and "not made by this batch with these settings" in stale.stderr
+    edited = run_sana(*args, "--overwrite", check_json=True)
+    assert edited.returncode == 0 and edited.json["written"] == 1, edited.stderr
+    assert read_metadata(str(image))["sana"]["controlnet_sha256"] != meta["controlnet_sha256"]
