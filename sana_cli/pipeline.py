@@ -185,7 +185,22 @@ def import_runtime(verbose: bool = False):
         transformers.utils.logging.set_verbosity(transformers.utils.logging.CRITICAL)
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.logging.set_verbosity_error()  # its retry notices, when the hub is unreachable
+        quiet_library_warnings()
     return torch
+
+
+# Packages whose Python warnings are theirs to their developers (peft's "Already found a `peft_config`
+# attribute" when a run loads a second LoRA, deprecations): not a user's concern, and stderr is for sana's
+# own lines. --debug shows them.
+_WARNING_MODULES = ("peft", "diffusers", "transformers", "accelerate", "huggingface_hub", "torchao", "bitsandbytes",
+                    "safetensors", "torch")
+
+
+def quiet_library_warnings() -> None:
+    import warnings
+
+    for module in _WARNING_MODULES:
+        warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
 
 
 # Loggers that speak when diffusers imports an installed quantization backend: torchao lists the CUDA kernels a

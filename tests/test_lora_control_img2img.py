@@ -359,3 +359,14 @@ def test_a_controlnet_directory_edited_in_place_is_never_taken_for_finished_imag
     edited = run_sana(*args, "--overwrite", check_json=True)
     assert edited.returncode == 0 and edited.json["written"] == 1, edited.stderr
     assert read_metadata(str(image))["sana"]["controlnet_sha256"] != meta["controlnet_sha256"]
+
+
+def test_a_batch_with_several_loras_keeps_library_warnings_off_stderr(parts, tmp_path):
+    """Loading a second LoRA made peft warn ("Already found a `peft_config` attribute") on stderr: every
+    stderr line of a run is sana's own; --debug shows the libraries' warnings."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(f'{{"prompt": "a", "lora": "{parts["a"]}"}}\n{{"prompt": "b", "lora": "{parts["b"]}"}}\n')
+    process = run_sana("batch", rows, "--model", "tiny", "--steps", 1, "-o", tmp_path / "out")
+    assert process.returncode == 0, process.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    assert [line for line in process.stderr.splitlines() if not line.startswith("sana: ")] == []
