@@ -22,7 +22,7 @@ from .events import EventSink, Loading, Planned, no_events
 from .errors import EnvironmentProblem, GenerationError, Interrupted, PartialFailure, UsageError
 from .modelref import ModelRef
 from .pipeline import LoadedModel
-from .plan import LoadOptions, PixelOptions, Plan, Request, model_for, plan_generate, rekey
+from .plan import LoadOptions, PixelOptions, Plan, Request, check_side, model_for, plan_generate, rekey
 from .results import ImageResult, RunOptions, RunOutcome, StopToken
 
 
@@ -138,6 +138,7 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
     (as for load())."""
     options = load_options(options, **_split_load_keywords(request))
     if size is not None:
+        check_side("size", size)
         request.setdefault("width", size)
         request.setdefault("height", size)
     request.setdefault("offline", options.offline)

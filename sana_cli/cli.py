@@ -171,7 +171,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
     progress and logs go to stderr.
     """
     with _reporting(json_output, debug):
-        from .plan import Request, model_for, plan_generate
+        from .plan import Request, check_side, model_for, plan_generate
         from .progress import progress_interval
 
         progress_interval()
@@ -184,6 +184,8 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             prompt = read_prompt_stdin()
         if size is not None and (width is not None or height is not None):
             raise click.UsageError("--size conflicts with --width/--height; give one or the other")
+        if size is not None:
+            check_side("--size", size)  # its own name in its errors, not "width"
         request = Request(prompt=prompt, model=model, width=width if size is None else size,
                           height=height if size is None else size, steps=steps, guidance=guidance,
                           negative_prompt=negative_prompt, seed=seed, num_images=num_images, pag_scale=pag_scale,
@@ -312,7 +314,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
     kept, missing ones made. Paths of written images go to stdout (or one JSON summary with --json).
     """
     with _reporting(json_output, debug):
-        from .plan import BatchDefaults
+        from .plan import BatchDefaults, check_side
         from .progress import progress_interval
 
         progress_interval()
@@ -321,6 +323,8 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         pixels = load.pixels(decode)
         if size is not None and (width is not None or height is not None):
             raise click.UsageError("--size conflicts with --width/--height; give one or the other")
+        if size is not None:
+            check_side("--size", size)
         defaults = BatchDefaults(width=width if size is None else size, height=height if size is None else size,
                                  steps=steps, guidance=guidance, negative_prompt=negative_prompt, pag_scale=pag_scale,
                                  pag_layers=pag_layers, base_seed=base_seed, extension="." + extension,
@@ -513,8 +517,9 @@ def models(json_output):
 @click.option("--overwrite", is_flag=True, help="Replace an existing image.")
 @click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", help="Use only the local Hugging Face cache.")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object on stdout, nothing else.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or log lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def decode_command(file, output, strategy, device, max_memory, overwrite, offline, json_output, debug):
+def decode_command(file, output, strategy, device, max_memory, overwrite, offline, json_output, quiet, debug):
     """Finish an image from the denoised latents a run kept (NAME.latents.safetensors): loads only the VAE
     and writes the image with the pixels and metadata the run would have written."""
     with _reporting(json_output, debug):

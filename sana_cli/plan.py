@@ -355,6 +355,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     seed_rule: str = ""
     force_size: bool = False
+    seeds_drawn: bool = False  # no --seed: a run draws its own seeds when it starts, so a dry run cannot show them
 
     def to_dict(self) -> dict:
         """JSON-ready form (the --dry-run --json output)."""
@@ -364,6 +365,7 @@ class Plan:
                       "revision": self.model.revision, "native_size": self.model.native_size},
             "output_dir": self.output_dir,
             "seed_rule": self.seed_rule,
+            "seeds_drawn_at_run_time": self.seeds_drawn,
             "images": [asdict(job) for job in self.jobs],
             "groups": [[self.jobs[i].index for i in group] for group in self.groups],
             "notes": self.notes,
@@ -374,6 +376,9 @@ class Plan:
         lines = [f"model:   {self.model.describe()}", f"output:  {self.output_dir}"]
         if self.seed_rule:
             lines.append(f"seeds:   {self.seed_rule}")
+        if self.seeds_drawn:
+            lines.append("note:    no --seed: the seeds (and the file names made from them) below are this dry run's "
+                         "draw; a real run draws its own when it starts (pass --seed N to fix them)")
         lines.append(f"images:  {len(self.jobs)} in {len(self.groups)} GPU batch(es)")
         for number, group in enumerate(self.groups, 1):
             first = self.jobs[group[0]]
@@ -618,7 +623,7 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
         rule += ", +1 for each further image"
     return Plan(command="generate", model=model, jobs=jobs, groups=group_jobs(jobs, batch_size),
                 output_dir=str(Path(paths[0]).parent), overwrite=request.overwrite, notes=notes, seed_rule=rule,
-                force_size=request.force_size)
+                force_size=request.force_size, seeds_drawn=request.seed is None)
 
 
 def _generate_paths(request: Request, prompt: str, seeds: list[int]) -> list[str]:
@@ -758,6 +763,8 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, p
     check_prompt(row.get("negative_prompt", ""), "the negative prompt", allow_empty=True)
     if row.get("size") is not None and (row.get("width") is not None or row.get("height") is not None):
         raise UsageError("'size' conflicts with 'width'/'height'")
+    if row.get("size") is not None:
+        check_side("'size'", row.get("size"))
     params, _ = resolve_params(model, prompt=row.prompt,
                                negative_prompt=row.get("negative_prompt", defaults.negative_prompt),
                                width=row.get("width", row.get("size", defaults.width)),

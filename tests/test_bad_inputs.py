@@ -41,8 +41,12 @@ CASES = [
          ["generate", "{long_prompt}", "--model", "tiny", "--seed", "1", "-o", "{tmp}/long.png"], 0,
          "the text encoder reads the first 298"),
     Case("size not a multiple of 32", ["generate", "a cat", "--size", "1000"], 2,
-         "is not a multiple of 32 (try 992 or 1024)"),
-    Case("size zero", ["generate", "a cat", "--size", "0"], 2, "must be positive"),
+         "--size 1000 is not a multiple of 32 (try 992 or 1024)"),
+    Case("size zero", ["generate", "a cat", "--size", "0"], 2, "--size must be positive"),
+    Case("batch --size not a multiple of 32", ["batch", "{files}/ok.txt", "--model", "tiny", "--size", "33"], 2,
+         "--size 33 is not a multiple of 32"),
+    Case("row 'size' not a multiple of 32", ["batch", "{files}/size-row.jsonl", "--model", "tiny"], 2,
+         "line 1: 'size' 100 is not a multiple of 32 (try 96 or 128)"),
     Case("negative size", ["generate", "a cat", "--width", "-64", "--height", "64"], 2, "must be positive"),
     Case("non-numeric size", ["generate", "a cat", "--size", "big"], 2, "'big' is not a valid integer"),
     Case("absurdly large side", ["generate", "a cat", "--size", "65536"], 2, "is outside 32..8192"),
@@ -454,6 +458,7 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "escape.jsonl").write_text('{"prompt": "a", "name": "../../x"}\n')
     (root / "absolute.jsonl").write_text('{"prompt": "a", "name": "/etc/cron.d/x"}\n')
     (root / "ok.txt").write_text("a cat\n")
+    (root / "size-row.jsonl").write_text('{"prompt": "a cat", "size": 100}\n')
     (root / "one-huge.jsonl").write_text('{"prompt": "small"}\n{"prompt": "huge", "size": 4096}\n'
                                          '{"prompt": "small too"}\n')
     (root / "newline.jsonl").write_text(

@@ -279,3 +279,15 @@ def test_a_pag_image_records_the_pipeline_that_made_it(sana, tmp_path, tiny_mode
     records = sorted((json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()),
                      key=lambda r: r["row"])
     assert [r["pipeline"] for r in records] == ["SanaPAGPipeline", "SanaPipeline"]
+
+
+def test_a_dry_run_without_seed_says_the_run_draws_its_own(sana):
+    """Without --seed a run draws its seeds when it starts: the dry run says its own draw is not the run's,
+    in text and JSON; with --seed the seeds shown are the run's."""
+    text = sana("generate", "a cat", "--model", "tiny", "--dry-run")
+    assert text.returncode == 0 and "a real run draws its own when it starts (pass --seed N" in text.stdout
+    drawn = sana("generate", "a cat", "--model", "tiny", "--dry-run", "--json", check_json=True)
+    assert drawn.json["seeds_drawn_at_run_time"] is True
+    fixed = sana("generate", "a cat", "--model", "tiny", "--seed", 7, "--dry-run", "--json", check_json=True)
+    assert fixed.json["seeds_drawn_at_run_time"] is False and fixed.json["images"][0]["seed"] == 7
+    assert "draws its own" not in sana("generate", "a cat", "--model", "tiny", "--seed", 7, "--dry-run").stdout

@@ -82,3 +82,18 @@ def test_sana_decode_refuses_what_is_not_a_latents_file(sana, tmp_path):
     assert process.returncode == 2 and "is not a sana latents file" in one_line_error(process)
     missing = sana("decode", tmp_path / "missing.latents.safetensors")
     assert missing.returncode == 2 and "no such file" in one_line_error(missing)
+
+
+def test_every_command_that_logs_on_stderr_takes_quiet(sana, tiny_models, tmp_path):
+    """-q/--quiet means the same on each command that writes progress or log lines: generate, batch, decode."""
+    from sana_cli.cli import cli
+
+    for name in ("generate", "batch", "decode"):
+        assert any("--quiet" in getattr(p, "opts", ()) and "-q" in p.opts for p in cli.commands[name].params), name
+    made = sana("generate", "a red fox", "--model", "tiny", "--seed", 3, "--steps", 1, "--keep-latents", "-q",
+                "-o", tmp_path / "fox.png")
+    assert made.returncode == 0 and made.stderr == ""
+    (tmp_path / "fox.png").unlink()
+    finished = sana("decode", tmp_path / "fox.latents.safetensors", "-q")
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stderr == "" and finished.stdout.strip() == str(tmp_path / "fox.png")
