@@ -176,7 +176,9 @@ def test_exit_2_for_an_existing_output_and_the_file_is_untouched(sana, tmp_path)
 def test_exit_4_when_a_real_model_needs_cuda(sana, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    process = sana("generate", "x", "--model", "sana-1600m-1024", "--seed", 1, "-o", f"{tmp_path}/")
+    # online (a closed port stands in for the hub): offline, the missing cache is reported first
+    process = sana("generate", "x", "--model", "sana-1600m-1024", "--seed", 1, "-o", f"{tmp_path}/",
+                   env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert process.returncode == 4
     assert "needs a CUDA GPU" in one_line_error(process)
 
