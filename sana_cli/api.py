@@ -22,7 +22,7 @@ from .events import EventSink, Loading, Planned, no_events
 from .errors import EnvironmentProblem, GenerationError, Interrupted, PartialFailure, UsageError
 from .modelref import ModelRef
 from .pipeline import LoadedModel
-from .plan import LoadOptions, PixelOptions, Plan, Request, model_for, plan_generate, rekey
+from .plan import LoadOptions, PixelOptions, Plan, Request, check_side, model_for, plan_generate, rekey
 from .results import ImageResult, RunOptions, RunOutcome, StopToken
 
 
@@ -138,6 +138,7 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
     (as for load())."""
     options = load_options(options, **_split_load_keywords(request))
     if size is not None:
+        check_side("size", size)
         request.setdefault("width", size)
         request.setdefault("height", size)
     request.setdefault("offline", options.offline)
@@ -157,6 +158,7 @@ def run_plan(plan: Plan, options: LoadOptions | None = None, *, decode: str = "a
     if loaded is None:
         plan = rekey(plan, options.pixels(options.decode_for(decode)))
         check_cache_dir()
+        _preflight(plan.model, options)  # what refuses the run without loading, before any directory is made
     else:
         plan = rekey(plan, loaded.options.pixels(loaded.options.decode_for(decode)))
     prepare_outputs(plan)
@@ -181,6 +183,14 @@ def _load_timed(ref: ModelRef, options: LoadOptions, events: EventSink | None = 
     started = time.perf_counter()
     loaded = load_model(ref, options)
     return loaded, time.perf_counter() - started
+
+
+def _preflight(ref: ModelRef, options: LoadOptions) -> None:
+    """pipeline.preflight: the refusals a load would make (no CUDA, no GPU for --fp8 or nf4, a model not
+    cached offline), decided before the run creates a directory or a manifest."""
+    from .pipeline import preflight
+
+    preflight(ref, options)
 
 
 def _compile_decided(options: LoadOptions, plan: Plan, device: str | None = None) -> LoadOptions:
@@ -393,6 +403,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
                          hint="use --overwrite to replace them, or another --output-dir")
     if session is None and len(done) < len(plan.jobs):
         check_cache_dir()
+        _preflight(plan.model, replace(options, device=distributed.device_for(options.device, processes)))
     if session is not None and getattr(session.loaded, "remote", False):
         from .client import uses_input_files
 

@@ -20,6 +20,25 @@ from .errors import (EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE, GenerationError, Inte
 from .terminal import json_text, printable
 
 DECODE_CHOICES = ("auto", "full", "strips", "patch-conv", "tiled")
+
+
+class FiniteFloat(click.FloatRange):
+    """The one float type of every option of every command: a number that is neither NaN nor infinite
+    (Click's float and FloatRange take `nan`, `inf` and `1e999`, and NaN passes any range check), then
+    checked against the range if one is given. A bad value is exit 2 while parsing, before anything runs."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+FINITE = FiniteFloat()
 EPILOG = """\b
 Exit codes: 0 success, 1 generation failed, 2 bad usage or input, 3 batch partly
 failed, 4 environment (no CUDA, model missing or not cached offline, missing
@@ -68,7 +87,7 @@ def _model_options(function):
         click.option("--compile", "compile_mode", default="auto", show_default=True,
                      type=click.Choice(["auto", "on", "off"]),
                      help="torch.compile the transformer (cached for later runs). auto: on for long GPU runs."),
-        click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), envvar="SANA_MAX_MEMORY",
+        click.option("--max-memory", type=FiniteFloat(min=0, min_open=True), envvar="SANA_MAX_MEMORY",
                      show_envvar=True, metavar="GiB",
                      help="Cap on the GPU memory this run holds (the allocator never goes past it); auto plans "
                           "within it: the decode strategy, CPU offload when the weights do not fit, and a GPU "
@@ -106,12 +125,12 @@ def _input_options(function):
         click.option("--controlnet", metavar="NAME|ID|DIR",
                      help="A SanaControlNetModel (tiny-controlnet, hub id or directory); needs --control-image."),
         click.option("--control-image", metavar="IMAGE", help="The ControlNet's control image (PNG, JPEG or WebP)."),
-        click.option("--control-scale", type=float, metavar="X",
+        click.option("--control-scale", type=FINITE, metavar="X",
                      help="ControlNet conditioning scale, 0-2 (default 1)."),
         click.option("--image", metavar="IMAGE",
                      help="Start from this image (image-to-image; SANA-Sprint models). Resized to cover the size "
                           "and centre-cropped."),
-        click.option("--strength", type=float, metavar="X",
+        click.option("--strength", type=FINITE, metavar="X",
                      help="How far image-to-image moves from --image, 0-1 (default 0.6)."),
     ]
     for option in reversed(options):
@@ -125,14 +144,16 @@ def _input_options(function):
 @click.option("-W", "--width", type=int, metavar="N", help="Width in pixels (multiple of 32).")
 @click.option("-H", "--height", type=int, metavar="N", help="Height in pixels (multiple of 32).")
 @click.option("--steps", type=int, metavar="N", help="Denoising steps. Default: the model's (20; Sprint 2).")
-@click.option("-g", "--guidance", type=float, metavar="X", help="Guidance scale. Default: the model's (4.5; 4K 5.0).")
+@click.option("-g", "--guidance", type=FINITE, metavar="X", help="Guidance scale. Default: the model's (4.5; 4K 5.0).")
 @click.option("--negative-prompt", default="", metavar="TEXT", help="What to steer away from.")
 @click.option("--seed", type=int, metavar="N",
               help="Seed of the first image (drawn at random if omitted); +1 per image.")
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, metavar="N", help="Images to make.")
-@click.option("--pag-scale", type=float, default=0.0, metavar="X",
+@click.option("--pag-scale", type=FINITE, default=0.0, metavar="X",
               help="Perturbed-attention guidance scale; > 0 uses SanaPAGPipeline (model card: 2.0).")
-@click.option("--pag-layers", metavar="LAYERS", help="Comma-separated layers for PAG. Default: transformer_blocks.8.")
+@click.option("--pag-layers", metavar="LAYERS",
+              help="Comma-separated layer patterns for PAG, each matching a transformer_blocks.N of the model. "
+                   "Default: the model's (transformer_blocks.8; the tiny models transformer_blocks.1).")
 @click.option("-o", "--output", envvar="SANA_OUTPUT_DIR", show_envvar=True, metavar="PATH",
               help="Image file (.png/.jpg/.webp) or directory. Default: ./sana-out/<prompt>-<seed>.png")
 @click.option("--overwrite", is_flag=True, help="Replace existing files (never done otherwise).")
@@ -150,7 +171,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
     progress and logs go to stderr.
     """
     with _reporting(json_output, debug):
-        from .plan import Request, model_for, plan_generate
+        from .plan import Request, check_side, model_for, plan_generate
         from .progress import progress_interval
 
         progress_interval()
@@ -163,6 +184,8 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
             prompt = read_prompt_stdin()
         if size is not None and (width is not None or height is not None):
             raise click.UsageError("--size conflicts with --width/--height; give one or the other")
+        if size is not None:
+            check_side("--size", size)  # its own name in its errors, not "width"
         request = Request(prompt=prompt, model=model, width=width if size is None else size,
                           height=height if size is None else size, steps=steps, guidance=guidance,
                           negative_prompt=negative_prompt, seed=seed, num_images=num_images, pag_scale=pag_scale,
@@ -247,10 +270,13 @@ def _parse_shard(ctx, param, value):
 @click.option("-W", "--width", type=int, metavar="N", help="Default width.")
 @click.option("-H", "--height", type=int, metavar="N", help="Default height.")
 @click.option("--steps", type=int, metavar="N", help="Default steps (the model's if omitted).")
-@click.option("-g", "--guidance", type=float, metavar="X", help="Default guidance scale.")
+@click.option("-g", "--guidance", type=FINITE, metavar="X", help="Default guidance scale.")
 @click.option("--negative-prompt", default="", metavar="TEXT", help="Default negative prompt.")
-@click.option("--pag-scale", type=float, default=0.0, metavar="X", help="Default PAG scale (> 0 uses SanaPAGPipeline).")
-@click.option("--pag-layers", metavar="LAYERS", help="Layers for PAG. Default: transformer_blocks.8.")
+@click.option("--pag-scale", type=FINITE, default=0.0, metavar="X",
+              help="Default PAG scale (> 0 uses SanaPAGPipeline).")
+@click.option("--pag-layers", metavar="LAYERS",
+              help="Layer patterns for PAG, as for generate. Default: the model's (transformer_blocks.8; the tiny "
+                   "models transformer_blocks.1).")
 @click.option("--seed", "base_seed", type=int, default=0, show_default=True, metavar="N",
               help="Base seed for rows without their own seed (see README: seeds).")
 @click.option("--ext", "extension", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,
@@ -288,7 +314,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
     kept, missing ones made. Paths of written images go to stdout (or one JSON summary with --json).
     """
     with _reporting(json_output, debug):
-        from .plan import BatchDefaults
+        from .plan import BatchDefaults, check_side
         from .progress import progress_interval
 
         progress_interval()
@@ -297,6 +323,8 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
         pixels = load.pixels(decode)
         if size is not None and (width is not None or height is not None):
             raise click.UsageError("--size conflicts with --width/--height; give one or the other")
+        if size is not None:
+            check_side("--size", size)
         defaults = BatchDefaults(width=width if size is None else size, height=height if size is None else size,
                                  steps=steps, guidance=guidance, negative_prompt=negative_prompt, pag_scale=pag_scale,
                                  pag_layers=pag_layers, base_seed=base_seed, extension="." + extension,
@@ -398,7 +426,10 @@ def _parse_duration(ctx, param, value):
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value.lower())
     if not match:
         raise click.BadParameter(f"{value!r} is not a duration (30s, 5m, 2h, seconds, or forever)")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    if seconds > 10 * 365 * 86400:  # a 400-digit number reads as infinity; `forever` says it plainly
+        raise click.BadParameter(f"{value!r} is more than ten years (say `forever` to keep models loaded)")
+    return seconds
 
 
 @cli.command(epilog=EPILOG)
@@ -409,11 +440,11 @@ def _parse_duration(ctx, param, value):
 @click.option("--port", type=click.IntRange(0, 65535), default=8723, show_default=True, help="HTTP port (0: any).")
 @click.option("--keep-alive", callback=_parse_duration, default="forever", show_default=True, metavar="DURATION",
               help="Unload a model unused this long (30s, 5m, 2h, or forever).")
-@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), metavar="GiB",
+@click.option("--max-memory", type=FiniteFloat(min=0, min_open=True), metavar="GiB",
               help="Memory budget of the loaded models' weights; least recently used ones are unloaded past it.")
 @click.option("--api-key", envvar="SANA_API_KEY", show_envvar=True, metavar="KEY",
               help="Require `Authorization: Bearer KEY` on every request (the Unix socket too).")
-@click.option("--batch-window", type=click.FloatRange(0, 10), default=0.2, show_default=True, metavar="SECONDS",
+@click.option("--batch-window", type=FiniteFloat(0, 10), default=0.2, show_default=True, metavar="SECONDS",
               help="How long a request waits for others to share its GPU batch.")
 @click.option("--max-queue", type=click.IntRange(1, 100000), default=64, show_default=True, metavar="N",
               help="Requests that may wait; more are answered 429.")
@@ -481,13 +512,14 @@ def models(json_output):
               help="VAE decode strategy (as for generate).")
 @click.option("--device", default=None, metavar="auto|cuda|cuda:N|cpu",
               help="Where to decode. Default: the kind of device the run used (same pixels).")
-@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), envvar="SANA_MAX_MEMORY",
+@click.option("--max-memory", type=FiniteFloat(min=0, min_open=True), envvar="SANA_MAX_MEMORY",
               show_envvar=True, metavar="GiB", help="Cap on GPU memory, as for generate.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing image.")
 @click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", help="Use only the local Hugging Face cache.")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object on stdout, nothing else.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or log lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def decode_command(file, output, strategy, device, max_memory, overwrite, offline, json_output, debug):
+def decode_command(file, output, strategy, device, max_memory, overwrite, offline, json_output, quiet, debug):
     """Finish an image from the denoised latents a run kept (NAME.latents.safetensors): loads only the VAE
     and writes the image with the pixels and metadata the run would have written."""
     with _reporting(json_output, debug):

@@ -55,6 +55,42 @@ def resolve_controlnet(value: str, model) -> str:
     return source
 
 
+_DIGESTS: dict[tuple, str] = {}  # one run plans many rows with one ControlNet: hash its files once
+
+
+def controlnet_digest(source: str) -> str | None:
+    """The sha256 of a local ControlNet directory's content: of the name and bytes of every file in it that
+    loading can read (config.json and the weights, of any variant), so a directory edited in place gives
+    other keys and never passes for finished images on resume, as a LoRA's file does. None for the built-in
+    tiny ControlNet (made the same way every time) and hub ids (named by id and revision, like models)."""
+    if source in CONTROLNETS or not Path(source).is_absolute():
+        return None
+    from .safeio import open_regular
+
+    folder = Path(source)
+    try:
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
+        marker = tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns, st.st_ino) for p in files)
+    except OSError as exc:
+        raise UsageError(f"cannot read --controlnet {source}: {exc.strerror or exc}") from None
+    key = (source, marker)
+    if key not in _DIGESTS:
+        import hashlib
+
+        whole = hashlib.sha256()
+        for path in files:
+            digest = hashlib.sha256()
+            try:
+                with open_regular(path) as handle:
+                    for chunk in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(chunk)
+            except OSError as exc:
+                raise UsageError(f"cannot read --controlnet {source}: {exc.strerror or exc}") from None
+            whole.update(f"{path.name}\0{digest.hexdigest()}\n".encode())
+        _DIGESTS[key] = whole.hexdigest()
+    return _DIGESTS[key]
+
+
 def _tiny_config() -> dict:
     from . import tiny
 
@@ -123,11 +159,16 @@ def check_strength(strength) -> float:
     return float(strength)
 
 
-def load_controlnet(loaded, source: str):
-    """The SanaControlNetModel a source names, in the transformer's dtype on the model's device."""
+def load_controlnet(loaded, source: str, digest: str | None = None):
+    """The SanaControlNetModel a source names, in the transformer's dtype on the model's device; a local
+    directory must still hold what was hashed while planning (`digest`)."""
     from diffusers import SanaControlNetModel
 
     from .pipeline import _loading_error
+
+    if digest is not None and controlnet_digest(source) != digest:
+        raise UsageError(f"--controlnet {source} changed after the run was planned (its files' sha256 differs); "
+                         "run again")
 
     offline = loaded.options.offline
     kwargs = dict(dtype=loaded.dtype, use_safetensors=None if loaded.options.allow_pickle else True)

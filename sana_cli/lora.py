@@ -147,33 +147,19 @@ def sha256_file(path, source: str) -> str:
 # ---- the header check ----------------------------------------------------------------------------
 
 def read_header(path, source: str) -> dict:
-    """The tensors a safetensors file declares: {name: shape}. A file that is not safetensors is a usage error."""
-    import json
-
-    from .safeio import open_regular
+    """The tensors a safetensors file declares: {name: shape}. The whole header is parsed and checked by one
+    call under one guard (safeio.read_safetensors_header): a file that is not safetensors is a usage error."""
+    from .safeio import BadSafetensors, read_safetensors_header
 
     try:
-        with open_regular(path) as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 2 <= size <= MAX_HEADER_BYTES:
-                raise ValueError("bad header size")
-            header = json.loads(handle.read(size))
-            end = handle.seek(0, os.SEEK_END)
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise UsageError(f"LoRA {source} is not a readable safetensors file") from None
-    if not isinstance(header, dict):
-        raise UsageError(f"LoRA {source} is not a readable safetensors file")
-    shapes = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or \
-                not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2:
-            raise UsageError(f"LoRA {source} is not a readable safetensors file")
-        if 8 + size + int(entry["data_offsets"][1]) > end:
-            raise UsageError(f"LoRA {source} is truncated")
-        shapes[name] = tuple(int(n) for n in entry["shape"])
-    return shapes
+        tensors, _ = read_safetensors_header(path, MAX_HEADER_BYTES)
+    except BadSafetensors as exc:
+        if exc.truncated:
+            raise UsageError(f"LoRA {source} is truncated") from None
+        raise UsageError(f"LoRA {source} is not a readable safetensors file ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"LoRA {source} is not a readable safetensors file ({exc.strerror or exc})") from None
+    return {name: shape for name, (_, shape, _) in tensors.items()}
 
 
 def _module_sizes(config: dict) -> dict[str, tuple[int, int]]:
@@ -383,7 +369,10 @@ def load_adapter(loaded, identity: str, digest: str) -> None:
         raise EnvironmentProblem("LoRAs need the peft package", hint="pip install peft") from None
     try:
         state_dict = load_file(weights)
+        check_finite_weights(state_dict, identity)
         loaded.pipe.load_lora_weights(state_dict, adapter_name=adapter_name(digest))
+    except UsageError:
+        raise
     except Exception as exc:  # noqa: BLE001 - diffusers / peft say why in many ways: one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"LoRA {identity} does not fit {loaded.ref.name}: {first}") from None
@@ -391,6 +380,15 @@ def load_adapter(loaded, identity: str, digest: str) -> None:
     # An adapter that matched no module loads as nothing: diffusers only warns.
     if not _adapter_modules(loaded.pipe.transformer, adapter_name(digest)):
         raise UsageError(f"LoRA {identity} does not fit {loaded.ref.name}: none of its weights match a module")
+
+
+def check_finite_weights(state_dict: dict, identity: str) -> None:
+    """A LoRA with a NaN or infinite weight makes every image it touches black: a usage error naming it."""
+    import torch
+
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UsageError(f"LoRA {identity} has weights that are not finite (NaN or infinity in {name})")
 
 
 def _adapter_modules(transformer, name: str) -> list:

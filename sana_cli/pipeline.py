@@ -65,7 +65,9 @@ class LoadedModel:
         if pag_layers not in self._pag:
             from diffusers import SanaPAGPipeline
 
-            layers = [layer.strip() for layer in pag_layers.split(",") if layer.strip()]
+            from .presets import check_pag_layers
+
+            layers = check_pag_layers(pag_layers, int(self.pipe.transformer.config.num_layers), self.ref.name)
             components = {name: self.pipe.components[name]
                           for name in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
             try:
@@ -85,7 +87,7 @@ class LoadedModel:
 
                 from .control import load_controlnet
 
-                controlnet = load_controlnet(self, job.controlnet)
+                controlnet = load_controlnet(self, job.controlnet, getattr(job, "controlnet_sha256", None))
                 pipe = SanaControlNetPipeline(**self._base_components(), controlnet=controlnet)
                 pipe.set_progress_bar_config(disable=True)
                 self._controlnets[job.controlnet] = pipe
@@ -184,7 +186,22 @@ def import_runtime(verbose: bool = False):
         transformers.utils.logging.set_verbosity(transformers.utils.logging.CRITICAL)
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.logging.set_verbosity_error()  # its retry notices, when the hub is unreachable
+        quiet_library_warnings()
     return torch
+
+
+# Packages whose Python warnings are theirs to their developers (peft's "Already found a `peft_config`
+# attribute" when a run loads a second LoRA, deprecations): not a user's concern, and stderr is for sana's
+# own lines. --debug shows them.
+_WARNING_MODULES = ("peft", "diffusers", "transformers", "accelerate", "huggingface_hub", "torchao", "bitsandbytes",
+                    "safetensors", "torch")
+
+
+def quiet_library_warnings() -> None:
+    import warnings
+
+    for module in _WARNING_MODULES:
+        warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
 
 
 # Loggers that speak when diffusers imports an installed quantization backend: torchao lists the CUDA kernels a
@@ -354,8 +371,25 @@ def _pipeline_class(ref: ModelRef, source: str, offline: bool, revision: str | N
     return getattr(diffusers, SANA if name == SANA_PAG else name), name
 
 
-def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
-    """Load the pipeline a ModelRef names, ready to run. Raises SanaError subclasses on failure."""
+@dataclass(frozen=True)
+class Preflight:
+    """What load decides before it reads a weight: where the model is, its variant and stored dtype, the
+    device, the weight format. Everything that can refuse a run without loading is decided here."""
+
+    offline: bool
+    source_dir: Path | None
+    variant: str | None
+    checkpoint: str | None
+    device: object  # torch.device
+    quantize: str | None
+
+
+def preflight(ref: ModelRef, options: LoadOptions | None = None) -> Preflight:
+    """Every refusal load can make without loading weights: an unknown or conflicting weight format, a bad
+    memory cap, a hub model missing from the cache while offline (before the device, so the missing model is
+    what an offline machine without a GPU hears about first), no CUDA for --device cuda, a model too big
+    for the CPU, --fp8 or --quantize nf4 without the GPU they need. Runs call it before they create an
+    output directory or a manifest, so a refused run leaves the disk as it was."""
     options = options or LoadOptions()
     quantize_choice(options.quantize, options.fp8)  # an unknown or conflicting weight format, before loading
     check_max_memory(options.max_memory_gib)
@@ -363,6 +397,8 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     offline = options.offline or any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
                                      for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     source_dir = _source_dir(ref)
+    if offline and ref.kind == "hub" and _uncached(ref):
+        raise _offline_missing(ref)
     variant = _variant(ref, source_dir, offline)
     checkpoint = checkpoint_dtype(ref, source_dir, variant)
     if options.fp8:  # fp8 runs on CUDA only, so judge the dtypes CUDA would get, before anything loads
@@ -379,6 +415,28 @@ def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
         from . import quantize as quantizing
 
         quantizing.check(quantize, device.type)
+    return Preflight(offline=offline, source_dir=source_dir, variant=variant, checkpoint=checkpoint, device=device,
+                     quantize=quantize)
+
+
+def _uncached(ref: ModelRef) -> bool:
+    """A hub model whose model_index.json is not in the cache: loading offline cannot find it."""
+    from .modelref import cached_file
+
+    try:
+        return cached_file(ref.source, "model_index.json", ref.revision) is None
+    except (OSError, ValueError):
+        return False  # the cache cannot say: loading will
+
+
+def load(ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
+    """Load the pipeline a ModelRef names, ready to run. Raises SanaError subclasses on failure."""
+    options = options or LoadOptions()
+    checked = preflight(ref, options)
+    offline, source_dir, variant, checkpoint = checked.offline, checked.source_dir, checked.variant, checked.checkpoint
+    device, quantize = checked.device, checked.quantize
+    if quantize:
+        from . import quantize as quantizing
     dtype_argument, dtypes = _dtype_plan(ref, device, options.dtype, checkpoint)
     transformer_dtype = dtypes["transformer"]
     source = str(source_dir) if source_dir is not None else ref.source
@@ -511,6 +569,11 @@ def _hub_unreachable(exc: BaseException) -> bool:
     return False
 
 
+def _offline_missing(ref: ModelRef) -> EnvironmentProblem:
+    return EnvironmentProblem(f"{ref.name} is not in the Hugging Face cache and offline mode is on",
+                              hint=f"download it once online (`hf download {ref.source}`) or drop --offline")
+
+
 def _loading_error(ref: ModelRef, exc: Exception, offline: bool, allow_pickle: bool = False) -> Exception:
     """Map an exception from hub / diffusers / safetensors to a SanaError with the right exit code."""
     name = type(exc).__name__
@@ -530,8 +593,7 @@ def _loading_error(ref: ModelRef, exc: Exception, offline: bool, allow_pickle: b
                                        f"reachable (`hf download {ref.source}`) and copy the cache here")
     if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or (
             offline and ("local cache" in text or "offline" in text.lower() or "Cannot find" in text)):
-        return EnvironmentProblem(f"{ref.name} is not in the Hugging Face cache and offline mode is on",
-                                  hint=f"download it once online (`hf download {ref.source}`) or drop --offline")
+        return _offline_missing(ref)
     if name in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeaderDeserialization") or \
             "deserializ" in text.lower() or "incomplete metadata" in text.lower() or \
             "unable to load weights from checkpoint" in text.lower():

@@ -147,6 +147,10 @@ class LoadOptions:
     only: tuple[str, ...] | None = None  # load just these components (`sana decode` needs only the VAE)
 
     def __post_init__(self) -> None:
+        if self.max_memory_gib is not None:  # the API's max_memory: the same check as the option's type
+            check_finite("max_memory", self.max_memory_gib)
+            if not self.max_memory_gib > 0:
+                raise UsageError(f"--max-memory must be more than 0 GiB, got {self.max_memory_gib:g}")
         if self.quantize == "fp8":  # the loader knows one spelling of fp8; pixels() checks the rest
             object.__setattr__(self, "quantize", None)
             object.__setattr__(self, "fp8", True)
@@ -170,12 +174,12 @@ class LoadOptions:
 # line, the JSON summary) lists them in this order, from here. A new generation parameter is a field
 # of ImageJob named here, resolved in resolve_params.
 PIXEL_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "pag_scale",
-                "pag_layers", "loras", "controlnet", "control_image", "control_image_sha256", "control_scale", "image",
-                "image_sha256", "strength")
+                "pag_layers", "loras", "controlnet", "controlnet_sha256", "control_image", "control_image_sha256",
+                "control_scale", "image", "image_sha256", "strength")
 # Fields that are left out of an image's records and key while they are unused (None or empty), so the
 # images made before they existed keep their keys and resume.
-OPTIONAL_FIELDS = ("loras", "controlnet", "control_image", "control_image_sha256", "control_scale", "image",
-                   "image_sha256", "strength")
+OPTIONAL_FIELDS = ("loras", "controlnet", "controlnet_sha256", "control_image", "control_image_sha256",
+                   "control_scale", "image", "image_sha256", "strength")
 # Where an input file was is not what it is: the key takes the files' hashes, not their paths, and a
 # LoRA's hash and scale, not where it was loaded from.
 _KEY_SKIPS = ("control_image", "image")
@@ -203,6 +207,7 @@ class ImageJob:
     pixels: PixelOptions = PixelOptions()  # the load options the key was made with
     loras: tuple = ()  # ((id, sha256, scale), ...): fused into the transformer, in this order
     controlnet: str | None = None  # its source: tiny-controlnet's, an absolute directory or a hub id
+    controlnet_sha256: str | None = None  # a local directory's content (control.controlnet_digest)
     control_image: str | None = None  # absolute path
     control_image_sha256: str | None = None
     control_scale: float | None = None
@@ -274,15 +279,35 @@ def resolve_params(model: ModelRef, *, prompt, negative_prompt, width, height, s
         raise UsageError(f"{model.name} (SANA-Sprint) has no negative prompt"
                          + ("; drop --negative-prompt" if command_line else ""))
     pag_layers = (pag_layers or model.pag_layers) if pag_scale > 0 else None
-    extra = resolve_inputs(model, pag_scale=pag_scale, loras=loras, controlnet=controlnet,
+    if pag_layers is not None:
+        presets.check_pag_layers(pag_layers, transformer_layers(model), model.name)
+    extra = resolve_inputs(model, size=(width, height), pag_scale=pag_scale, loras=loras, controlnet=controlnet,
                            control_image=control_image, control_scale=control_scale, image=image, strength=strength,
                            offline=offline, command_line=command_line)
     return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                 guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers, **extra), notes
 
 
-def resolve_inputs(model: ModelRef, *, pag_scale, loras, controlnet, control_image, control_scale, image,
-                   strength, offline: bool, command_line: bool) -> dict:
+_LAYERS: dict[tuple, int | None] = {}  # one batch plans many rows of one model: read its config once
+
+
+def transformer_layers(model: ModelRef) -> int | None:
+    """The number of transformer blocks of a model, from its config when that is readable without loading
+    (tiny, a local directory, a cached hub model), else None."""
+    key = (model.kind, model.source, model.revision)
+    if key not in _LAYERS:
+        from .lora import transformer_config
+
+        try:
+            layers = (transformer_config(model) or {}).get("num_layers")
+        except (OSError, ValueError):
+            layers = None
+        _LAYERS[key] = layers if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else None
+    return _LAYERS[key]
+
+
+def resolve_inputs(model: ModelRef, *, size: tuple[int, int] | None = None, pag_scale, loras, controlnet,
+                   control_image, control_scale, image, strength, offline: bool, command_line: bool) -> dict:
     """The LoRA, ControlNet and image-to-image fields of a job, checked (files hashed, headers and
     configs compared with the model) before anything loads."""
     from . import control, inputs, lora
@@ -299,16 +324,19 @@ def resolve_inputs(model: ModelRef, *, pag_scale, loras, controlnet, control_ima
             raise UsageError("a ControlNet cannot be combined with PAG (diffusers has no pipeline for both)")
         if control_image is None:
             raise UsageError(f"--controlnet needs a control image ({option('control_image')} IMAGE)")
-        path, digest = inputs.check_image(control_image, option("control_image"))
+        path, digest = inputs.check_image(control_image, option("control_image"), size)
         scale = control.check_control_scale(1.0 if control_scale is None else control_scale)
         extra.update(controlnet=source, control_image=path, control_image_sha256=digest, control_scale=scale)
+        content = control.controlnet_digest(source)
+        if content is not None:
+            extra["controlnet_sha256"] = content
     if strength is not None and image is None:
         raise UsageError(f"{option('strength')} needs {option('image')}")
     if image is not None:
         if not model.is_sprint:
             raise UsageError(f"{model.name} cannot start from an image: image-to-image works with "
                              f"{control.IMG2IMG_MODELS}")
-        path, digest = inputs.check_image(image, option("image"))
+        path, digest = inputs.check_image(image, option("image"), size)
         extra.update(image=path, image_sha256=digest,
                      strength=control.check_strength(0.6 if strength is None else strength))
     return extra
@@ -327,6 +355,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     seed_rule: str = ""
     force_size: bool = False
+    seeds_drawn: bool = False  # no --seed: a run draws its own seeds when it starts, so a dry run cannot show them
 
     def to_dict(self) -> dict:
         """JSON-ready form (the --dry-run --json output)."""
@@ -336,6 +365,7 @@ class Plan:
                       "revision": self.model.revision, "native_size": self.model.native_size},
             "output_dir": self.output_dir,
             "seed_rule": self.seed_rule,
+            "seeds_drawn_at_run_time": self.seeds_drawn,
             "images": [asdict(job) for job in self.jobs],
             "groups": [[self.jobs[i].index for i in group] for group in self.groups],
             "notes": self.notes,
@@ -346,6 +376,9 @@ class Plan:
         lines = [f"model:   {self.model.describe()}", f"output:  {self.output_dir}"]
         if self.seed_rule:
             lines.append(f"seeds:   {self.seed_rule}")
+        if self.seeds_drawn:
+            lines.append("note:    no --seed: the seeds (and the file names made from them) below are this dry run's "
+                         "draw; a real run draws its own when it starts (pass --seed N to fix them)")
         lines.append(f"images:  {len(self.jobs)} in {len(self.groups)} GPU batch(es)")
         for number, group in enumerate(self.groups, 1):
             first = self.jobs[group[0]]
@@ -590,7 +623,7 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
         rule += ", +1 for each further image"
     return Plan(command="generate", model=model, jobs=jobs, groups=group_jobs(jobs, batch_size),
                 output_dir=str(Path(paths[0]).parent), overwrite=request.overwrite, notes=notes, seed_rule=rule,
-                force_size=request.force_size)
+                force_size=request.force_size, seeds_drawn=request.seed is None)
 
 
 def _generate_paths(request: Request, prompt: str, seeds: list[int]) -> list[str]:
@@ -730,6 +763,8 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, p
     check_prompt(row.get("negative_prompt", ""), "the negative prompt", allow_empty=True)
     if row.get("size") is not None and (row.get("width") is not None or row.get("height") is not None):
         raise UsageError("'size' conflicts with 'width'/'height'")
+    if row.get("size") is not None:
+        check_side("'size'", row.get("size"))
     params, _ = resolve_params(model, prompt=row.prompt,
                                negative_prompt=row.get("negative_prompt", defaults.negative_prompt),
                                width=row.get("width", row.get("size", defaults.width)),

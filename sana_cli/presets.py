@@ -62,6 +62,34 @@ def pag_supported(pipeline: str | None, *, timestep_scale: float = 1.0, tags: tu
     return pipeline in (SANA, SANA_PAG) and float(timestep_scale) == 1.0 and "no-pag" not in tags
 
 
+def check_pag_layers(text: str, num_layers: int | None, model: str) -> list[str]:
+    """The layers of --pag-layers (comma-separated patterns), checked by diffusers' own rule (PAGMixin): each
+    pattern must compile and `re.search` at least one self-attention layer of the transformer, one named
+    transformer_blocks.N.attn1, where a pattern ending in a number never matches a longer one (blocks.1 is
+    not blocks.10). Checked while planning from the transformer's config (num_layers; None when it is not
+    readable before loading: then the patterns alone, and again after loading) so a pattern that names no
+    layer is exit 2 before any weight loads, not a ValueError halfway through a run."""
+    import re
+
+    layers = [layer.strip() for layer in (text or "").split(",") if layer.strip()]
+    if not layers:
+        raise UsageError(f"--pag-layers {text!r} names no layer", hint="for example transformer_blocks.8")
+    names = [f"transformer_blocks.{block}.attn1" for block in range(num_layers or 0)]
+    for layer in layers:
+        try:
+            pattern = re.compile(layer)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise UsageError(f"--pag-layers {layer!r} is not a valid pattern ({exc})") from None
+        if num_layers is None:
+            continue
+        last = layer.split(".")[-1]
+        if not any(pattern.search(name) and not (last.isnumeric() and name.split(".")[-1].isnumeric()
+                                                 and last == name.split(".")[-1]) for name in names):
+            raise UsageError(f"--pag-layers {layer!r} matches no self-attention layer of {model}",
+                             hint=f"it has transformer_blocks.0 to transformer_blocks.{num_layers - 1}")
+    return layers
+
+
 PRESETS: tuple[Preset, ...] = (
     Preset(name="sana-4k", repo="Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers", pipeline=SANA, dtype="bfloat16",
            variant="bf16", native_size=4096, steps=20, guidance=5.0, flow_shift=6.0, aliases=("4k", "sana-1600m-4k"),

@@ -209,6 +209,7 @@ NOT_OPTIONS = {
                      "command reproduces the run, which decodes where it denoises",
     "run_key": "the key the run planned, for an image `sana decode` finished on another kind of device",
     "control_image_sha256": "checked when the command runs: another file gives another key",
+    "controlnet_sha256": "checked when the command runs: another directory content gives another key",
     "image_sha256": "checked when the command runs: another file gives another key",
 }
 

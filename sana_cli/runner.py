@@ -284,6 +284,15 @@ def _attempt(function, loaded, jobs, **kwargs) -> tuple[str, int] | None:
     return failure
 
 
+NON_FINITE_LATENTS = ("the denoised latents hold NaN or infinity (a LoRA, guidance or weights that overflow?); no "
+                      "image was written")
+
+
+class NonFinite(GenerationError):
+    """A result that is NaN or infinite somewhere: written, it would be a black or garbled image passed off
+    as a success. The image fails (exit 1, or its batch row), nothing is written."""
+
+
 def _failure(exc: Exception) -> tuple[str, int]:
     return (exc.line(), exc.exit_code) if isinstance(exc, SanaError) else (_describe_failure(exc), 1)
 
@@ -383,6 +392,12 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
         started = time.perf_counter()
         one = latents[position:position + 1]
         failure = None
+        if not bool(torch.isfinite(one).all()):  # a black image from NaN is not a success, nor worth keeping
+            error = NonFinite(NON_FINITE_LATENTS)
+            if on_failed is None:
+                raise error
+            on_failed(job, _failure(error), alone=retried_alone)
+            continue
         try:
             image, decoded = decode_to_pil(loaded, one, options.decode, options.max_memory_bytes)
         except Exception as exc:  # noqa: BLE001 - every fallback is spent; keep the denoise, not the traceback
@@ -414,7 +429,12 @@ def decode_to_pil(loaded: LoadedModel, latents: torch.Tensor, strategy: str, max
     if strategy == "auto":
         free = decoding.budget_bytes(decoding.free_memory_bytes(loaded.device), max_memory_bytes,
                                      decoding.in_use_bytes(loaded.device))
+    if not bool(torch.isfinite(latents).all()):
+        raise NonFinite(NON_FINITE_LATENTS)
     decoded = decoding.decode(vae, latents / vae.config.scaling_factor, strategy, free_bytes=free)
+    if not bool(torch.isfinite(decoded.image).all()):  # postprocess would write NaN as black, silently
+        raise NonFinite(f"the decoded image holds NaN or infinity (the VAE overflowed in {vae.dtype}); no image "
+                        "was written", hint="try --dtype fp32")
     image = loaded.pipe.image_processor.postprocess(decoded.image, output_type="pil")[0]
     return image, decoded
 

@@ -159,3 +159,68 @@ def is_regular_or_absent(path: str | os.PathLike) -> bool:
         return not os.path.islink(path)  # a dangling link would create its target elsewhere
     except OSError:
         return False
+
+
+# ---- safetensors headers -------------------------------------------------------------------------
+
+MAX_SAFETENSORS_HEADER = 100 * 2**20
+SAFETENSORS_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                          "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+class BadSafetensors(ValueError):
+    """A file that is not a well-formed safetensors file; `truncated` when only its data is cut short."""
+
+    def __init__(self, reason: str, truncated: bool = False):
+        super().__init__(reason)
+        self.truncated = truncated
+
+
+def read_safetensors_header(path: str | os.PathLike, limit: int = MAX_SAFETENSORS_HEADER) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, read without torch and checked whole: every entry of the
+    header is {dtype: a known type, shape: whole numbers >= 0, data_offsets: [begin, end]} with end - begin
+    exactly the bytes its shape and dtype take, inside the file; metadata maps text to text. tensors is
+    {name: (dtype, shape, (begin, end))}. Anything else (a non-numeric shape, an offset past the end, a header
+    that is not JSON, a FIFO) raises BadSafetensors or OSError: a caller guards one call, not each field."""
+    with open_regular(path) as handle:
+        end = os.fstat(handle.fileno()).st_size
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= min(limit, max(0, end - 8)):
+            raise BadSafetensors("the header size is not that of a safetensors file")
+        raw = handle.read(size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadSafetensors("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise BadSafetensors("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise BadSafetensors("its __metadata__ is not a map of text to text")
+    data_bytes = end - 8 - size
+    tensors = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise BadSafetensors(f"the entry of {name!r} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_ITEM_BYTES:
+            raise BadSafetensors(f"{name!r} has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_whole(n) for n in shape):
+            raise BadSafetensors(f"{name!r} has a shape that is not a list of whole numbers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(n) for n in offsets) \
+                or offsets[0] > offsets[1]:
+            raise BadSafetensors(f"{name!r} has data_offsets that are not [begin, end]")
+        count = 1
+        for n in shape:
+            count *= n
+        if offsets[1] - offsets[0] != count * SAFETENSORS_ITEM_BYTES[dtype]:
+            raise BadSafetensors(f"{name!r} declares {offsets[1] - offsets[0]} bytes for its shape {shape}")
+        if offsets[1] > data_bytes:
+            raise BadSafetensors(f"{name!r} ends past the end of the file", truncated=True)
+        tensors[name] = (dtype, tuple(shape), (offsets[0], offsets[1]))
+    return tensors, metadata
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -41,8 +41,12 @@ CASES = [
          ["generate", "{long_prompt}", "--model", "tiny", "--seed", "1", "-o", "{tmp}/long.png"], 0,
          "the text encoder reads the first 298"),
     Case("size not a multiple of 32", ["generate", "a cat", "--size", "1000"], 2,
-         "is not a multiple of 32 (try 992 or 1024)"),
-    Case("size zero", ["generate", "a cat", "--size", "0"], 2, "must be positive"),
+         "--size 1000 is not a multiple of 32 (try 992 or 1024)"),
+    Case("size zero", ["generate", "a cat", "--size", "0"], 2, "--size must be positive"),
+    Case("batch --size not a multiple of 32", ["batch", "{files}/ok.txt", "--model", "tiny", "--size", "33"], 2,
+         "--size 33 is not a multiple of 32"),
+    Case("row 'size' not a multiple of 32", ["batch", "{files}/size-row.jsonl", "--model", "tiny"], 2,
+         "line 1: 'size' 100 is not a multiple of 32 (try 96 or 128)"),
     Case("negative size", ["generate", "a cat", "--width", "-64", "--height", "64"], 2, "must be positive"),
     Case("non-numeric size", ["generate", "a cat", "--size", "big"], 2, "'big' is not a valid integer"),
     Case("absurdly large side", ["generate", "a cat", "--size", "65536"], 2, "is outside 32..8192"),
@@ -75,12 +79,35 @@ CASES = [
     Case("offline, model not in the cache", ["generate", "a cat", "--model", "someone/uncached-sana", "--offline",
                                              "--device", "cpu", "--size", "128"], 4,
          "not in the Hugging Face cache and offline mode is on"),
+    # Online (a closed port stands in for the hub): the GPU is what is missing. Offline, the missing cache is.
     Case("real model without CUDA", ["generate", "a cat", "--model", "sana-1600m-1024", "-o", "{tmp}/"], 4,
-         "needs a CUDA GPU and none is available"),
+         "needs a CUDA GPU and none is available", env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
     Case("--device cuda without CUDA", ["generate", "a cat", "--model", "tiny", "--device", "cuda", "-o", "{tmp}/"],
          4, "CUDA is not available"),
     Case("--fp8 without a CUDA GPU", ["generate", "a cat", "--model", "tiny", "--fp8", "-o", "{tmp}/"], 4,
          "--fp8 needs a CUDA GPU"),
+    # What a load would refuse (no CUDA, no GPU for --fp8 or nf4, a model not cached offline) is decided
+    # before the run makes its output directory or manifest: a refused run leaves the disk as it was.
+    Case("--device cuda without CUDA, batch into a new directory",
+         ["batch", "{files}/ok.txt", "--model", "tiny", "--device", "cuda", "-o", "{tmp}/new/"], 4,
+         "CUDA is not available"),
+    Case("--quantize nf4 without a GPU, batch into a new directory",
+         ["batch", "{files}/ok.txt", "--model", "tiny", "--quantize", "nf4", "-o", "{tmp}/new/"], 4,
+         "--quantize nf4 needs a CUDA GPU"),
+    Case("--fp8 without a GPU, batch into a new directory",
+         ["batch", "{files}/ok.txt", "--model", "tiny", "--fp8", "-o", "{tmp}/new/"], 4, "--fp8 needs a CUDA GPU"),
+    Case("--device cuda without CUDA, generate into a new directory",
+         ["generate", "a cat", "--model", "tiny", "--device", "cuda", "-o", "{tmp}/new/sub/"], 4,
+         "CUDA is not available"),
+    Case("real model without CUDA, generate into a new directory",
+         ["generate", "a cat", "--model", "sana-1600m-1024", "-o", "{tmp}/new/"], 4,
+         "needs a CUDA GPU and none is available", env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+    Case("--device cuda without CUDA, sana decode into a new directory",
+         ["decode", "{files}/latents/good.latents.safetensors", "--device", "cuda", "-o", "{tmp}/new/"], 4,
+         "CUDA is not available"),
+    Case("offline without CUDA, model not in the cache",
+         ["generate", "a cat", "--model", "sana-1600m-1024", "--offline", "-o", "{tmp}/new/"], 4,
+         "sana-1600m-1024 is not in the Hugging Face cache and offline mode is on"),
     Case("output directory that cannot be created", ["generate", "a cat", "--model", "tiny", "-o",
                                                      "{files}/a-file/sub/"], 2, "a file is in the way"),
     Case("output file that exists", ["generate", "a cat", "--model", "tiny", "-o", "{files}/taken.png"], 2,
@@ -118,6 +145,16 @@ CASES = [
          "--size conflicts with --width/--height"),
     Case("--pag-layers without --pag-scale", ["generate", "a cat", "--pag-layers", "transformer_blocks.8"], 2,
          "--pag-layers needs --pag-scale above 0"),
+    # PAG layers are checked while planning against the model's config, by diffusers' own matching rule.
+    Case("--pag-layers that is not a valid pattern", ["generate", "a cat", "--model", "tiny", "--pag-scale", "2",
+                                                      "--pag-layers", "[", "-o", "{tmp}/new/"], 2,
+         "--pag-layers '[' is not a valid pattern"),
+    Case("--pag-layers naming no layer of the model", ["generate", "a cat", "--model", "tiny", "--pag-scale", "2",
+                                                       "--pag-layers", "transformer_blocks.8", "-o", "{tmp}/new/"], 2,
+         "--pag-layers 'transformer_blocks.8' matches no self-attention layer of tiny"),
+    Case("--pag-layers of only commas", ["batch", "{files}/ok.txt", "--model", "tiny", "--pag-scale", "2",
+                                         "--pag-layers", ",", "-o", "{tmp}/new/"], 2,
+         "--pag-layers ',' names no layer"),
     Case("unknown option", ["generate", "a cat", "--colour", "red"], 2, "No such option '--colour'"),
     Case("unknown command", ["paint", "a cat"], 2, "No such command 'paint'"),
     Case("sana info on a file that is not an image", ["info", "{files}/ok.txt"], 2, "is not a readable image"),
@@ -164,6 +201,32 @@ CASES = [
          "is not a sana latents file"),
     Case("sana decode of a CUDA run's latents where there is no CUDA",
          ["decode", "{files}/gpu-run.latents.safetensors"], 4, "--device cuda was asked for but CUDA is not available"),
+    # A latents file is untrusted input like an image: its header, metadata and shape are checked before a
+    # byte of the tensor is read, and against the VAE before anything is decoded. Each file below is a real
+    # kept latents file with one thing changed.
+    Case("latents whose metadata is not JSON", ["decode", "{files}/latents/meta-not-json.latents.safetensors"], 2,
+         "is not a sana latents file (its metadata is not JSON"),
+    Case("latents whose metadata names no model", ["decode", "{files}/latents/no-model.latents.safetensors"], 2,
+         "(its metadata names no model"),
+    Case("latents naming an image in another directory",
+         ["decode", "{files}/latents/slash-name.latents.safetensors"], 2,
+         "its image name '../escaped.png' is not a plain .png, .jpg or .webp file name"),
+    Case("latents naming an image with a NUL", ["decode", "{files}/latents/nul-name.latents.safetensors"], 2,
+         "is not a plain .png, .jpg or .webp file name"),
+    Case("latents recording a bad device", ["decode", "{files}/latents/bad-device.latents.safetensors"], 2,
+         "its metadata records the device 'gpu; rm -rf ~'"),
+    Case("latents of the wrong rank", ["decode", "{files}/latents/rank3.latents.safetensors"], 2,
+         "not one image's (1, C, h, w) in a float dtype"),
+    Case("latents with more tensors than one", ["decode", "{files}/latents/extra.latents.safetensors"], 2,
+         "not one tensor 'latents'"),
+    Case("latents whose shape disagrees with their metadata",
+         ["decode", "{files}/latents/wide.latents.safetensors"], 2,
+         "its latents are 2600x8, which no VAE decodes into the 128x128 its metadata records"),
+    Case("latents whose metadata size is beyond generate's limits",
+         ["decode", "{files}/latents/huge-size.latents.safetensors"], 2, "its metadata: width 16384 is outside"),
+    Case("latents with the wrong channel count for the VAE",
+         ["decode", "{files}/latents/channels.latents.safetensors"], 2,
+         "the latents (8 channels, 32x32) do not fit the VAE of"),
     # Manifests: only sana-cli's own, never through a link; numbers: finite, in documented ranges;
     # lines end only at \n; questionable inputs decided; usage and environment errors before torch.
     Case("manifest that is a directory", ["batch", "{files}/ok.txt", "--model", "tiny", "-o", "{files}/manifest-dir"],
@@ -175,13 +238,31 @@ CASES = [
     Case("results.jsonl that sana-cli did not write", ["batch", "{files}/ok.txt", "--model", "tiny", "-o",
                                                        "{files}/manifest-foreign"], 2, "was not written by sana-cli"),
     Case("infinite guidance", ["generate", "a cat", "--model", "tiny", "--guidance", "inf"], 2,
-         "guidance must be a finite number"),
+         "'inf' is not a finite number"),
     Case("NaN guidance", ["generate", "a cat", "--model", "tiny", "--guidance", "nan"], 2,
-         "guidance must be a finite number"),
+         "'nan' is not a finite number"),
     Case("absurd guidance", ["generate", "a cat", "--model", "tiny", "--guidance", "1e9"], 2,
          "guidance must be at most 30"),
     Case("infinite PAG scale", ["generate", "a cat", "--model", "tiny", "--pag-scale", "inf"], 2,
-         "--pag-scale must be a finite number"),
+         "'inf' is not a finite number"),
+    # No option of any command takes NaN or infinity (NaN passes any range check): one float type for all.
+    Case("NaN --batch-window for sana serve", ["serve", "--batch-window", "nan"], 2,
+         "Invalid value for '--batch-window': 'nan' is not a finite number"),
+    Case("NaN --max-memory for sana serve", ["serve", "--max-memory", "nan"], 2,
+         "Invalid value for '--max-memory': 'nan' is not a finite number"),
+    Case("NaN --max-memory for a batch into a new directory", ["batch", "{files}/ok.txt", "--model", "tiny",
+                                                               "--max-memory", "nan", "-o", "{tmp}/new/"], 2,
+         "'nan' is not a finite number"),
+    Case("infinite SANA_MAX_MEMORY", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/new/"], 2,
+         "'inf' is not a finite number", env={"SANA_MAX_MEMORY": "inf"}),
+    Case("--max-memory 1e999 for sana decode", ["decode", "{files}/ok.txt", "--max-memory", "1e999"], 2,
+         "'1e999' is not a finite number"),
+    Case("NaN --control-scale", ["generate", "a cat", "--model", "tiny", "--controlnet", "tiny-controlnet",
+                                 "--control-image", "{files}/input.png", "--control-scale", "nan"], 2,
+         "'nan' is not a finite number"),
+    Case("infinite --strength", ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/input.png",
+                                 "--strength", "-inf"], 2, "'-inf' is not a finite number"),
+    Case("--keep-alive of 400 digits", ["serve", "--keep-alive", "9" * 400 + "s"], 2, "is more than ten years"),
     Case("infinite guidance in a batch row", ["batch", "{files}/inf-guidance.jsonl", "--model", "tiny"], 2,
          "line 1: 'guidance' must be a finite number"),
     Case("absurd guidance in a batch row", ["batch", "{files}/huge-guidance.jsonl", "--model", "tiny"], 2,
@@ -241,6 +322,31 @@ CASES = [
     Case("LoRA that is not a safetensors file", ["generate", "a cat", "--model", "tiny", "--lora",
                                                  "{files}/not-a-lora.safetensors", "-o", "{tmp}/"], 2,
          "is not a readable safetensors file"),
+    # A LoRA header is parsed and checked whole under one guard: every field of every entry, not just its JSON.
+    Case("LoRA header with non-numeric data_offsets", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                        "{files}/lora-offsets-text.safetensors", "-o", "{tmp}/"], 2,
+         "is not a readable safetensors file ('transformer.transformer_blocks.0.attn1.to_q.lora_A.weight' has "
+         "data_offsets that are not [begin, end])"),
+    Case("LoRA header with a non-numeric shape", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                  "{files}/lora-shape-text.safetensors", "-o", "{tmp}/"], 2,
+         "has a shape that is not a list of whole numbers"),
+    Case("LoRA header with a fractional shape", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                 "{files}/lora-shape-float.safetensors", "-o", "{tmp}/"], 2,
+         "has a shape that is not a list of whole numbers"),
+    Case("LoRA header whose shape and data size disagree", ["generate", "a cat", "--model", "tiny", "--lora",
+                                                            "{files}/lora-size.safetensors", "-o", "{tmp}/"], 2,
+         "declares 16 bytes for its shape [4, 8]"),
+    Case("LoRA whose data is cut short", ["generate", "a cat", "--model", "tiny", "--lora",
+                                          "{files}/lora-cut.safetensors", "-o", "{tmp}/"], 2, "is truncated"),
+    # A non-finite result is never written as a success: NaN weights in a LoRA are refused as input, and
+    # latents or pixels that are not finite fail the image (exit 1) with nothing written.
+    Case("LoRA with NaN weights", ["generate", "a cat", "--model", "tiny", "--lora", "{files}/lora-nan",
+                                   "-o", "{tmp}/"], 2, "has weights that are not finite (NaN or infinity in"),
+    Case("model whose weights make NaN latents", ["generate", "a cat", "--model", "{files}/nan-transformer",
+                                                  "-o", "{tmp}/"], 1,
+         "the denoised latents hold NaN or infinity"),
+    Case("latents holding NaN", ["decode", "{files}/latents/nan.latents.safetensors"], 2,
+         "its latents hold NaN or infinity"),
     Case("LoRA made for another base model", ["generate", "a cat", "--model", "tiny", "--lora",
                                               "{files}/lora-other-base.safetensors", "-o", "{tmp}/"], 2,
          "does not fit tiny: transformer_blocks.0.attn1.to_q is 8->8 there and 2240->2240 in the LoRA"),
@@ -273,6 +379,18 @@ CASES = [
                                    "{files}/truncated.png"], 2, "is not a readable image: image file is truncated"),
     Case("decompression bomb as an input image", ["generate", "a cat", "--model", "tiny-sprint", "--image",
                                                   "{files}/bomb.png"], 2, "is too large"),
+    # Input images are bounded per side and by the work of the cover-resize, while planning (a 1-pixel strip
+    # has few pixels and would be resized into gigapixels); the address-space limit keeps a regression cheap.
+    Case("input image 100000x1 pixels", ["generate", "a cat", "--model", "tiny-sprint", "--image",
+                                         "{files}/strip-100000x1.png", "-o", "{tmp}/"], 2,
+         "is 100000x1: a side is longer than the 8192 pixels", limit_memory=3 * 2**30),
+    Case("input image whose cover-resize is too large", ["generate", "a cat", "--model", "tiny", "--controlnet",
+                                                         "tiny-controlnet", "--control-image",
+                                                         "{files}/strip-8000x1.png", "-o", "{tmp}/"], 2,
+         "covering 128x128 would resize it to 1024000x128 pixels", limit_memory=3 * 2**30),
+    Case("input image between sana-cli's pixel limit and Pillow's own",
+         ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/pixels-9000x8000.png", "-o", "{tmp}/"],
+         2, "is 9000x8000, larger than any image sana-cli writes", limit_memory=3 * 2**30),
     Case("image-to-image with a model that cannot", ["generate", "a cat", "--model", "tiny", "--image",
                                                      "{files}/input.png"], 2,
          "tiny cannot start from an image: image-to-image works with the SANA-Sprint models"),
@@ -343,6 +461,7 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "absolute.jsonl").write_text('{"prompt": "a", "name": "/etc/cron.d/x"}\n')
     (root / "ok.txt").write_text("a cat\n")
     _gpu_run_latents(root)
+    (root / "size-row.jsonl").write_text('{"prompt": "a cat", "size": 100}\n')
     (root / "one-huge.jsonl").write_text('{"prompt": "small"}\n{"prompt": "huge", "size": 4096}\n'
                                          '{"prompt": "small too"}\n')
     (root / "newline.jsonl").write_text(
@@ -370,6 +489,8 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "million.jsonl").write_text('{"prompt": "a cat", "n": 10000}\n' * 101)
     (root / "spaced-names.jsonl").write_text('{"prompt": "a", "name": "cat"}\n{"prompt": "b", "name": " cat "}\n')
     _input_files(root)
+    _latents_files(root)
+    _non_finite_files(root, tiny)
     return root
 
 
@@ -388,6 +509,65 @@ def _gpu_run_latents(root: Path) -> None:
             "scheduler": "DPMSolverMultistepScheduler", "versions": {}, "key_schema": KEY_SCHEMA,
             "pixel_options": {**job.pixels.to_dict(), "device": "cuda"}}
     latents.save(str(root / "gpu-run.png"), torch.zeros(1, 4, 32, 32, dtype=torch.bfloat16), meta, "bfloat16")
+def _latents_files(root: Path) -> None:
+    """A real kept latents file from the tiny model, and copies with one thing changed each."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .conftest import run_sana
+
+    folder = root / "latents"
+    made = run_sana("generate", "a cat", "--model", "tiny", "--seed", 1, "--steps", 1, "--keep-latents",
+                    "-o", folder / "good.png")
+    assert made.returncode == 0, made.stderr
+    (folder / "good.png").unlink()
+    with safe_open(str(folder / "good.latents.safetensors"), framework="pt") as handle:
+        info, latents = handle.metadata(), handle.get_tensor("latents")
+    meta = json.loads(info["sana"])
+    assert tuple(latents.shape) == (1, 4, 32, 32)
+
+    def variant(name: str, tensors=None, **changes):
+        metadata = {**info, **{key: value for key, value in changes.items() if key != "meta"}}
+        if "meta" in changes:
+            metadata["sana"] = json.dumps(changes["meta"])
+        save_file(tensors or {"latents": latents}, str(folder / f"{name}.latents.safetensors"), metadata=metadata)
+
+    variant("meta-not-json", sana="{not json")
+    variant("no-model", meta={key: value for key, value in meta.items() if key != "model_id"})
+    variant("slash-name", image="../escaped.png")
+    variant("nul-name", image="cat\0.png")
+    variant("bad-device", meta={**meta, "device": "gpu; rm -rf ~"})
+    variant("rank3", tensors={"latents": latents[0].clone()})
+    variant("extra", tensors={"latents": latents, "more": latents.clone()})
+    variant("wide", tensors={"latents": torch.zeros(1, 4, 8, 2600)})
+    variant("huge-size", meta={**meta, "width": 16384, "height": 16384})
+    variant("channels", tensors={"latents": torch.zeros(1, 8, 32, 32)})
+    poisoned = latents.clone()
+    poisoned[0, 0, 3, 3] = float("nan")
+    variant("nan", tensors={"latents": poisoned})
+
+
+def _non_finite_files(root: Path, tiny: Path) -> None:
+    """A tiny LoRA with one NaN weight, and tiny models with NaN in the transformer's output layer or the
+    VAE decoder's last convolution."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sana_cli.tiny import build_lora
+
+    weights = build_lora(root / "lora-nan")
+    state = load_file(str(weights))
+    first = sorted(state)[0]
+    state[first][0, 0] = float("nan")
+    save_file(state, str(weights))
+    for name, component, tensor in (("nan-transformer", "transformer", "proj_out.weight"),
+                                    ("nan-vae", "vae", "decoder.conv_out.weight")):
+        shutil.copytree(tiny, root / name)
+        path = next((root / name / component).glob("*.safetensors"))
+        state = load_file(str(path))
+        state[tensor] = torch.full_like(state[tensor], float("nan"))
+        save_file(state, str(path))
 
 
 def _input_files(root: Path) -> None:
@@ -404,6 +584,19 @@ def _input_files(root: Path) -> None:
     save_file(pair("transformer_blocks.0.attn1.to_q", (4, 8), (8, 2)), str(root / "lora-rank.safetensors"))
     save_file(pair("transformer_blocks.0.attn1.to_q", (4, 8), (8, 4)), str(root / "lora-fits.safetensors"))
     (root / "lora.bin").write_bytes(b"\x80\x02}q\x00.")
+    a_name, b_name = (f"transformer.transformer_blocks.0.attn1.to_q.lora_{x}.weight" for x in "AB")
+
+    def crafted(name: str, a_entry: dict) -> None:  # a well-formed lora_B beside a crafted lora_A
+        header = {a_name: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 128], **a_entry},
+                  b_name: {"dtype": "F32", "shape": [8, 4], "data_offsets": [128, 256]}}
+        text = json.dumps(header).encode()
+        (root / name).write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * 256)
+
+    crafted("lora-offsets-text.safetensors", {"data_offsets": ["zero", "x"]})
+    crafted("lora-shape-text.safetensors", {"shape": ["four", 8]})
+    crafted("lora-shape-float.safetensors", {"shape": [4.5, 8]})
+    crafted("lora-size.safetensors", {"data_offsets": [0, 16]})
+    crafted("lora-cut.safetensors", {"data_offsets": [128, 100128], "shape": [25000]})
     (root / "not-a-lora.safetensors").write_text("this is not a safetensors file")
     (root / "lora-row.jsonl").write_text('{"prompt": "a", "lora": 3}\n')
     (root / "controlnet-other").mkdir()
@@ -412,7 +605,23 @@ def _input_files(root: Path) -> None:
     Image.new("RGB", (64, 64), (10, 20, 30)).save(root / "input.png")
     whole = (root / "input.png").read_bytes()
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(root / "noise.png")
+    _png(root / "strip-100000x1.png", 100000, 1)
+    _png(root / "strip-8000x1.png", 8000, 1)
+    _png(root / "pixels-9000x8000.png", 9000, 8000, rows=1)  # refused from its header: one row is enough
     (root / "truncated.png").write_bytes((root / "noise.png").read_bytes()[: len(whole) // 2 + 200])
+
+
+def _png(path: Path, width: int, height: int, rows: int | None = None) -> None:
+    """A black RGB PNG of any size in a few hundred bytes (its zero rows compress to almost nothing)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    pixels = zlib.compress(b"\0" * ((3 * width + 1) * (height if rows is None else rows)), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
 
 
 def _untrusted_files(root: Path, tiny: Path) -> None:
@@ -501,6 +710,55 @@ def test_allow_pickle_loads_what_the_default_refuses(sana, files, tmp_path):
                    "-o", f"{tmp_path}/")
     assert process.returncode == 0, process.stderr
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_every_float_option_of_every_command_refuses_nan_and_infinity():
+    """The class, not the cases above: each float option of each command (found by walking the CLI) is
+    refused with NaN and with infinity by the installed `sana`, exit 2 with one line, before anything runs."""
+    import click
+
+    from sana_cli.cli import FiniteFloat, cli
+
+    floats = [(name, param) for name, command in cli.commands.items() for param in command.params
+              if isinstance(param, click.Option) and isinstance(param.type, click.types.FloatParamType)]
+    assert len(floats) >= 12
+    for name, param in floats:
+        assert isinstance(param.type, FiniteFloat), (name, param.name)
+        positional = ["x" for other in cli.commands[name].params if isinstance(other, click.Argument)]
+        for bad in ("nan", "inf"):
+            process = subprocess.run([SANA, name, *positional, param.opts[-1], bad, "--debug"], capture_output=True,
+                                     text=True, timeout=60)
+            assert process.returncode == 2, (name, param.name, bad, process.stderr)
+            assert f"'{bad}' is not a finite number" in one_line_error(process)
+
+
+def test_the_python_api_refuses_a_non_finite_max_memory_before_loading(tmp_path):
+    import sana_cli
+    from sana_cli.errors import UsageError
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="max_memory must be a finite number"):
+            sana_cli.generate("a cat", model="tiny", max_memory=bad, output=str(tmp_path / "new" / "x.png"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_pixels_are_no_image_and_a_batch_records_the_row_as_failed(files, tmp_path):
+    """NaN pixels from the VAE: exit 1 with one line and no image (the finite latents are kept, as for any
+    failed decode); in a batch the row is a recorded failure, exit 3, never a black image taken for done."""
+    process = subprocess.run([SANA, "generate", "a cat", "--model", str(files / "nan-vae"), "-o",
+                              str(tmp_path / "cat.png")], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 1, process.stderr
+    assert "the decoded image holds NaN or infinity" in one_line_error(process)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.latents.safetensors"]
+    batch = subprocess.run([SANA, "batch", str(files / "ok.txt"), "--model", str(files / "nan-transformer"),
+                            "-o", str(tmp_path / "b"), "--json"], capture_output=True, text=True, timeout=300)
+    assert batch.returncode == 3, batch.stderr
+    summary = json.loads(batch.stdout)
+    assert summary["written"] == 0 and summary["failed"] == 1
+    assert "the denoised latents hold NaN or infinity" in summary["failures"][0]["error"]
+    assert not list((tmp_path / "b").glob("*.png"))
+    records = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records if r.get("event") in ("image", "error")] == ["error"]
 
 
 def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():

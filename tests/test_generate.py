@@ -176,7 +176,9 @@ def test_exit_2_for_an_existing_output_and_the_file_is_untouched(sana, tmp_path)
 def test_exit_4_when_a_real_model_needs_cuda(sana, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    process = sana("generate", "x", "--model", "sana-1600m-1024", "--seed", 1, "-o", f"{tmp_path}/")
+    # online (a closed port stands in for the hub): offline, the missing cache is reported first
+    process = sana("generate", "x", "--model", "sana-1600m-1024", "--seed", 1, "-o", f"{tmp_path}/",
+                   env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert process.returncode == 4
     assert "needs a CUDA GPU" in one_line_error(process)
 
@@ -279,3 +281,15 @@ def test_a_pag_image_records_the_pipeline_that_made_it(sana, tmp_path, tiny_mode
     records = sorted((json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()),
                      key=lambda r: r["row"])
     assert [r["pipeline"] for r in records] == ["SanaPAGPipeline", "SanaPipeline"]
+
+
+def test_a_dry_run_without_seed_says_the_run_draws_its_own(sana):
+    """Without --seed a run draws its seeds when it starts: the dry run says its own draw is not the run's,
+    in text and JSON; with --seed the seeds shown are the run's."""
+    text = sana("generate", "a cat", "--model", "tiny", "--dry-run")
+    assert text.returncode == 0 and "a real run draws its own when it starts (pass --seed N" in text.stdout
+    drawn = sana("generate", "a cat", "--model", "tiny", "--dry-run", "--json", check_json=True)
+    assert drawn.json["seeds_drawn_at_run_time"] is True
+    fixed = sana("generate", "a cat", "--model", "tiny", "--seed", 7, "--dry-run", "--json", check_json=True)
+    assert fixed.json["seeds_drawn_at_run_time"] is False and fixed.json["images"][0]["seed"] == 7
+    assert "draws its own" not in sana("generate", "a cat", "--model", "tiny", "--seed", 7, "--dry-run").stdout

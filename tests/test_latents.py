@@ -113,3 +113,16 @@ def test_a_decode_on_another_kind_of_device_says_so_and_takes_its_own_key(sana, 
     assert same.returncode == 0, same.stderr
     again = read_metadata(tmp_path / "again.png")["sana"]
     assert again["key"] == kept.meta["key"] and "decode_device" not in again and "run_key" not in again
+def test_every_command_that_logs_on_stderr_takes_quiet(sana, tiny_models, tmp_path):
+    """-q/--quiet means the same on each command that writes progress or log lines: generate, batch, decode."""
+    from sana_cli.cli import cli
+
+    for name in ("generate", "batch", "decode"):
+        assert any("--quiet" in getattr(p, "opts", ()) and "-q" in p.opts for p in cli.commands[name].params), name
+    made = sana("generate", "a red fox", "--model", "tiny", "--seed", 3, "--steps", 1, "--keep-latents", "-q",
+                "-o", tmp_path / "fox.png")
+    assert made.returncode == 0 and made.stderr == ""
+    (tmp_path / "fox.png").unlink()
+    finished = sana("decode", tmp_path / "fox.latents.safetensors", "-q")
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stderr == "" and finished.stdout.strip() == str(tmp_path / "fox.png")

@@ -444,3 +444,42 @@ def test_loading_a_lora_under_cpu_offload_keeps_the_hooks_and_the_gpu_index(part
     lora.prepare(loaded, [loras], restorable=True)
     assert lora._adapter_modules(loaded.pipe.transformer, lora.adapter_name(loras[0][1]))  # the adapter is in
     assert hooks() == before and loaded.pipe._offload_gpu_id == 1
+def test_a_controlnet_directory_edited_in_place_is_never_taken_for_finished_images(parts, tmp_path):
+    """The key covers the content of a local ControlNet's files, as it does a LoRA's: a batch rerun after the
+    weights changed in place (same size, same name) renders again instead of resuming."""
+    from safetensors.torch import load_file, save_file
+
+    controlnet = tmp_path / "my-controlnet"
+    shutil.copytree(parts["controlnet"], controlnet)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(f'{{"prompt": "a fox", "seed": 1, "control_image": "{parts["control"]}"}}\n')
+    args = ["batch", rows, "--model", "tiny", "--steps", 1, "--controlnet", controlnet, "-o", tmp_path / "out",
+            "--json"]
+    first = run_sana(*args, check_json=True)
+    assert first.returncode == 0 and first.json["written"] == 1, first.stderr
+    image = next((tmp_path / "out").glob("*.png"))
+    meta = read_metadata(str(image))["sana"]
+    assert len(meta["controlnet_sha256"]) == 64
+    again = run_sana(*args, check_json=True)
+    assert again.json["written"] == 0 and again.json["already_done"] == 1  # unchanged: resumed
+    weights = next(controlnet.glob("*.safetensors"))
+    state = load_file(str(weights))
+    name = sorted(state)[0]
+    state[name] = state[name] + 0.5
+    save_file(state, str(weights))
+    stale = run_sana(*args)  # the image there was made with other ControlNet weights: not this batch's
+    assert stale.returncode == 2 and "not made by this batch with these settings" in stale.stderr
+    edited = run_sana(*args, "--overwrite", check_json=True)
+    assert edited.returncode == 0 and edited.json["written"] == 1, edited.stderr
+    assert read_metadata(str(image))["sana"]["controlnet_sha256"] != meta["controlnet_sha256"]
+
+
+def test_a_batch_with_several_loras_keeps_library_warnings_off_stderr(parts, tmp_path):
+    """Loading a second LoRA made peft warn ("Already found a `peft_config` attribute") on stderr: every
+    stderr line of a run is sana's own; --debug shows the libraries' warnings."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(f'{{"prompt": "a", "lora": "{parts["a"]}"}}\n{{"prompt": "b", "lora": "{parts["b"]}"}}\n')
+    process = run_sana("batch", rows, "--model", "tiny", "--steps", 1, "-o", tmp_path / "out")
+    assert process.returncode == 0, process.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    assert [line for line in process.stderr.splitlines() if not line.startswith("sana: ")] == []

@@ -252,3 +252,48 @@ def test_a_lora_with_quantized_weights_is_refused_while_planning(fp8, quantize, 
             "    print(type(exc).__name__, 'torch' in sys.modules, exc)\n")
     answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert answer.startswith("UsageError False --lora cannot be combined with " + named + " "), answer
+PAG_PATTERNS = ["transformer_blocks.1", "blocks.1", "blocks.0|blocks.1", "blocks.(0|1)", "attn1", "blocks.10",
+                "transformer_blocks.5", "attn2", "blocks.1$", "transformer_blocks.1.attn1", "^attn1", "x"]
+
+
+def test_the_pag_layer_rule_while_planning_is_diffusers_own(tiny_models):
+    """check_pag_layers (planning, from the config) accepts exactly the patterns for which diffusers' PAG
+    finds a layer in the real tiny transformer, and the pipeline refuses the others with the same line."""
+    import sana_cli
+    from diffusers import SanaPAGPipeline
+
+    loaded = sana_cli.load("tiny", device="cpu").loaded
+    components = {name: loaded.pipe.components[name]
+                  for name in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
+    layers = plan.transformer_layers(resolve("tiny"))
+    assert layers == 2
+    for pattern in PAG_PATTERNS:
+        pag = SanaPAGPipeline(**components, pag_applied_layers=[pattern])
+        try:
+            pag._set_pag_attn_processor(pag.pag_applied_layers, do_classifier_free_guidance=True)
+            diffusers_accepts = True
+        except ValueError:
+            diffusers_accepts = False
+        try:
+            presets.check_pag_layers(pattern, layers, "tiny")
+            planning_accepts = True
+        except UsageError:
+            planning_accepts = False
+        assert planning_accepts == diffusers_accepts, pattern
+        if not planning_accepts:
+            with pytest.raises(UsageError, match="matches no self-attention layer of tiny"):
+                loaded.pipeline_for(pattern)
+
+
+def test_pag_layers_are_checked_while_planning_without_loading(tiny_models):
+    for pattern, message in (("[", "is not a valid pattern"), (" , ", "names no layer"),
+                             ("transformer_blocks.5", "matches no self-attention layer of tiny")):
+        with pytest.raises(UsageError, match=message):
+            plan_generate(Request(prompt="a", model="tiny", pag_scale=2.0, pag_layers=pattern), resolve("tiny"))
+    # the default layer of every preset exists in the model when its config can be read
+    plan_generate(Request(prompt="a", model="tiny", pag_scale=2.0), resolve("tiny"))
+    process = subprocess.run([sys.executable, "-c", "import sys; from sana_cli.plan import *; "
+                              "from sana_cli.modelref import resolve; "
+                              "plan_generate(Request(prompt='a', model='tiny', pag_scale=2.0), resolve('tiny')); "
+                              "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120)
+    assert process.stdout.strip() == "False", process.stderr
