@@ -149,20 +149,33 @@ class Endpoint:
 
 
 def parse_server_url(value: str, api_key: str | None) -> Endpoint:
-    """SANA_SERVER: unix:/path/to/socket or http://host:port."""
+    """SANA_SERVER: unix:/path/to/socket or http://host:port. Anything else, or any part that a URL
+    parser rejects (a bracket left open, a port out of range, control characters), is bad usage."""
+    bad = f"SANA_SERVER={value!r} is not http://HOST:PORT or unix:/PATH"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise UsageError(f"{bad} (it holds a control character)")
     if value.startswith("unix:"):
         path = value[len("unix:"):]
         if not path:
             raise UsageError(f"SANA_SERVER={value!r} names no socket path")
         return Endpoint(unix=path, api_key=api_key, explicit=True)
-    parts = urlsplit(value)
-    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-        raise UsageError(f"SANA_SERVER={value!r} is not http://HOST:PORT or unix:/PATH")
     try:
-        port = parts.port or 80
+        parts = urlsplit(value)
+        hostname = parts.hostname
+    except ValueError:
+        raise UsageError(bad) from None
+    if (parts.scheme != "http" or not hostname or parts.path not in ("", "/") or parts.query or parts.fragment
+            or parts.username is not None or parts.password is not None or " " in parts.netloc):
+        raise UsageError(bad)
+    try:
+        port = parts.port
     except ValueError:
         raise UsageError(f"SANA_SERVER={value!r} has a bad port") from None
-    return Endpoint(host=parts.hostname, port=port, api_key=api_key, explicit=True)
+    if port is None:
+        port = 80
+    if not 1 <= port <= 65535:
+        raise UsageError(f"SANA_SERVER={value!r} has a bad port")
+    return Endpoint(host=hostname, port=port, api_key=api_key, explicit=True)
 
 
 def private_place_problem(path: Path, *, want_socket: bool) -> str | None:

@@ -302,6 +302,13 @@ CASES = [
          "no sana server answers at http://127.0.0.1:9", env={"SANA_SERVER": "http://127.0.0.1:9"}),
     Case("SANA_SERVER that is not a server address", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
          "is not http://HOST:PORT or unix:/PATH", env={"SANA_SERVER": "ftp://example"}),
+    Case("SANA_SERVER with an unclosed IPv6 bracket", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "is not http://HOST:PORT or unix:/PATH", env={"SANA_SERVER": "http://[::1"}),
+    Case("SANA_SERVER with port 0 or above 65535", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "has a bad port", env={"SANA_SERVER": "http://127.0.0.1:0"}),
+    Case("SANA_SERVER with credentials, a query or a fragment",
+         ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "is not http://HOST:PORT or unix:/PATH", env={"SANA_SERVER": "http://me@127.0.0.1:9"}),
 ]
 
 
