@@ -33,7 +33,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, presets
@@ -42,6 +43,7 @@ from .client import (API_PREFIX, job_from_wire, load_from_wire, private_place_pr
 from .errors import EnvironmentProblem, SanaError, UsageError
 from .plan import (IMAGE_SUFFIXES, KEY_SCHEMA, PIXEL_FIELDS, LoadOptions, Request, check_seed, job_key, model_for,
                    plan_generate, resolve_params)
+from .safeio import MAX_IMAGE_BYTES, open_regular, read_bounded
 from .scheduler import Draining, QueueFull, Scheduler, Work, log
 
 MAX_BODY = 1 << 20  # an OpenAI request: a prompt and a few numbers
@@ -137,8 +139,8 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             if size > limit:
                 raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
             chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks) or b"null")
+        try:  # a large body parses for a while: off the event loop
+            body = await run_in_threadpool(json.loads, b"".join(chunks) or b"null")
         except ValueError:
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -172,7 +174,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         authorize(request)
         accepting()
         body = await read_json(request, MAX_BODY)
-        ref, options = _model_and_options(body)
+        ref, options = await run_in_threadpool(_model_and_options, body)
         try:
             loaded = await asyncio.to_thread(scheduler.models.get, ref, options)
         except SanaError as exc:
@@ -184,7 +186,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         authorize(request)
         accepting()
         body = await read_json(request, MAX_JOBS_BODY)
-        ref, options = _model_and_options(body)
+        ref, options = await run_in_threadpool(_model_and_options, body)
         decode = body.get("decode", "auto")
         force_size = body.get("force_size") is True
         wire = body.get("jobs")
@@ -194,7 +196,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             pixels = options.pixels(options.decode_for(decode if isinstance(decode, str) else "auto"))
             if not isinstance(decode, str):
                 raise UsageError("'decode' must be text")
-            planned = [_checked_job(ref, item, pixels, force_size, config.scratch_dir) for item in wire]
+            planned = await run_in_threadpool(_checked_jobs, ref, wire, pixels, force_size, config.scratch_dir)
         except SanaError as exc:
             raise _from_sana(exc, "jobs") from None
         except (TypeError, ValueError, KeyError) as exc:
@@ -208,7 +210,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         authorize(request)
         accepting()
         body = await read_json(request, MAX_BODY)
-        work, response_format = _openai_work(body, config)
+        work, response_format = await run_in_threadpool(_openai_work, body, config)
         if body.get("stream") is True:
             return await _stream(request, work, attached=False, response_format=response_format)
         messages = await _collect(request, work)
@@ -222,7 +224,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             if message["type"] == "failed":
                 raise ApiError(500, message["error"], type_="server_error", exit_code=message.get("exit_code"))
             if message["type"] == "image":
-                data.append(_openai_item(message, response_format, request))
+                data.append(await _openai_item(message, response_format, request))
         return {"created": int(time.time()), "data": data}
 
     @app.get("/v1/images/files/{name}")
@@ -230,18 +232,15 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         authorize(request)
         if not _FILE_NAME.fullmatch(name):
             raise ApiError(404, "no such image", code="not_found")
-        path = config.output_dir / name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # the safe open (never blocks on a FIFO, regular files only, no links), off the event loop
+            handle = await run_in_threadpool(open_regular, config.output_dir / name, MAX_IMAGE_BYTES,
+                                             follow_links=False)
         except OSError:
             raise ApiError(404, "no such image", code="not_found") from None
-        try:
-            if not _is_regular(fd):
-                raise ApiError(404, "no such image", code="not_found")
-        finally:
-            os.close(fd)
-        return FileResponse(path, media_type={"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[
-            name.rsplit(".", 1)[1]])
+        size = os.fstat(handle.fileno()).st_size
+        return StreamingResponse(_chunks(handle, size), headers={"Content-Length": str(size)},
+                                 media_type={"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[
+                                     name.rsplit(".", 1)[1]])
 
     async def _collect(request: HttpRequest, work: Work) -> list[dict]:
         loop = asyncio.get_running_loop()
@@ -281,10 +280,10 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                             return
                         continue
                     if message["type"] in ("image",):
-                        message = (_attached_item(message) if attached
-                                   else {"type": "image", **_openai_item(message, response_format, request)})
+                        message = (await run_in_threadpool(_attached_item, message) if attached
+                                   else {"type": "image", **await _openai_item(message, response_format, request)})
                     elif message["type"] == "failed":
-                        _unlink(message.pop("path", None))
+                        await run_in_threadpool(_unlink, message.pop("path", None))
                     yield (json.dumps(message) + "\n").encode()
                     if message["type"] in ("done", "error"):
                         return
@@ -304,14 +303,14 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             raise ApiError(503, "the server is shutting down and takes no new work", type_="server_error",
                            code="shutting_down", exit_code=4) from None
 
-    def _openai_item(message: dict, response_format: str, request: HttpRequest) -> dict:
+    async def _openai_item(message: dict, response_format: str, request: HttpRequest) -> dict:
         path = message["path"]
         item = {"seed": message["seed"], "key": message["key"]}
         if response_format == "url":
             base = str(request.base_url).rstrip("/")
             item["url"] = f"{base}/v1/images/files/{os.path.basename(path)}"
         else:
-            item["b64_json"] = base64.b64encode(_take(path)).decode()
+            item["b64_json"] = base64.b64encode(await run_in_threadpool(_take, path)).decode()
         return item
 
     return app
@@ -323,11 +322,24 @@ def _attached_item(message: dict) -> dict:
 
 
 def _take(path: str) -> bytes:
-    """A rendered image's bytes, removing the server's copy."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    _unlink(path)
-    return data
+    """A rendered image's bytes, removing the server's copy (read like any file: bounded, regular only).
+    Blocking: call it off the event loop."""
+    try:
+        return read_bounded(path, MAX_IMAGE_BYTES)
+    finally:
+        _unlink(path)
+
+
+def _chunks(handle, size: int, chunk: int = 1 << 16):
+    """A file's first size bytes in pieces (a plain iterator: Starlette reads it in its threadpool)."""
+    with handle:
+        left = size
+        while left > 0:
+            data = handle.read(min(chunk, left))
+            if not data:
+                return
+            left -= len(data)
+            yield data
 
 
 def _unlink(path: str | None) -> None:
@@ -336,12 +348,6 @@ def _unlink(path: str | None) -> None:
             os.unlink(path)
         except OSError:
             pass
-
-
-def _is_regular(fd: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
 NOT_A_PATH = "'model' must be a preset name or a hub id (org/name): the server never opens a client's path"
@@ -380,6 +386,11 @@ def _model_and_options(body: dict):
     except TypeError as exc:
         raise ApiError(400, f"bad load options: {exc}", param="load") from None
     return ref, options
+
+
+def _checked_jobs(ref, wire: list, pixels, force_size: bool, scratch: Path) -> list:
+    """Every job of an attached run checked (blocking: planning reads configs; run it off the event loop)."""
+    return [_checked_job(ref, item, pixels, force_size, scratch) for item in wire]
 
 
 def _checked_job(ref, item: dict, pixels, force_size: bool, scratch: Path):
