@@ -158,7 +158,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self.accepting = True
         self._numbers = itertools.count(1)
-        self._thread = threading.Thread(target=self._loop, name="sana-scheduler", daemon=True)
+        self.dead: str | None = None  # why the rendering thread stopped; it never stops otherwise
+        self.on_death: Callable[[str], None] | None = None  # the server's way to exit when it does
+        self._thread = threading.Thread(target=self._watched, name="sana-scheduler", daemon=True)
         self._thread.start()
 
     # ---- called from request handlers ----
@@ -201,6 +203,28 @@ class Scheduler:
 
     # ---- the rendering thread ----
     _stop = None
+
+    def _watched(self) -> None:
+        """The rendering loop under a watchdog: if it ever ends by an exception, nothing would render the
+        queue again, so every waiting request is answered 503 and the server is told to exit."""
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - whatever stopped it, say so and end the server
+            self._die(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                      .rstrip(": "))
+
+    def _die(self, reason: str) -> None:
+        with self._cond:
+            self.dead = reason
+            self.accepting = False
+            pending = self._queue + [work for work in self._running if work not in self._queue]
+            self._queue, self._running = [], []
+        message = f"the server's work queue stopped ({reason}); the server is exiting"
+        for work in pending:
+            _send(work, {"type": "error", "message": message, "exit_code": 4, "status": 503})
+            work.finished.set()
+        if self.on_death is not None:
+            self.on_death(reason)
 
     def _loop(self) -> None:
         while True:

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__, presets
 from .client import (API_PREFIX, job_from_wire, load_from_wire, private_place_problem, remove_if_stale,
                      uses_input_files)
-from .errors import EnvironmentProblem, SanaError, UsageError
+from .errors import EnvironmentProblem, GenerationError, SanaError, UsageError
 from .plan import (IMAGE_SUFFIXES, KEY_SCHEMA, PIXEL_FIELDS, LoadOptions, Request, check_seed, job_key, model_for,
                    plan_generate, resolve_params)
 from .safeio import MAX_IMAGE_BYTES, open_regular, read_bounded
@@ -588,6 +588,9 @@ def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, 
     uv_config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=None,
                                lifespan="off")
     server = _Server(uv_config, scheduler, config)
+    scheduler.on_death = lambda reason: setattr(server, "should_exit", True)
+    if scheduler.dead:  # it stopped while the models loaded, before the callback was set
+        server.should_exit = True
     actual = tcp.getsockname()[1]
     log(f"listening on http://{host}:{actual} and unix:{path} (pid {os.getpid()}); "
         f"keep-alive {'forever' if keep_alive is None else f'{keep_alive:.0f} s'}"
@@ -605,6 +608,9 @@ def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, 
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
+    if scheduler.dead is not None:
+        raise GenerationError(f"the server's work queue stopped ({scheduler.dead}); the server exited, having "
+                              "answered the requests that waited with 503")
     if server.forced is not None:
         return 128 + server.forced
     log("stopped")

@@ -7,13 +7,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from .conftest import one_line_error, run_sana
+from .conftest import run_sana
 from .test_serve import Server, _copy_tiny
 
 
@@ -27,9 +28,14 @@ def server(tmp_path_factory, tiny_models, cache_dir):
 
 
 def _get(server: Server, path: str, headers: dict | None = None, timeout: float = 10):
+    return _request(server, "GET", path, None, headers, timeout)
+
+
+def _request(server: Server, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 10):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     try:
-        connection.request("GET", path, headers=headers or {})
+        connection.request(method, path, body=None if body is None else json.dumps(body),
+                           headers={"Content-Type": "application/json", **(headers or {})})
         answer = connection.getresponse()
         return answer.status, dict(answer.getheaders()), answer.read()
     finally:
@@ -67,3 +73,49 @@ def test_a_fifo_or_a_link_in_the_image_directory_is_404_and_never_freezes_the_se
     process = run_sana("generate", "a fox", "--model", "tiny", "--seed", 1, "-o", out, env=server.env, timeout=120)
     assert process.returncode == 0, process.stderr
     assert "rendering on the server" in process.stderr and out.stat().st_size > 0
+
+
+# ---- a dead rendering thread ends the server -------------------------------------------------------
+
+class _InjectedServer(Server):
+    """A real `sana serve` in a Python whose scheduler has one injected fault (code run before main)."""
+
+    def __init__(self, cache, inject: str, *args: str):
+        self.cache = cache
+        self.env = dict(os.environ, SANA_CLI_CACHE=str(cache))
+        self.lines = []
+        code = f"{inject}\nfrom sana_cli.cli import main\nmain(['serve', '--port', '0', *{list(args)!r}])\n"
+        self.process = subprocess.Popen([sys.executable, "-c", code], env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = int(self.wait_for("listening on http://127.0.0.1:").split("127.0.0.1:")[1].split()[0])
+        self.socket = cache / "serve" / "sana.sock"
+
+
+def test_a_dead_queue_thread_answers_what_waits_with_503_and_ends_the_server_with_one_line(tmp_path, tiny_models,
+                                                                                            cache_dir):
+    cache = tmp_path / "cache"
+    _copy_tiny(cache_dir, cache)
+    # The queue thread dies on the first request it looks at, outside any one run's error handling.
+    inject = ("import sana_cli.scheduler as s\n"
+              "def family(self):\n    raise RuntimeError('injected fault in the queue thread')\n"
+              "s.Work.family = family")
+    server = _InjectedServer(cache, inject, "--model", "tiny", "--batch-window", "0.1")
+    try:
+        status, _, raw = _request(server, "POST", "/v1/images/generations",
+                                  {"prompt": "a fox", "model": "tiny", "size": "128x128"}, timeout=30)
+        body = json.loads(raw)
+        assert status == 503, body
+        assert body["error"]["code"] == "unavailable" and body["error"]["exit_code"] == 4
+        assert "work queue stopped (RuntimeError: injected fault in the queue thread)" in body["error"]["message"]
+        assert server.process.wait(timeout=30) == 1
+        server._reader.join(10)
+    finally:
+        server.stop()
+    lines = [line for line in server.lines if line.strip()]
+    assert "Traceback" not in server.log()
+    errors = [line for line in lines if line.startswith("sana: error: ")]
+    assert errors == [lines[-1]], server.log()
+    assert "work queue stopped (RuntimeError: injected fault in the queue thread)" in errors[0]
+    assert not (cache / "serve" / "sana.sock").exists()  # nothing left to attach to
