@@ -214,8 +214,9 @@ def _attach(model, load, keep_latents: bool, display, input_files: bool = False)
     if blocker is not None:
         display.log(f"sana: not using the server at {endpoint.describe()}: {blocker}; rendering here")
         return None
-    display.log(f"sana: rendering on the server at {endpoint.describe()}")
-    return client.remote_model(endpoint, model, load)
+    # Said when the first image goes to the server: a fully resumed batch renders nothing anywhere.
+    return client.remote_model(endpoint, model, load,
+                               announce=lambda: display.log(f"sana: rendering on the server at {endpoint.describe()}"))
 
 
 def _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug,
