@@ -59,9 +59,10 @@ def socket_path() -> Path:
 # ---- wire format ---------------------------------------------------------------------------------
 
 def job_to_wire(job) -> dict:
-    """Every field of an ImageJob but its path (a client path never reaches the server)."""
+    """Every field of an ImageJob but its path (a client path never reaches the server), and the
+    image format the path asks for (its suffix), which the server encodes."""
     data = asdict(job)
-    data.pop("path")
+    data["ext"] = os.path.splitext(data.pop("path"))[1].lower() or ".png"
     return data
 
 
@@ -367,9 +368,10 @@ class RemoteModel:
                 raise self._gone(exc) from None
             if status != 200:
                 raise _error_from(status, body)
-            if not isinstance(body.get("model"), dict):
-                raise self._malformed("a loaded model without its description")
-            self._description = body["model"]
+            try:
+                self._description = _description(body.get("model"))
+            except MalformedAnswer as exc:
+                raise self._malformed(str(exc)) from None
         return self._description
 
     def _gone(self, exc=None) -> GenerationError:
@@ -667,8 +669,7 @@ def _event(line: bytes, by_index: dict, seen: set) -> dict:
         return checked
     if kind == "done":
         model, timings = message.get("model"), message.get("timings") or {}
-        if model is not None and not isinstance(model, dict):
-            raise MalformedAnswer("a done event whose 'model' is not an object")
+        model = None if model is None else _description(model)
         if not isinstance(timings, dict):
             raise MalformedAnswer("a done event whose 'timings' is not an object")
         peaks = {name: message.get(name) if _is_int(message.get(name)) else None
@@ -682,6 +683,21 @@ def _event(line: bytes, by_index: dict, seen: set) -> dict:
         return {"type": kind, "status": status if _is_int(status) else 500, "message": _text(message, "message"),
                 "exit_code": code if _is_int(code) else None}
     raise MalformedAnswer(f"an event of unknown type {_short(kind, 40)!r}")
+
+
+DESCRIPTION_FIELDS = ("model", "model_id", "revision", "commit", "pipeline", "dtype", "device")  # what records use
+
+
+def _description(model) -> dict:
+    """A loaded model's description from a server: an object with text (or null) for every field that
+    metadata, manifests and JSON output take from it."""
+    if not isinstance(model, dict):
+        raise MalformedAnswer("a model description that is not an object")
+    for name in DESCRIPTION_FIELDS:
+        value = model.get(name)
+        if not (isinstance(value, str) or (value is None and name in ("revision", "commit"))):
+            raise MalformedAnswer(f"a model description whose {name!r} is not text")
+    return model
 
 
 def _image_problem(data: bytes, job) -> str | None:

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from .conftest import run_sana
+from .conftest import SANA, one_line_error, run_sana
+from .fakeserver import FakeServer, done_event, image_bytes, image_event
 from .test_serve import Server, _copy_tiny
 
 
@@ -119,3 +120,153 @@ def test_a_dead_queue_thread_answers_what_waits_with_503_and_ends_the_server_wit
     assert errors == [lines[-1]], server.log()
     assert "work queue stopped (RuntimeError: injected fault in the queue thread)" in errors[0]
     assert not (cache / "serve" / "sana.sock").exists()  # nothing left to attach to
+
+
+# ---- the attached CLI against a server that is not to be trusted -------------------------------------
+
+@pytest.fixture
+def fake(tiny_models):
+    servers = []
+
+    def start(**options) -> FakeServer:
+        servers.append(FakeServer(**options))
+        return servers[-1]
+
+    yield start
+    for started in servers:
+        started.close()
+
+
+GARBAGE = {
+    "a line that is not JSON": lambda jobs: [b"hello, I am not JSON\n"],
+    "a JSON list where an event belongs": lambda jobs: [[1, 2, 3]],
+    "an image index never asked for": lambda jobs: [image_event(99, image_bytes(jobs[0]))],
+    "bad base64": lambda jobs: [{**image_event(jobs[0]["index"], b""), "data": "!!! not base64 !!!"}],
+    "plain text as the image": lambda jobs: [image_event(jobs[0]["index"], b"just some text")],
+    "a PNG with another job's key": lambda jobs: [image_event(jobs[0]["index"], image_bytes(jobs[0], key="0" * 64))],
+    "a PNG of another size": lambda jobs: [image_event(jobs[0]["index"], image_bytes(jobs[0], size=(64, 64)))],
+    "a JPEG where a PNG was asked": lambda jobs: [image_event(jobs[0]["index"], image_bytes(jobs[0], fmt="JPEG"))],
+    "a truncated PNG": lambda jobs: [image_event(jobs[0]["index"], image_bytes(jobs[0])[:-60])],
+    "the same image twice": lambda jobs: [image_event(jobs[0]["index"], image_bytes(jobs[0]))] * 2,
+    "a step that is not a number": lambda jobs: [{"type": "step", "step": "one", "total": [2]}],
+    "a done whose model is a list": lambda jobs: [{**done_event(), "model": [1]}],
+    "an event of an unknown type": lambda jobs: [{"type": "surprise"}],
+    "a line longer than any image": lambda jobs: [b'{"type": "note", "message": "' + b"x" * (4 << 20) + b'"}\n'],
+    "an endless stream of small events": lambda jobs: ({"type": "note", "message": "x" * 1000} for _ in range(10**6)),
+}
+
+
+@pytest.mark.parametrize("answer", list(GARBAGE), ids=list(GARBAGE))
+def test_garbage_from_the_server_is_one_malformed_line_exit_1_and_nothing_written(fake, tmp_path, answer):
+    server = fake(events=GARBAGE[answer])
+    out = tmp_path / "out"
+    out.mkdir()
+    process = run_sana("generate", "a fox", "--model", "tiny", "--size", "128", "--seed", 3, "-n", 2,
+                       "-o", f"{out}/", env=server.env, timeout=120)
+    assert process.returncode == 1, process.stderr
+    line = one_line_error(process)
+    assert "was malformed" in line and "nothing partial was written" in line, line
+    assert process.stdout == ""
+    left = list(out.iterdir())
+    if answer == "the same image twice":  # the first, checked and whole, was written before the second came
+        assert [p.name for p in left] == ["a-fox-3.png"]
+        from sana_cli.output import read_metadata
+
+        assert read_metadata(left[0])["sana"]["key"] == server.runs[0][0]["key"]
+    else:
+        assert left == []
+
+
+def test_a_done_before_every_image_is_not_a_success(fake, tmp_path):
+    server = fake(events=lambda jobs: [image_event(jobs[0]["index"], image_bytes(jobs[0])), done_event()])
+    out = tmp_path / "out"
+    process = run_sana("generate", "a fox", "--model", "tiny", "--size", "128", "--seed", 3, "-n", 2, "--json",
+                       "-o", f"{out}/", env=server.env, timeout=120)
+    assert process.returncode == 1, process.stderr
+    answer = json.loads(process.stdout)
+    assert answer["ok"] is False
+    assert len(list(out.glob("*.png"))) == 1
+    assert "finished without sending this image" in process.stderr
+
+    rows = tmp_path / "rows.txt"
+    rows.write_text("a cat\na dog\n")
+    batch = run_sana("batch", rows, "--model", "tiny", "--size", "128", "-o", tmp_path / "batch", env=server.env,
+                     timeout=120)
+    assert batch.returncode == 3, batch.stderr
+    records = [json.loads(line) for line in (tmp_path / "batch" / "results.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records] == ["image", "error"]
+    assert "finished without sending this image" in records[1]["error"]
+    assert len(list((tmp_path / "batch").glob("*.png"))) == 1
+
+
+def test_a_failed_image_passes_only_a_documented_exit_code(fake, tmp_path):
+    server = fake(events=lambda jobs: [{"type": "failed", "index": jobs[0]["index"], "error": "it broke",
+                                        "exit_code": 99}, done_event()])
+    process = run_sana("generate", "a fox", "--model", "tiny", "--size", "128", "-o", tmp_path / "a.png",
+                       env=server.env, timeout=120)
+    assert process.returncode == 1, process.stderr
+    assert "it broke" in one_line_error(process)
+    assert not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("health", [b"not json at all", b"[1, 2]", b'{"sana_cli": {"a": 1}}'])
+def test_a_malformed_handshake_on_a_found_socket_falls_back_and_on_a_named_server_is_exit_4(fake, tmp_path,
+                                                                                          cache_dir, health):
+    cache = tmp_path / "cache"
+    _copy_tiny(cache_dir, cache)
+    found = fake(unix=cache / "serve" / "sana.sock", health=health)
+    assert found.unix.exists()
+    out = tmp_path / "here.png"
+    process = run_sana("generate", "a fox", "--model", "tiny", "--size", "128", "--seed", 1, "-o", out,
+                       env={"SANA_CLI_CACHE": str(cache)}, timeout=180)
+    assert process.returncode == 0, process.stderr
+    assert "rendering here" in process.stderr and "rendering on the server" not in process.stderr
+    assert out.stat().st_size > 0 and found.runs == []
+    named = fake(health=health)
+    process = run_sana("generate", "a fox", "--model", "tiny", "--size", "128", "-o", tmp_path / "no.png",
+                       env=named.env, timeout=60)
+    assert process.returncode == 4, process.stderr
+    line = one_line_error(process)
+    assert "malformed" in line or "runs sana-cli" in line
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_two_attached_batches_on_one_directory_wait_for_each_other_as_in_process(fake, tmp_path):
+    server = fake()
+    server.gate.clear()  # the first run's answer waits: it holds its claims
+    rows = tmp_path / "rows.txt"
+    rows.write_text("a cat\na dog\n")
+    out = tmp_path / "out"
+    command = [SANA, "batch", str(rows), "--model", "tiny", "--size", "128", "-o", str(out), "--json"]
+    env = dict(os.environ, **server.env)
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not server.runs and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(server.runs) == 1 and len(server.runs[0]) == 2
+    second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    assert second.poll() is None, second.communicate()  # it waits for the other run's claims
+    server.gate.set()
+    first_out, first_err = first.communicate(timeout=60)
+    second_out, second_err = second.communicate(timeout=60)
+    assert first.returncode == 0 and json.loads(first_out)["written"] == 2, first_err
+    assert second.returncode == 0, second_err
+    summary = json.loads(second_out)
+    assert summary["written"] == 0 and summary["already_done"] == 2
+    assert "waiting for another process" in second_err
+    assert "rendering on the server" not in second_err  # it rendered nothing anywhere
+    assert len(server.runs) == 1
+    assert sorted(p.name for p in out.glob("*.png")) == ["0001-a-cat.png", "0002-a-dog.png"] or \
+        len(list(out.glob("*.png"))) == 2
+
+
+def test_a_fully_resumed_attached_batch_does_not_say_it_renders_on_the_server(fake, tmp_path):
+    server = fake()
+    rows = tmp_path / "rows.txt"
+    rows.write_text("a cat\n")
+    first = run_sana("batch", rows, "--model", "tiny", "--size", "128", "-o", tmp_path / "out", env=server.env)
+    assert first.returncode == 0 and "rendering on the server" in first.stderr, first.stderr
+    again = run_sana("batch", rows, "--model", "tiny", "--size", "128", "-o", tmp_path / "out", env=server.env)
+    assert again.returncode == 0, again.stderr
+    assert "rendering on the server" not in again.stderr and len(server.runs) == 1
