@@ -270,3 +270,16 @@ def test_a_fully_resumed_attached_batch_does_not_say_it_renders_on_the_server(fa
     again = run_sana("batch", rows, "--model", "tiny", "--size", "128", "-o", tmp_path / "out", env=server.env)
     assert again.returncode == 0, again.stderr
     assert "rendering on the server" not in again.stderr and len(server.runs) == 1
+
+
+@pytest.mark.parametrize("suffix,magic", [(".jpg", b"\xff\xd8\xff"), (".webp", b"RIFF")])
+def test_an_attached_run_gets_the_format_its_path_asks_for(server, tmp_path, suffix, magic):
+    import sana_cli
+
+    out = tmp_path / f"a{suffix}"
+    process = run_sana("generate", "a fox", "--model", "tiny", "--seed", 5, "-o", out, env=server.env)
+    assert process.returncode == 0, process.stderr
+    assert "rendering on the server" in process.stderr
+    assert out.read_bytes().startswith(magic)
+    sana_cli.generate(prompt="a fox", model="tiny", seed=5, output=str(tmp_path / f"ref{suffix}"))
+    assert out.read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
