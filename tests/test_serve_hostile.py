@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -283,3 +284,38 @@ def test_an_attached_run_gets_the_format_its_path_asks_for(server, tmp_path, suf
     assert out.read_bytes().startswith(magic)
     sana_cli.generate(prompt="a fox", model="tiny", seed=5, output=str(tmp_path / f"ref{suffix}"))
     assert out.read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
+
+
+def test_ctrl_c_on_an_attached_batch_finishes_the_gpu_batch_in_flight_and_prints_the_summary(fake, tmp_path):
+    released = threading.Event()
+
+    def events(jobs):
+        for number, job in enumerate(jobs, 1):
+            yield {"type": "batch", "number": number, "total": len(jobs), "indices": [job["index"]]}
+            if number == 2:
+                released.wait(60)  # Ctrl-C comes while the second GPU batch renders
+            yield image_event(job["index"], image_bytes(job))
+        yield done_event()
+
+    server = fake(events=events)
+    rows = tmp_path / "rows.txt"
+    rows.write_text("a cat\na dog\na fox\n")
+    out = tmp_path / "out"
+    process = subprocess.Popen([SANA, "batch", str(rows), "--model", "tiny", "--size", "128", "-o", str(out)],
+                               env=dict(os.environ, **server.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*.png"))) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    time.sleep(1)
+    released.set()
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("sana: error: interrupted; 2 image(s) written this run"), stderr
+    assert any(line.startswith("sana: 3 image(s): 2 written, 0 already done") for line in lines), stderr
+    assert len(stdout.splitlines()) == 2 and len(list(out.glob("*.png"))) == 2
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records] == ["image", "image"]
