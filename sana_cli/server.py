@@ -59,6 +59,17 @@ PATH_FIELDS = {"image", "control_image", "mask_image", "lora", "loras", "control
 # OpenAI fields that do not apply to these models and are accepted without effect.
 IGNORED_OPENAI = {"user", "quality", "style", "moderation", "background", "output_compression", "partial_images"}
 _FILE_NAME = re.compile(r"[0-9a-f]{32}(-\d+)?\.(png|jpg|webp)")
+# Images of `url` answers stay this long, and the directory holds at most this much (oldest go first).
+URL_IMAGE_MAX_AGE = 3600.0
+URL_IMAGE_MAX_BYTES = 1 << 30
+# Slow clients: a request's head must arrive within HEAD_TIMEOUT, its body within BODY_TIMEOUT; an idle
+# kept-alive connection closes after KEEP_ALIVE_TIMEOUT.
+HEAD_TIMEOUT = 10.0
+BODY_TIMEOUT = 60.0
+KEEP_ALIVE_TIMEOUT = 5
+# Every answer: never framed by another site, never sniffed as another type.
+SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
+                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 
 class ApiError(Exception):
@@ -88,8 +99,10 @@ def _from_sana(exc: SanaError, param: str | None = None) -> ApiError:
 
 class ServerConfig:
     def __init__(self, *, api_key: str | None, output_dir: Path, scratch_dir: Path, load: LoadOptions,
-                 models: list[str]):
+                 models: list[str], host: str = "127.0.0.1", allow_hosts: tuple = ()):
         self.api_key = api_key
+        self.host = host
+        self.allow_hosts = {name.lower().rstrip(".") for name in allow_hosts}
         self.output_dir = output_dir
         self.scratch_dir = scratch_dir
         self.load = load
@@ -134,11 +147,20 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
-            chunks.append(chunk)
+
+        async def receive() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+                chunks.append(chunk)
+
+        try:  # a client that sends its body slowly holds a connection at most this long
+            await asyncio.wait_for(receive(), timeout=BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:.0f} s",
+                           code="timeout") from None
         try:  # a large body parses for a while: off the event loop
             body = await run_in_threadpool(json.loads, b"".join(chunks) or b"null")
         except ValueError:
@@ -307,13 +329,97 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         path = message["path"]
         item = {"seed": message["seed"], "key": message["key"]}
         if response_format == "url":
-            base = str(request.base_url).rstrip("/")
-            item["url"] = f"{base}/v1/images/files/{os.path.basename(path)}"
+            item["url"] = f"{_public_base(request)}/v1/images/files/{os.path.basename(path)}"
+            await run_in_threadpool(sweep_images, config.output_dir, keep=os.path.basename(path))
         else:
             item["b64_json"] = base64.b64encode(await run_in_threadpool(_take, path)).decode()
         return item
 
+    app.add_middleware(_Guard, config=config)
     return app
+
+
+class _Guard:
+    """Every HTTP answer gets SECURITY_HEADERS; on the TCP port of a server without an API key, a
+    request whose Host is not a loopback name, --host or an --allow-host name is refused (403) before
+    any route runs, so a page of another site that rebinds its DNS name to 127.0.0.1 gets nothing."""
+
+    def __init__(self, app, config: ServerConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def guarded(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        if not _host_allowed(scope, self.config):
+            answer = ApiError(403, "the Host header names neither this server nor a loopback address (start the "
+                                   "server with --allow-host NAME or --api-key to accept other names)",
+                              code="host_not_allowed").response()
+            return await answer(scope, receive, guarded)
+        return await self.app(scope, receive, guarded)
+
+
+def _host_allowed(scope, config: ServerConfig) -> bool:
+    server = scope.get("server")
+    if server is None or server[1] is None or config.api_key is not None:
+        return True  # the user-only Unix socket, or a server where every request needs the key
+    host = next((value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"host"), None)
+    if host is None:
+        return True  # HTTP/1.0 without Host: no browser sends that
+    name = host[1:host.find("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0] \
+        if host.count(":") == 1 else host
+    name = name.lower().rstrip(".")
+    return (is_loopback(name) or name.endswith(".localhost") or name == config.host.lower().strip("[]")
+            or name in config.allow_hosts)
+
+
+def _public_base(request: HttpRequest) -> str:
+    """The address a `url` answer points at: the one the client connected to, never its Host header."""
+    address, port = request.scope.get("server") or ("127.0.0.1", None)
+    host = f"[{address}]" if ":" in str(address) else address
+    return f"http://{host}" + (f":{port}" if port else "")
+
+
+def sweep_images(directory: Path, *, keep: str | None = None, max_age: float = URL_IMAGE_MAX_AGE,
+                 max_bytes: int = URL_IMAGE_MAX_BYTES, now: float | None = None) -> list[str]:
+    """Delete the server's `url` images older than max_age, then the oldest while the rest exceed
+    max_bytes (never `keep`, the one just answered). Only regular files with the server's own names
+    are looked at or removed. Blocking: call it off the event loop. Returns the names removed."""
+    import stat
+
+    now = time.time() if now is None else now
+    found = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not _FILE_NAME.fullmatch(entry.name):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    found.append((info.st_mtime, info.st_size, entry.name))
+    except OSError:
+        return []
+    found.sort()
+    total = sum(size for _, size, _ in found)
+    removed = []
+    for mtime, size, name in found:
+        if name == keep or (now - mtime <= max_age and total <= max_bytes):
+            continue
+        try:
+            os.unlink(directory / name)
+        except OSError:
+            continue
+        total -= size
+        removed.append(name)
+    return removed
 
 
 def _attached_item(message: dict) -> dict:
@@ -562,7 +668,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, max_memory_gib: float | None,
           api_key: str | None, window: float, max_queue: int, output_dir: Path, load: LoadOptions,
-          ready=None) -> int:
+          ready=None, allow_hosts: tuple = ()) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; returns the exit code."""
     import tempfile
 
@@ -576,7 +682,9 @@ def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, 
     scheduler = Scheduler(window=window, max_queue=max_queue, models=cache)
     output_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="sana-serve-"))
-    config = ServerConfig(api_key=api_key, output_dir=output_dir, scratch_dir=scratch, load=load, models=models)
+    config = ServerConfig(api_key=api_key, output_dir=output_dir, scratch_dir=scratch, load=load, models=models,
+                          host=host, allow_hosts=allow_hosts)
+    sweep_images(output_dir)
     tcp = bind_tcp(host, port)
     path = socket_path()
     unix = bind_unix(path)
@@ -586,7 +694,7 @@ def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, 
         cache.get(ref, load)
     app = create_app(scheduler, config)
     uv_config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=None,
-                               lifespan="off")
+                               lifespan="off", http=_slow_client_protocol(), timeout_keep_alive=KEEP_ALIVE_TIMEOUT)
     server = _Server(uv_config, scheduler, config)
     scheduler.on_death = lambda reason: setattr(server, "should_exit", True)
     if scheduler.dead:  # it stopped while the models loaded, before the callback was set
@@ -615,6 +723,41 @@ def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, 
         return 128 + server.forced
     log("stopped")
     return 0
+
+
+def _slow_client_protocol():
+    """uvicorn's h11 protocol, closing a connection whose request head does not arrive within
+    HEAD_TIMEOUT of the connection or of the previous answer (uvicorn itself waits forever for it)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class SlowClientProtocol(H11Protocol):
+        _head_deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            waiting_after = self.cycle  # a new request head makes a new cycle
+            self._head_deadline = self.loop.call_later(HEAD_TIMEOUT, self._too_slow, waiting_after)
+
+        def _too_slow(self, waiting_after) -> None:
+            idle = self.cycle is None or self.cycle.response_complete  # no request is being answered
+            if self.cycle is waiting_after and idle and not self.transport.is_closing():
+                self.transport.close()
+
+    return SlowClientProtocol
 
 
 class _Server:
@@ -712,14 +855,17 @@ async function generate(prompt, model, n) {
 }
 $("form").addEventListener("submit", (e) => {
   e.preventDefault();
-  generate($("prompt").value, $("model").value, parseInt($("n").value, 10) || 1);
+  const n = Math.min(Math.max(parseInt($("n").value, 10) || 1, 1), 10);
+  generate($("prompt").value, $("model").value, n);
 });
+// A link may fill the form (?prompt=...&model=...&n=...), never send it: only the person at the page
+// does, by pressing Generate, so another site that opens or frames this page cannot make it render.
 loadModels().then(() => {
   const query = new URLSearchParams(location.search);
-  if (query.get("prompt")) {
-    $("prompt").value = query.get("prompt");
-    generate(query.get("prompt"), query.get("model") || $("model").value, parseInt(query.get("n") || "1", 10));
-  }
+  if (query.get("prompt")) $("prompt").value = query.get("prompt");
+  if (query.get("model")) $("model").value = query.get("model");
+  const n = parseInt(query.get("n") || "1", 10);
+  $("n").value = String(Math.min(Math.max(Number.isFinite(n) ? n : 1, 1), 10));
 });
 </script>
 </body></html>

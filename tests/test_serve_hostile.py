@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -319,3 +320,106 @@ def test_ctrl_c_on_an_attached_batch_finishes_the_gpu_batch_in_flight_and_prints
     assert len(stdout.splitlines()) == 2 and len(list(out.glob("*.png"))) == 2
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["event"] for r in records] == ["image", "image"]
+
+
+# ---- browsers, Host headers, url images, slow clients --------------------------------------------------
+
+def test_every_answer_forbids_framing_and_sniffing(server):
+    for path in ("/", "/v1/models", "/v1/sana/health", "/v1/images/files/" + "f" * 32 + ".png"):
+        status, headers, _ = _get(server, path)
+        headers = {name.lower(): value for name, value in headers.items()}
+        assert headers["x-frame-options"] == "DENY", path
+        assert headers["content-security-policy"] == "frame-ancestors 'none'", path
+        assert headers["x-content-type-options"] == "nosniff", path
+
+
+@pytest.fixture(scope="module")
+def named_server(tmp_path_factory, tiny_models, cache_dir):
+    cache = tmp_path_factory.mktemp("serve-named")
+    _copy_tiny(cache_dir, cache)
+    started = Server(cache, "--model", "tiny", "--batch-window", "0.1", "--allow-host", "photos.example")
+    yield started
+    started.stop()
+
+
+def test_a_host_that_is_not_this_server_is_refused_and_url_answers_never_echo_it(named_server):
+    server = named_server
+    request = {"prompt": "a fox", "model": "tiny", "size": "128x128", "response_format": "url"}
+    for host in ("evil.example", f"evil.example:{server.port}", "127.0.0.1.evil.example", "localhost.evil.example"):
+        status, _, body = _request(server, "POST", "/v1/images/generations", request, {"Host": host})
+        assert status == 403 and json.loads(body)["error"]["code"] == "host_not_allowed", (host, body)
+        assert _get(server, "/", {"Host": host})[0] == 403
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "LOCALHOST.", f"[::1]:{server.port}",
+                 "photos.example"):
+        assert _get(server, "/v1/models", {"Host": host})[0] == 200, host
+    status, _, body = _request(server, "POST", "/v1/images/generations", request, {"Host": "photos.example:1"})
+    assert status == 200, body
+    url = json.loads(body)["data"][0]["url"]
+    assert url.startswith(f"http://127.0.0.1:{server.port}/v1/images/files/"), url  # where the client connected
+    # The user-only socket takes any Host (it is not reachable from a browser).
+    answer = _unix_get(server.socket, "/v1/sana/health", host="evil.example")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+def _unix_get(path, target: str, host: str) -> bytes:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect(str(path))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+    finally:
+        sock.close()
+
+
+def test_url_images_expire_by_age_and_the_directory_is_bounded_in_size(named_server, tmp_path):
+    from sana_cli.server import sweep_images
+
+    images = named_server.cache / "serve-images"
+    old, fresh, other = "a" * 32 + ".png", "b" * 32 + ".png", "notes.txt"
+    for name in (old, fresh, other):
+        (images / name).write_bytes(b"x" * 100)
+    two_hours_ago = time.time() - 7200
+    os.utime(images / old, (two_hours_ago, two_hours_ago))
+    os.utime(images / other, (two_hours_ago, two_hours_ago))
+    status, _, body = _request(named_server, "POST", "/v1/images/generations",
+                               {"prompt": "a fox", "model": "tiny", "size": "128x128", "response_format": "url"})
+    assert status == 200, body
+    new = json.loads(body)["data"][0]["url"].rsplit("/", 1)[1]
+    assert not (images / old).exists()  # older than an hour
+    assert (images / fresh).exists() and (images / other).exists() and (images / new).exists()
+    # the size bound: oldest first, never the one just answered, nothing but the server's own names
+    directory = tmp_path / "images"
+    directory.mkdir()
+    names = [f"{i:032x}.png" for i in range(5)]
+    for age, name in enumerate(reversed(names)):
+        (directory / name).write_bytes(b"x" * 1000)
+        os.utime(directory / name, (time.time() - 60 * age, time.time() - 60 * age))
+    os.mkfifo(directory / ("f" * 32 + ".png"))
+    removed = sweep_images(directory, keep=names[0], max_bytes=2500)
+    assert removed == [names[1], names[2], names[3]]  # names[0] is the oldest but was just answered
+    assert sorted(p.name for p in directory.iterdir()) == sorted([names[0], names[4], "f" * 32 + ".png"])
+
+
+def test_a_slow_client_is_disconnected_instead_of_holding_a_connection_forever(server):
+    from sana_cli.server import HEAD_TIMEOUT
+
+    slow = socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_TIMEOUT + 20)
+    kept = socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_TIMEOUT + 20)
+    try:
+        slow.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the head never ends
+        kept.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /v1/models HTTP/1.1\r\n")  # then a second head, never finished either
+        started = time.monotonic()
+        for connection in (slow, kept):
+            data = b""
+            while chunk := connection.recv(65536):
+                data += chunk
+        assert time.monotonic() - started < HEAD_TIMEOUT + 15
+    finally:
+        slow.close()
+        kept.close()
