@@ -320,7 +320,7 @@ def test_eight_clients_at_once_share_gpu_batches_and_keep_their_seeds(server):
 def _raw_post(server: Server, body: dict) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return sock
 
