@@ -113,6 +113,10 @@ class ModelCache:
             self._evict(keep=key)
         return loaded
 
+    def has(self, key: tuple) -> bool:
+        with self.lock:
+            return key in self._models
+
     def loaded_names(self) -> list[str]:
         with self.lock:
             return sorted({entry[0].ref.name for entry in self._models.values()})
@@ -155,6 +159,7 @@ class Scheduler:
         self.models = models or ModelCache(keep_alive=None, budget_bytes=None)
         self._queue: list[Work] = []
         self._running: list[Work] = []
+        self._loading: set[tuple] = set()  # model keys a loader thread is loading now
         self._cond = threading.Condition()
         self.accepting = True
         self._numbers = itertools.count(1)
@@ -229,15 +234,15 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue:
+                while self._ready_family() is None:
                     self._cond.wait(timeout=1.0)
                     if not self._queue:
                         self.models.expire()
             time.sleep(self.window)  # the gathering window: requests arriving now join this run
             with self._cond:
-                if not self._queue:
+                family = self._ready_family()
+                if family is None:
                     continue
-                family = self._queue[0].family()
                 works = [w for w in self._queue if w.family() == family]
                 for work in works:
                     self._queue.remove(work)
@@ -252,6 +257,36 @@ class Scheduler:
                     self._stop = None
                 for work in works:
                     work.finished.set()
+
+    def _ready_family(self):
+        """(Under the lock) the family of the first queued work whose model is loaded; a model that is
+        not is loaded by a loader thread meanwhile, so a slow load (a hub lookup timing out, a download)
+        holds only the requests for that model, never the queue."""
+        for work in self._queue:
+            key = self.models.key(work.ref, work.options)
+            if self.models.has(key):
+                return work.family()
+            if key not in self._loading:
+                self._loading.add(key)
+                threading.Thread(target=self._load, args=(work.ref, work.options, key), name="sana-loader",
+                                 daemon=True).start()
+        return None
+
+    def _load(self, ref, options: LoadOptions, key: tuple) -> None:
+        try:
+            self.models.get(ref, options)
+        except BaseException as exc:  # noqa: BLE001 - the requests for this model get the error
+            with self._cond:
+                failed = [w for w in self._queue if self.models.key(w.ref, w.options) == key]
+                for work in failed:
+                    self._queue.remove(work)
+            self._fail(failed, exc)
+            for work in failed:
+                work.finished.set()
+        finally:
+            with self._cond:
+                self._loading.discard(key)
+                self._cond.notify_all()
 
     def _fail(self, works: list[Work], exc: BaseException) -> None:
         if isinstance(exc, SanaError):

@@ -423,3 +423,33 @@ def test_a_slow_client_is_disconnected_instead_of_holding_a_connection_forever(s
     finally:
         slow.close()
         kept.close()
+
+
+def test_a_model_that_loads_slowly_holds_only_its_own_requests(tmp_path, tiny_models, cache_dir):
+    cache = tmp_path / "cache"
+    _copy_tiny(cache_dir, cache)
+    # Online mode with no hub reachable: the lookup of an uncached hub id takes its network timeouts.
+    server = Server(cache, "--model", "tiny", "--batch-window", "0.1", env={"HF_HUB_OFFLINE": "0"})
+    slow_answer = {}
+
+    def slow():
+        slow_answer["answer"] = _request(server, "POST", "/v1/images/generations",
+                                         {"prompt": "a fox", "model": "someone/uncached-sana", "size": "1024x1024"},
+                                         timeout=300)
+
+    try:
+        thread = threading.Thread(target=slow, daemon=True)
+        thread.start()
+        server.wait_for("loading someone/uncached-sana")
+        started = time.monotonic()
+        status, _, body = _request(server, "POST", "/v1/images/generations",
+                                   {"prompt": "a cat", "model": "tiny", "size": "128x128", "steps": 2}, timeout=120)
+        assert status == 200 and len(json.loads(body)["data"]) == 1, body
+        assert time.monotonic() - started < 10, "the tiny request waited for the other model's load"
+        assert thread.is_alive() or slow_answer["answer"][0] in (503, 404)  # the slow one is still loading
+        thread.join(300)
+        status, _, body = slow_answer["answer"]
+        assert status in (503, 404), body  # and then fails on its own, as a model that cannot load here
+        assert "uncached-sana" in json.loads(body)["error"]["message"]
+    finally:
+        server.stop()
