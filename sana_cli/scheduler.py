@@ -110,7 +110,9 @@ class ModelCache:
         log(f"loaded {ref.name} in {time.perf_counter() - started:.1f} s ({size / 2**30:.2f} GiB of weights)")
         with self.lock:
             self._models[key] = [loaded, size, time.monotonic()]
-            self._evict(keep=key)
+            evicted = self._evict(keep=key)
+        if evicted:
+            _release_memory()
         return loaded
 
     def has(self, key: tuple) -> bool:
@@ -123,9 +125,14 @@ class ModelCache:
 
     def expire(self) -> None:
         with self.lock:
-            self._evict()
+            evicted = self._evict()
+        if evicted:
+            _release_memory()
 
-    def _evict(self, keep: tuple | None = None) -> None:
+    def _evict(self, keep: tuple | None = None) -> bool:
+        """(Under the lock) drop idle and over-budget models; whether any went. Freeing their memory
+        (garbage collection, the CUDA cache) is the caller's, after the lock: request handlers that
+        read the loaded names must never wait for it."""
         now = time.monotonic()
         evicted = False
         for key in list(self._models):
@@ -138,14 +145,16 @@ class ModelCache:
                 del self._models[key]
                 evicted = True
                 log(f"unloaded {loaded.ref.name} ({'over the memory budget' if over_budget else 'idle'})")
-        if not evicted:
-            return
-        from .decode import release_memory
-
-        release_memory()
+        return evicted
 
     def _total(self) -> int:
         return sum(entry[1] for entry in self._models.values())
+
+
+def _release_memory() -> None:
+    from .decode import release_memory
+
+    release_memory()
 
 
 class Scheduler:
@@ -234,10 +243,14 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self._ready_family() is None:
+                ready = self._ready_family() is not None
+                if not ready:
                     self._cond.wait(timeout=1.0)
-                    if not self._queue:
-                        self.models.expire()
+                    idle = not self._queue
+            if not ready:
+                if idle:  # unloading frees memory slowly: never while holding the queue's lock
+                    self.models.expire()
+                continue
             time.sleep(self.window)  # the gathering window: requests arriving now join this run
             with self._cond:
                 family = self._ready_family()
