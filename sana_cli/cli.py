@@ -237,8 +237,9 @@ def _attach(model, load, keep_latents: bool, display, input_files: bool = False)
     if blocker is not None:
         display.log(f"sana: not using the server at {endpoint.describe()}: {blocker}; rendering here")
         return None
-    display.log(f"sana: rendering on the server at {endpoint.describe()}")
-    return client.remote_model(endpoint, model, load)
+    # Said when the first image goes to the server: a fully resumed batch renders nothing anywhere.
+    return client.remote_model(endpoint, model, load,
+                               announce=lambda: display.log(f"sana: rendering on the server at {endpoint.describe()}"))
 
 
 def _load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug,
@@ -448,10 +449,14 @@ def _parse_duration(ctx, param, value):
               help="How long a request waits for others to share its GPU batch.")
 @click.option("--max-queue", type=click.IntRange(1, 100000), default=64, show_default=True, metavar="N",
               help="Requests that may wait; more are answered 429.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Accept this name in the Host header too (repeatable); without --api-key only loopback names "
+                   "and --host are accepted (DNS rebinding).")
 @click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", show_envvar=True,
               help="Use only the local Hugging Face cache.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max_queue, offline, debug):
+def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max_queue, offline, debug,
+          allow_hosts=()):
     """Keep models loaded and serve them: `sana generate` and `sana batch` of this user attach to it
     through a user-only Unix socket, and the HTTP port speaks OpenAI's images API.
 
@@ -480,7 +485,8 @@ def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max
             resolve(name)  # an unknown name is exit 2 before anything binds
         code = run_server(host=host, port=port, models=list(models), keep_alive=keep_alive,
                           max_memory_gib=max_memory, api_key=api_key, window=batch_window, max_queue=max_queue,
-                          output_dir=cache_root() / "serve-images", load=LoadOptions(offline=offline))
+                          output_dir=cache_root() / "serve-images", load=LoadOptions(offline=offline),
+                          allow_hosts=tuple(allow_hosts))
         sys.exit(code)
 
 

@@ -24,11 +24,14 @@ class UnsafeFile(OSError):
     """The path is not a regular file, or is larger than the limit for its kind."""
 
 
-def open_regular(path: str | os.PathLike, limit: int | None = None):
-    """A binary file object for path, which must be a regular file (a link to one is fine) of at most
-    limit bytes. Opening never blocks (O_NONBLOCK: a FIFO without a writer returns at once) and the
-    type is checked on the opened descriptor, so nothing can be swapped in between."""
+def open_regular(path: str | os.PathLike, limit: int | None = None, *, follow_links: bool = True):
+    """A binary file object for path, which must be a regular file (a link to one is fine unless
+    follow_links is false) of at most limit bytes. Opening never blocks (O_NONBLOCK: a FIFO without a
+    writer returns at once) and the type is checked on the opened descriptor, so nothing can be swapped
+    in between."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags)
     try:
         info = os.fstat(fd)

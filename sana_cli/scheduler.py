@@ -227,6 +227,10 @@ class ModelCache:
             self._cond.notify_all()  # a load may be waiting for this model's memory
         _release_memory(evicted)
 
+    def has(self, key: tuple) -> bool:
+        with self._cond:
+            return key in self._models
+
     def loaded_names(self) -> list[str]:
         with self._cond:
             return sorted({entry.loaded.ref.name for entry in self._models.values()})
@@ -284,10 +288,13 @@ class Scheduler:
         self.models = models or ModelCache(keep_alive=None, budget_bytes=None)
         self._queue: list[Work] = []
         self._running: list[Work] = []
+        self._loading: set[tuple] = set()  # model keys a loader thread is loading now
         self._cond = threading.Condition()
         self.accepting = True
         self._numbers = itertools.count(1)
-        self._thread = threading.Thread(target=self._loop, name="sana-scheduler", daemon=True)
+        self.dead: str | None = None  # why the rendering thread stopped; it never stops otherwise
+        self.on_death: Callable[[str], None] | None = None  # the server's way to exit when it does
+        self._thread = threading.Thread(target=self._watched, name="sana-scheduler", daemon=True)
         self._thread.start()
 
     # ---- called from request handlers ----
@@ -331,18 +338,44 @@ class Scheduler:
     # ---- the rendering thread ----
     _stop = None
 
+    def _watched(self) -> None:
+        """The rendering loop under a watchdog: if it ever ends by an exception, nothing would render the
+        queue again, so every waiting request is answered 503 and the server is told to exit."""
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - whatever stopped it, say so and end the server
+            self._die(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                      .rstrip(": "))
+
+    def _die(self, reason: str) -> None:
+        with self._cond:
+            self.dead = reason
+            self.accepting = False
+            pending = self._queue + [work for work in self._running if work not in self._queue]
+            self._queue, self._running = [], []
+        message = f"the server's work queue stopped ({reason}); the server is exiting"
+        for work in pending:
+            _send(work, {"type": "error", "message": message, "exit_code": 4, "status": 503})
+            work.finished.set()
+        if self.on_death is not None:
+            self.on_death(reason)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue:
+                ready = self._ready_family() is not None
+                if not ready:
                     self._cond.wait(timeout=1.0)
-                    if not self._queue:
-                        self.models.expire()
+                    idle = not self._queue
+            if not ready:
+                if idle:  # unloading frees memory slowly: never while holding the queue's lock
+                    self.models.expire()
+                continue
             time.sleep(self.window)  # the gathering window: requests arriving now join this run
             with self._cond:
-                if not self._queue:
+                family = self._ready_family()
+                if family is None:
                     continue
-                family = self._queue[0].family()
                 works = [w for w in self._queue if w.family() == family]
                 for work in works:
                     self._queue.remove(work)
@@ -357,6 +390,36 @@ class Scheduler:
                     self._stop = None
                 for work in works:
                     work.finished.set()
+
+    def _ready_family(self):
+        """(Under the lock) the family of the first queued work whose model is loaded; a model that is
+        not is loaded by a loader thread meanwhile, so a slow load (a hub lookup timing out, a download)
+        holds only the requests for that model, never the queue."""
+        for work in self._queue:
+            key = self.models.key(work.ref, work.options)
+            if self.models.has(key):
+                return work.family()
+            if key not in self._loading:
+                self._loading.add(key)
+                threading.Thread(target=self._load, args=(work.ref, work.options, key), name="sana-loader",
+                                 daemon=True).start()
+        return None
+
+    def _load(self, ref, options: LoadOptions, key: tuple) -> None:
+        try:
+            self.models.get(ref, options)
+        except BaseException as exc:  # noqa: BLE001 - the requests for this model get the error
+            with self._cond:
+                failed = [w for w in self._queue if self.models.key(w.ref, w.options) == key]
+                for work in failed:
+                    self._queue.remove(work)
+            self._fail(failed, exc)
+            for work in failed:
+                work.finished.set()
+        finally:
+            with self._cond:
+                self._loading.discard(key)
+                self._cond.notify_all()
 
     def _fail(self, works: list[Work], exc: BaseException) -> None:
         if isinstance(exc, SanaError):

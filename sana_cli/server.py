@@ -33,15 +33,17 @@ from dataclasses import fields
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, presets
 from .client import (API_PREFIX, job_from_wire, load_from_wire, private_place_problem, remove_if_stale,
                      uses_input_files)
-from .errors import EnvironmentProblem, SanaError, UsageError
+from .errors import EnvironmentProblem, GenerationError, SanaError, UsageError
 from .plan import (IMAGE_SUFFIXES, KEY_SCHEMA, PIXEL_FIELDS, LoadOptions, Request, check_seed, job_key, model_for,
                    plan_generate, resolve_params)
+from .safeio import MAX_IMAGE_BYTES, open_regular, read_bounded
 from .scheduler import Draining, QueueFull, Scheduler, Work, log
 
 MAX_BODY = 1 << 20  # an OpenAI request: a prompt and a few numbers
@@ -57,6 +59,17 @@ PATH_FIELDS = {"image", "control_image", "mask_image", "lora", "loras", "control
 # OpenAI fields that do not apply to these models and are accepted without effect.
 IGNORED_OPENAI = {"user", "quality", "style", "moderation", "background", "output_compression", "partial_images"}
 _FILE_NAME = re.compile(r"[0-9a-f]{32}(-\d+)?\.(png|jpg|webp)")
+# Images of `url` answers stay this long, and the directory holds at most this much (oldest go first).
+URL_IMAGE_MAX_AGE = 3600.0
+URL_IMAGE_MAX_BYTES = 1 << 30
+# Slow clients: a request's head must arrive within HEAD_TIMEOUT, its body within BODY_TIMEOUT; an idle
+# kept-alive connection closes after KEEP_ALIVE_TIMEOUT.
+HEAD_TIMEOUT = 10.0
+BODY_TIMEOUT = 60.0
+KEEP_ALIVE_TIMEOUT = 5
+# Every answer: never framed by another site, never sniffed as another type.
+SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
+                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 
 class ApiError(Exception):
@@ -86,8 +99,10 @@ def _from_sana(exc: SanaError, param: str | None = None) -> ApiError:
 
 class ServerConfig:
     def __init__(self, *, api_key: str | None, output_dir: Path, scratch_dir: Path, load: LoadOptions,
-                 models: list[str]):
+                 models: list[str], host: str = "127.0.0.1", allow_hosts: tuple = ()):
         self.api_key = api_key
+        self.host = host
+        self.allow_hosts = {name.lower().rstrip(".") for name in allow_hosts}
         self.output_dir = output_dir
         self.scratch_dir = scratch_dir
         self.load = load
@@ -132,13 +147,22 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks) or b"null")
+
+        async def receive() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+                chunks.append(chunk)
+
+        try:  # a client that sends its body slowly holds a connection at most this long
+            await asyncio.wait_for(receive(), timeout=BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:.0f} s",
+                           code="timeout") from None
+        try:  # a large body parses for a while: off the event loop
+            body = await run_in_threadpool(json.loads, b"".join(chunks) or b"null")
         except ValueError:
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -172,7 +196,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         authorize(request)
         accepting()
         body = await read_json(request, MAX_BODY)
-        ref, options = _model_and_options(body)
+        ref, options = await run_in_threadpool(_model_and_options, body)
         try:
             loaded = await asyncio.to_thread(scheduler.models.get, ref, options)
         except SanaError as exc:
@@ -184,7 +208,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         authorize(request)
         accepting()
         body = await read_json(request, MAX_JOBS_BODY)
-        ref, options = _model_and_options(body)
+        ref, options = await run_in_threadpool(_model_and_options, body)
         decode = body.get("decode", "auto")
         force_size = body.get("force_size") is True
         wire = body.get("jobs")
@@ -194,7 +218,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             pixels = options.pixels(options.decode_for(decode if isinstance(decode, str) else "auto"))
             if not isinstance(decode, str):
                 raise UsageError("'decode' must be text")
-            planned = [_checked_job(ref, item, pixels, force_size, config.scratch_dir) for item in wire]
+            planned = await run_in_threadpool(_checked_jobs, ref, wire, pixels, force_size, config.scratch_dir)
         except SanaError as exc:
             raise _from_sana(exc, "jobs") from None
         except (TypeError, ValueError, KeyError) as exc:
@@ -208,7 +232,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         authorize(request)
         accepting()
         body = await read_json(request, MAX_BODY)
-        work, response_format = _openai_work(body, config)
+        work, response_format = await run_in_threadpool(_openai_work, body, config)
         if body.get("stream") is True:
             return await _stream(request, work, attached=False, response_format=response_format)
         messages = await _collect(request, work)
@@ -222,7 +246,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             if message["type"] == "failed":
                 raise ApiError(500, message["error"], type_="server_error", exit_code=message.get("exit_code"))
             if message["type"] == "image":
-                data.append(_openai_item(message, response_format, request))
+                data.append(await _openai_item(message, response_format, request))
         return {"created": int(time.time()), "data": data}
 
     @app.get("/v1/images/files/{name}")
@@ -230,18 +254,15 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         authorize(request)
         if not _FILE_NAME.fullmatch(name):
             raise ApiError(404, "no such image", code="not_found")
-        path = config.output_dir / name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # the safe open (never blocks on a FIFO, regular files only, no links), off the event loop
+            handle = await run_in_threadpool(open_regular, config.output_dir / name, MAX_IMAGE_BYTES,
+                                             follow_links=False)
         except OSError:
             raise ApiError(404, "no such image", code="not_found") from None
-        try:
-            if not _is_regular(fd):
-                raise ApiError(404, "no such image", code="not_found")
-        finally:
-            os.close(fd)
-        return FileResponse(path, media_type={"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[
-            name.rsplit(".", 1)[1]])
+        size = os.fstat(handle.fileno()).st_size
+        return StreamingResponse(_chunks(handle, size), headers={"Content-Length": str(size)},
+                                 media_type={"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[
+                                     name.rsplit(".", 1)[1]])
 
     async def _collect(request: HttpRequest, work: Work) -> list[dict]:
         loop = asyncio.get_running_loop()
@@ -281,10 +302,10 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                             return
                         continue
                     if message["type"] in ("image",):
-                        message = (_attached_item(message) if attached
-                                   else {"type": "image", **_openai_item(message, response_format, request)})
+                        message = (await run_in_threadpool(_attached_item, message) if attached
+                                   else {"type": "image", **await _openai_item(message, response_format, request)})
                     elif message["type"] == "failed":
-                        _unlink(message.pop("path", None))
+                        await run_in_threadpool(_unlink, message.pop("path", None))
                     yield (json.dumps(message) + "\n").encode()
                     if message["type"] in ("done", "error"):
                         return
@@ -304,17 +325,101 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             raise ApiError(503, "the server is shutting down and takes no new work", type_="server_error",
                            code="shutting_down", exit_code=4) from None
 
-    def _openai_item(message: dict, response_format: str, request: HttpRequest) -> dict:
+    async def _openai_item(message: dict, response_format: str, request: HttpRequest) -> dict:
         path = message["path"]
         item = {"seed": message["seed"], "key": message["key"]}
         if response_format == "url":
-            base = str(request.base_url).rstrip("/")
-            item["url"] = f"{base}/v1/images/files/{os.path.basename(path)}"
+            item["url"] = f"{_public_base(request)}/v1/images/files/{os.path.basename(path)}"
+            await run_in_threadpool(sweep_images, config.output_dir, keep=os.path.basename(path))
         else:
-            item["b64_json"] = base64.b64encode(_take(path)).decode()
+            item["b64_json"] = base64.b64encode(await run_in_threadpool(_take, path)).decode()
         return item
 
+    app.add_middleware(_Guard, config=config)
     return app
+
+
+class _Guard:
+    """Every HTTP answer gets SECURITY_HEADERS; on the TCP port of a server without an API key, a
+    request whose Host is not a loopback name, --host or an --allow-host name is refused (403) before
+    any route runs, so a page of another site that rebinds its DNS name to 127.0.0.1 gets nothing."""
+
+    def __init__(self, app, config: ServerConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def guarded(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        if not _host_allowed(scope, self.config):
+            answer = ApiError(403, "the Host header names neither this server nor a loopback address (start the "
+                                   "server with --allow-host NAME or --api-key to accept other names)",
+                              code="host_not_allowed").response()
+            return await answer(scope, receive, guarded)
+        return await self.app(scope, receive, guarded)
+
+
+def _host_allowed(scope, config: ServerConfig) -> bool:
+    server = scope.get("server")
+    if server is None or server[1] is None or config.api_key is not None:
+        return True  # the user-only Unix socket, or a server where every request needs the key
+    host = next((value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"host"), None)
+    if host is None:
+        return True  # HTTP/1.0 without Host: no browser sends that
+    name = host[1:host.find("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0] \
+        if host.count(":") == 1 else host
+    name = name.lower().rstrip(".")
+    return (is_loopback(name) or name.endswith(".localhost") or name == config.host.lower().strip("[]")
+            or name in config.allow_hosts)
+
+
+def _public_base(request: HttpRequest) -> str:
+    """The address a `url` answer points at: the one the client connected to, never its Host header."""
+    address, port = request.scope.get("server") or ("127.0.0.1", None)
+    host = f"[{address}]" if ":" in str(address) else address
+    return f"http://{host}" + (f":{port}" if port else "")
+
+
+def sweep_images(directory: Path, *, keep: str | None = None, max_age: float = URL_IMAGE_MAX_AGE,
+                 max_bytes: int = URL_IMAGE_MAX_BYTES, now: float | None = None) -> list[str]:
+    """Delete the server's `url` images older than max_age, then the oldest while the rest exceed
+    max_bytes (never `keep`, the one just answered). Only regular files with the server's own names
+    are looked at or removed. Blocking: call it off the event loop. Returns the names removed."""
+    import stat
+
+    now = time.time() if now is None else now
+    found = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not _FILE_NAME.fullmatch(entry.name):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    found.append((info.st_mtime, info.st_size, entry.name))
+    except OSError:
+        return []
+    found.sort()
+    total = sum(size for _, size, _ in found)
+    removed = []
+    for mtime, size, name in found:
+        if name == keep or (now - mtime <= max_age and total <= max_bytes):
+            continue
+        try:
+            os.unlink(directory / name)
+        except OSError:
+            continue
+        total -= size
+        removed.append(name)
+    return removed
 
 
 def _attached_item(message: dict) -> dict:
@@ -323,11 +428,24 @@ def _attached_item(message: dict) -> dict:
 
 
 def _take(path: str) -> bytes:
-    """A rendered image's bytes, removing the server's copy."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    _unlink(path)
-    return data
+    """A rendered image's bytes, removing the server's copy (read like any file: bounded, regular only).
+    Blocking: call it off the event loop."""
+    try:
+        return read_bounded(path, MAX_IMAGE_BYTES)
+    finally:
+        _unlink(path)
+
+
+def _chunks(handle, size: int, chunk: int = 1 << 16):
+    """A file's first size bytes in pieces (a plain iterator: Starlette reads it in its threadpool)."""
+    with handle:
+        left = size
+        while left > 0:
+            data = handle.read(min(chunk, left))
+            if not data:
+                return
+            left -= len(data)
+            yield data
 
 
 def _unlink(path: str | None) -> None:
@@ -336,12 +454,6 @@ def _unlink(path: str | None) -> None:
             os.unlink(path)
         except OSError:
             pass
-
-
-def _is_regular(fd: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
 NOT_A_PATH = "'model' must be a preset name or a hub id (org/name): the server never opens a client's path"
@@ -380,6 +492,11 @@ def _model_and_options(body: dict):
     except TypeError as exc:
         raise ApiError(400, f"bad load options: {exc}", param="load") from None
     return ref, options
+
+
+def _checked_jobs(ref, wire: list, pixels, force_size: bool, scratch: Path) -> list:
+    """Every job of an attached run checked (blocking: planning reads configs; run it off the event loop)."""
+    return [_checked_job(ref, item, pixels, force_size, scratch) for item in wire]
 
 
 def _checked_job(ref, item: dict, pixels, force_size: bool, scratch: Path):
@@ -551,7 +668,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, max_memory_gib: float | None,
           api_key: str | None, window: float, max_queue: int, output_dir: Path, load: LoadOptions,
-          ready=None) -> int:
+          ready=None, allow_hosts: tuple = ()) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; returns the exit code."""
     import tempfile
 
@@ -565,7 +682,9 @@ def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, 
     scheduler = Scheduler(window=window, max_queue=max_queue, models=cache)
     output_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="sana-serve-"))
-    config = ServerConfig(api_key=api_key, output_dir=output_dir, scratch_dir=scratch, load=load, models=models)
+    config = ServerConfig(api_key=api_key, output_dir=output_dir, scratch_dir=scratch, load=load, models=models,
+                          host=host, allow_hosts=allow_hosts)
+    sweep_images(output_dir)
     tcp = bind_tcp(host, port)
     path = socket_path()
     unix = bind_unix(path)
@@ -575,8 +694,11 @@ def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, 
         cache.get(ref, load)
     app = create_app(scheduler, config)
     uv_config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=None,
-                               lifespan="off")
+                               lifespan="off", http=_slow_client_protocol(), timeout_keep_alive=KEEP_ALIVE_TIMEOUT)
     server = _Server(uv_config, scheduler, config)
+    scheduler.on_death = lambda reason: setattr(server, "should_exit", True)
+    if scheduler.dead:  # it stopped while the models loaded, before the callback was set
+        server.should_exit = True
     actual = tcp.getsockname()[1]
     log(f"listening on http://{host}:{actual} and unix:{path} (pid {os.getpid()}); "
         f"keep-alive {'forever' if keep_alive is None else f'{keep_alive:.0f} s'}"
@@ -594,10 +716,48 @@ def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, 
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
+    if scheduler.dead is not None:
+        raise GenerationError(f"the server's work queue stopped ({scheduler.dead}); the server exited, having "
+                              "answered the requests that waited with 503")
     if server.forced is not None:
         return 128 + server.forced
     log("stopped")
     return 0
+
+
+def _slow_client_protocol():
+    """uvicorn's h11 protocol, closing a connection whose request head does not arrive within
+    HEAD_TIMEOUT of the connection or of the previous answer (uvicorn itself waits forever for it)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class SlowClientProtocol(H11Protocol):
+        _head_deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            waiting_after = self.cycle  # a new request head makes a new cycle
+            self._head_deadline = self.loop.call_later(HEAD_TIMEOUT, self._too_slow, waiting_after)
+
+        def _too_slow(self, waiting_after) -> None:
+            idle = self.cycle is None or self.cycle.response_complete  # no request is being answered
+            if self.cycle is waiting_after and idle and not self.transport.is_closing():
+                self.transport.close()
+
+    return SlowClientProtocol
 
 
 class _Server:
@@ -695,14 +855,17 @@ async function generate(prompt, model, n) {
 }
 $("form").addEventListener("submit", (e) => {
   e.preventDefault();
-  generate($("prompt").value, $("model").value, parseInt($("n").value, 10) || 1);
+  const n = Math.min(Math.max(parseInt($("n").value, 10) || 1, 1), 10);
+  generate($("prompt").value, $("model").value, n);
 });
+// A link may fill the form (?prompt=...&model=...&n=...), never send it: only the person at the page
+// does, by pressing Generate, so another site that opens or frames this page cannot make it render.
 loadModels().then(() => {
   const query = new URLSearchParams(location.search);
-  if (query.get("prompt")) {
-    $("prompt").value = query.get("prompt");
-    generate(query.get("prompt"), query.get("model") || $("model").value, parseInt(query.get("n") || "1", 10));
-  }
+  if (query.get("prompt")) $("prompt").value = query.get("prompt");
+  if (query.get("model")) $("model").value = query.get("model");
+  const n = parseInt(query.get("n") || "1", 10);
+  $("n").value = String(Math.min(Math.max(Number.isFinite(n) ? n : 1, 1), 10));
 });
 </script>
 </body></html>

@@ -422,6 +422,22 @@ CASES = [
          "no sana server answers at http://127.0.0.1:9", env={"SANA_SERVER": "http://127.0.0.1:9"}),
     Case("SANA_SERVER that is not a server address", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
          "is not http://HOST:PORT or unix:/PATH", env={"SANA_SERVER": "ftp://example"}),
+    Case("SANA_SERVER with an unclosed IPv6 bracket", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "is not http://HOST:PORT or unix:/PATH", env={"SANA_SERVER": "http://[::1"}),
+    Case("SANA_SERVER with port 0 or above 65535", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "has a bad port", env={"SANA_SERVER": "http://127.0.0.1:0"}),
+    Case("SANA_SERVER with credentials, a query or a fragment",
+         ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "is not http://HOST:PORT or unix:/PATH", env={"SANA_SERVER": "http://me@127.0.0.1:9"}),
+    # Fake servers on Unix sockets among the prepared files (see _fake_servers): a server is untrusted input.
+    Case("SANA_SERVER whose handshake is not sana's", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 4,
+         "answered the handshake with a malformed answer", env={"SANA_SERVER": "unix:{files}/not-sana.sock"}),
+    Case("SANA_SERVER answering a line that is not JSON",
+         ["generate", "a cat", "--model", "tiny", "--size", "128", "-o", "{tmp}/"], 1, "was malformed",
+         env={"SANA_SERVER": "unix:{files}/garbage.sock"}),
+    Case("SANA_SERVER sending another job's image",
+         ["generate", "a cat", "--model", "tiny", "--size", "128", "-o", "{tmp}/"], 1,
+         "does not carry the key of the job it was sent for", env={"SANA_SERVER": "unix:{files}/other-key.sock"}),
 ]
 
 
@@ -568,6 +584,20 @@ def _non_finite_files(root: Path, tiny: Path) -> None:
         state = load_file(str(path))
         state[tensor] = torch.full_like(state[tensor], float("nan"))
         save_file(state, str(path))
+    _fake_servers(root)
+    return root
+
+
+_FAKES = []  # they serve until the test process ends
+
+
+def _fake_servers(root: Path) -> None:
+    from .fakeserver import FakeServer, image_bytes, image_event
+
+    _FAKES.append(FakeServer(unix=root / "not-sana.sock", health=b"[1, 2]"))
+    _FAKES.append(FakeServer(unix=root / "garbage.sock", events=lambda jobs: [b"<html>hello</html>\n"]))
+    _FAKES.append(FakeServer(unix=root / "other-key.sock", events=lambda jobs: [
+        image_event(jobs[0]["index"], image_bytes(jobs[0], key="f" * 64))]))
 
 
 def _input_files(root: Path) -> None:

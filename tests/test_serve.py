@@ -320,7 +320,7 @@ def test_eight_clients_at_once_share_gpu_batches_and_keep_their_seeds(server):
 def _raw_post(server: Server, body: dict) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return sock
 
@@ -355,23 +355,30 @@ def test_streaming_endpoint_sends_steps_then_images(server):
     assert kinds.index("step") < kinds.index("image")
 
 
-def test_page_generates_in_headless_chromium(server, tmp_path):
+def test_page_generates_in_headless_chromium_only_when_a_person_presses_generate(server, tmp_path):
+    from .cdp import Browser
     from .test_report import _chromium
 
-    browser = _chromium()
-    if browser is None:
+    binary = _chromium()
+    if binary is None:
         pytest.skip("no chromium, chromium-browser or google-chrome binary on PATH (apt-get install chromium)")
-    url = server.url("/?prompt=a+lighthouse+%3Cb%3E&model=tiny&n=2")
     assert server.post("/v1/images/generations", {"prompt": "warm", "model": "tiny", "steps": 1})[0] == 200
-    process = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=30000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    assert process.returncode == 0, process.stderr[-2000:]
-    dom = process.stdout
-    assert dom.count('src="data:image/png;base64,') == 2, dom[-3000:]
-    assert '<div id="status">done</div>' in dom
-    assert "<b>" not in dom.split('id="images"', 1)[1]  # the prompt is text, never markup
+    runs = sum(line.startswith("sana serve: run ") for line in server.lines)
+    browser = Browser(binary, tmp_path / "profile", server.url("/?prompt=a+lighthouse+%3Cb%3E&model=tiny&n=50"))
+    try:
+        browser.wait_for("document.getElementById('model').options.length > 0")
+        time.sleep(2)  # what the page would do by itself, it has done by now
+        assert sum(line.startswith("sana serve: run ") for line in server.lines) == runs  # a link never renders
+        assert json.loads(urllib.request.urlopen(server.url("/v1/sana/health")).read())["queued"] == 0
+        assert browser.evaluate("document.getElementById('prompt').value") == "a lighthouse <b>"
+        assert browser.evaluate("document.getElementById('n').value") == "10"  # n is bounded
+        browser.evaluate("document.getElementById('n').value = '2'; document.getElementById('go').click()")
+        browser.wait_for("document.getElementById('status').textContent === 'done'", timeout=120)
+        html = browser.evaluate("document.getElementById('images').innerHTML")
+    finally:
+        browser.close()
+    assert html.count('src="data:image/png;base64,') == 2, html[-3000:]
+    assert "<b>" not in html  # the prompt is text, never markup
 
 
 # ---- crashes, keys, shutdown ----------------------------------------------------------------------
