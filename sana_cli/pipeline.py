@@ -53,6 +53,27 @@ class LoadedModel:
         # casts Gemma's rotary frequencies to bf16, which moves pixels by a few levels (bench/README.md).
         return self.device.type
 
+    def check_pag_layers(self, pag_layers: str) -> list[str]:
+        """The layer patterns of a --pag-layers value, each matching a self-attention layer of this transformer
+        as diffusers' PAG matches them (checked here, before a run: diffusers only finds out mid-call)."""
+        import re
+
+        from diffusers.models.attention_processor import Attention
+
+        from .plan import check_pag_layers_syntax
+
+        check_pag_layers_syntax(pag_layers)
+        layers = [layer.strip() for layer in pag_layers.split(",") if layer.strip()]
+        names = [name for name, module in self.pipe.transformer.named_modules()
+                 if isinstance(module, Attention) and not module.is_cross_attention]
+        for layer in layers:
+            tail = layer.split(".")[-1]
+            if not any(re.search(layer, name) and not (tail.isnumeric() and name.split(".")[-1] == tail)
+                       for name in names):
+                raise UsageError(f"--pag-layers {layer!r} names no self-attention layer of {self.ref.name}",
+                                 hint=f"for example {self.ref.pag_layers}")
+        return layers
+
     def pipeline_for(self, pag_layers: str | None):
         """The base pipeline, or a SanaPAGPipeline sharing its weights.
 
@@ -64,7 +85,7 @@ class LoadedModel:
         if pag_layers not in self._pag:
             from diffusers import SanaPAGPipeline
 
-            layers = [layer.strip() for layer in pag_layers.split(",") if layer.strip()]
+            layers = self.check_pag_layers(pag_layers)
             components = {name: self.pipe.components[name]
                           for name in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
             try:
