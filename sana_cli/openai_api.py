@@ -11,7 +11,7 @@ What each OpenAI field does (the README's table is this one):
   quality             low = half the preset's steps, medium = three quarters, high/xhigh/max/hd/standard/auto/
                       null = the preset's steps; an explicit `steps` wins; the answer says low/medium/high
   complexity, frame_count, frame_duration_ms, svg, output_format gif/svg: refused (400, naming the field)
-  response_format     b64_json (default) or url
+  response_format     b64_json or url; default b64_json, url for models named dall-e-* (as OpenAI's)
   output_format       png (default), jpeg, webp
   output_compression  0..100, the JPEG/WebP quality; refused with png (OpenAI: jpeg and webp only)
   background          opaque/auto/null; transparent is refused (Sana renders no alpha channel)
@@ -205,7 +205,9 @@ def parse(body: dict) -> OpenAIRequest:
         raise bad("model", "'model' must be a model name")
     n = _whole(body, "n", 1, MAX_N)
     quality = _choice(body, "quality", QUALITIES)
-    response_format = _choice(body, "response_format", ("b64_json", "url")) or "b64_json"
+    # OpenAI answers dall-e-2 and dall-e-3 with a url unless told otherwise (clients read data[0].url unasked).
+    default_format = "url" if isinstance(model, str) and model.startswith("dall-e") else "b64_json"
+    response_format = _choice(body, "response_format", ("b64_json", "url")) or default_format
     if body.get("output_format") in UNMADE_FORMATS:
         raise bad("output_format", f"output_format {body['output_format']!r} is not supported here: Sana makes "
                   "png, jpeg or webp", code="unsupported_value")

@@ -1,0 +1,262 @@
+"""`sana serve` against the clients people point at it: the official `openai` SDK (sync, async, streaming,
+its error classes, models.retrieve), the exact requests Open WebUI and LibreChat send, replayed, and
+schemathesis against the served OpenAPI document. One real server for the module, started with the
+aliases an operator would give those clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .test_serve import Server, _copy_tiny
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models, cache_dir):
+    cache = tmp_path_factory.mktemp("serve-openai")
+    _copy_tiny(cache_dir, cache)
+    started = Server(cache, "--model", "tiny", "--batch-window", "0.1", "--max-queue", "1",
+                     "--alias", "dall-e-3=tiny", "--alias", "dall-e-*=tiny", "--alias", "gpt-image-1=tiny")
+    yield started
+    started.stop()
+
+
+def _client(server, **kwargs):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, **kwargs)
+
+
+def _image(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def _runs(server, mark: int) -> int:
+    return sum(1 for line in server.lines[mark:] if ": done in" in line)
+
+
+def test_sdk_sync_async_null_n_safety_identifier_and_answer_fields(server):
+    from openai import AsyncOpenAI
+
+    client = _client(server)
+    answer = client.images.generate(prompt="a lighthouse", model="tiny", size="128x128", n=None,
+                                    safety_identifier="user-123", quality="low", extra_body={"seed": 3})
+    assert len(answer.data) == 1 and _image(answer.data[0].b64_json).size == (128, 128)
+    assert (answer.size, answer.output_format, answer.quality, answer.background) == ("128x128", "png", "low",
+                                                                                      "opaque")
+    meta = json.loads(_image(answer.data[0].b64_json).info["sana"])
+    assert meta["steps"] == 2  # low: half the tiny preset's 4 steps
+
+    async def run():
+        async_client = AsyncOpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0)
+        return await async_client.images.generate(prompt="a lighthouse", model="tiny", size="128x128",
+                                                  extra_body={"seed": 3, "steps": 2})
+
+    again = asyncio.run(run())
+    assert np.array_equal(np.asarray(_image(again.data[0].b64_json)), np.asarray(_image(answer.data[0].b64_json)))
+    assert client.models.retrieve("tiny").id == "tiny"
+    assert client.models.retrieve("dall-e-3").model_extra["alias_of"] == "tiny"
+
+
+def test_sdk_stream_yields_partial_previews_then_the_completed_image(server):
+    client = _client(server)
+    events = list(client.images.generate(prompt="a lighthouse", model="tiny", size="128x128", stream=True,
+                                         partial_images=2, extra_body={"seed": 9, "steps": 6}))
+    kinds = [event.type for event in events]
+    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+    assert [event.partial_image_index for event in events[:2]] == [0, 1]
+    final = _image(events[-1].b64_json)
+    assert final.size == (128, 128) and events[-1].size == "128x128" and events[-1].output_format == "png"
+    previews = [np.asarray(_image(event.b64_json).convert("RGB"), dtype=np.int16) for event in events[:2]]
+    assert all(p.shape[0] <= 256 and p.shape[0] < 128 for p in previews)  # small previews, not full decodes
+    assert np.abs(previews[0] - previews[1]).max() > 0  # two different moments of the denoise
+
+
+def test_sdk_error_classes_carry_code_and_param(server):
+    import openai
+
+    client = _client(server)
+
+    def fails(kind, **kwargs):
+        with pytest.raises(kind) as caught:
+            client.images.generate(prompt=kwargs.pop("prompt", "a cat"), model=kwargs.pop("model", "tiny"), **kwargs)
+        return caught.value
+
+    assert fails(openai.BadRequestError, size="100x100").param == "size"
+    assert fails(openai.BadRequestError, size="128x128", extra_body={"steps": 5000}).param == "steps"
+    assert fails(openai.BadRequestError, size="128x128", extra_body={"guidance": 99}).param == "guidance"
+    assert fails(openai.BadRequestError, size="128x128", extra_body={"seed": -1}).param == "seed"
+    transparent = fails(openai.BadRequestError, background="transparent")
+    assert transparent.param == "background" and "opaque" in transparent.message
+    assert fails(openai.BadRequestError, quality="ultra").param == "quality"
+    assert fails(openai.BadRequestError, output_format="gif").code == "unsupported_value"
+    assert fails(openai.BadRequestError, output_compression=50).param == "output_compression"  # png
+    assert fails(openai.BadRequestError, partial_images=4, stream=True).param == "partial_images"
+    missing = fails(openai.NotFoundError, model="no-such-model")
+    assert missing.code == "model_not_found" and missing.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    with pytest.raises(openai.BadRequestError) as edits:
+        client.images.edit(image=io.BytesIO(b"x"), prompt="a cat", model="tiny")
+    assert edits.value.code == "unsupported_endpoint" and "generations" in edits.value.message
+
+
+def test_output_compression_is_honoured_and_kept_in_the_metadata(server):
+    client = _client(server)
+    sizes = {}
+    for quality in (10, 95):
+        answer = client.images.generate(prompt="a lighthouse", model="tiny", size="128x128", output_format="jpeg",
+                                        output_compression=quality, extra_body={"seed": 4})
+        data = base64.b64decode(answer.data[0].b64_json)
+        assert data[:3] == b"\xff\xd8\xff"
+        sizes[quality] = len(data)
+        (tmp := io.BytesIO(data)).seek(0)
+        meta = Image.open(tmp).getexif()[0x010E]
+        assert meta.startswith("sana:") and json.loads(meta[5:])["output_compression"] == quality
+    assert sizes[10] < sizes[95]
+
+
+def test_no_body_gives_a_5xx_on_either_route(server):
+    def post(path, raw):
+        request = urllib.request.Request(server.url(path), data=raw, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    base = {"prompt": "a cat", "model": "tiny", "size": "128x128"}
+    bodies = [
+        b"[" * 100000 + b"]" * 100000,  # RecursionError in the parser
+        json.dumps({**base, "n": {"a": [1]}}).replace("[1]", "[" * 40 + "1" + "]" * 40).encode(),
+        json.dumps({**base, "guidance": 10**400}).encode(),  # OverflowError in float()
+        json.dumps({**base, "output_format": ["png"]}).encode(),  # a list where text goes
+        json.dumps({**base, "pag_scale": 2.0, "pag_layers": "no_such_layer"}).encode(),
+        json.dumps({**base, "pag_scale": 2.0, "pag_layers": "["}).encode(),
+        json.dumps({**base, "quality": {}, "style": "bogus"}).encode(),
+        json.dumps({**base, "user": ["x"]}).encode(),
+    ]
+    mark = len(server.lines)
+    for raw in bodies:
+        status, answer = post("/v1/images/generations", raw)
+        assert status == 400 and set(answer["error"]) >= {"message", "type", "param", "code"}, (raw[:80], answer)
+    job = {"prompt": "a cat", "seed": 1}
+    for raw in [b"[" * 100000, json.dumps({"model": "tiny", "jobs": [{**job, "steps": 10**400}]}).encode(),
+                json.dumps({"model": "tiny", "jobs": [{**job, "pixels": ["x"]}]}).encode(),
+                json.dumps({"model": "tiny", "decode": ["auto"], "jobs": [job]}).encode(),
+                json.dumps({"model": "tiny", "load": {"dtype": 10**400}, "jobs": [job]}).encode()]:
+        status, answer = post("/v1/sana/jobs", raw)
+        assert 400 <= status < 500 and "error" in answer, (raw[:80], answer)
+    assert _runs(server, mark) == 0  # nothing rendered for any of them
+
+
+def test_headers_clients_rely_on(server):
+    with urllib.request.urlopen(server.url("/v1/models"), timeout=30) as answer:
+        assert answer.headers["x-request-id"].startswith("req_")
+    with pytest.raises(urllib.error.HTTPError) as wrong_method:
+        urllib.request.urlopen(server.url("/v1/images/generations"), timeout=30)
+    assert wrong_method.value.code == 405 and wrong_method.value.headers["Allow"] == "POST"
+    assert json.loads(wrong_method.value.read())["error"]["code"] == "method_not_allowed"
+
+
+def _raw(server, body: dict) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_retry_after_on_429(server):
+    """--max-queue 1: a render holds the scheduler, one request waits, the next is told when to retry."""
+    mark = len(server.lines)
+    busy = _raw(server, {"prompt": "slow", "model": "tiny", "size": "128x128", "steps": 1000, "stream": True})
+    server.wait_for("GPU batch", after=mark)
+    waiting = _raw(server, {"prompt": "waits", "model": "tiny", "size": "128x128", "steps": 1})
+    time.sleep(0.5)
+    request = urllib.request.Request(server.url("/v1/images/generations"), method="POST", headers={
+        "Content-Type": "application/json"}, data=json.dumps({"prompt": "x", "model": "tiny"}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    busy.close()
+    waiting.close()
+    assert refused.value.code == 429 and int(refused.value.headers["Retry-After"]) > 0
+    assert json.loads(refused.value.read())["error"]["code"] == "queue_full"
+    server.wait_for("went away while it was rendering", after=mark)
+
+
+def test_idempotency_key_renders_once(server):
+    body = {"prompt": "a cat", "model": "tiny", "size": "128x128", "steps": 2}
+    key = {"Idempotency-Key": "retry-me-1"}
+    time.sleep(1)
+    mark = len(server.lines)
+    first = server.post("/v1/images/generations", body, headers=key)
+    second = server.post("/v1/images/generations", body, headers=key)
+    assert first[0] == second[0] == 200 and first[1]["data"] == second[1]["data"]  # same seed, same bytes
+    assert _runs(server, mark) == 1
+    other = server.post("/v1/images/generations", {**body, "prompt": "a dog"}, headers=key)
+    assert other[0] == 400 and other[1]["error"]["code"] == "idempotency_key_reused"
+
+
+def test_named_sizes_render_the_nearest_exact_size_and_say_so(server):
+    status, answer = server.post("/v1/images/generations", {"prompt": "a cat", "model": "tiny", "size": "1792x1024",
+                                                            "steps": 1})
+    assert status == 200 and answer["size"] == "160x96" and "1792x1024" in answer["size_note"]
+    assert _image(answer["data"][0]["b64_json"]).size == (160, 96)  # rendered so, never resized or cropped
+    # Any other size is still exact or refused, as on the command line.
+    assert server.post("/v1/images/generations", {"prompt": "a cat", "model": "tiny", "size": "1000x1000"})[0] == 400
+
+
+def test_open_webui_request_replayed(server):
+    """Open WebUI's images router, engine "openai", with only the URL set: model dall-e-2, size 512x512,
+    n 1, response_format b64_json, a Bearer key (any text) and JSON."""
+    request = urllib.request.Request(server.url("/v1/images/generations"), method="POST", data=json.dumps(
+        {"model": "dall-e-2", "prompt": "a lighthouse", "n": 1, "size": "512x512",
+         "response_format": "b64_json"}).encode(),
+        headers={"Authorization": "Bearer sk-anything", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        body = json.loads(answer.read())
+    assert _image(body["data"][0]["b64_json"]).size == (128, 128) and "512x512" in body["size_note"]
+
+
+def test_librechat_dalle3_request_replayed(server):
+    """LibreChat's DALL-E 3 tool: model dall-e-3, quality, style, a dall-e-3 size, n 1, no response_format,
+    and it reads data[0].url."""
+    client = _client(server)
+    answer = client.images.generate(model="dall-e-3", prompt="a lighthouse", quality="hd", style="vivid",
+                                    size="1024x1792", n=1)
+    url = answer.data[0].url
+    with urllib.request.urlopen(url, timeout=30) as fetched:
+        image = Image.open(io.BytesIO(fetched.read()))
+    assert image.size == (96, 160) and answer.quality == "high"
+
+
+def test_openapi_document_and_schemathesis(server, tmp_path):
+    """schemathesis against the served document: no 5xx, answers match the document, invalid input refused."""
+    pytest.importorskip("schemathesis")
+    import subprocess
+    import sys
+
+    with urllib.request.urlopen(server.url("/openapi.json"), timeout=30) as answer:
+        document = json.loads(answer.read())
+    assert {"/v1/images/generations", "/v1/models", "/v1/models/{model_id}"} <= set(document["paths"])
+    schemathesis = str(Path(sys.executable).with_name("schemathesis"))
+    run = subprocess.run([schemathesis, "run", server.url("/openapi.json"), "--checks",
+                          "not_a_server_error,status_code_conformance,content_type_conformance,"
+                          "response_schema_conformance,negative_data_rejection",
+                          "--max-examples", "15", "--seed", "1", "--workers", "1",
+                          "--request-timeout", "60", "--exclude-path", "/v1/images/files/{name}"],
+                         capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
