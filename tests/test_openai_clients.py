@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import socket
 import time
 import urllib.request
@@ -260,3 +261,5 @@ def test_openapi_document_and_schemathesis(server, tmp_path):
                           "--request-timeout", "60", "--exclude-path", "/v1/images/files/{name}"],
                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
+    assert "Tested: 5" in run.stdout and counts and counts.group(1) == counts.group(2) and int(counts.group(1)) > 100
