@@ -230,6 +230,13 @@ def test_open_webui_request_replayed(server):
     with urllib.request.urlopen(request, timeout=120) as answer:
         body = json.loads(answer.read())
     assert _image(body["data"][0]["b64_json"]).size == (128, 128) and "512x512" in body["size_note"]
+    # A gpt-image model: no response_format, size auto.
+    request = urllib.request.Request(server.url("/v1/images/generations"), method="POST", data=json.dumps(
+        {"model": "gpt-image-1", "prompt": "a lighthouse", "n": 1, "size": "auto"}).encode(),
+        headers={"Authorization": "Bearer sk-anything", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        body = json.loads(answer.read())
+    assert _image(body["data"][0]["b64_json"]).size == (128, 128) and body["size"] == "128x128"
 
 
 def test_librechat_dalle3_request_replayed(server):
@@ -263,3 +270,22 @@ def test_openapi_document_and_schemathesis(server, tmp_path):
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
     assert "Tested: 5" in run.stdout and counts and counts.group(1) == counts.group(2) and int(counts.group(1)) > 100
+
+
+def test_the_readme_http_rows(server):
+    """Each HTTP row of the README's bad-input table, sent to the real server: its status, an OpenAI error
+    object whose message holds the row's text, and no render."""
+    from .test_bad_inputs import HTTP_CASES
+
+    mark = len(server.lines)
+    for case in HTTP_CASES:
+        data = None if case.body is None else case.body if isinstance(case.body, bytes) else \
+            json.dumps(case.body).encode()
+        request = urllib.request.Request(server.url(case.path), data=data, method=case.method,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        error = json.loads(refused.value.read())["error"]
+        assert refused.value.code == case.code, (case.name, error)
+        assert case.says in error["message"] and set(error) >= {"type", "param", "code"}, (case.name, error)
+    assert _runs(server, mark) == 0
