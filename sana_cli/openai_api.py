@@ -81,7 +81,7 @@ def bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
 @dataclass
 class Aliases:
     """Model names the operator maps (--alias FROM=TO): exact names first, then shell patterns in the
-    order given (`dall-e-*`, `*`)."""
+    order given (`dall-e-*`, `*`), which never take a preset's name or a hub id (org/name)."""
 
     pairs: tuple = ()
 
@@ -102,7 +102,7 @@ class Aliases:
         for alias, target in self.pairs:
             if alias == name:
                 return target
-        if presets.find(name) is not None or name.startswith("tiny"):
+        if presets.find(name) is not None or "/" in name:  # a preset or a hub id is itself
             return name
         for alias, target in self.pairs:
             if any(ch in alias for ch in "*?[") and fnmatch.fnmatchcase(name, alias):

@@ -289,3 +289,36 @@ def test_the_readme_http_rows(server):
         assert refused.value.code == case.code, (case.name, error)
         assert case.says in error["message"] and set(error) >= {"type", "param", "code"}, (case.name, error)
     assert _runs(server, mark) == 0
+
+
+def test_litellm_image_generation_sync_and_async(server):
+    """LiteLLM routes `openai/NAME` to any OpenAI-compatible server; Sana's fields ride in extra_body."""
+    litellm = pytest.importorskip("litellm")
+    kwargs = dict(model="openai/tiny", prompt="a lighthouse", api_base=server.url("/v1"), api_key="unused",
+                  size="128x128", extra_body={"seed": 12, "steps": 2})
+    answer = litellm.image_generation(**kwargs)
+    first = np.asarray(_image(answer.data[0].b64_json))
+    again = asyncio.run(litellm.aimage_generation(**kwargs))
+    assert first.shape == (128, 128, 3) and np.array_equal(first, np.asarray(_image(again.data[0].b64_json)))
+    with pytest.raises(litellm.exceptions.BadRequestError) as refused:
+        litellm.image_generation(**{**kwargs, "size": "100x100"})
+    assert "not a multiple of 32" in str(refused.value)
+
+
+def test_aliases_sizes_params_and_preview_steps_torch_free():
+    from sana_cli.errors import UsageError
+    from sana_cli.openai_api import Aliases, nearest_size, param_of
+    from sana_cli.scheduler import preview_steps
+
+    aliases = Aliases.parse(["dall-e-3=sana-1600m-1024", "dall-e-*=tiny", "*=sana-600m-512"])
+    assert [aliases.resolve(name) for name in ("dall-e-3", "dall-e-2", "gpt-image-1", "tiny", "org/name")] == [
+        "sana-1600m-1024", "tiny", "sana-600m-512", "tiny", "org/name"]
+    with pytest.raises(UsageError, match="is not NAME=MODEL"):
+        Aliases.parse(["dall-e-3"])
+    assert nearest_size(1024, 1792, 1024) == (1344, 768) and nearest_size(512, 1024, 1024) == (512, 512)
+    assert nearest_size(4096, 1024, 1536) == (3360, 5024)  # 4096's pixel count at 2:3, sides multiples of 32
+    assert param_of("width 100 is not a multiple of 32") == "size"
+    assert param_of("tiny takes 1-1000 steps, got 0") == "steps"
+    assert param_of("guidance must be 0 or more, got -1") == "guidance"
+    assert param_of("seed must be a whole number in 0..2^63-1, got -1") == "seed"
+    assert preview_steps(3, 20) == (5, 10, 15) and preview_steps(3, 2) == (1,) and preview_steps(0, 20) == ()
