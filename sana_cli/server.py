@@ -139,7 +139,8 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
-        log(f"internal error answering {request.method} {request.url.path}: {type(exc).__name__}: {exc}")
+        log(f"internal error answering {request.method} {request.url.path} "
+            f"({getattr(request.state, 'request_id', '?')}): {type(exc).__name__}: {exc}")
         return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error",
                                         headers={"x-should-retry": "false"}))
 

@@ -191,10 +191,14 @@ def test_retry_after_on_429(server):
         "Content-Type": "application/json"}, data=json.dumps({"prompt": "x", "model": "tiny"}).encode())
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
+    import openai
+
+    with pytest.raises(openai.RateLimitError) as limited:  # the SDK's class, with the code
+        _client(server).images.generate(prompt="x", model="tiny")
     busy.close()
     waiting.close()
     assert refused.value.code == 429 and int(refused.value.headers["Retry-After"]) > 0
-    assert json.loads(refused.value.read())["error"]["code"] == "queue_full"
+    assert json.loads(refused.value.read())["error"]["code"] == "queue_full" and limited.value.code == "queue_full"
     server.wait_for("went away while it was rendering", after=mark)
 
 
