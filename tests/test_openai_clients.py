@@ -326,3 +326,27 @@ def test_aliases_sizes_params_and_preview_steps_torch_free():
     assert param_of("guidance must be 0 or more, got -1") == "guidance"
     assert param_of("seed must be a whole number in 0..2^63-1, got -1") == "seed"
     assert preview_steps(3, 20) == (5, 10, 15) and preview_steps(3, 2) == (1,) and preview_steps(0, 20) == ()
+
+
+def test_a_preview_of_a_4096_image_costs_a_small_decode(tiny_models):
+    """The preview of a 4096x4096-class latent (128x128 at Sana's 32x DC-AE) is averaged down to 8x8 latent
+    pixels before the VAE sees it: the decode's input, and so its cost, does not grow with the image."""
+    import torch
+
+    from sana_cli.modelref import resolve
+    from sana_cli.pipeline import load
+    from sana_cli.runner import PREVIEW_LATENT_SIDE, _preview
+
+    loaded = load(resolve("tiny"))
+    vae = loaded.pipe.vae
+    seen = []
+    hook = vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        channels = vae.config.latent_channels
+        wide = _preview(loaded, torch.randn(1, channels, 128, 256, generator=torch.Generator().manual_seed(0)))
+        square = _preview(loaded, torch.randn(1, channels, 128, 128, generator=torch.Generator().manual_seed(1)))
+    finally:
+        hook.remove()
+    assert [shape[-2:] for shape in seen] == [(4, 8), (8, 8)] and PREVIEW_LATENT_SIDE == 8
+    assert square.size[0] == square.size[1] and wide.size == (square.size[0], square.size[1] // 2)  # same longest side
+    assert np.asarray(square).std() > 0  # a decoded image, not a blank
