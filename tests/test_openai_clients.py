@@ -213,6 +213,21 @@ def test_idempotency_key_renders_once(server):
     assert _runs(server, mark) == 1
     other = server.post("/v1/images/generations", {**body, "prompt": "a dog"}, headers=key)
     assert other[0] == 400 and other[1]["error"]["code"] == "idempotency_key_reused"
+    # A retry that arrives while the first is still rendering joins it.
+    import threading
+
+    mark = len(server.lines)
+    answers = []
+    slow = {**body, "steps": 12}
+    threads = [threading.Thread(target=lambda: answers.append(server.post(
+        "/v1/images/generations", slow, headers={"Idempotency-Key": "retry-me-2"}))) for _ in range(2)]
+    threads[0].start()
+    server.wait_for("GPU batch", after=mark)
+    threads[1].start()
+    for thread in threads:
+        thread.join(120)
+    assert len(answers) == 2 and answers[0] == answers[1] and answers[0][0] == 200
+    assert _runs(server, mark) == 1
 
 
 def test_named_sizes_render_the_nearest_exact_size_and_say_so(server):
