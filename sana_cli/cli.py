@@ -453,8 +453,9 @@ def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max
         for name in models:
             resolve(name)  # an unknown name is exit 2 before anything binds
         alias_map = Aliases.parse(aliases)
-        for _, target in alias_map.pairs:
-            resolve(target)
+        for alias, target in alias_map.pairs:
+            if resolve(target).kind == "local":  # the HTTP API never names a path on this machine
+                raise UsageError(f"--alias {alias}={target}: the model must be a preset or a hub id (org/name)")
         code = run_server(host=host, port=port, models=list(models), keep_alive=keep_alive, aliases=alias_map,
                           max_memory_gib=max_memory, api_key=api_key, window=batch_window, max_queue=max_queue,
                           output_dir=cache_root() / "serve-images", load=LoadOptions(offline=offline))

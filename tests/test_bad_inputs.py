@@ -300,6 +300,9 @@ CASES = [
     Case("sana serve on a non-loopback address without an API key", ["serve", "--host", "0.0.0.0"], 2,
          "--host 0.0.0.0 is not a loopback address: set --api-key"),
     Case("bad --keep-alive", ["serve", "--keep-alive", "soon"], 2, "'soon' is not a duration"),
+    Case("--alias without a model", ["serve", "--alias", "dall-e-3"], 2, "--alias 'dall-e-3' is not NAME=MODEL"),
+    Case("--alias to a model directory", ["serve", "--alias", "dall-e-3={tiny}"], 2,
+         "the model must be a preset or a hub id"),
     # Port 9 on the loopback is closed: a named server that nobody answers is an error, never a silent fallback.
     Case("SANA_SERVER that nobody answers", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 4,
          "no sana server answers at http://127.0.0.1:9", env={"SANA_SERVER": "http://127.0.0.1:9"}),
