@@ -77,6 +77,7 @@ RETRY_AFTER_S = 5  # what a 429 asks a client to wait
 MAX_DEPTH = 32  # JSON nesting a request body may have (the deepest legitimate one has 4)
 IDEMPOTENCY_TTL_S = 600  # how long an Idempotency-Key's answer is kept for retries
 IDEMPOTENCY_MAX = 64  # keys kept at once (oldest answered ones go first)
+IDEMPOTENCY_MAX_BYTES = 256 << 20  # base64 images kept for retries, all keys together
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,256}")
 
 
@@ -318,6 +319,8 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         now = time.monotonic()
         for old in [k for k, (_, task, expires) in remembered.items() if expires < now and task.done()]:
             del remembered[old]
+        while _kept_bytes(remembered) > IDEMPOTENCY_MAX_BYTES:  # oldest answers go first
+            del remembered[next(k for k, (_, task, _) in remembered.items() if task.done())]
         fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         entry = remembered.get(key)
         if entry is not None and entry[0] != fingerprint:
@@ -505,6 +508,15 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         return final
 
     return app
+
+
+def _kept_bytes(remembered: dict) -> int:
+    """The base64 image text the answered Idempotency-Keys hold."""
+    total = 0
+    for _, task, _ in remembered.values():
+        if task.done() and not task.cancelled() and task.exception() is None:
+            total += sum(len(item.get("b64_json", "")) for item in task.result()["data"])
+    return total
 
 
 def _preview_bytes(image, output_format: str) -> bytes:
