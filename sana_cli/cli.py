@@ -452,10 +452,13 @@ def _parse_duration(ctx, param, value):
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Accept this name in the Host header too (repeatable); without --api-key only loopback names "
                    "and --host are accepted (DNS rebinding).")
+@click.option("--alias", "aliases", multiple=True, metavar="NAME=MODEL",
+              help="Answer OpenAI requests for model NAME with MODEL (repeatable), e.g. dall-e-3=sana-1600m-1024; "
+                   "NAME may be a pattern: 'dall-e-*=MODEL', or '*=MODEL' for every unknown name.")
 @click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", show_envvar=True,
               help="Use only the local Hugging Face cache.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max_queue, offline, debug,
+def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max_queue, aliases, offline, debug,
           allow_hosts=()):
     """Keep models loaded and serve them: `sana generate` and `sana batch` of this user attach to it
     through a user-only Unix socket, and the HTTP port speaks OpenAI's images API.
@@ -481,9 +484,15 @@ def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max
         from .server import serve as run_server
 
         check_cache_dir()
+        from .openai_api import Aliases
+
         for name in models:
             resolve(name)  # an unknown name is exit 2 before anything binds
-        code = run_server(host=host, port=port, models=list(models), keep_alive=keep_alive,
+        alias_map = Aliases.parse(aliases)
+        for alias, target in alias_map.pairs:
+            if resolve(target).kind == "local":  # the HTTP API never names a path on this machine
+                raise UsageError(f"--alias {alias}={target}: the model must be a preset or a hub id (org/name)")
+        code = run_server(host=host, port=port, models=list(models), keep_alive=keep_alive, aliases=alias_map,
                           max_memory_gib=max_memory, api_key=api_key, window=batch_window, max_queue=max_queue,
                           output_dir=cache_root() / "serve-images", load=LoadOptions(offline=offline),
                           allow_hosts=tuple(allow_hosts))

@@ -78,7 +78,18 @@ class ImageFailed:
     result: ImageResult
 
 
-Event = Union[Planned, Loading, Warned, Noted, BatchStarted, Step, ImageWritten, ImageFailed]
+@dataclass(frozen=True)
+class Preview:
+    """A small approximate image of a job mid-denoise (asked for by RunOptions.previews): the latents after
+    `step`, averaged down and decoded by the model's VAE. A PIL image; never written to disk."""
+
+    job: ImageJob
+    step: int
+    total: int
+    image: object
+
+
+Event = Union[Planned, Loading, Warned, Noted, BatchStarted, Step, Preview, ImageWritten, ImageFailed]
 EventSink = Callable[[Event], None]
 
 

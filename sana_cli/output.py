@@ -173,9 +173,10 @@ def a1111_parameters(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def encode_image(image: Image.Image, fmt: str, meta: dict) -> bytes:
+def encode_image(image: Image.Image, fmt: str, meta: dict, *, quality: int = 95) -> bytes:
     """Encode to PNG / JPEG / WebP bytes with both metadata dialects embedded. Deterministic for
-    equal inputs (no timestamps), so sharded and resumed runs produce identical files."""
+    equal inputs (no timestamps), so sharded and resumed runs produce identical files. `quality` is
+    JPEG's and WebP's (0..100); PNG is lossless."""
     buffer = io.BytesIO()
     sana_json = json.dumps(meta, ensure_ascii=False, sort_keys=True)
     parameters = a1111_parameters(meta)
@@ -188,7 +189,7 @@ def encode_image(image: Image.Image, fmt: str, meta: dict) -> bytes:
         exif = Image.Exif()
         exif[_EXIF_IMAGE_DESCRIPTION] = "sana:" + json.dumps(meta, ensure_ascii=True, sort_keys=True)
         exif.get_ifd(_EXIF_IFD)[_EXIF_USER_COMMENT] = b"UNICODE\x00" + parameters.encode("utf-16-be")
-        options = {"quality": 95} if fmt == "JPEG" else {"quality": 95, "method": 4}
+        options = {"quality": quality} if fmt == "JPEG" else {"quality": quality, "method": 4}
         image.convert("RGB").save(buffer, format=fmt, exif=exif.tobytes(), **options)
     return buffer.getvalue()
 

@@ -54,6 +54,13 @@ class LoadedModel:
         # casts Gemma's rotary frequencies to bf16, which moves pixels by a few levels (bench/README.md).
         return self.device.type
 
+    def check_pag_layers(self, pag_layers: str) -> list[str]:
+        """The layer patterns of a --pag-layers value, each matching a self-attention layer of this transformer
+        as diffusers' PAG matches them (checked here, before a run: diffusers only finds out mid-call)."""
+        from .presets import check_pag_layers
+
+        return check_pag_layers(pag_layers, int(self.pipe.transformer.config.num_layers), self.ref.name)
+
     def pipeline_for(self, pag_layers: str | None):
         """The base pipeline, or a SanaPAGPipeline sharing its weights.
 
@@ -65,9 +72,7 @@ class LoadedModel:
         if pag_layers not in self._pag:
             from diffusers import SanaPAGPipeline
 
-            from .presets import check_pag_layers
-
-            layers = check_pag_layers(pag_layers, int(self.pipe.transformer.config.num_layers), self.ref.name)
+            layers = self.check_pag_layers(pag_layers)
             components = {name: self.pipe.components[name]
                           for name in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
             try:

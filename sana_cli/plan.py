@@ -518,6 +518,19 @@ def check_pag(model: ModelRef, pag_scale: float) -> None:
                          hint="PAG works with the SanaPipeline models; drop --pag-scale")
 
 
+MAX_PAG_LAYERS_CHARS = 1000
+
+
+def check_pag_layers_syntax(value) -> str:
+    """PAG layers are comma-separated regular expressions matched against the transformer's module names
+    (as diffusers does); each must compile. Whether the model has such layers is checked once it is loaded."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_PAG_LAYERS_CHARS:
+        raise UsageError(f"pag_layers must be comma-separated layer names of at most {MAX_PAG_LAYERS_CHARS} "
+                         "characters")
+    presets.check_pag_layers(value, None, "")  # each pattern compiles; the layers are checked on the model
+    return value
+
+
 def check_seed(seed: int, name: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise UsageError(f"{name} must be a whole number in 0..2^63-1, got {seed!r}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 from .events import EventSink, no_events  # noqa: F401 - re-exported for the API's callers
 from .output import WrittenImage
 from .plan import ImageJob
@@ -32,6 +33,8 @@ class RunOptions:
     fail_fast: bool = False  # stop at the first failed image
     max_memory_bytes: int | None = None  # --max-memory: the budget `auto` decodes within
     keep_latents: bool = False  # keep NAME.latents.safetensors beside each image even when its decode works
+    # job -> the denoising steps (1-based) after which to send a Preview event of it; None: no previews
+    previews: Callable[[ImageJob, int], tuple] | None = None
 
 
 @dataclass

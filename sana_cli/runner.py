@@ -22,7 +22,7 @@ from .errors import GenerationError, SanaError
 from .output import write_image
 from .pipeline import LoadedModel
 from .plan import KEY_SCHEMA, ImageJob, Plan
-from .events import BatchStarted, EventSink, ImageFailed, ImageWritten, Noted, Step, Warned, no_events
+from .events import BatchStarted, EventSink, ImageFailed, ImageWritten, Noted, Preview, Step, Warned, no_events
 from .results import ImageResult, RunOptions, RunOutcome, StopToken
 
 ENCODE_AHEAD_MAX = 256  # prompts; ~2.8 MB of bf16 embeddings each with CFG
@@ -368,8 +368,16 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
         embeddings, seconds = _timed(_encode, loaded, jobs=jobs, options=options, events=events)
         timings["encode"] += seconds
 
+    wanted = [set(options.previews(job, job.steps)) for job in jobs] if options.previews else None
+
     def on_step(pipeline, step, timestep, callback_kwargs):
         events(Step(step=step + 1, total=first.steps))
+        if wanted and callback_kwargs.get("latents") is not None:
+            for position, job in enumerate(jobs):
+                if step + 1 in wanted[position] and write[position]:
+                    image = _preview(loaded, callback_kwargs["latents"][position:position + 1])
+                    if image is not None:
+                        events(Preview(job=job, step=step + 1, total=first.steps, image=image))
         if stop.requested and options.abort_in_flight:
             pipeline._interrupt = True
         return {}
@@ -417,6 +425,26 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
                              retried_alone=retried_alone)
         writer.submit(result, image, image_metadata(loaded, job, decoded.strategy))
     del latents
+
+
+PREVIEW_LATENT_SIDE = 8  # a preview's larger latent side: 256 px with Sana's 32x DC-AE, whatever the image's size
+
+
+@torch.no_grad()
+def _preview(loaded: LoadedModel, latents: torch.Tensor):
+    """A cheap approximate image of mid-denoise latents: averaged down to at most PREVIEW_LATENT_SIDE latent
+    pixels a side (keeping the aspect ratio) and decoded whole by the model's VAE, so a preview of a 4096x4096
+    image costs a 256-px decode. None if it fails: a preview never fails a run."""
+    try:
+        vae = loaded.pipe.vae
+        height, width = latents.shape[-2:]
+        scale = min(1.0, PREVIEW_LATENT_SIDE / max(height, width))
+        small = torch.nn.functional.adaptive_avg_pool2d(
+            latents.to(vae.dtype), (max(1, round(height * scale)), max(1, round(width * scale))))
+        decoded = vae.decode(small / vae.config.scaling_factor, return_dict=False)[0]
+        return loaded.pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+    except Exception:  # noqa: BLE001 - previews are best effort
+        return None
 
 
 @torch.no_grad()

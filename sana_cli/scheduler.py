@@ -43,6 +43,7 @@ class Work:
     sink: Callable[[Message], None]
     label: str = ""
     force_size: bool = False
+    partial_images: int = 0  # previews per image while it renders (OpenAI streaming), at evenly spaced steps
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -230,6 +231,12 @@ class ModelCache:
     def has(self, key: tuple) -> bool:
         with self._cond:
             return key in self._models
+
+    def peek(self, ref, options: LoadOptions):
+        """The loaded model for these, or None (never loads)."""
+        with self._cond:
+            entry = self._models.get(self.key(ref, options))
+        return entry.loaded if entry is not None else None
 
     def loaded_names(self) -> list[str]:
         with self._cond:
@@ -440,7 +447,7 @@ class Scheduler:
             self._render_with(loaded, works)
 
     def _render_with(self, loaded, works: list[Work]) -> None:
-        from .events import BatchStarted, ImageFailed, ImageWritten, Noted, Step, Warned
+        from .events import BatchStarted, ImageFailed, ImageWritten, Noted, Preview, Step, Warned
         from .results import RunOptions, StopToken
         from .runner import run
 
@@ -476,6 +483,10 @@ class Scheduler:
             elif isinstance(event, Step):
                 for work in current:
                     _send(work, {"type": "step", "step": event.step, "total": event.total})
+            elif isinstance(event, Preview):
+                work, index = owner[event.job.index]
+                _send(work, {"type": "partial", "index": index, "step": event.step, "total": event.total,
+                             "image": event.image})
             elif isinstance(event, (ImageWritten, ImageFailed)):
                 result = event.result
                 work, index = owner[result.job.index]
@@ -497,13 +508,23 @@ class Scheduler:
         stop = StopToken()
         with self._cond:
             self._stop = stop
-        options = RunOptions(decode=loaded.options.decode_for(first.decode), abort_in_flight=True)
+        def previews(job, total: int) -> tuple:
+            return preview_steps(owner[job.index][0].partial_images, total)
+
+        options = RunOptions(decode=loaded.options.decode_for(first.decode), abort_in_flight=True,
+                             previews=previews if any(w.partial_images for w in works) else None)
         outcome = run(plan, loaded, options, events=events, stop=stop, keep_text_encoder=True)
         done = {"type": "done", "timings": outcome.timings, "model": loaded.describe(),
                 "peak_memory_bytes": outcome.peak_memory_bytes, "peak_reserved_bytes": outcome.peak_reserved_bytes}
         log(f"run {run_number}: done in {outcome.timings.get('total', 0.0):.2f} s")
         for work in works:
             _send(work, done)
+
+
+def preview_steps(count: int, total: int) -> tuple:
+    """The steps after which `count` previews of a `total`-step render are made: evenly spaced, never the
+    last step (the image itself follows it); fewer when there are fewer steps."""
+    return tuple(sorted({round(k * total / (count + 1)) for k in range(1, count + 1)} - {0, total}))
 
 
 def _send(work: Work, message: Message) -> None:

@@ -3,9 +3,12 @@ user-only Unix socket in sana-cli's cache directory (the one an attaching `sana 
 
 Endpoints:
   GET  /                        a small page: type a prompt, see the images as they finish
-  GET  /v1/models               the presets and the loaded models (OpenAI's list form)
-  POST /v1/images/generations   OpenAI's images API (b64_json or url), Sana's own parameters as extra fields;
-                                "stream": true answers NDJSON events (steps, then each image) instead
+  GET  /v1/models[/ID]          the presets, the loaded models and the operator's aliases (OpenAI's form)
+  POST /v1/images/generations   OpenAI's images API (b64_json or url), Sana's own parameters as extra fields
+                                (openai_api checks every field); "stream": true answers OpenAI's Server-Sent
+                                Events (partial images, then each completed image)
+  POST /v1/images/edits, /variations   an OpenAI error saying they are not supported yet
+  GET  /openapi.json            the OpenAPI document of these public endpoints
   GET  /v1/images/files/ID      an image of a `url` response (only the server's own output directory)
   GET  /v1/sana/health          version and state (the attaching CLI's handshake)
   POST /v1/sana/load            load a model with load options; its description
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import inspect
 import json
@@ -29,7 +33,6 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -41,6 +44,7 @@ from . import __version__, presets
 from .client import (API_PREFIX, job_from_wire, load_from_wire, private_place_problem, remove_if_stale,
                      uses_input_files)
 from .errors import EnvironmentProblem, GenerationError, SanaError, UsageError
+from .openai_api import MAX_PROMPT_CHARS, OUTPUT_FORMATS, Aliases, ApiError
 from .plan import (IMAGE_SUFFIXES, KEY_SCHEMA, PIXEL_FIELDS, LoadOptions, Request, check_seed, job_key, model_for,
                    plan_generate, resolve_params)
 from .safeio import MAX_IMAGE_BYTES, open_regular, read_bounded
@@ -48,16 +52,6 @@ from .scheduler import Draining, QueueFull, Scheduler, Work, log
 
 MAX_BODY = 1 << 20  # an OpenAI request: a prompt and a few numbers
 MAX_JOBS_BODY = 256 << 20  # an attached batch: as large as a batch file may be
-MAX_PROMPT_CHARS = 10000
-MAX_N = 10  # images per OpenAI request, as OpenAI's own limit
-OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
-# Request fields the server decides (paths, files, batching) or that the OpenAI form names otherwise.
-SERVER_OWNED = {"prompt", "model", "width", "height", "num_images", "output", "overwrite", "force_size",
-                "batch_size", "revision"}
-# Fields that name files on the server's disk are never taken from a client.
-PATH_FIELDS = {"image", "control_image", "mask_image", "lora", "loras", "controlnet"}
-# OpenAI fields that do not apply to these models and are accepted without effect.
-IGNORED_OPENAI = {"user", "quality", "style", "moderation", "background", "output_compression", "partial_images"}
 _FILE_NAME = re.compile(r"[0-9a-f]{32}(-\d+)?\.(png|jpg|webp)")
 # Images of `url` answers stay this long, and the directory holds at most this much (oldest go first).
 URL_IMAGE_MAX_AGE = 3600.0
@@ -72,23 +66,6 @@ SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", 
                     (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, exit_code: int | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.exit_code = exit_code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-    def body(self) -> dict:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        if self.exit_code is not None:
-            error["exit_code"] = self.exit_code
-        return {"error": error}
-
-
 def _from_sana(exc: SanaError, param: str | None = None) -> ApiError:
     if isinstance(exc, EnvironmentProblem):
         return ApiError(503, exc.line(), type_="server_error", code="unavailable", exit_code=exc.exit_code)
@@ -99,7 +76,8 @@ def _from_sana(exc: SanaError, param: str | None = None) -> ApiError:
 
 class ServerConfig:
     def __init__(self, *, api_key: str | None, output_dir: Path, scratch_dir: Path, load: LoadOptions,
-                 models: list[str], host: str = "127.0.0.1", allow_hosts: tuple = ()):
+                 models: list[str], host: str = "127.0.0.1", allow_hosts: tuple = (),
+                 aliases: Aliases | None = None):
         self.api_key = api_key
         self.host = host
         self.allow_hosts = {name.lower().rstrip(".") for name in allow_hosts}
@@ -107,20 +85,81 @@ class ServerConfig:
         self.scratch_dir = scratch_dir
         self.load = load
         self.models = models
+        self.aliases = aliases or Aliases()
         self.draining = False
 
 
+RETRY_AFTER_S = 5  # what a 429 asks a client to wait
+MAX_DEPTH = 32  # JSON nesting a request body may have (the deepest legitimate one has 4)
+IDEMPOTENCY_TTL_S = 600  # how long an Idempotency-Key's answer is kept for retries
+IDEMPOTENCY_MAX = 64  # keys kept at once (oldest answered ones go first)
+IDEMPOTENCY_MAX_BYTES = 256 << 20  # base64 images kept for retries, all keys together
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,256}")
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _depth_ok(value, limit: int) -> bool:
+    """Whether parsed JSON nests at most `limit` deep (iterative: a deep body never reaches the recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
+class _RequestId:
+    """Every answer carries an x-request-id (as OpenAI's do), logged with failures; plain ASGI so that
+    streaming answers and disconnect detection pass through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = f"req_{secrets.token_hex(12)}".encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
+    from . import openai_api
+
     app = FastAPI(title="sana serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_RequestId)
+    remembered: dict[str, tuple] = {}  # Idempotency-Key -> (fingerprint, task, expires)
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return exc.response()
+        return _error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
-        return ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
-                        ).response()
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed here; use {exc.headers.get('Allow', 'another method')}"
+        return _error_response(ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404
+                                        else "method_not_allowed" if exc.status_code == 405 else None,
+                                        headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        log(f"internal error answering {request.method} {request.url.path} "
+            f"({getattr(request.state, 'request_id', '?')}): {type(exc).__name__}: {exc}")
+        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error",
+                                        headers={"x-should-retry": "false"}))
 
     def authorize(request: HttpRequest) -> None:
         if config.api_key is None:
@@ -163,26 +202,62 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                            code="timeout") from None
         try:  # a large body parses for a while: off the event loop
             body = await run_in_threadpool(json.loads, b"".join(chunks) or b"null")
-        except ValueError:
-            raise ApiError(400, "the request body is not valid JSON") from None
+        except (ValueError, RecursionError):
+            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
         if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        if not _depth_ok(body, MAX_DEPTH):
+            raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
         return body
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse(PAGE)
 
-    @app.get("/v1/models")
-    async def models(request: HttpRequest):
-        authorize(request)
+    @app.get("/openapi.json")
+    async def openapi():
+        from .openapi import document
+
+        return document(__version__)
+
+    def model_names() -> tuple[list[str], set]:
         loaded = set(scheduler.models.loaded_names())
         names = [p.name for p in presets.PRESETS.values()] if isinstance(presets.PRESETS, dict) else \
             [p.name for p in presets.PRESETS]
         names += [name for name in ("tiny", "tiny-sprint", "tiny-teacher") if name not in names]
         names += sorted(loaded - set(names))
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "sana-cli",
-                                            "loaded": name in loaded} for name in names]}
+        names += [name for name in config.aliases.names() if name not in names]
+        return names, loaded
+
+    def model_object(name: str, loaded: set) -> dict:
+        target = config.aliases.resolve(name)
+        item = {"id": name, "object": "model", "created": 0, "owned_by": "sana-cli", "loaded": target in loaded}
+        if target != name:
+            item["alias_of"] = target
+        return item
+
+    @app.get("/v1/models")
+    async def models(request: HttpRequest):
+        authorize(request)
+        names, loaded = model_names()
+        return {"object": "list", "data": [model_object(name, loaded) for name in names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: HttpRequest):
+        authorize(request)
+        names, loaded = model_names()
+        if model_id not in names:
+            raise ApiError(404, f"the model '{model_id}' does not exist here (GET /v1/models lists them)",
+                           param="model", code="model_not_found")
+        return model_object(model_id, loaded)
+
+    @app.post("/v1/images/edits")
+    @app.post("/v1/images/variations")
+    async def not_yet(request: HttpRequest):
+        authorize(request)
+        what = request.url.path.rsplit("/", 1)[1]
+        raise ApiError(400, f"image {what} are not supported by this server yet (it takes no input image); "
+                       "it supports POST /v1/images/generations", param="image", code="unsupported_endpoint")
 
     @app.get(f"{API_PREFIX}/health")
     async def health(request: HttpRequest):
@@ -215,14 +290,15 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         if not isinstance(wire, list) or not wire:
             raise ApiError(400, "'jobs' must be a non-empty list", param="jobs")
         try:
-            pixels = options.pixels(options.decode_for(decode if isinstance(decode, str) else "auto"))
             if not isinstance(decode, str):
                 raise UsageError("'decode' must be text")
+            pixels = options.pixels(options.decode_for(decode))
             planned = await run_in_threadpool(_checked_jobs, ref, wire, pixels, force_size, config.scratch_dir)
+            await run_in_threadpool(_check_pag_layers, scheduler, ref, options, planned)
         except SanaError as exc:
             raise _from_sana(exc, "jobs") from None
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ApiError(400, f"a job is malformed: {exc}", param="jobs") from None
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+            raise ApiError(400, f"a job is malformed: {type(exc).__name__}: {exc}"[:500], param="jobs") from None
         work = Work(ref=ref, options=options, decode=decode, jobs=planned, sink=None, force_size=force_size,
                     label=f"attached run of {len(planned)} image(s)")
         return await _stream(request, work, attached=True)
@@ -232,22 +308,17 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         authorize(request)
         accepting()
         body = await read_json(request, MAX_BODY)
-        work, response_format = await run_in_threadpool(_openai_work, body, config)
-        if body.get("stream") is True:
-            return await _stream(request, work, attached=False, response_format=response_format)
-        messages = await _collect(request, work)
-        data = []
-        for message in messages:
-            if message["type"] == "error":
-                status = message.get("status", 500)
-                raise ApiError(status, message["message"],
-                               type_="server_error" if status >= 500 else "invalid_request_error",
-                               code="unavailable" if status == 503 else None, exit_code=message.get("exit_code"))
-            if message["type"] == "failed":
-                raise ApiError(500, message["error"], type_="server_error", exit_code=message.get("exit_code"))
-            if message["type"] == "image":
-                data.append(await _openai_item(message, response_format, request))
-        return {"created": int(time.time()), "data": data}
+        asked = openai_api.parse(body)
+        key = request.headers.get("idempotency-key")
+        if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise ApiError(400, "the Idempotency-Key header must be 1..256 visible ASCII characters",
+                           param="Idempotency-Key", code="invalid_idempotency_key")
+        work, answer = await run_in_threadpool(_openai_work, asked, config, scheduler)
+        if asked.stream:
+            return await _sse(request, work, answer)
+        if key is None:
+            return await _answer(request, work, answer, watch=True)
+        return await _remembered(request, key, body, lambda: _answer(request, work, answer, watch=False))
 
     @app.get("/v1/images/files/{name}")
     async def files(name: str, request: HttpRequest):
@@ -264,7 +335,56 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                                  media_type={"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[
                                      name.rsplit(".", 1)[1]])
 
-    async def _collect(request: HttpRequest, work: Work) -> list[dict]:
+    async def _remembered(request: HttpRequest, key: str, body: dict, make):
+        """One render per Idempotency-Key: a retry with the same key and body joins the render in flight or
+        gets its answer (kept IDEMPOTENCY_TTL_S); the same key with another body is refused."""
+        now = time.monotonic()
+        for old in [k for k, (_, task, expires) in remembered.items() if expires < now and task.done()]:
+            del remembered[old]
+        while _kept_bytes(remembered) > IDEMPOTENCY_MAX_BYTES:  # oldest answers go first
+            del remembered[next(k for k, (_, task, _) in remembered.items() if task.done())]
+        fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        entry = remembered.get(key)
+        if entry is not None and entry[0] != fingerprint:
+            raise ApiError(400, "this Idempotency-Key was used with another request body", param="Idempotency-Key",
+                           code="idempotency_key_reused")
+        if entry is None:
+            while len(remembered) >= IDEMPOTENCY_MAX:
+                done = [k for k, (_, task, _) in remembered.items() if task.done()]
+                if not done:
+                    raise ApiError(429, "too many requests with an Idempotency-Key are in flight; retry later",
+                                   type_="rate_limit_error", code="queue_full",
+                                   headers={"Retry-After": str(RETRY_AFTER_S)})
+                del remembered[done[0]]
+            entry = (fingerprint, asyncio.ensure_future(make()), now + IDEMPOTENCY_TTL_S)
+            remembered[key] = entry
+        task = entry[1]
+        try:
+            return await asyncio.shield(task)
+        except ApiError as exc:
+            if exc.status in (429, 503):  # not done: a retry may be taken later
+                remembered.pop(key, None)
+            raise
+
+    async def _answer(request: HttpRequest, work: Work, answer: dict, *, watch: bool) -> dict:
+        messages = await _collect(request, work, watch=watch)
+        data = []
+        for message in messages:
+            if message["type"] == "error":
+                status = message.get("status", 500)
+                raise ApiError(status, message["message"],
+                               type_="server_error" if status >= 500 else "invalid_request_error",
+                               param=openai_api.param_of(message["message"]) if status == 400 else None,
+                               code="unavailable" if status == 503 else None, exit_code=message.get("exit_code"),
+                               headers={"x-should-retry": "false"} if status == 500 else None)
+            if message["type"] == "failed":
+                raise ApiError(500, message["error"], type_="server_error", exit_code=message.get("exit_code"),
+                               headers={"x-should-retry": "false"})
+            if message["type"] == "image":
+                data.append(await run_in_threadpool(_openai_item, message, answer, request))
+        return {"created": int(time.time()), "data": data, **answer["fields"]}
+
+    async def _collect(request: HttpRequest, work: Work, *, watch: bool) -> list[dict]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         work.sink = lambda message: loop.call_soon_threadsafe(inbox.put_nowait, message)
@@ -274,7 +394,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             try:
                 message = await asyncio.wait_for(inbox.get(), timeout=0.25)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
+                if watch and await request.is_disconnected():
                     scheduler.cancel(work)
                     raise ApiError(499, "the client went away") from None
                 if work.finished.is_set() and inbox.empty():
@@ -284,7 +404,60 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             if message["type"] in ("done", "error"):
                 return messages
 
-    async def _stream(request: HttpRequest, work: Work, *, attached: bool, response_format: str = "b64_json"):
+    async def _sse(request: HttpRequest, work: Work, answer: dict):
+        """OpenAI's image stream: image_generation.partial_image events (previews) and one
+        image_generation.completed event per image; a failure is an `error` event and ends the stream."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        work.sink = lambda message: loop.call_soon_threadsafe(inbox.put_nowait, message)
+        _submit(work)
+        created = int(time.time())
+        counts: dict[int, int] = {}
+
+        def event(name: str, payload: dict) -> bytes:
+            return f"event: {name}\ndata: {json.dumps({'type': name, **payload})}\n\n".encode()
+
+        async def events():
+            try:
+                while True:
+                    try:
+                        message = await asyncio.wait_for(inbox.get(), timeout=0.25)
+                    except asyncio.TimeoutError:
+                        if work.finished.is_set() and inbox.empty():
+                            return
+                        if await request.is_disconnected():
+                            return
+                        continue
+                    kind = message["type"]
+                    if kind == "partial":
+                        number = counts.get(message["index"], 0)
+                        counts[message["index"]] = number + 1
+                        data = _preview_bytes(message["image"], answer["output_format"])
+                        yield event("image_generation.partial_image", {
+                            "b64_json": base64.b64encode(data).decode(), "created_at": created,
+                            "partial_image_index": number, "index": message["index"] - 1,
+                            "step": message["step"], **answer["fields"]})
+                    elif kind == "image":
+                        item = await run_in_threadpool(_openai_item, message, answer, request)
+                        yield event("image_generation.completed", {
+                            "created_at": created, "index": message["index"] - 1, **item, **answer["fields"]})
+                    elif kind in ("failed", "error"):
+                        _unlink(message.pop("path", None))
+                        status = message.get("status", 500)
+                        text = message.get("error") or message.get("message")
+                        yield event("error", {"error": {
+                            "message": text, "type": "server_error" if status >= 500 else "invalid_request_error",
+                            "param": openai_api.param_of(text) if status == 400 else None, "code": None}})
+                        return
+                    elif kind == "done":
+                        return
+            finally:
+                if not work.finished.is_set():
+                    scheduler.cancel(work)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _stream(request: HttpRequest, work: Work, *, attached: bool):
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         work.sink = lambda message: loop.call_soon_threadsafe(inbox.put_nowait, message)
@@ -301,11 +474,12 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                         if await request.is_disconnected():
                             return
                         continue
-                    if message["type"] in ("image",):
-                        message = (await run_in_threadpool(_attached_item, message) if attached
-                                   else {"type": "image", **await _openai_item(message, response_format, request)})
+                    if message["type"] == "image":
+                        message = await run_in_threadpool(_attached_item, message)
                     elif message["type"] == "failed":
                         await run_in_threadpool(_unlink, message.pop("path", None))
+                    elif message["type"] == "partial":
+                        continue
                     yield (json.dumps(message) + "\n").encode()
                     if message["type"] in ("done", "error"):
                         return
@@ -320,20 +494,41 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             scheduler.submit(work)
         except QueueFull:
             raise ApiError(429, f"the queue is full ({scheduler.max_queue} requests wait); retry later",
-                           type_="rate_limit_error", code="queue_full", exit_code=4) from None
+                           type_="rate_limit_error", code="queue_full", exit_code=4,
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except Draining:
             raise ApiError(503, "the server is shutting down and takes no new work", type_="server_error",
                            code="shutting_down", exit_code=4) from None
 
-    async def _openai_item(message: dict, response_format: str, request: HttpRequest) -> dict:
-        path = message["path"]
+    def _openai_item(message: dict, answer: dict, request: HttpRequest) -> dict:
+        """One data item of an answer. Blocking (files, encoding): call it off the event loop."""
+        path = _compressed(message["path"], answer)
         item = {"seed": message["seed"], "key": message["key"]}
-        if response_format == "url":
+        if answer["response_format"] == "url":
             item["url"] = f"{_public_base(request)}/v1/images/files/{os.path.basename(path)}"
-            await run_in_threadpool(sweep_images, config.output_dir, keep=os.path.basename(path))
+            sweep_images(config.output_dir, keep=os.path.basename(path))
         else:
-            item["b64_json"] = base64.b64encode(await run_in_threadpool(_take, path)).decode()
+            item["b64_json"] = base64.b64encode(_take(path)).decode()
         return item
+
+    def _compressed(path: str, answer: dict) -> str:
+        """The image at the asked output_compression: rendered as lossless PNG, encoded here with the
+        same metadata (plus the compression) into the place the answer names."""
+        if answer["output_compression"] is None:
+            return path
+        from PIL import Image
+
+        from .output import encode_image, read_metadata, write_encoded
+
+        meta = dict(read_metadata(path)["sana"] or {})
+        meta["output_compression"] = answer["output_compression"]
+        with Image.open(path) as image:
+            data = encode_image(image, answer["output_format"].upper(), meta, quality=answer["output_compression"])
+        directory = config.output_dir if answer["response_format"] == "url" else config.scratch_dir
+        final = str(directory / (os.path.basename(path)[:-4] + OUTPUT_FORMATS[answer["output_format"]]))
+        write_encoded(data, final, overwrite=False)
+        _unlink(path)
+        return final
 
     app.add_middleware(_Guard, config=config)
     return app
@@ -420,6 +615,23 @@ def sweep_images(directory: Path, *, keep: str | None = None, max_age: float = U
         total -= size
         removed.append(name)
     return removed
+
+
+def _kept_bytes(remembered: dict) -> int:
+    """The base64 image text the answered Idempotency-Keys hold."""
+    total = 0
+    for _, task, _ in remembered.values():
+        if task.done() and not task.cancelled() and task.exception() is None:
+            total += sum(len(item.get("b64_json", "")) for item in task.result()["data"])
+    return total
+
+
+def _preview_bytes(image, output_format: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format={"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[output_format])
+    return buffer.getvalue()
 
 
 def _attached_item(message: dict) -> dict:
@@ -535,80 +747,62 @@ def _plain(value):
     return [_plain(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
-def _openai_fields() -> set:
-    return {f.name for f in fields(Request)} - SERVER_OWNED - PATH_FIELDS
+def _check_pag_layers(scheduler: Scheduler, ref, options: LoadOptions, jobs) -> None:
+    """PAG layers a loaded model does not have are refused before anything queues (diffusers would find
+    out mid-run); a model not loaded yet is checked when it loads, still before its denoise."""
+    layers = {job.pag_layers for job in jobs if job.pag_layers}
+    if not layers:
+        return
+    from .plan import check_pag_layers_syntax
+
+    for value in layers:
+        check_pag_layers_syntax(value)
+    loaded = scheduler.models.peek(ref, options)
+    if loaded is not None:
+        for value in layers:
+            loaded.check_pag_layers(value)
 
 
-def _check_type(name: str, value, annotation: str):
-    """The JSON value of an extra field against the Request field's declared type."""
-    if value is None and "None" in annotation:
-        return value
-    if "bool" in annotation:
-        ok = isinstance(value, bool)
-    elif "float" in annotation:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif "int" in annotation:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif "str" in annotation:
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise ApiError(400, f"'{name}' must be {annotation.replace(' | None', '')}", param=name)
-    return value
+def _openai_work(asked, config: ServerConfig, scheduler: Scheduler) -> tuple[Work, dict]:
+    """An OpenAI images request as a planned Work (the CLI's planning and messages) and the fields of
+    its answer."""
+    from . import openai_api
 
-
-def _openai_work(body: dict, config: ServerConfig) -> tuple[Work, str]:
-    """An OpenAI images request as a planned Work (the CLI's planning and messages)."""
-    extras = _openai_fields()
-    known = {"prompt", "model", "n", "size", "response_format", "output_format", "stream"} | extras | IGNORED_OPENAI
-    for name in body:
-        if name not in known:
-            raise ApiError(400, f"unknown field '{name}'", param=name, code="unknown_parameter")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' must be text", param="prompt")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ApiError(400, f"the prompt is longer than {MAX_PROMPT_CHARS} characters", param="prompt")
-    n = body.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise ApiError(400, f"'n' must be a whole number in 1..{MAX_N}", param="n")
-    response_format = body.get("response_format") or "b64_json"
-    if response_format not in ("b64_json", "url"):
-        raise ApiError(400, "'response_format' must be b64_json or url", param="response_format")
-    output_format = body.get("output_format") or "png"
-    if output_format not in OUTPUT_FORMATS:
-        raise ApiError(400, "'output_format' must be png, jpeg or webp", param="output_format")
-    width = height = None
-    size = body.get("size")
-    if size not in (None, "auto"):
-        match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size) if isinstance(size, str) else None
-        if not match:
-            raise ApiError(400, "'size' must be WIDTHxHEIGHT (for example 1024x1024) or auto", param="size")
-        width, height = int(match.group(1)), int(match.group(2))
-    model = body.get("model") or (config.models[0] if config.models else None)
-    if model is not None and not isinstance(model, str):
-        raise ApiError(400, "'model' must be a model name", param="model")
+    model = asked.model or (config.models[0] if config.models else None)
+    if model is not None:
+        model = config.aliases.resolve(model)
     _no_path(model)
-    types = {f.name: str(f.type) for f in fields(Request)}
-    extra = {name: _check_type(name, body[name], types[name]) for name in extras if name in body}
-    directory = config.output_dir if response_format == "url" else config.scratch_dir
-    output = str(directory / f"{secrets.token_hex(16)}{OUTPUT_FORMATS[output_format]}")
-    request = Request(prompt=prompt, model=model, width=width, height=height, num_images=n, output=output, **extra)
+    request = Request(prompt=asked.prompt, model=model, width=asked.width, height=asked.height,
+                      num_images=asked.n, output=None, **asked.sana)
     try:
         ref = model_for(request)
     except SanaError as exc:
         raise ApiError(404, exc.line(), param="model", code="model_not_found") from None
     if ref.kind == "local":
         raise ApiError(400, NOT_A_PATH, param="model")
+    width, height, note = openai_api.size_for(ref, asked)
+    steps = openai_api.steps_for(ref, asked)
+    # Lossy output at an asked compression is rendered as PNG and encoded after, keeping its metadata.
+    suffix = ".png" if asked.output_compression is not None else OUTPUT_FORMATS[asked.output_format]
+    direct = asked.response_format == "url" and asked.output_compression is None
+    directory = config.output_dir if direct else config.scratch_dir
+    request.width, request.height, request.steps = width, height, steps
+    request.output = str(directory / f"{secrets.token_hex(16)}{suffix}")
     try:
         plan = plan_generate(request, ref, config.load.pixels(config.load.decode_for("auto")))
+        _check_pag_layers(scheduler, ref, config.load, plan.jobs)
     except SanaError as exc:
-        raise _from_sana(exc) from None
+        raise _from_sana(exc, openai_api.param_of(exc.message) if isinstance(exc, UsageError) else None) from None
+    first = plan.jobs[0]
+    fields_ = {"size": f"{first.width}x{first.height}", "output_format": asked.output_format,
+               "quality": openai_api.answer_quality(ref, first.steps), "background": "opaque"}
+    if note:
+        fields_["size_note"] = note
+    answer = {"response_format": asked.response_format, "output_format": asked.output_format,
+              "output_compression": asked.output_compression, "fields": fields_}
     work = Work(ref=ref, options=config.load, decode="auto", jobs=plan.jobs, sink=None,
-                label=f"images request of {n} image(s)")
-    return work, response_format
+                label=f"images request of {asked.n} image(s)", partial_images=asked.partial_images)
+    return work, answer
 
 
 # ---- running the server --------------------------------------------------------------------------
@@ -668,7 +862,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, max_memory_gib: float | None,
           api_key: str | None, window: float, max_queue: int, output_dir: Path, load: LoadOptions,
-          ready=None, allow_hosts: tuple = ()) -> int:
+          aliases: Aliases | None = None, ready=None, allow_hosts: tuple = ()) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; returns the exit code."""
     import tempfile
 
@@ -683,7 +877,7 @@ def serve(*, host: str, port: int, models: list[str], keep_alive: float | None, 
     output_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="sana-serve-"))
     config = ServerConfig(api_key=api_key, output_dir=output_dir, scratch_dir=scratch, load=load, models=models,
-                          host=host, allow_hosts=allow_hosts)
+                          host=host, allow_hosts=allow_hosts, aliases=aliases)
     sweep_images(output_dir)
     tcp = bind_tcp(host, port)
     path = socket_path()

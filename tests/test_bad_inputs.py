@@ -417,6 +417,9 @@ CASES = [
     Case("sana serve on a non-loopback address without an API key", ["serve", "--host", "0.0.0.0"], 2,
          "--host 0.0.0.0 is not a loopback address: set --api-key"),
     Case("bad --keep-alive", ["serve", "--keep-alive", "soon"], 2, "'soon' is not a duration"),
+    Case("--alias without a model", ["serve", "--alias", "dall-e-3"], 2, "--alias 'dall-e-3' is not NAME=MODEL"),
+    Case("--alias to a model directory", ["serve", "--alias", "dall-e-3={tiny}"], 2,
+         "the model must be a preset or a hub id"),
     # Port 9 on the loopback is closed: a named server that nobody answers is an error, never a silent fallback.
     Case("SANA_SERVER that nobody answers", ["generate", "a cat", "--model", "tiny", "-o", "{tmp}/"], 4,
          "no sana server answers at http://127.0.0.1:9", env={"SANA_SERVER": "http://127.0.0.1:9"}),
@@ -789,6 +792,53 @@ def test_non_finite_pixels_are_no_image_and_a_batch_records_the_row_as_failed(fi
     assert not list((tmp_path / "b").glob("*.png"))
     records = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     assert [r["event"] for r in records if r.get("event") in ("image", "error")] == ["error"]
+@dataclass
+class HttpCase:
+    """A request `sana serve` must refuse with an OpenAI error object (tests/test_openai_clients.py sends
+    each to a real server); in the README table its "exit" column is the HTTP status."""
+
+    name: str
+    method: str
+    path: str
+    body: object  # a dict sent as JSON, or bytes sent as they are
+    code: int
+    says: str
+
+
+_TINY = {"prompt": "a cat", "model": "tiny", "size": "128x128"}
+HTTP_CASES = [
+    HttpCase("HTTP: output_format as a list", "POST", "/v1/images/generations", {**_TINY, "output_format": ["png"]},
+             400, "'output_format' must be one of png, jpeg, jpg, webp"),
+    HttpCase("HTTP: background transparent", "POST", "/v1/images/generations", {**_TINY, "background": "transparent"},
+             400, "background 'transparent' cannot be rendered"),
+    HttpCase("HTTP: quality that is not OpenAI's", "POST", "/v1/images/generations", {**_TINY, "quality": {}},
+             400, "'quality' must be one of"),
+    HttpCase("HTTP: output_compression with png", "POST", "/v1/images/generations",
+             {**_TINY, "output_compression": 50}, 400, "'output_compression' applies to jpeg and webp only"),
+    HttpCase("HTTP: partial_images without stream", "POST", "/v1/images/generations",
+             {**_TINY, "partial_images": 2}, 400, "'partial_images' needs 'stream': true"),
+    HttpCase("HTTP: a number too large for a float", "POST", "/v1/images/generations", {**_TINY, "guidance": 10**400},
+             400, "'guidance' must be float (a finite number)"),
+    HttpCase("HTTP: a PAG layer the model lacks", "POST", "/v1/images/generations",
+             {**_TINY, "pag_scale": 2.0, "pag_layers": "no_such_layer"}, 400,
+             "'no_such_layer' matches no self-attention layer of tiny"),
+    HttpCase("HTTP: a PAG layer that is not a pattern", "POST", "/v1/images/generations",
+             {**_TINY, "pag_scale": 2.0, "pag_layers": "["}, 400, "'[' is not a valid pattern"),
+    HttpCase("HTTP: GIF output", "POST", "/v1/images/generations", {**_TINY, "output_format": "gif"}, 400,
+             "output_format 'gif' is not supported here"),
+    HttpCase("HTTP: JSON nested 100000 deep", "POST", "/v1/images/generations", b"[" * 100000 + b"]" * 100000, 400,
+             "the request body is not valid JSON"),
+    HttpCase("HTTP: JSON nested deeper than 32 levels", "POST", "/v1/images/generations",
+             ('{"prompt": ' + "[" * 40 + "]" * 40 + "}").encode(), 400, "nests deeper than 32 levels"),
+    HttpCase("HTTP: an attached job with a list for decode", "POST", "/v1/sana/jobs",
+             {"model": "tiny", "decode": ["auto"], "jobs": [{"prompt": "a cat"}]}, 400, "'decode' must be text"),
+    HttpCase("HTTP: image edits", "POST", "/v1/images/edits", {}, 400,
+             "image edits are not supported by this server yet"),
+    HttpCase("HTTP: GET on the generations route", "GET", "/v1/images/generations", None, 405,
+             "GET is not allowed here; use POST"),
+    HttpCase("HTTP: a model nobody aliased", "GET", "/v1/models/no-such-model", None, 404,
+             "the model 'no-such-model' does not exist here"),
+]
 
 
 def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
@@ -800,7 +850,7 @@ def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[1].isdigit():
             rows[cells[0]] = (int(cells[1]), cells[2])
-    for case in CASES:
+    for case in [*CASES, *HTTP_CASES]:
         assert case.name in rows, f"README table lacks {case.name!r}"
         code, says = rows[case.name]
         assert code == case.code, case.name
@@ -808,5 +858,5 @@ def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
 
 
 if __name__ == "__main__":  # print the README table rows
-    for case in CASES:
+    for case in [*CASES, *HTTP_CASES]:
         print(f"| {case.name} | {case.code} | {('`' + case.says + '`') if case.says else 'works'} |")

@@ -342,17 +342,19 @@ def test_client_disconnect_while_queued_drops_the_work_and_while_running_discard
     assert "160x160" not in server.log()  # the dropped request never rendered
 
 
-def test_streaming_endpoint_sends_steps_then_images(server):
+def test_streaming_endpoint_sends_openai_server_sent_events(server):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     connection.request("POST", "/v1/images/generations", json.dumps(
         {"prompt": "a cat", "model": "tiny", "size": "128x128", "steps": 3, "n": 2, "stream": True}),
         {"Content-Type": "application/json"})
     answer = connection.getresponse()
-    assert answer.status == 200 and answer.headers["Content-Type"].startswith("application/x-ndjson")
-    events = [json.loads(line) for line in answer.read().splitlines()]
-    kinds = [e["type"] for e in events]
-    assert kinds.count("step") >= 3 and kinds.count("image") == 2 and kinds[-1] == "done"
-    assert kinds.index("step") < kinds.index("image")
+    assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/event-stream")
+    events = [block.split("\n") for block in answer.read().decode().strip().split("\n\n")]
+    names = [lines[0].removeprefix("event: ") for lines in events]
+    payloads = [json.loads(lines[1].removeprefix("data: ")) for lines in events]
+    assert names == ["image_generation.completed"] * 2  # no partial_images asked for: none sent
+    assert [p["type"] for p in payloads] == names and sorted(p["index"] for p in payloads) == [0, 1]
+    assert all(_pixels(base64.b64decode(p["b64_json"])).shape == (128, 128, 3) for p in payloads)
 
 
 def test_page_generates_in_headless_chromium_only_when_a_person_presses_generate(server, tmp_path):
