@@ -552,9 +552,9 @@ class _Guard:
             await send(message)
 
         if not _host_allowed(scope, self.config):
-            answer = ApiError(403, "the Host header names neither this server nor a loopback address (start the "
-                                   "server with --allow-host NAME or --api-key to accept other names)",
-                              code="host_not_allowed").response()
+            answer = _error_response(ApiError(
+                403, "the Host header names neither this server nor a loopback address (start the server with "
+                     "--allow-host NAME or --api-key to accept other names)", code="host_not_allowed"))
             return await answer(scope, receive, guarded)
         return await self.app(scope, receive, guarded)
 

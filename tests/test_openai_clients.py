@@ -175,7 +175,7 @@ def test_headers_clients_rely_on(server):
 def _raw(server, body: dict) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return sock
 

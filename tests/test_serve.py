@@ -255,7 +255,7 @@ def test_curl_and_bad_requests(server):
         assert set(answer["error"]) >= {"message", "type", "param", "code"}
         return answer["error"]
 
-    cli = run_sana("generate", "a cat", "--model", "tiny", "--size", "100", "--dry-run")
+    cli = run_sana("generate", "a cat", "--model", "tiny", "--width", "100", "--height", "100", "--dry-run")
     message = one_line_error(cli).removeprefix("sana: error: ")
     assert error(400, {"prompt": "a cat", "model": "tiny", "size": "100x100"})["message"] == message
     assert "the prompt is empty" in error(400, {"prompt": "  ", "model": "tiny"})["message"]
