@@ -391,10 +391,11 @@ class Preflight:
 
 def preflight(ref: ModelRef, options: LoadOptions | None = None) -> Preflight:
     """Every refusal load can make without loading weights: an unknown or conflicting weight format, a bad
-    memory cap, a hub model missing from the cache while offline (before the device, so the missing model is
-    what an offline machine without a GPU hears about first), no CUDA for --device cuda, a model too big
-    for the CPU, --fp8 or --quantize nf4 without the GPU they need. Runs call it before they create an
-    output directory or a manifest, so a refused run leaves the disk as it was."""
+    memory cap, --fp8 with a checkpoint that is not bf16, a hub model missing from the cache while offline
+    (before the device, so the missing model is what an offline machine without a GPU hears about first),
+    no CUDA for --device cuda, a model too big for the CPU, --fp8 or --quantize nf4 without the GPU they need.
+    Runs call it before they create an output directory or a manifest, so a refused run leaves the disk as it
+    was."""
     options = options or LoadOptions()
     quantize_choice(options.quantize, options.fp8)  # an unknown or conflicting weight format, before loading
     check_max_memory(options.max_memory_gib)
@@ -402,8 +403,6 @@ def preflight(ref: ModelRef, options: LoadOptions | None = None) -> Preflight:
     offline = options.offline or any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
                                      for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     source_dir = _source_dir(ref)
-    if offline and ref.kind == "hub" and _uncached(ref):
-        raise _offline_missing(ref)
     variant = _variant(ref, source_dir, offline)
     checkpoint = checkpoint_dtype(ref, source_dir, variant)
     if options.fp8:  # fp8 runs on CUDA only, so judge the dtypes CUDA would get, before anything loads
@@ -412,6 +411,8 @@ def preflight(ref: ModelRef, options: LoadOptions | None = None) -> Preflight:
             stored = f"a {checkpoint} checkpoint" if checkpoint else "a checkpoint"
             raise UsageError(f"{refusal} ({ref.name} is {stored}, --dtype {options.dtype})",
                              hint="--fp8 works with BF16 checkpoints under --dtype auto or bf16")
+    if offline and ref.kind == "hub" and _uncached(ref):
+        raise _offline_missing(ref)
     device = resolve_device(ref, options.device, source_dir)
     if options.fp8 and device.type != "cuda":
         raise EnvironmentProblem("--fp8 needs a CUDA GPU (compute capability 8.9 or newer)")
