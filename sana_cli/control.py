@@ -65,7 +65,6 @@ def controlnet_digest(source: str) -> str | None:
     tiny ControlNet (made the same way every time) and hub ids (named by id and revision, like models)."""
     if source in CONTROLNETS or not Path(source).is_absolute():
         return None
-    from .safeio import open_regular
 
     folder = Path(source)
     try:
@@ -78,15 +77,10 @@ def controlnet_digest(source: str) -> str | None:
         import hashlib
 
         whole = hashlib.sha256()
+        from .lora import sha256_file
+
         for path in files:
-            digest = hashlib.sha256()
-            try:
-                with open_regular(path) as handle:
-                    for chunk in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(chunk)
-            except OSError as exc:
-                raise UsageError(f"cannot read --controlnet {source}: {exc.strerror or exc}") from None
-            whole.update(f"{path.name}\0{digest.hexdigest()}\n".encode())
+            whole.update(f"{path.name}\0{sha256_file(path, source, '--controlnet')}\n".encode())
         _DIGESTS[key] = whole.hexdigest()
     return _DIGESTS[key]
 

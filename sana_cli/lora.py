@@ -131,7 +131,8 @@ def _hub_weights(repo: str, revision: str | None, offline: bool) -> Path:
         raise EnvironmentProblem(f"cannot fetch LoRA {repo}: {first}") from None
 
 
-def sha256_file(path, source: str) -> str:
+def sha256_file(path, source: str, what: str = "LoRA") -> str:
+    """The sha256 of a regular file (never a FIFO or device), in hex; unreadable is a usage error naming `what`."""
     from .safeio import open_regular
 
     digest = hashlib.sha256()
@@ -140,7 +141,7 @@ def sha256_file(path, source: str) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     except OSError as exc:
-        raise UsageError(f"cannot read LoRA {source}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read {what} {source}: {exc.strerror or exc}") from None
     return digest.hexdigest()
 
 
