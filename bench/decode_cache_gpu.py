@@ -47,7 +47,7 @@ def one_decode(vae, latents, device, mode: str) -> tuple[float, str]:
     """One auto decode as runner.decode_to_pil makes it (free memory, budget, choose, decode)."""
     import torch
 
-    from sana_cli import decode as decoding
+    from sana_cli.engine import vae as decoding
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -4,7 +4,7 @@
     python bench/decode_cpu.py --size 512 --strategies full,strips:4,strips:8,strips:16,strips:32,strips:64
 
 The same latents (seeded, 32 channels, size/32 on a side) are decoded with each strategy of
-sana_cli.decode in its own subprocess, so each peak RSS is clean. Per strategy it records wall
+sana_cli.engine.vae in its own subprocess, so each peak RSS is clean. Per strategy it records wall
 seconds of the decode, the peak RSS above the baseline after the model is loaded (VmHWM reset
 with /proc/self/clear_refs just before the decode), the process's whole-life peak (wait4), and the
 difference from `full`: max abs difference of the decoded float tensor, and PSNR / max abs
@@ -71,7 +71,7 @@ def child(args) -> int:
     import torch
     from diffusers import AutoencoderDC
 
-    from sana_cli import decode as decoding
+    from sana_cli.engine import vae as decoding
 
     torch.set_grad_enabled(False)
     started = time.perf_counter()

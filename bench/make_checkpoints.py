@@ -22,11 +22,11 @@ parameter is filled in place): linear and embedding weights N(0, 0.02), conv wei
 1 + w, gets 0), scale_shift_table N(0, 1/dim) as diffusers initialises it. The magnitudes keep every
 activation finite in bf16 (`--check` runs each model on a small input to show it).
 
-The tokenizer is not Gemma's (no hub here): it is sana_cli.tiny's word-level tokenizer, trained
+The tokenizer is not Gemma's (no hub here): it is sana_cli.engine.tiny_build's word-level tokenizer, trained
 in-process. Prompt token counts therefore differ from Gemma's SentencePiece, so text-encode time
 is approximate; the embedding table still has Gemma's 256000 rows.
 
-`--scale tiny` writes the same three models with tiny widths (as sana_cli.tiny), for the CI smoke test.
+`--scale tiny` writes the same three models with tiny widths (as sana_cli.engine.tiny_build), for the CI smoke test.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # benchmark this checkout's sana_cli, not an installed copy
 
-from sana_cli import tiny  # noqa: E402 - after the path fix above; torch-free at import
+from sana_cli.models import tiny  # noqa: E402 - after the path fix above; torch-free at import
 
 SEED = 20260101
 MODEL_KEYS = ("4k", "1024", "sprint")
@@ -170,7 +170,7 @@ def build_component(cls, config: dict, *, seed: int, dtype, device: str = "cpu",
 
 
 def tokenizer():
-    from sana_cli.tiny import _tokenizer
+    from sana_cli.engine.tiny_build import _tokenizer
 
     return _tokenizer()
 

@@ -64,8 +64,8 @@ def child_transformer(model_dir: str, mode: str) -> dict:
     import torch
     from diffusers import SanaTransformer2DModel
 
-    from sana_cli import quantize as quantizing
-    from sana_cli.pipeline import quiet_backend_imports
+    from sana_cli.engine import quantize as quantizing
+    from sana_cli.engine.loading import quiet_backend_imports
 
     quiet_backend_imports()
     kwargs = {}

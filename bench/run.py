@@ -511,7 +511,7 @@ def sana_batch_workload(model_dir: Path, prompts: list[str], seeds: list[int], *
     the work equals the recipe's loop), in GPU batches of sana-cli's default size, prompts encoded
     once per batch, PNGs written on the background thread. Returns the warm API side (model loaded
     once, Session.batch) and the cold CLI side (a fresh `sana batch` process)."""
-    from sana_cli.plan import BatchDefaults
+    from sana_cli.planning.plan import BatchDefaults
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = out_dir / "prompts.jsonl"
@@ -721,7 +721,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from sana_cli.pipeline import import_runtime
+    from sana_cli.engine.loading import import_runtime
 
     import_runtime()  # quiet diffusers / transformers logging, as the CLI does
     device = torch.device(args.device)

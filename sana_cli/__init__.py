@@ -6,7 +6,8 @@
 Importing this package is cheap: torch and diffusers load only when a model does.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["generate", "batch", "load", "Session", "__version__"]
 
 

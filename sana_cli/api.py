@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-from .adapters import pipeline_of
-from .distributed import reports_completion
-from .events import EventSink, Loading, Planned, no_events
+from .engine.distributed import reports_completion
+from .engine.families import pipeline_of
+from .engine.loading import LoadedModel
 from .errors import EnvironmentProblem, GenerationError, Interrupted, PartialFailure, UsageError
-from .modelref import ModelRef
-from .pipeline import LoadedModel
-from .plan import LoadOptions, PixelOptions, Plan, Request, check_side, model_for, plan_generate, rekey
-from .results import ImageResult, RunOptions, RunOutcome, StopToken
+from .models.modelref import ModelRef
+from .planning.plan import LoadOptions, PixelOptions, Plan, Request, check_side, model_for, plan_generate, rekey
+from .reporting.events import EventSink, Loading, Planned, no_events
+from .reporting.results import ImageResult, RunOptions, RunOutcome, StopToken
 
 
 @dataclass
@@ -120,7 +120,7 @@ def load(model: str | None = None, *, revision: str | None = None, options: Load
          **load_keywords) -> Session:
     """Load a model (preset name, hub id or local directory) and keep it for repeated generation.
     `options` is a LoadOptions; or give its fields as keyword arguments (max_memory in GiB)."""
-    from .modelref import resolve
+    from .models.modelref import resolve
 
     options = load_options(options, **load_keywords)
     ref = resolve(model, revision=revision)
@@ -176,7 +176,7 @@ def run_plan(plan: Plan, options: LoadOptions | None = None, *, decode: str = "a
 
 def _load_timed(ref: ModelRef, options: LoadOptions, events: EventSink | None = None) -> tuple[LoadedModel, float]:
     """Load a model, telling `events` first; (the loaded model, seconds it took)."""
-    from .pipeline import load as load_model
+    from .engine.loading import load as load_model
 
     if events is not None:
         events(Loading(model=ref))
@@ -188,7 +188,7 @@ def _load_timed(ref: ModelRef, options: LoadOptions, events: EventSink | None = 
 def _preflight(ref: ModelRef, options: LoadOptions) -> None:
     """pipeline.preflight: the refusals a load would make (no CUDA, no GPU for --fp8 or nf4, a model not
     cached offline), decided before the run creates a directory or a manifest."""
-    from .pipeline import preflight
+    from .engine.loading import preflight
 
     preflight(ref, options)
 
@@ -207,7 +207,7 @@ def prepare_outputs(plan: Plan) -> None:
     a model download."""
     from pathlib import Path
 
-    from .output import ensure_directory
+    from .storage.files import ensure_directory
 
     for directory in sorted({str(Path(job.path).parent) for job in plan.jobs}):
         ensure_directory(directory)
@@ -236,7 +236,7 @@ def _run(plan: Plan, loaded: LoadedModel, options: RunOptions, *, events: EventS
          keep_text_encoder: bool, on_result=None, done: frozenset[int] = frozenset(), claim=None) -> RunOutcome:
     if getattr(loaded, "remote", False):  # attached to `sana serve`: it renders, this process writes
         return loaded.run(plan, options, events=events, stop=stop, on_result=on_result, done=done, claim=claim)
-    from .runner import run
+    from .engine.runner import run
 
     return run(plan, loaded, options, events=events, stop=stop, keep_text_encoder=keep_text_encoder,
                on_result=on_result, done=done, claim=claim)
@@ -266,18 +266,18 @@ def _want_compile(compile: str | bool, plan: Plan, device: str) -> bool:
         return False
     import torch
 
-    from .speed import compile_pays_off
+    from .engine.speed import compile_pays_off
 
     return device != "cpu" and torch.cuda.is_available() and compile_pays_off(plan.jobs, plan.groups)
 
 
 def check_plan_fits(plan: Plan, ref: ModelRef) -> None:
     """Re-check what planning could not know before loading (hub models not in the cache)."""
-    from .plan import check_pag, check_steps_guidance, resolve_size
+    from .planning.plan import check_pag, check_steps_guidance, resolve_size
 
     if plan.model.native_size is not None and plan.model.pipeline is not None:
         return
-    from .control import IMG2IMG_MODELS
+    from .inputs.controlnet import IMG2IMG_MODELS
 
     for job in plan.jobs:
         check_steps_guidance(ref, job.steps, job.guidance)
@@ -345,8 +345,8 @@ def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = 
                     skip_invalid: bool = False, input_format: str = "auto", revision: str | None = None,
                     pixels: PixelOptions | None = None):
     """Read, check and plan a batch file without loading anything: (plan, invalid rows, source name)."""
-    from . import batchfile
-    from .plan import BatchDefaults, plan_batch
+    from .planning import batchfile
+    from .planning.plan import BatchDefaults, plan_batch
 
     defaults = defaults or BatchDefaults()
     rows, invalid, name = batchfile.load(source, input_format)
@@ -375,10 +375,18 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
 
     A run that refuses (bad rows, files in the way, a manifest that is not sana-cli's) leaves the
     output directory exactly as it was."""
-    from . import distributed
-    from .manifest import (Claims, Manifest, check_manifest, existing_outputs, manifest_name, merge_manifests,
-                           read_manifests, remove_stale_claims)
-    from .output import ensure_directory, remove_stray_temp_files
+    from .engine import distributed
+    from .storage.files import ensure_directory, remove_stray_temp_files
+    from .storage.manifest import (
+        Claims,
+        Manifest,
+        check_manifest,
+        existing_outputs,
+        manifest_name,
+        merge_manifests,
+        read_manifests,
+        remove_stale_claims,
+    )
     options = load_options(options, **load_keywords)
     if session is not None:
         pixels = session.pixels(session.loaded.options.decode_for(decode))
@@ -405,7 +413,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
         check_cache_dir()
         _preflight(plan.model, replace(options, device=distributed.device_for(options.device, processes)))
     if session is not None and getattr(session.loaded, "remote", False):
-        from .client import uses_input_files
+        from .server.client import uses_input_files
 
         if any(uses_input_files(job) for i, job in enumerate(plan.jobs) if i not in done):
             raise UsageError("rows name LoRA, ControlNet or input-image files, which are read only by an "
@@ -491,7 +499,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
 def _made_meanwhile(job, overwrite: bool, started_ns: int) -> bool:
     """Whether another process made this image (with this key) since this run looked: then it is
     done, not to be rendered again. With overwrite, only files newer than this run's start count."""
-    from .output import read_metadata
+    from .storage.images import read_metadata
 
     try:
         info = os.lstat(job.path)

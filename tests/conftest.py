@@ -40,7 +40,7 @@ def isolated_environment(cache_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(isolated_environment) -> dict[str, Path]:
     """The three built-in tiny models, built once into the isolated cache."""
-    from sana_cli import tiny
+    from sana_cli.engine import tiny_build as tiny
 
     return {variant: tiny.ensure(variant) for variant in tiny.VARIANTS}
 

@@ -26,7 +26,7 @@ def image_bytes(job: dict, *, fmt: str = "PNG", size: tuple | None = None, key: 
     """An image as sana-cli encodes it for this wire job (or with another size or key)."""
     from PIL import Image
 
-    from sana_cli.output import encode_image
+    from sana_cli.storage.images import encode_image
 
     width, height = size or (job["width"], job["height"])
     meta = {"key": job["key"] if key is None else key, "prompt": job["prompt"], "seed": job["seed"]}
@@ -51,8 +51,8 @@ def well_behaved(jobs: list[dict]) -> list:
 
 class FakeServer:
     def __init__(self, *, unix: Path | None = None, events=well_behaved, health: bytes | None = None):
-        from sana_cli import __version__
-        from sana_cli.plan import KEY_SCHEMA
+        from sana_cli.version import __version__
+        from sana_cli.planning.plan import KEY_SCHEMA
 
         self.events = events
         self.health = health if health is not None else json.dumps(

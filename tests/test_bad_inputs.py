@@ -517,8 +517,9 @@ def _gpu_run_latents(root: Path) -> None:
     """gpu-run.latents.safetensors: the latents a CUDA run of the tiny model kept, with the metadata it writes."""
     import torch
 
-    from sana_cli import __version__, latents
-    from sana_cli.plan import KEY_SCHEMA, Request, model_for, plan_generate
+    from sana_cli.version import __version__
+    from sana_cli.storage import latents
+    from sana_cli.planning.plan import KEY_SCHEMA, Request, model_for, plan_generate
 
     request = Request(prompt="a cat", model="tiny", steps=2, seed=1, output=str(root / "gpu-run.png"))
     job = plan_generate(request, model_for(request)).jobs[0]
@@ -573,7 +574,7 @@ def _non_finite_files(root: Path, tiny: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from sana_cli.tiny import build_lora
+    from sana_cli.engine.tiny_build import build_lora
 
     weights = build_lora(root / "lora-nan")
     state = load_file(str(weights))
@@ -664,7 +665,7 @@ def _untrusted_files(root: Path, tiny: Path) -> None:
 
     from PIL import Image
 
-    from sana_cli.output import encode_image
+    from sana_cli.storage.images import encode_image
 
     (root / "postscript.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     os.mkfifo(root / "fifo.png")
@@ -750,7 +751,8 @@ def test_every_float_option_of_every_command_refuses_nan_and_infinity():
     refused with NaN and with infinity by the installed `sana`, exit 2 with one line, before anything runs."""
     import click
 
-    from sana_cli.cli import FiniteFloat, cli
+    from sana_cli.cli.options import FiniteFloat
+    from sana_cli.cli import cli
 
     floats = [(name, param) for name, command in cli.commands.items() for param in command.params
               if isinstance(param, click.Option) and isinstance(param.type, click.types.FloatParamType)]

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sana_cli import batchfile
+from sana_cli.planning import batchfile
 from sana_cli.api import plan_batch_file
-from sana_cli.batchfile import BatchFileError
+from sana_cli.planning.batchfile import BatchFileError
 from sana_cli.errors import UsageError
-from sana_cli.output import TEMP_MARK, sha256_file
-from sana_cli.plan import BatchDefaults, derive_seed
+from sana_cli.storage.files import TEMP_MARK, sha256_file
+from sana_cli.planning.plan import BatchDefaults, derive_seed
 
 from .conftest import SANA, one_line_error
 
@@ -358,11 +358,11 @@ def test_shard_option_is_validated(sana, prompts_txt):
 
 OOM_BATCH = """
 import json, os, resource, sys
-from sana_cli import batchfile
-from sana_cli.modelref import resolve
-from sana_cli.pipeline import load
-from sana_cli.plan import BatchDefaults, plan_batch
-from sana_cli.runner import run
+from sana_cli.planning import batchfile
+from sana_cli.models.modelref import resolve
+from sana_cli.engine.loading import load
+from sana_cli.planning.plan import BatchDefaults, plan_batch
+from sana_cli.engine.runner import run
 loaded = load(resolve("tiny"))
 rows, _, _ = batchfile.load(sys.argv[1])
 plan, _ = plan_batch(rows, loaded.ref, BatchDefaults(width=768, height=768, steps=2, force_size=True), sys.argv[2],

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sana_cli import presets
-from sana_cli.modelref import resolve
-from sana_cli.pipeline import LoadOptions, load
-from sana_cli.plan import Request, model_for, plan_generate
-from sana_cli.runner import run
+from sana_cli.models import presets
+from sana_cli.models.modelref import resolve
+from sana_cli.engine.loading import LoadOptions, load
+from sana_cli.planning.plan import Request, model_for, plan_generate
+from sana_cli.engine.runner import run
 
 from .conftest import one_line_error
 
@@ -163,7 +163,7 @@ def test_compile_survives_more_shapes_than_the_recompile_limit(tiny_models, tmp_
     import torch._dynamo
     import torch._dynamo.config as dynamo_config
 
-    from sana_cli import speed
+    from sana_cli.engine import speed
 
     torch._dynamo.reset()
     saved = dynamo_config.recompile_limit
@@ -190,7 +190,7 @@ def test_compile_under_offload_hooks_compiles_blocks_only(tiny_models, tmp_path)
     import torch._dynamo
     from accelerate import cpu_offload_with_hook
 
-    from sana_cli import speed
+    from sana_cli.engine import speed
 
     torch._dynamo.reset()
     eager = run(plan_for(tmp_path, "eager.png"), load(resolve("tiny")), keep_text_encoder=True)
@@ -209,7 +209,7 @@ def test_compile_under_offload_hooks_compiles_blocks_only(tiny_models, tmp_path)
 
 
 def test_compile_auto_charges_every_graph_a_mixed_run_compiles(tmp_path):
-    from sana_cli.speed import compile_graphs, compile_pays_off
+    from sana_cli.engine.speed import compile_graphs, compile_pays_off
 
     def jobs(**request):
         request.update(model="sana-4k", steps=20)
@@ -285,7 +285,7 @@ def test_max_memory_plans_the_4096_decode_within_the_budget_on_an_80_gb_card():
     """The full-size DC-AE in bf16 at 4096x4096 with a stand-in 80 GB card: without a cap auto takes the
     full decode (the fast one, ~35 GiB); with --max-memory 12 and 4 GiB already held by the weights it
     takes strips whose estimated peak fits the 8 GiB left."""
-    from sana_cli import decode
+    from sana_cli.engine import vae as decode
 
     from .conftest import full_size_dcae
 
@@ -302,7 +302,7 @@ def test_max_memory_plans_the_4096_decode_within_the_budget_on_an_80_gb_card():
 
 
 def test_max_memory_offloads_only_when_the_weights_do_not_fit():
-    from sana_cli.pipeline import needs_offload
+    from sana_cli.engine.loading import needs_offload
 
     sana_4k = int((1.6e9 + 2.6e9 + 0.3e9) * 2)  # transformer, Gemma 2 2B and DC-AE in bf16: ~8.4 GiB
     assert not needs_offload(sana_4k, 12 * GiB)
@@ -326,7 +326,7 @@ class StandInCuda:
 
 
 def test_max_memory_is_a_hard_cap_on_the_caching_allocator():
-    from sana_cli.pipeline import cap_cuda_memory
+    from sana_cli.engine.loading import cap_cuda_memory
 
     cuda = StandInCuda()
     assert cap_cuda_memory(cuda, torch.device("cuda"), 12 * GiB) == pytest.approx(0.15)
@@ -338,8 +338,8 @@ def test_auto_decodes_keep_the_cuda_cache_and_empty_it_only_for_a_fallback(tiny_
     """The CUDA branch of the auto decode on a stand-in GPU (torch.cuda's memory readings replaced, the model's
     device set to cuda:0 while its tensors stay on the CPU): free memory counts the caching allocator's unused
     blocks instead of emptying the cache before every decode; only a fallback empties it."""
-    from sana_cli import decode
-    from sana_cli.runner import decode_to_pil
+    from sana_cli.engine import vae as decode
+    from sana_cli.engine.runner import decode_to_pil
 
     loaded = load(resolve("tiny"))
     calls = []
@@ -392,7 +392,7 @@ def test_max_memory_steers_the_auto_decode_end_to_end(sana, tiny_models, tmp_pat
 ])
 def test_cuda_library_allocation_failures_are_out_of_memory(exc, tiny_models, tmp_path):
     """Recognised as out of memory, so the decode falls back to strips and a batch retries alone."""
-    from sana_cli import decode
+    from sana_cli.engine import vae as decode
 
     assert decode.is_out_of_memory(exc)
     loaded = load(resolve("tiny"))
@@ -413,8 +413,8 @@ def test_cuda_library_allocation_failures_are_out_of_memory(exc, tiny_models, tm
 
 
 def test_a_bare_cuda_device_means_this_ranks_own_gpu():
-    from sana_cli.distributed import Processes, device_for
-    from sana_cli.pipeline import with_index
+    from sana_cli.engine.distributed import Processes, device_for
+    from sana_cli.engine.loading import with_index
 
     rank_3 = Processes(index=3, count=4, device="cuda:3")
     assert device_for("cuda", rank_3) == "cuda:3" and device_for("auto", rank_3) == "cuda:3"
@@ -428,8 +428,8 @@ def test_a_bare_cuda_device_means_this_ranks_own_gpu():
 def test_the_recorded_commit_is_read_from_the_cache_as_untrusted_input(tmp_path, monkeypatch):
     """The metadata's `commit` comes from the HF cache's refs file, through the same reader that
     refuses a broken one; a broken or missing refs file records no commit instead of failing."""
-    from sana_cli.modelref import resolve
-    from sana_cli.pipeline import _cached_commit
+    from sana_cli.models.modelref import resolve
+    from sana_cli.engine.loading import _cached_commit
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     ref = resolve("sana-1600m-1024")
@@ -452,7 +452,7 @@ def test_img2img_and_controlnet_keep_the_fp16_layout(model, request_, tiny_model
     """An fp16 transformer beside bf16 Gemma and DC-AE (the fp16 presets' layout): the input image's latents, the
     ControlNet's inputs and outputs and the noise are cast to what each module runs in, nothing is recast, and
     the noise is drawn on the execution device."""
-    from sana_cli.output import read_metadata
+    from sana_cli.storage.images import read_metadata
 
     start = tmp_path / "start.png"
     Image.fromarray((np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8")).save(start)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import AutoencoderDC
 
-from sana_cli import decode
+from sana_cli.engine import vae as decode
 
 from .conftest import full_size_dcae
 
@@ -101,7 +101,7 @@ def test_out_of_memory_detection():
 OOM_SCRIPT = """
 import resource, sys, torch
 from diffusers import AutoencoderDC
-from sana_cli import decode
+from sana_cli.engine import vae as decode
 vae = AutoencoderDC.from_pretrained(sys.argv[1]).eval()
 z = torch.randn(1, 4, 512, 512, generator=torch.Generator().manual_seed(5))
 reference = torch.load(sys.argv[2])

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from sana_cli import distributed
-from sana_cli.distributed import Processes
+from sana_cli.engine import distributed
+from sana_cli.engine.distributed import Processes
 from sana_cli.errors import UsageError
 
 # torchrun target: the process group's timeout cut to 10 s (a stand-in for NCCL's, which a real run
@@ -26,7 +26,7 @@ def short(*args, **kwargs):
     return init(*args, **kwargs)
 dist.init_process_group = short
 if os.environ["RANK"] == "0":
-    from sana_cli import runner
+    from sana_cli.engine import runner
     run = runner.run
     def slow(*args, **kwargs):
         time.sleep(25)

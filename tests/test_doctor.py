@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sana_cli import presets
-from sana_cli.doctor import cache_status, diagnose, format_text
+from sana_cli.models import presets
+from sana_cli.engine.doctor import cache_status, diagnose, format_text
 
 REPO_4K = "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers"
 SHA = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 import sana_cli
-from sana_cli import events as ev
+from sana_cli.reporting import events as ev
 
 
 def test_a_run_emits_typed_frozen_events_in_order(tmp_path, tiny_models):

@@ -17,7 +17,7 @@ from diffusers import SanaPAGPipeline, SanaPipeline, SanaSprintPipeline
 from PIL import Image
 
 from sana_cli.cli import cli
-from sana_cli.output import read_metadata
+from sana_cli.storage.images import read_metadata
 
 from .conftest import SANA, one_line_error
 
@@ -267,7 +267,7 @@ def test_progress_goes_to_stderr_and_stdout_has_only_the_path(sana, tmp_path):
 def test_a_pag_image_records_the_pipeline_that_made_it(sana, tmp_path, tiny_models):
     """PAG runs through SanaPAGPipeline (built from the loaded SanaPipeline's components): the image,
     the JSON and the batch manifest say so; an image without PAG says SanaPipeline."""
-    from sana_cli.output import read_metadata
+    from sana_cli.storage.images import read_metadata
 
     for pag, expected in (("2", "SanaPAGPipeline"), ("0", "SanaPipeline")):
         path = tmp_path / f"pag-{pag}.png"

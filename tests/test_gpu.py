@@ -75,7 +75,7 @@ def full_vae_bf16():
 
 
 def _decode_peak(vae, z, strategy, **kwargs):
-    from sana_cli import decode
+    from sana_cli.engine import vae as decode
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -105,7 +105,7 @@ def test_4096_decode_helper_strips_and_patch_conv_against_full(full_vae_bf16):
 
 
 def test_auto_decode_uses_strips_when_memory_is_short(full_vae_bf16):
-    from sana_cli import decode
+    from sana_cli.engine import vae as decode
 
     z = torch.randn(1, 32, 128, 128).to("cuda", torch.bfloat16)
     result = decode.decode(full_vae_bf16, z, "auto", free_bytes=6 * GiB)
@@ -113,10 +113,10 @@ def test_auto_decode_uses_strips_when_memory_is_short(full_vae_bf16):
 
 
 def test_text_encoder_is_released_after_encoding_in_one_shot_runs(tiny_dir, tmp_path):
-    from sana_cli.modelref import resolve
-    from sana_cli.pipeline import load
-    from sana_cli.plan import Request, plan_generate
-    from sana_cli.runner import run
+    from sana_cli.models.modelref import resolve
+    from sana_cli.engine.loading import load
+    from sana_cli.planning.plan import Request, plan_generate
+    from sana_cli.engine.runner import run
 
     loaded = load(resolve(str(tiny_dir)))
     plan = plan_generate(Request(prompt=PROMPT, seed=1, output=str(tmp_path) + "/"), loaded.ref)

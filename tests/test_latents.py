@@ -7,14 +7,14 @@ import json
 import subprocess
 import sys
 
-from sana_cli import latents
+from sana_cli.storage import latents
 
 from .conftest import one_line_error
 
 # `sana generate` in-process with every decode attempt failing as a CUDA out-of-memory would.
 FAILING_DECODE = """
 import sys, torch
-from sana_cli import decode
+from sana_cli.engine import vae as decode
 def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB")
 decode._run = out_of_memory
@@ -87,7 +87,7 @@ def test_sana_decode_refuses_what_is_not_a_latents_file(sana, tmp_path):
 def test_a_decode_on_another_kind_of_device_says_so_and_takes_its_own_key(sana, tiny_models, tmp_path):
     """A CUDA run's kept latents finished with `--device cpu` (forced here: the file's metadata says CUDA, as
     a CUDA run writes it): the metadata says where the decode ran and the key covers it."""
-    from sana_cli.output import read_metadata
+    from sana_cli.storage.images import read_metadata
 
     made = sana("generate", "a red fox", "--model", "tiny", "--seed", 3, "--steps", 2, "--keep-latents",
                 "-o", tmp_path / "fox.png")

@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 import sana_cli
-from sana_cli import inputs, lora, tiny
+from sana_cli.inputs.images import images as inputs
+from sana_cli.engine import lora as lora_engine, tiny_build as tiny
+from sana_cli.inputs import lora
 from sana_cli.errors import UsageError
-from sana_cli.output import read_metadata
+from sana_cli.storage.images import read_metadata
 
 from .conftest import SANA, run_sana
 
@@ -191,7 +193,7 @@ def test_batch_rows_take_lora_control_image_and_scale_columns(session, parts, tm
         f'{{"prompt": "{PROMPT}", "seed": 4, "name": "cn", "control_image": "{parts["control"]}", '
         f'"control_scale": 0.8}}\n'
         f'{{"prompt": "{PROMPT}", "seed": 4, "name": "plain"}}\n')
-    from sana_cli.plan import BatchDefaults
+    from sana_cli.planning.plan import BatchDefaults
 
     result = session.batch(str(rows), output_dir=str(tmp_path / "out"),
                            defaults=BatchDefaults(steps=3, controlnet="tiny-controlnet"))
@@ -235,7 +237,7 @@ def test_resume_never_takes_an_image_made_with_a_changed_lora_file(session, part
     rows = tmp_path / "rows.jsonl"
     rows.write_text(f'{{"prompt": "{PROMPT}", "seed": 4, "name": "fox", "lora": "{mine}"}}\n')
     out = tmp_path / "out"
-    from sana_cli.plan import BatchDefaults
+    from sana_cli.planning.plan import BatchDefaults
 
     defaults = BatchDefaults(steps=3)
     assert len(session.batch(str(rows), output_dir=str(out), defaults=defaults).written) == 1
@@ -361,10 +363,10 @@ def base_weights(loaded) -> dict:
 def test_a_lora_fuse_that_fails_part_way_leaves_the_exact_base_weights(kept, parts, tiny_models, tmp_path,
                                                                         monkeypatch):
     from sana_cli.api import Session
-    from sana_cli.modelref import resolve
-    from sana_cli.pipeline import load
-    from sana_cli.plan import Request, model_for, plan_generate
-    from sana_cli.runner import run
+    from sana_cli.models.modelref import resolve
+    from sana_cli.engine.loading import load
+    from sana_cli.planning.plan import Request, model_for, plan_generate
+    from sana_cli.engine.runner import run
 
     loaded = load(resolve("tiny"))  # its own model: the failure must not touch the module's session
 
@@ -427,8 +429,8 @@ def test_loading_a_lora_under_cpu_offload_keeps_the_hooks_and_the_gpu_index(part
     and no device, which must keep GPU 1, not fall back to GPU 0."""
     from diffusers.pipelines import pipeline_utils
 
-    from sana_cli.modelref import resolve
-    from sana_cli.pipeline import load
+    from sana_cli.models.modelref import resolve
+    from sana_cli.engine.loading import load
 
     loaded = load(resolve("tiny"))
     loaded.pipe.enable_model_cpu_offload(device=torch.device("cuda", 1))
@@ -441,8 +443,8 @@ def test_loading_a_lora_under_cpu_offload_keeps_the_hooks_and_the_gpu_index(part
     before = hooks()
     assert before == {"text_encoder": "cuda:1", "transformer": "cuda:1", "vae": "cuda:1"}
     loras = lora.resolve_all([str(parts["a"])], loaded.ref)
-    lora.prepare(loaded, [loras], restorable=True)
-    assert lora._adapter_modules(loaded.pipe.transformer, lora.adapter_name(loras[0][1]))  # the adapter is in
+    lora_engine.prepare(loaded, [loras], restorable=True)
+    assert lora_engine._adapter_modules(loaded.pipe.transformer, lora_engine.adapter_name(loras[0][1]))  # the adapter is in
     assert hooks() == before and loaded.pipe._offload_gpu_id == 1
 def test_a_controlnet_directory_edited_in_place_is_never_taken_for_finished_images(parts, tmp_path):
     """The key covers the content of a local ControlNet's files, as it does a LoRA's: a batch rerun after the

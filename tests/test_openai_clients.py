@@ -326,8 +326,8 @@ def test_litellm_image_generation_sync_and_async(server):
 
 def test_aliases_sizes_params_and_preview_steps_torch_free():
     from sana_cli.errors import UsageError
-    from sana_cli.openai_api import Aliases, nearest_size, param_of
-    from sana_cli.scheduler import preview_steps
+    from sana_cli.server.app.openai_images import Aliases, nearest_size, param_of
+    from sana_cli.server.app.work_queue import preview_steps
 
     aliases = Aliases.parse(["dall-e-3=sana-1600m-1024", "dall-e-*=tiny", "*=sana-600m-512"])
     assert [aliases.resolve(name) for name in ("dall-e-3", "dall-e-2", "gpt-image-1", "tiny", "org/name")] == [
@@ -348,9 +348,9 @@ def test_a_preview_of_a_4096_image_costs_a_small_decode(tiny_models):
     pixels before the VAE sees it: the decode's input, and so its cost, does not grow with the image."""
     import torch
 
-    from sana_cli.modelref import resolve
-    from sana_cli.pipeline import load
-    from sana_cli.runner import PREVIEW_LATENT_SIDE, _preview
+    from sana_cli.models.modelref import resolve
+    from sana_cli.engine.loading import load
+    from sana_cli.engine.runner import PREVIEW_LATENT_SIDE, _preview
 
     loaded = load(resolve("tiny"))
     vae = loaded.pipe.vae

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sana_cli import manifest as manifests, output
+from sana_cli.storage import files, images, manifest as manifests
 from sana_cli.errors import GenerationError, UsageError
 
 META = {"sana_cli": "0.1.0", "prompt": "一只可爱的熊猫 🐼 eating \"bamboo\"\nsecond line", "negative_prompt": "blurry",
@@ -26,9 +26,9 @@ def noise_image(seed=0, size=(64, 32)) -> Image.Image:
 
 @pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.jpeg", "a.webp"])
 def test_metadata_round_trips_in_every_format(tmp_path, name):
-    written = output.write_image(noise_image(), tmp_path / name, META, overwrite=False)
-    assert written.sha256 == output.sha256_file(tmp_path / name)
-    meta = output.read_metadata(tmp_path / name)
+    written = images.write_image(noise_image(), tmp_path / name, META, overwrite=False)
+    assert written.sha256 == files.sha256_file(tmp_path / name)
+    meta = images.read_metadata(tmp_path / name)
     assert meta["sana"] == META
     assert meta["parameters"].startswith(META["prompt"])
     assert "Negative prompt: blurry" in meta["parameters"]
@@ -39,8 +39,8 @@ def test_metadata_round_trips_in_every_format(tmp_path, name):
 
 def test_png_pixels_are_lossless_and_encoding_is_deterministic(tmp_path):
     image = noise_image(3)
-    output.write_image(image, tmp_path / "a.png", META, overwrite=False)
-    output.write_image(image, tmp_path / "b.png", META, overwrite=False)
+    images.write_image(image, tmp_path / "a.png", META, overwrite=False)
+    images.write_image(image, tmp_path / "b.png", META, overwrite=False)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(image))
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
@@ -49,22 +49,22 @@ def test_existing_file_is_never_replaced_without_overwrite(tmp_path):
     target = tmp_path / "a.png"
     target.write_bytes(b"keep me")
     with pytest.raises(UsageError, match="already exists"):
-        output.write_image(noise_image(), target, META, overwrite=False)
+        images.write_image(noise_image(), target, META, overwrite=False)
     assert target.read_bytes() == b"keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temp file left behind
-    output.write_image(noise_image(), target, META, overwrite=True)
-    assert output.read_metadata(target)["sana"]["seed"] == 42
+    images.write_image(noise_image(), target, META, overwrite=True)
+    assert images.read_metadata(target)["sana"]["seed"] == 42
 
 
 def test_stray_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    live = output.temp_path_for(tmp_path / "b.png")  # ours: this process is alive
+    live = files.temp_path_for(tmp_path / "b.png")  # ours: this process is alive
     stray = live.with_name(live.name.replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-"))
     for path in (stray, live):
         path.write_bytes(b"half")
     (tmp_path / "keep.png").write_bytes(b"x")
-    assert output.is_temp_file(stray.name) and not output.is_temp_file("keep.png")
-    assert output.remove_stray_temp_files(tmp_path) == [stray]
+    assert files.is_temp_file(stray.name) and not files.is_temp_file("keep.png")
+    assert files.remove_stray_temp_files(tmp_path) == [stray]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "keep.png"])
 
 
@@ -95,11 +95,11 @@ def test_a_torn_manifest_line_is_skipped_and_closed_never_rewritten(tmp_path):
 def test_a_full_disk_leaves_no_partial_file(tmp_path):
     """A real write failure: the file-size limit makes write() fail with EFBIG, as a full disk would."""
     code = (
-        "import resource, signal, sys; from sana_cli import output; from PIL import Image; import numpy as np\n"
+        "import resource, signal, sys; from sana_cli.storage import images; from PIL import Image; import numpy as np\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"
         "img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))\n"
-        "try:\n    output.write_image(img, sys.argv[1], {'prompt': 'x'}, overwrite=False)\n"
+        "try:\n    images.write_image(img, sys.argv[1], {'prompt': 'x'}, overwrite=False)\n"
         "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.png")], capture_output=True, text=True)
     assert result.returncode == 3, result.stderr
@@ -111,23 +111,23 @@ def test_unwritable_output_directory_is_a_usage_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(UsageError, match="a file is in the way|cannot create"):
-        output.ensure_directory(blocker / "sub")
+        files.ensure_directory(blocker / "sub")
     if os.geteuid() != 0:  # root can write anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         with pytest.raises(UsageError, match="not writable"):
-            output.ensure_directory(locked)
+            files.ensure_directory(locked)
 
 
 def test_reading_a_non_image_is_a_usage_error(tmp_path):
     bogus = tmp_path / "x.png"
     bogus.write_text("not a png")
     with pytest.raises(UsageError, match="not a readable image"):
-        output.read_metadata(bogus)
+        images.read_metadata(bogus)
     with pytest.raises(UsageError, match="no such file"):
-        output.read_metadata(tmp_path / "missing.png")
+        images.read_metadata(tmp_path / "missing.png")
 
 
 def test_write_failure_type(tmp_path):
     with pytest.raises(GenerationError):
-        output.write_image(noise_image(), tmp_path / "missing-dir" / "a.png", META, overwrite=False)
+        images.write_image(noise_image(), tmp_path / "missing-dir" / "a.png", META, overwrite=False)

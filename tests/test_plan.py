@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from sana_cli import plan, presets
+from sana_cli.planning import plan
+from sana_cli.models import presets
 from sana_cli.errors import EXIT_USAGE, EnvironmentProblem, UsageError
-from sana_cli.modelref import resolve
-from sana_cli.plan import Request, model_for, plan_generate
+from sana_cli.models.modelref import resolve
+from sana_cli.planning.plan import Request, model_for, plan_generate
 
 
 def make(**kwargs) -> plan.Plan:
@@ -227,7 +228,7 @@ def test_dry_run_plan_serialises_to_json():
 
 
 def test_planning_never_imports_torch():
-    code = ("import sys; from sana_cli.plan import Request, model_for, plan_generate;"
+    code = ("import sys; from sana_cli.planning.plan import Request, model_for, plan_generate;"
             "r = Request(prompt='x', model='sana-4k', seed=1); plan_generate(r, model_for(r));"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','diffusers','transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -240,10 +241,10 @@ def test_planning_never_imports_torch():
 def test_a_lora_with_quantized_weights_is_refused_while_planning(fp8, quantize, named, tiny_models, tmp_path):
     """A LoRA is fused into the transformer's weights, which fp8, int8 and nf4 replace: refused in the plan,
     before torch is imported."""
-    from sana_cli import tiny
+    from sana_cli.engine import tiny_build as tiny
 
     lora = tiny.build_lora(tmp_path / "lora", seed=1)
-    code = ("import sys; from sana_cli.plan import PixelOptions, Request, model_for, plan_generate\n"
+    code = ("import sys; from sana_cli.planning.plan import PixelOptions, Request, model_for, plan_generate\n"
             f"request = Request(prompt='a cat', model='tiny', loras=[{str(lora)!r}], "
             f"output={str(tmp_path)!r})\n"
             "try:\n"
@@ -292,8 +293,8 @@ def test_pag_layers_are_checked_while_planning_without_loading(tiny_models):
             plan_generate(Request(prompt="a", model="tiny", pag_scale=2.0, pag_layers=pattern), resolve("tiny"))
     # the default layer of every preset exists in the model when its config can be read
     plan_generate(Request(prompt="a", model="tiny", pag_scale=2.0), resolve("tiny"))
-    process = subprocess.run([sys.executable, "-c", "import sys; from sana_cli.plan import *; "
-                              "from sana_cli.modelref import resolve; "
+    process = subprocess.run([sys.executable, "-c", "import sys; from sana_cli.planning.plan import *; "
+                              "from sana_cli.models.modelref import resolve; "
                               "plan_generate(Request(prompt='a', model='tiny', pag_scale=2.0), resolve('tiny')); "
                               "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120)
     assert process.stdout.strip() == "False", process.stderr

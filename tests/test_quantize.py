@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import sana_cli
-from sana_cli import quantize as quantizing
+from sana_cli.engine import quantize as quantizing
 from sana_cli.errors import EXIT_ENVIRONMENT, EnvironmentProblem
-from sana_cli.pipeline import weights_bytes
-from sana_cli.plan import LoadOptions, PixelOptions, Request, model_for, plan_generate
+from sana_cli.engine.loading import weights_bytes
+from sana_cli.planning.plan import LoadOptions, PixelOptions, Request, model_for, plan_generate
 
 from .conftest import one_line_error
 
@@ -155,8 +155,8 @@ def test_a_load_for_cuda_n_quantizes_on_gpu_n_not_gpu_0(tiny_models, monkeypatch
     from diffusers import SanaPipeline
     from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
 
-    from sana_cli.modelref import resolve
-    from sana_cli.pipeline import LoadOptions, load
+    from sana_cli.models.modelref import resolve
+    from sana_cli.engine.loading import LoadOptions, load
 
     cuda, placements = RecordingCuda(), []
     real = SanaPipeline.from_pretrained.__func__

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from sana_cli import batchfile, manifest as manifests, output
-from sana_cli.output import TEMP_MARK, read_metadata
-from sana_cli.plan import PixelOptions, Request, model_for, plan_generate
+from sana_cli.planning import batchfile
+from sana_cli.storage import manifest as manifests, files as output
+from sana_cli.storage.files import TEMP_MARK
+from sana_cli.storage.images import read_metadata
+from sana_cli.planning.plan import PixelOptions, Request, model_for, plan_generate
 
 from .conftest import SANA, one_line_error
 
@@ -171,7 +173,7 @@ def test_something_else_in_a_claims_place_is_refused(tmp_path, tiny_models):
 
 def test_manifest_appends_of_many_writers_are_all_kept(tmp_path):
     """Processes appending to one manifest while one of them merges parts into it: nothing is lost."""
-    code = ("import sys; from sana_cli import manifest as manifests\n"
+    code = ("import sys; from sana_cli.storage import manifest as manifests\n"
             "m = manifests.Manifest(sys.argv[1])\n"
             "for i in range(200):\n"
             "    m.append({'event': 'image', 'file': f'{sys.argv[2]}-{i}.png', 'key': 'k', 'pad': 'x' * 3000})\n")
@@ -365,7 +367,7 @@ def test_every_command_into_a_closed_pipe_is_one_line_and_exit_1(args, tmp_path)
     SIGPIPE, so the write fails with EPIPE); every command answers that the same way."""
     from PIL import Image
 
-    from sana_cli.output import encode_image
+    from sana_cli.storage.images import encode_image
 
     image = tmp_path / "x.png"
     image.write_bytes(encode_image(Image.new("RGB", (8, 8)), "PNG", {"prompt": "p", "model": "tiny", "width": 128,

@@ -16,9 +16,9 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from PIL import Image
 
-from sana_cli.manifest import read_manifests
-from sana_cli.gallery import (append_step_summary, latest_entries, step_summary, thumbnail_path, write_gallery,
-                             write_report)
+from sana_cli.storage.manifest import read_manifests
+from sana_cli.storage.gallery import (append_step_summary, latest_entries, step_summary, thumbnail_path, write_gallery,
+                                      write_report)
 
 SCRIPT_PROMPT = "<script>alert(1)</script> a cat & \"dog\""
 PROMPTS = ["a red fox in the snow", SCRIPT_PROMPT, "a cute panda eating bamboo"]
@@ -287,7 +287,7 @@ def test_write_report_does_both(gallery_dir, tmp_path, monkeypatch):
 
 def test_report_module_does_not_import_torch():
     root = Path(__file__).resolve().parents[1]
-    code = "import sys, sana_cli.gallery; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, sana_cli.storage.gallery; assert 'torch' not in sys.modules, 'torch imported'"
     process = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(root)),
                              capture_output=True, text=True, timeout=60)
     assert process.returncode == 0, process.stderr

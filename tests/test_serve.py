@@ -159,15 +159,15 @@ def test_attached_batch_resumes_and_matches_in_process(server, tmp_path):
 
 
 def _force_size():
-    from sana_cli.plan import BatchDefaults
+    from sana_cli.planning.plan import BatchDefaults
 
     return BatchDefaults(force_size=True)
 
 
 def test_no_server_and_what_a_server_cannot_do_the_same_way_run_here(server, tmp_path, tiny_dir):
-    from sana_cli.client import attach_blocker
-    from sana_cli.modelref import resolve
-    from sana_cli.plan import LoadOptions
+    from sana_cli.server.app.client import attach_blocker
+    from sana_cli.models.modelref import resolve
+    from sana_cli.planning.plan import LoadOptions
 
     forced = run_sana("generate", "a cat", "--model", "tiny", "--seed", 1, "--no-server", "-o", tmp_path / "a.png",
                       env=server.env)
@@ -197,7 +197,7 @@ def test_input_files_are_read_only_by_an_in_process_run(server, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before the directory was made
 
 def test_socket_is_user_only_and_a_foreign_or_open_socket_is_not_trusted(server, tmp_path):
-    from sana_cli.client import private_place_problem
+    from sana_cli.server.app.client import private_place_problem
 
     assert stat.S_IMODE(os.lstat(server.socket).st_mode) == 0o600
     assert stat.S_IMODE(os.lstat(server.socket.parent).st_mode) == 0o700
@@ -224,7 +224,7 @@ def test_openai_client_b64_and_url(server, tmp_path):
     reference = _in_process(tmp_path, "lh", prompt="a lighthouse", seed=5)
     # Two images of one request share a GPU batch: equal within batched rounding, metadata equal.
     assert np.abs(_pixels(first) - _pixels(reference)).max() <= 2
-    from sana_cli.output import read_metadata
+    from sana_cli.storage.images import read_metadata
 
     (tmp_path / "first.png").write_bytes(first)
     assert read_metadata(tmp_path / "first.png")["sana"]["key"] == read_metadata(tmp_path / "lh.png")["sana"]["key"]
@@ -457,12 +457,12 @@ def test_api_key_and_sigterm_finishes_in_flight_and_refuses_new(tmp_path, tiny_m
 
 
 def test_queue_full_and_cancel_in_the_scheduler():
-    from sana_cli.scheduler import Draining, QueueFull, Scheduler, Work
+    from sana_cli.server.app.work_queue import Draining, QueueFull, Scheduler, Work
 
     class Ref:
         source, revision = "tiny:sana", None
 
-    from sana_cli.plan import LoadOptions
+    from sana_cli.planning.plan import LoadOptions
 
     scheduler = Scheduler(window=30, max_queue=1)
     work = Work(ref=Ref(), options=LoadOptions(), decode="auto", jobs=[], sink=lambda m: None, label="w")
@@ -481,7 +481,7 @@ def test_queue_full_and_cancel_in_the_scheduler():
 def _slow_loads(monkeypatch, fail_first: bool = False) -> list:
     """pipeline.load, recording each call and taking half a second first (a real load takes seconds, so a
     second request arrives while the first loads); optionally the first load fails as a missing model would."""
-    from sana_cli import pipeline
+    from sana_cli.engine import loading as pipeline
     from sana_cli.errors import EnvironmentProblem
 
     real, calls = pipeline.load, []
@@ -526,9 +526,9 @@ def _at_once(*calls) -> dict:
 def test_the_model_cache_loads_a_model_once_however_many_threads_ask(tiny_models, monkeypatch):
     import torch
 
-    from sana_cli.modelref import resolve
-    from sana_cli.plan import LoadOptions
-    from sana_cli.scheduler import ModelCache
+    from sana_cli.models.modelref import resolve
+    from sana_cli.planning.plan import LoadOptions
+    from sana_cli.server.app.work_queue import ModelCache
 
     calls = _slow_loads(monkeypatch)
     cache = ModelCache(keep_alive=None, budget_bytes=None)
@@ -550,7 +550,7 @@ def test_the_model_cache_loads_a_model_once_however_many_threads_ask(tiny_models
     # Two different models asked for at once load one after the other: diffusers builds a model inside
     # accelerate's process-wide init_empty_weights, so overlapping loads would build modules on `meta`.
     calls = _slow_loads(monkeypatch)
-    from sana_cli import pipeline
+    from sana_cli.engine import loading as pipeline
 
     cache = ModelCache(keep_alive=None, budget_bytes=None)
     got = _at_once(("render", lambda: cache.get(ref, LoadOptions())),
@@ -564,8 +564,8 @@ def test_the_model_cache_loads_a_model_once_however_many_threads_ask(tiny_models
 
 def _rendering_work(tmp_path, hold: threading.Event, rendering: threading.Event, messages: list):
     """A Work for one tiny image whose sink blocks at the first denoising step until `hold` is set."""
-    from sana_cli.plan import LoadOptions, Request, model_for, plan_generate
-    from sana_cli.scheduler import Work
+    from sana_cli.planning.plan import LoadOptions, Request, model_for, plan_generate
+    from sana_cli.server.app.work_queue import Work
 
     request = Request(prompt="a red fox", model="tiny", steps=2, seed=3, output=str(tmp_path / "fox.png"))
     plan = plan_generate(request, model_for(request))
@@ -581,9 +581,9 @@ def _rendering_work(tmp_path, hold: threading.Event, rendering: threading.Event,
 
 def test_a_model_that_renders_is_never_unloaded_and_the_budget_waits_or_refuses(tiny_models, tmp_path, capfd):
     from sana_cli.errors import EnvironmentProblem
-    from sana_cli.modelref import resolve
-    from sana_cli.plan import LoadOptions
-    from sana_cli.scheduler import ModelCache, Scheduler
+    from sana_cli.models.modelref import resolve
+    from sana_cli.planning.plan import LoadOptions
+    from sana_cli.server.app.work_queue import ModelCache, Scheduler
 
     cache = ModelCache(keep_alive=None, budget_bytes=1)  # every model is over this budget: one at a time
     scheduler = Scheduler(window=0.0, models=cache)
@@ -627,11 +627,11 @@ def test_the_memory_budget_counts_what_the_models_device_really_holds(tiny_model
 
     import torch
 
-    from sana_cli.modelref import resolve
-    from sana_cli.pipeline import load
-    from sana_cli.plan import LoadOptions
-    from sana_cli.quantize import module_bytes
-    from sana_cli.scheduler import _model_bytes
+    from sana_cli.models.modelref import resolve
+    from sana_cli.engine.loading import load
+    from sana_cli.planning.plan import LoadOptions
+    from sana_cli.engine.quantize import module_bytes
+    from sana_cli.server.app.work_queue import _model_bytes
 
     def components(loaded):
         return [c for c in loaded.pipe.components.values() if isinstance(c, torch.nn.Module)]
@@ -657,9 +657,9 @@ def test_an_out_of_memory_server_batch_is_retried_per_image_and_the_worker_goes_
     one image): each image is retried alone and written, and the rendering thread takes the next work."""
     import torch
 
-    from sana_cli.modelref import resolve
-    from sana_cli.plan import LoadOptions, Request, model_for, plan_generate
-    from sana_cli.scheduler import ModelCache, Scheduler, Work
+    from sana_cli.models.modelref import resolve
+    from sana_cli.planning.plan import LoadOptions, Request, model_for, plan_generate
+    from sana_cli.server.app.work_queue import ModelCache, Scheduler, Work
 
     cache = ModelCache(keep_alive=None, budget_bytes=None)
     loaded = cache.get(resolve("tiny"), LoadOptions())
@@ -703,10 +703,10 @@ def test_an_evicted_compiled_model_is_freed(backend, tiny_models, tmp_path, monk
     import gc
     import weakref
 
-    from sana_cli import speed
-    from sana_cli.modelref import resolve
-    from sana_cli.plan import LoadOptions
-    from sana_cli.scheduler import ModelCache, Scheduler
+    from sana_cli.engine import speed
+    from sana_cli.models.modelref import resolve
+    from sana_cli.planning.plan import LoadOptions
+    from sana_cli.server.app.work_queue import ModelCache, Scheduler
 
     real = speed.enable_compile
     monkeypatch.setattr(speed, "enable_compile", lambda loaded: real(loaded, backend=backend))

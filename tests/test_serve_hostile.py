@@ -101,7 +101,7 @@ def test_a_dead_queue_thread_answers_what_waits_with_503_and_ends_the_server_wit
     cache = tmp_path / "cache"
     _copy_tiny(cache_dir, cache)
     # The queue thread dies on the first request it looks at, outside any one run's error handling.
-    inject = ("import sana_cli.scheduler as s\n"
+    inject = ("import sana_cli.server.work_queue as s\n"
               "def family(self):\n    raise RuntimeError('injected fault in the queue thread')\n"
               "s.Work.family = family")
     server = _InjectedServer(cache, inject, "--model", "tiny", "--batch-window", "0.1")
@@ -172,7 +172,7 @@ def test_garbage_from_the_server_is_one_malformed_line_exit_1_and_nothing_writte
     left = list(out.iterdir())
     if answer == "the same image twice":  # the first, checked and whole, was written before the second came
         assert [p.name for p in left] == ["a-fox-3.png"]
-        from sana_cli.output import read_metadata
+        from sana_cli.storage.images import read_metadata
 
         assert read_metadata(left[0])["sana"]["key"] == server.runs[0][0]["key"]
     else:
@@ -376,7 +376,7 @@ def _unix_get(path, target: str, host: str) -> bytes:
 
 
 def test_url_images_expire_by_age_and_the_directory_is_bounded_in_size(named_server, tmp_path):
-    from sana_cli.server import sweep_images
+    from sana_cli.server.app import sweep_images
 
     images = named_server.cache / "serve-images"
     old, fresh, other = "a" * 32 + ".png", "b" * 32 + ".png", "notes.txt"
@@ -405,7 +405,7 @@ def test_url_images_expire_by_age_and_the_directory_is_bounded_in_size(named_ser
 
 
 def test_a_slow_client_is_disconnected_instead_of_holding_a_connection_forever(server):
-    from sana_cli.server import HEAD_TIMEOUT
+    from sana_cli.server.app import HEAD_TIMEOUT
 
     slow = socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_TIMEOUT + 20)
     kept = socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_TIMEOUT + 20)

@@ -11,16 +11,16 @@ import pytest
 from PIL import Image
 
 from sana_cli import api
-from sana_cli.plan import Request, model_for, plan_generate
-from sana_cli.speed import compile_pays_off, estimated_saving_seconds
+from sana_cli.planning.plan import Request, model_for, plan_generate
+from sana_cli.engine.speed import compile_pays_off, estimated_saving_seconds
 
 from .conftest import SANA
 
 
 def call_order(plan, keep_text_encoder: bool):
     """Run a plan on the real tiny pipeline and record which component ran when (forward hooks)."""
-    from sana_cli.pipeline import load
-    from sana_cli.runner import run
+    from sana_cli.engine.loading import load
+    from sana_cli.engine.runner import run
 
     loaded = load(plan.model)
     order = []
@@ -95,7 +95,7 @@ def test_the_fp8_capability_check_matches_torchaos(capability, monkeypatch):
     from torchao.utils import is_sm_at_least_89
 
     from sana_cli.errors import EnvironmentProblem
-    from sana_cli.speed import enable_fp8
+    from sana_cli.engine.speed import enable_fp8
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "cuda", "12.8")

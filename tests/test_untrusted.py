@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sana_cli.output import encode_image
-from sana_cli.reproduce import NOT_OPTIONS, OPTIONS
+from sana_cli.storage.images import encode_image
+from sana_cli.planning.reproduce import NOT_OPTIONS, OPTIONS
 
 from .conftest import SANA, one_line_error, run_sana
 
@@ -133,7 +133,7 @@ def test_gallery_refuses_a_huge_image_quietly_and_cheaply(tmp_path):
     (out / "huge.png").write_bytes(png(12000, 12000))
     (out / "results.jsonl").write_text(json.dumps({"event": "image", "file": "huge.png", "index": 1, "row": 1,
                                                                 "key": "tampered"}) + "\n")
-    script = ("import sys; from sana_cli.gallery import write_report; "
+    script = ("import sys; from sana_cli.storage.gallery import write_report; "
               "write_report(sys.argv[1], {'output_dir': sys.argv[1]})")
     process = subprocess.run([os.path.join(os.path.dirname(SANA), "python"), "-c", script, str(out)],
                              capture_output=True, text=True, timeout=120, preexec_fn=limited(768 * 2**20))
@@ -163,7 +163,7 @@ def test_tampered_manifest_writes_nothing_outside_the_output_directory(tmp_path)
                                                                           "key": "tampered"})
                                                + "\n" for i, name in enumerate(names)))
     before = _tree(tmp_path, out)
-    from sana_cli.gallery import write_report
+    from sana_cli.storage.gallery import write_report
 
     write_report(out, {"output_dir": str(out)})
     assert _tree(tmp_path, out) == before  # nothing outside out/ was created or touched
@@ -469,7 +469,7 @@ def test_doctor_quotes_cuda_visible_devices_in_its_fix():
     """The CUDA build's branch, forced with a stand-in torch that has CUDA but sees no device."""
     from types import SimpleNamespace
 
-    from sana_cli import doctor
+    from sana_cli.engine import doctor
 
     torch = SimpleNamespace(version=SimpleNamespace(cuda="12.4"),
                             cuda=SimpleNamespace(is_available=lambda: False, device_count=lambda: 0))
@@ -560,7 +560,7 @@ def test_doctor_diagnoses_a_broken_cache_instead_of_crashing(breakage, tmp_path)
 # ---- decided: the step summary's headline and thumbnails' orientation -----------------------------------
 
 def test_step_summary_headline_counts_the_failures_it_lists(tmp_path):
-    from sana_cli.gallery import step_summary
+    from sana_cli.storage.gallery import step_summary
 
     out = tmp_path / "out"
     out.mkdir()
@@ -572,7 +572,7 @@ def test_step_summary_headline_counts_the_failures_it_lists(tmp_path):
 
 
 def test_thumbnail_follows_exif_orientation_after_shrinking(tmp_path):
-    from sana_cli.gallery import render_thumbnail
+    from sana_cli.storage.gallery import render_thumbnail
 
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display

@@ -1,0 +1,68 @@
+"""`sana decode`: finishing kept latents into the image the run would have written, with the VAE only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import UsageError
+from ..storage.latents import _SHORT, Kept, read
+
+
+def check_fits(kept: Kept, vae) -> None:
+    """The latents against the loaded VAE: its channels, and its scale times their size equal to the size
+    the metadata records, so what is decoded is the image the metadata describes."""
+    channels = int(vae.config.latent_channels)
+    scale = int(getattr(vae, "spatial_compression_ratio", 0) or 2 ** (len(vae.config.decoder_block_out_channels) - 1))
+    _, got, h, w = tuple(kept.latents.shape)
+    width, height = kept.meta["width"], kept.meta["height"]
+    if got != channels or (w * scale, h * scale) != (width, height):
+        raise UsageError(f"the latents ({got} channels, {w}x{h}) do not fit the VAE of {kept.meta['model_id']} "
+                         f"({channels} channels, {scale}x): they would not decode into the {width}x{height} image "
+                         "their metadata records")
+
+
+def finish(path: str, *, output: str | None = None, decode: str = "auto", device: str | None = None,
+           overwrite: bool = False, offline: bool = False, max_memory: float | None = None, verbose: bool = False):
+    """Decode a kept latents file into its image: (WrittenImage, metadata). Loads only the VAE, in the
+    dtype and on the kind of device the run used (unless `device` says otherwise)."""
+    from ..models.modelref import resolve
+    from ..planning.plan import LoadOptions, image_format
+    from ..storage.files import ensure_directory
+    from ..storage.images import write_image
+    from .loading import load
+    from .runner import decode_to_pil
+
+    kept = read(path)
+    target = output or kept.image
+    if output is not None and (output.endswith("/") or Path(output).is_dir()):
+        target = str(Path(output) / Path(kept.image).name)
+    image_format(target)
+    if Path(target).exists() and not overwrite:
+        raise UsageError(f"{target} already exists", hint="pass --overwrite to replace it, or -o elsewhere")
+    meta = kept.meta
+    ref = resolve(meta["model_id"], revision=meta.get("revision"))
+    loaded = load(ref, LoadOptions(device=device or meta.get("device") or "auto", dtype=_SHORT[kept.vae_dtype],
+                                   offline=offline, max_memory_gib=max_memory, verbose=verbose, only=("vae",)))
+    ensure_directory(str(Path(target).parent))  # after every refusal loading can make: a refused run makes none
+    budget = None if max_memory is None else int(max_memory * 2**30)
+    check_fits(kept, loaded.pipe.vae)
+    image, decoded = decode_to_pil(loaded, kept.latents.to(loaded.device), decode, budget)
+    meta = decoded_metadata(meta, decoded.strategy, loaded.device.type)
+    return write_image(image, target, meta, overwrite=overwrite), meta
+
+
+def decoded_metadata(meta: dict, strategy: str, device_type: str) -> dict:
+    """The run's metadata for the image a kept latents file became. Decoded on the kind of device the run
+    used, it is the run's own (same pixels, same key). Decoded on another kind (`--device cpu` for a CUDA
+    run), the decode may round differently, so the metadata says where (`decode_device`), keeps the run's key
+    as `run_key`, and takes a key of its own: the image is never taken for the run's on resume."""
+    meta = {**meta, "decode": strategy}
+    ran = str(meta.get("device") or "").split(":")[0]
+    if ran and device_type != ran:
+        run_key = meta.get("key")
+        meta.update(decode_device=device_type, run_key=run_key,
+                    key=hashlib.sha256(json.dumps({"run_key": run_key, "decode_device": device_type},
+                                                  sort_keys=True).encode()).hexdigest()[:16])
+    return meta

@@ -1,0 +1,153 @@
+"""ControlNet and image-to-image: which models can, what a --controlnet value names, and loading it.
+
+`--controlnet` names `tiny-controlnet` (built in, offline), a local directory holding a
+SanaControlNetModel (its config.json, or a `controlnet/` folder of a pipeline directory), or a hub id.
+It runs through diffusers' SanaControlNetPipeline, built from the loaded model's components, so only
+SanaPipeline models can use it (not SANA-Sprint, and not together with PAG). Its config is checked
+against the model's transformer before anything loads, where both are readable.
+
+Image-to-image runs through SanaSprintImg2ImgPipeline: the Sprint models only. For the other Sana
+models diffusers has no image-to-image pipeline, and sana-cli does not copy one, so --image is refused
+with the models that can.
+
+Pure Python: torch is imported only by load_controlnet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UsageError
+
+CONTROLNETS = {"tiny-controlnet": "tiny:controlnet"}  # built-in names -> source
+CONTROL_SCALE_RANGE = (0.0, 2.0)
+IMG2IMG_MODELS = "the SANA-Sprint models (sprint, sprint-0.6b, tiny-sprint)"
+_MUST_MATCH = ("in_channels", "num_attention_heads", "attention_head_dim", "caption_channels", "patch_size")
+
+
+def resolve_controlnet(value: str, model) -> str:
+    """The source of a --controlnet value (a built-in name, an absolute directory or a hub id), checked
+    against the model's family and, where readable, its transformer config."""
+    from ..models.modelref import is_hub_id
+
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError("--controlnet is empty")
+    if model.is_sprint:
+        raise UsageError(f"{model.name} (SANA-Sprint) cannot use a ControlNet",
+                         hint="ControlNet works with the SanaPipeline models, e.g. sana-600m-1024 or tiny")
+    if value in CONTROLNETS:
+        source, config = value, _tiny_config()
+    else:
+        path = Path(value).expanduser()
+        if path.exists():
+            folder = path / "controlnet" if (path / "controlnet" / "config.json").is_file() else path
+            config = _read_config(folder / "config.json")
+            if config is None:
+                raise UsageError(f"--controlnet {value} has no config.json of a SanaControlNetModel")
+            source = str(folder.resolve())
+        elif is_hub_id(value):
+            source, config = value, _cached_config(value)
+        else:
+            raise UsageError(f"--controlnet {value}: no such directory, and not a hub id",
+                             hint="give tiny-controlnet, a directory or a hub id org/name")
+    if config is not None:
+        _check_fits(config, value, model)
+    return source
+
+
+_DIGESTS: dict[tuple, str] = {}  # one run plans many rows with one ControlNet: hash its files once
+
+
+def controlnet_digest(source: str) -> str | None:
+    """The sha256 of a local ControlNet directory's content: of the name and bytes of every file in it that
+    loading can read (config.json and the weights, of any variant), so a directory edited in place gives
+    other keys and never passes for finished images on resume, as a LoRA's file does. None for the built-in
+    tiny ControlNet (made the same way every time) and hub ids (named by id and revision, like models)."""
+    if source in CONTROLNETS or not Path(source).is_absolute():
+        return None
+
+    folder = Path(source)
+    try:
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
+        marker = tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns, st.st_ino) for p in files)
+    except OSError as exc:
+        raise UsageError(f"cannot read --controlnet {source}: {exc.strerror or exc}") from None
+    key = (source, marker)
+    if key not in _DIGESTS:
+        import hashlib
+
+        whole = hashlib.sha256()
+        from .lora import sha256_file
+
+        for path in files:
+            whole.update(f"{path.name}\0{sha256_file(path, source, '--controlnet')}\n".encode())
+        _DIGESTS[key] = whole.hexdigest()
+    return _DIGESTS[key]
+
+
+def _tiny_config() -> dict:
+    from ..models import tiny
+
+    return {"_class_name": "SanaControlNetModel", **tiny.controlnet_config()}
+
+
+def _read_config(path: Path) -> dict | None:
+    from ..models.modelref import _read_json
+
+    if not path.is_file():
+        return None
+    return _read_json(path)
+
+
+def _cached_config(repo: str) -> dict | None:
+    from ..models.modelref import _read_json, cached_file
+
+    for name in ("config.json", "controlnet/config.json"):
+        try:
+            found = cached_file(repo, name)
+        except (OSError, ValueError):
+            return None
+        if found is not None:
+            data = _read_json(found)
+            if data and data.get("_class_name") == "SanaControlNetModel":
+                return data
+    return None
+
+
+def _check_fits(config: dict, value: str, model) -> None:
+    from ..models.modelref import transformer_config
+
+    if config.get("_class_name") not in (None, "SanaControlNetModel"):
+        raise UsageError(f"--controlnet {value} holds a {config.get('_class_name')}, not a SanaControlNetModel")
+    transformer = transformer_config(model)
+    if not transformer:
+        return
+    for key in _MUST_MATCH:
+        if key in config and key in transformer and config[key] != transformer[key]:
+            raise UsageError(f"--controlnet {value} does not fit {model.name}: its {key} is {config[key]}, the "
+                             f"model's is {transformer[key]} (made for another base model?)")
+    if int(config.get("num_layers", 0)) > int(transformer.get("num_layers", 20)):
+        raise UsageError(f"--controlnet {value} has {config['num_layers']} blocks, more than the "
+                         f"{transformer.get('num_layers', 20)} of {model.name}")
+
+
+def check_control_scale(scale) -> float:
+    from .values import check_finite
+
+    check_finite("--control-scale", scale)
+    low, high = CONTROL_SCALE_RANGE
+    if not low <= scale <= high:
+        raise UsageError(f"--control-scale must be in {low:g}..{high:g}, got {scale:g}")
+    return float(scale)
+
+
+def check_strength(strength) -> float:
+    """Strength in 0..1, above 0: diffusers then always runs at least one denoising step (its get_timesteps
+    keeps steps - int(steps * (1 - strength)) of them)."""
+    import math
+
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise UsageError(f"--strength must be a finite number in 0..1, got {strength!r}")
+    if not 0 < strength <= 1:
+        raise UsageError(f"--strength must be in 0..1 (above 0), got {strength:g}")
+    return float(strength)

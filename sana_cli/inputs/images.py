@@ -1,0 +1,127 @@
+"""Input images (the img2img start image, the ControlNet control image): checked at planning time,
+prepared the same way every time. Pure Pillow, no torch.
+
+The rule, as the README states it:
+- PNG, JPEG or WebP regular files only (safeio.open_image: bounded size, at most 8192x8192 pixels,
+  never handed to another decoder); a truncated or undecodable file is a usage error.
+- Each side at most 8192 pixels, and the cover-resize to the planned size makes at most 8192x8192 pixels
+  (a 100000x1 strip is refused while planning, not resized into gigapixels).
+- The EXIF orientation is applied first, as a photo viewer shows the picture.
+- Any mode becomes RGB: transparency (RGBA, LA, a palette with transparency) is composited on white;
+  16-bit grey (I;16, I) is scaled to 8 bits; CMYK is converted by Pillow's profile-less conversion.
+- It is resized to cover the planned size (keeping its aspect ratio), with Lanczos, and centre-cropped
+  to exactly width x height. An image already at the planned size is used as it is.
+- Its identity (metadata and job key) is the sha256 of the file's bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+
+from ..errors import UsageError
+from ..safeio import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, close_image, image_problem, open_image, read_bounded
+
+MAX_SIDE = 8192  # the longest side of an input image, as of any image sana-cli writes
+MAX_RESIZE_PIXELS = MAX_IMAGE_PIXELS  # the cover-resize never makes a larger image than an input may be
+
+RULE = ("EXIF orientation applied; transparency composited on white; any mode to 8-bit RGB; resized with Lanczos "
+        "to cover the planned size and centre-cropped to it")
+
+
+def check_image(path, what: str, size: tuple[int, int] | None = None) -> tuple[str, str]:
+    """(absolute path, sha256 of its bytes) of a readable input image; a usage error, one line, otherwise.
+    Its sides and, given the planned size (width, height), the work of the cover-resize are bounded
+    (check_bounds) before its pixels are decoded; then the whole image is decoded once, so a truncated file
+    is found before anything loads."""
+    if not isinstance(path, str) or not path.strip():
+        raise UsageError(f"{what} is empty")
+    try:
+        data = read_bounded(path, MAX_IMAGE_BYTES)
+        image = open_image(path)
+        try:
+            check_bounds(image.size, size, f"{what}: {path}")
+        finally:
+            close_image(image)
+        image = _decoded(path)
+        close_image(image)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every way a file is not a usable image is one line
+        raise UsageError(f"{what}: {image_problem(path, exc)}") from None
+    return os.path.abspath(path), hashlib.sha256(data).hexdigest()
+
+
+def check_bounds(image_size: tuple[int, int], size: tuple[int, int] | None, what: str) -> None:
+    """Each side of an input image at most MAX_SIDE (the pixel count alone lets a 100000x1 strip through),
+    and the image the cover-resize makes (fit) at most MAX_RESIZE_PIXELS: a 1-pixel-high strip covering
+    128x128 would be resized to gigapixels before its crop. Sizes only: nothing is decoded. An EXIF rotation
+    swaps the sides, so both orientations are bounded."""
+    width, height = image_size
+    if max(width, height) > MAX_SIDE:
+        raise UsageError(f"{what} is {width}x{height}: a side is longer than the {MAX_SIDE} pixels an input image "
+                         "may have")
+    if size is None:
+        return
+    for w, h in ((width, height), (height, width)):
+        resized = _cover(w, h, *size)
+        if resized[0] * resized[1] > MAX_RESIZE_PIXELS:
+            raise UsageError(f"{what} is {width}x{height}: covering {size[0]}x{size[1]} would resize it to "
+                             f"{resized[0]}x{resized[1]} pixels, more than {MAX_RESIZE_PIXELS}",
+                             hint="crop it closer to the aspect ratio of the size asked for")
+
+
+def _cover(image_width: int, image_height: int, width: int, height: int) -> tuple[int, int]:
+    """The size fit resizes an image to before its centre crop."""
+    scale = max(width / image_width, height / image_height)
+    return max(width, round(image_width * scale)), max(height, round(image_height * scale))
+
+
+def _decoded(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = open_image(path)
+        try:
+            image.load()  # a truncated file fails here, not halfway through a run
+        except BaseException:
+            close_image(image)
+            raise
+    return image
+
+
+def to_rgb(image):
+    """An 8-bit RGB copy of any Pillow image, with the EXIF orientation applied and transparency on white."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 16-bit grey (PNG opens it as I;16 or I): its top 8 bits
+        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit(image, width: int, height: int):
+    """Cover-resize with Lanczos and centre-crop to exactly width x height (no change at that size)."""
+    from PIL import Image
+
+    if image.size == (width, height):
+        return image
+    size = _cover(image.width, image.height, width, height)
+    resized = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def prepare(path: str, width: int, height: int):
+    """The RGB image a run feeds the pipeline, by the module's rule."""
+    image = _decoded(path)
+    try:
+        return fit(to_rgb(image), width, height)
+    finally:
+        close_image(image)

@@ -1,0 +1,761 @@
+"""The attaching side of `sana serve`: find this user's server, send it planned jobs, write what it returns.
+
+Standard library only (no torch, no HTTP framework), so an attached `sana generate` starts fast. The
+CLI keeps planning, validation, manifests, claims, resume and atomic writes; the server renders and
+returns each image's encoded bytes (with sana-cli's metadata) and the run's events. So stdout, JSON,
+exit codes, files and metadata are the in-process ones by construction.
+
+The wire format is generic over the job record and the load options: a job travels as every field of
+`plan.ImageJob` (its PIXEL_FIELDS included) but its path, load options as the fields of
+`plan.LoadOptions` that decide how a model is loaded. A field added to either flows through unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ..cache import cache_root
+from ..errors import EnvironmentProblem, GenerationError, SanaError, UsageError
+
+SOCKET_NAME = "sana.sock"
+API_PREFIX = "/v1/sana"
+# LoadOptions fields that stay with the client: logging, a partial load, and a per-process memory cap
+# (a shared server cannot cap itself for one request; such a run stays in-process).
+CLIENT_ONLY_LOAD_FIELDS = ("verbose", "only", "max_memory_gib")
+CONNECT_TIMEOUT = 3.0
+# What a server may send back is bounded: a short answer (health, load, an error) and, in a run's event
+# stream, each line (an image's line by its planned pixel count) and the whole stream.
+MAX_ANSWER_BYTES = 1 << 20
+EVENT_SLACK_BYTES = 64 << 20  # steps, batches, warnings and notes of a whole run
+IMAGE_SLACK_BYTES = 1 << 20  # an encoded image's metadata and container beyond 4 bytes a pixel
+MAX_TEXT_CHARS = 20000  # a warning, a note or an error message
+IMAGE_EXIT_CODES = (1, 2, 4)  # the documented codes an image's failure may carry; any other is 1
+
+
+class MalformedAnswer(ValueError):
+    """What a server sent is not what sana-cli's server sends."""
+
+
+def socket_dir() -> Path:
+    """The user-only directory holding the server's socket, under sana-cli's cache."""
+    return cache_root() / "serve"
+
+
+def socket_path() -> Path:
+    return socket_dir() / SOCKET_NAME
+
+
+# ---- wire format ---------------------------------------------------------------------------------
+
+def job_to_wire(job) -> dict:
+    """Every field of an ImageJob but its path (a client path never reaches the server), and the
+    image format the path asks for (its suffix), which the server encodes."""
+    data = asdict(job)
+    data["ext"] = os.path.splitext(data.pop("path"))[1].lower() or ".png"
+    return data
+
+
+def job_from_wire(data: dict, path: str):
+    """The ImageJob a job_to_wire dict describes, writing to `path` (the server's own)."""
+    from ..planning.plan import ImageJob, PixelOptions
+
+    known = {f.name for f in fields(ImageJob)}
+    unknown = set(data) - known - {"path"}
+    if unknown:
+        raise UsageError(f"unknown job field(s): {', '.join(sorted(unknown))}")
+    values = {**data, "path": path}
+    values["pixels"] = PixelOptions(**values.get("pixels", {}))
+    for field in fields(ImageJob):  # JSON made tuples into lists; the key tells () from []
+        if isinstance(field.default, tuple) and isinstance(values.get(field.name), list):
+            values[field.name] = _tuples(values[field.name])
+    return ImageJob(**values)
+
+
+def _tuples(value):
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
+
+
+def load_to_wire(options) -> dict:
+    return {name: value for name, value in asdict(options).items() if name not in CLIENT_ONLY_LOAD_FIELDS}
+
+
+def load_from_wire(data: dict):
+    from ..planning.plan import LoadOptions
+
+    allowed = {f.name for f in fields(LoadOptions)} - set(CLIENT_ONLY_LOAD_FIELDS)
+    unknown = set(data) - allowed
+    if unknown:
+        raise UsageError(f"unknown load option(s): {', '.join(sorted(unknown))}")
+    return LoadOptions(**data)
+
+
+# ---- connections ---------------------------------------------------------------------------------
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a server listens: a Unix socket path, or an http host and port."""
+
+    unix: str | None = None
+    host: str | None = None
+    port: int | None = None
+    api_key: str | None = None
+    explicit: bool = False  # named by SANA_SERVER: unreachable is an error, not a fallback
+
+    def describe(self) -> str:
+        return f"unix:{self.unix}" if self.unix else f"http://{self.host}:{self.port}"
+
+    def connection(self, timeout: float | None = CONNECT_TIMEOUT) -> http.client.HTTPConnection:
+        if self.unix:
+            return _UnixConnection(self.unix, timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def headers(self) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = CONNECT_TIMEOUT):
+        """(status, JSON object) of one request; OSError when nobody answers, MalformedAnswer when the
+        answer is larger than MAX_ANSWER_BYTES or not a JSON object."""
+        connection = self.connection(timeout)
+        try:
+            connection.request(method, path, body=None if body is None else json.dumps(body),
+                               headers=self.headers())
+            response = connection.getresponse()
+            raw = response.read(MAX_ANSWER_BYTES + 1)
+        except http.client.HTTPException as exc:
+            raise OSError(f"bad answer: {exc}") from exc
+        finally:
+            connection.close()
+        return response.status, _answer_object(raw)
+
+
+def _answer_object(raw: bytes) -> dict:
+    if len(raw) > MAX_ANSWER_BYTES:
+        raise MalformedAnswer(f"an answer longer than {MAX_ANSWER_BYTES} bytes")
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, RecursionError):
+        raise MalformedAnswer("an answer that is not JSON") from None
+    if not isinstance(body, dict):
+        raise MalformedAnswer(f"a JSON {type(body).__name__} where an object belongs")
+    return body
+
+
+def parse_server_url(value: str, api_key: str | None) -> Endpoint:
+    """SANA_SERVER: unix:/path/to/socket or http://host:port. Anything else, or any part that a URL
+    parser rejects (a bracket left open, a port out of range, control characters), is bad usage."""
+    bad = f"SANA_SERVER={value!r} is not http://HOST:PORT or unix:/PATH"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise UsageError(f"{bad} (it holds a control character)")
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if not path:
+            raise UsageError(f"SANA_SERVER={value!r} names no socket path")
+        return Endpoint(unix=path, api_key=api_key, explicit=True)
+    try:
+        parts = urlsplit(value)
+        hostname = parts.hostname
+    except ValueError:
+        raise UsageError(bad) from None
+    if (parts.scheme != "http" or not hostname or parts.path not in ("", "/") or parts.query or parts.fragment
+            or parts.username is not None or parts.password is not None or " " in parts.netloc):
+        raise UsageError(bad)
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"SANA_SERVER={value!r} has a bad port") from None
+    if port is None:
+        port = 80
+    if not 1 <= port <= 65535:
+        raise UsageError(f"SANA_SERVER={value!r} has a bad port")
+    return Endpoint(host=hostname, port=port, api_key=api_key, explicit=True)
+
+
+def private_place_problem(path: Path, *, want_socket: bool) -> str | None:
+    """Why a socket (or its directory) must not be trusted: not ours, open to others, or not what it
+    should be (a symbolic link, a file). None when it is safe."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    kind_ok = stat.S_ISSOCK(info.st_mode) if want_socket else stat.S_ISDIR(info.st_mode)
+    if not kind_ok:
+        return f"{path} is not a {'socket' if want_socket else 'directory'}"
+    if info.st_uid != os.getuid():
+        return f"{path} belongs to another user"
+    if info.st_mode & 0o077:
+        return f"{path} is open to other users (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _socket_live(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(CONNECT_TIMEOUT)
+    try:
+        sock.connect(str(path))
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    finally:
+        sock.close()
+
+
+def remove_if_stale(path: Path) -> bool:
+    """Remove our socket file when nobody listens on it (a server that crashed); True if removed."""
+    if private_place_problem(path, want_socket=True) is not None or _socket_live(path):
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def discover(note=lambda message: None) -> Endpoint | None:
+    """The server this command should attach to: SANA_SERVER when set (unreachable: exit 4), else a
+    live socket of this user's in the cache directory. A stale socket is removed; one that is not
+    safely ours is ignored (with a note)."""
+    api_key = os.environ.get("SANA_API_KEY") or None
+    explicit = os.environ.get("SANA_SERVER", "").strip()
+    if explicit:
+        endpoint = parse_server_url(explicit, api_key)
+        if endpoint.unix:
+            problem = private_place_problem(Path(endpoint.unix), want_socket=True)
+            if problem:
+                raise EnvironmentProblem(f"SANA_SERVER: {problem}", hint="start `sana serve` or unset SANA_SERVER")
+        _check_health(endpoint)
+        return endpoint
+    path = socket_path()
+    if not os.path.lexists(path):
+        return None
+    problem = (private_place_problem(path.parent, want_socket=False)
+               or private_place_problem(path, want_socket=True))
+    if problem:
+        note(f"not attaching to the server socket: {problem}; rendering here")
+        return None
+    if remove_if_stale(path):
+        note(f"removed the stale server socket {path} (no server listens on it); rendering here")
+        return None
+    endpoint = Endpoint(unix=str(path), api_key=api_key)
+    try:
+        _check_health(endpoint)
+    except EnvironmentProblem as exc:
+        note(f"{exc.message}; rendering here")
+        return None
+    return endpoint
+
+
+def _check_health(endpoint: Endpoint) -> dict:
+    from ..planning.plan import KEY_SCHEMA
+    from ..version import __version__
+
+    try:
+        status, body = endpoint.request("GET", f"{API_PREFIX}/health")
+    except MalformedAnswer as exc:
+        raise EnvironmentProblem(f"the server at {endpoint.describe()} answered the handshake with a malformed "
+                                 f"answer ({exc}): it is not a sana server",
+                                 hint="start `sana serve`, unset SANA_SERVER, or pass --no-server") from None
+    except OSError as exc:
+        raise EnvironmentProblem(f"no sana server answers at {endpoint.describe()} "
+                                 f"({getattr(exc, 'strerror', None) or exc})",
+                                 hint="start `sana serve`, unset SANA_SERVER, or pass --no-server") from None
+    if status == 401:
+        raise EnvironmentProblem(f"the sana server at {endpoint.describe()} refused the API key",
+                                 hint="set SANA_API_KEY to the server's key")
+    if status != 200:
+        raise EnvironmentProblem(f"the sana server at {endpoint.describe()} answered HTTP {status}: "
+                                 f"{_error_text(body)}")
+    if body.get("sana_cli") != __version__ or body.get("key_schema") != KEY_SCHEMA:
+        raise EnvironmentProblem(f"the sana server at {endpoint.describe()} runs sana-cli "
+                                 f"{_short(body.get('sana_cli'), 40)}, this is {__version__}",
+                                 hint="restart `sana serve` from this installation")
+    return body
+
+
+def _error_text(body: dict) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error.get("message")) if isinstance(error, dict) else "no error message"
+
+
+INPUT_FILE_FIELDS = ("loras", "controlnet", "control_image", "image")  # job fields that name files on this machine
+
+
+def uses_input_files(job) -> bool:
+    """Whether a job needs a LoRA, a ControlNet or an input image, which only this process may open."""
+    return any(getattr(job, name, None) for name in INPUT_FILE_FIELDS)
+
+
+def attach_blocker(model, options, *, keep_latents: bool, input_files: bool = False) -> str | None:
+    """Why this run cannot go to a server the same way it would run here (None: it can)."""
+    if model.kind == "local":
+        return "a local model directory is loaded by this process (a server never opens a client's path)"
+    if input_files:
+        return "LoRA, ControlNet and input-image files are read by this process (a server never opens a client's path)"
+    if options.max_memory_gib is not None:
+        return "--max-memory caps one process's memory, which a shared server cannot do for one request"
+    if keep_latents:
+        return "--keep-latents writes latents files, which only an in-process run keeps"
+    if options.only is not None:
+        return "a partial load runs in-process"
+    return None
+
+
+def remote_model(endpoint: Endpoint, model, options, announce=None) -> "RemoteModel":
+    return RemoteModel(endpoint, model, options, announce=announce)
+
+
+# ---- the attached run ----------------------------------------------------------------------------
+
+class RemoteModel:
+    """Stands where a LoadedModel stands in the API: the plan runs on a server, the files are written here.
+
+    Everything the server sends is untrusted: each event is checked against what was asked (its type,
+    fields and the image index it names), each image against its job (the format asked for, the planned
+    size and the key embedded in its metadata) before it is written, and every line and the whole answer
+    are bounded. Anything else is one "malformed" error (exit 1); the images written before it are whole
+    and recorded, nothing partial is. A "done" that leaves planned images unsent records them as failed."""
+
+    remote = True
+
+    def __init__(self, endpoint: Endpoint, ref, options, announce=None):
+        self.endpoint = endpoint
+        self.ref = ref
+        self.options = options
+        self._description: dict | None = None
+        self._announce = announce  # said once, when the first image is sent to the server
+
+    def _model_body(self) -> dict:
+        return {"model": self.ref.name if self.ref.kind != "hub" else self.ref.source,
+                "revision": self.ref.revision, "load": load_to_wire(self.options)}
+
+    def describe(self) -> dict:
+        """The server's LoadedModel.describe() for this model and these options (loads it there)."""
+        if self._description is None:
+            try:
+                status, body = self.endpoint.request("POST", f"{API_PREFIX}/load", self._model_body(), timeout=None)
+            except MalformedAnswer as exc:
+                raise self._malformed(str(exc)) from None
+            except OSError as exc:
+                raise self._gone(exc) from None
+            if status != 200:
+                raise _error_from(status, body)
+            try:
+                self._description = _description(body.get("model"))
+            except MalformedAnswer as exc:
+                raise self._malformed(str(exc)) from None
+        return self._description
+
+    def _gone(self, exc=None) -> GenerationError:
+        why = f" ({getattr(exc, 'strerror', None) or exc})" if exc else ""
+        return GenerationError(f"the sana server at {self.endpoint.describe()} went away before the run "
+                               f"finished{why}; nothing partial was written",
+                               hint="rerun the command (it renders here when no server runs), or pass --no-server")
+
+    def _malformed(self, why: str) -> GenerationError:
+        return GenerationError(f"the answer of the sana server at {self.endpoint.describe()} was malformed "
+                               f"({_short(why, 200)}); nothing partial was written",
+                               hint="restart `sana serve` from this installation, or pass --no-server")
+
+    def run(self, plan, options, *, events, stop, on_result=None, done=frozenset(), claim=None):
+        """The runner's contract (runner.run) with the rendering done by the server: the same claims
+        (images another live process holds are waited for, then taken or found done), the same
+        "done" positions, the same outcome."""
+        from ..reporting.events import Noted
+        from ..reporting.results import RunOutcome, StopToken
+
+        stop = stop or StopToken()
+        started = time.perf_counter()
+        outcome = RunOutcome()
+        timings = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
+        tried: set[int] = set()  # positions sent to the server (or handed to their holder)
+
+        def halted() -> bool:
+            return stop.requested or (options.fail_fast and bool(outcome.failed))
+
+        def claimable(groups: list[list[int]]) -> tuple[list, list[list[int]]]:
+            """The jobs of groups this process may render now, and the groups another process holds."""
+            wanted, waiting = [], []
+            for group in groups:
+                jobs = [plan.jobs[i] for i in group]
+                write = [i not in done and i not in tried for i in group]
+                busy = False
+                if claim is not None:
+                    write, busy = claim(jobs, write)
+                tried.update(i for i, want in zip(group, write) if want)
+                wanted += [job for job, want in zip(jobs, write) if want]
+                if busy:
+                    waiting.append(group)
+            return wanted, waiting
+
+        def render(wanted: list) -> None:
+            if self._announce is not None:
+                self._announce()
+                self._announce = None
+            for name, value in self._render(plan, options, wanted, outcome, events, stop, on_result).items():
+                timings[name] += value
+
+        pending = [group for group in plan.groups if any(i not in done for i in group)]
+        wanted, waiting = claimable(pending)
+        if wanted:
+            render(wanted)
+        if waiting and not halted():
+            count = sum(len(group) for group in waiting)
+            events(Noted(f"waiting for another process to finish image(s) of {len(waiting)} GPU batch(es) "
+                         f"({count} image(s)) it claimed"))
+        while waiting and not halted():  # images other processes were rendering: done by them, or ours
+            time.sleep(0.5)
+            wanted, waiting = claimable(waiting)
+            if wanted and not halted():
+                render(wanted)
+        outcome.stopped_by = stop.signal_number
+        timings.update(write=0.0, total=time.perf_counter() - started)
+        outcome.timings = {name: round(value, 4) for name, value in timings.items()}
+        outcome.results.sort(key=lambda r: r.job.index)
+        return outcome
+
+    def _render(self, plan, options, wanted: list, outcome, events, stop, on_result) -> dict:
+        """Send wanted jobs in one request and write what comes back; the server's timings."""
+        from ..reporting.events import BatchStarted, ImageFailed, ImageWritten, Noted, Step, Warned
+        from ..reporting.results import ImageResult
+        from ..storage.images import write_encoded
+
+        by_index = {job.index: job for job in wanted}
+        line_limit = max(_image_line_limit(job) for job in wanted)
+        total_limit = sum(_image_line_limit(job) for job in wanted) + EVENT_SLACK_BYTES
+        body = {**self._model_body(), "decode": options.decode, "force_size": plan.force_size,
+                "jobs": [job_to_wire(job) for job in wanted]}
+        connection = self.endpoint.connection(timeout=None)
+        lines: queue.Queue = queue.Queue()
+        try:
+            connection.request("POST", f"{API_PREFIX}/jobs", body=json.dumps(body), headers=self.endpoint.headers())
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise self._gone(exc) from None
+        if response.status != 200:
+            try:
+                raw = response.read(MAX_ANSWER_BYTES + 1)
+            except (OSError, http.client.HTTPException) as exc:
+                raise self._gone(exc) from None
+            finally:
+                connection.close()
+            try:
+                answer = _answer_object(raw)
+            except MalformedAnswer as exc:
+                raise self._malformed(f"HTTP {response.status} with {exc}") from None
+            raise _error_from(response.status, answer)
+
+        def read() -> None:
+            total = 0
+            try:
+                while True:
+                    line = response.readline(line_limit + 1)
+                    if not line:
+                        break
+                    total += len(line)
+                    if len(line) > line_limit:
+                        lines.put(MalformedAnswer(f"a line longer than the {line_limit} bytes this run's images "
+                                                  "may take"))
+                        return
+                    if total > total_limit:
+                        lines.put(MalformedAnswer(f"more than the {total_limit} bytes this run may take"))
+                        return
+                    lines.put(line)
+            # The main thread closes the connection once it has the last line, and http.client then fails in
+            # whatever way it is caught (ValueError, AttributeError on a released socket, ...): all mean "ended".
+            except Exception:  # noqa: BLE001
+                pass
+            lines.put(None)
+
+        def finish(result: ImageResult) -> None:
+            outcome.results.append(result)
+            if on_result is not None:
+                on_result(result)
+            events(ImageWritten(result) if result.ok else ImageFailed(result))
+
+        threading.Thread(target=read, name="sana-attach", daemon=True).start()
+        finished = False
+        seen: set[int] = set()
+        current: set[int] = set()  # the images of the GPU batch in flight
+        server_timings: dict = {}
+        try:
+            while True:
+                # A stop ends generate at once; a batch first takes the images of the GPU batch in flight,
+                # as an in-process batch finishes its current GPU batch.
+                if stop.requested and (options.abort_in_flight or not current - seen):
+                    break
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    break
+                try:
+                    if isinstance(line, MalformedAnswer):
+                        raise line
+                    message = _event(line, by_index, seen)
+                except MalformedAnswer as exc:
+                    raise self._malformed(str(exc)) from None
+                kind = message["type"]
+                if kind == "step":
+                    events(Step(step=message["step"], total=message["total"]))
+                elif kind == "batch":
+                    current = set(message["indices"])
+                    events(BatchStarted(number=message["number"], total=message["total"],
+                                        jobs=tuple(by_index[i] for i in message["indices"])))
+                elif kind == "warning":
+                    if message["message"] not in outcome.warnings:
+                        outcome.warnings.append(message["message"])
+                    events(Warned(message["message"]))
+                elif kind == "note":
+                    events(Noted(message["message"]))
+                elif kind in ("image", "failed"):
+                    job = by_index[message["index"]]
+                    seen.add(job.index)
+                    result = ImageResult(job=job, decode=message["decode"], fallbacks=message["fallbacks"],
+                                         seconds=message["seconds"], retried_alone=message["retried_alone"])
+                    if kind == "image":
+                        problem = _image_problem(message["data"], job)
+                        if problem is not None:
+                            raise self._malformed(f"image {job.index} {problem}")
+                        try:
+                            result.written = write_encoded(message["data"], job.path, overwrite=plan.overwrite)
+                        except SanaError as exc:
+                            result.error, result.error_exit_code = exc.line(), exc.exit_code
+                    else:
+                        result.error, result.error_exit_code = message["error"], message["exit_code"]
+                    finish(result)
+                    if options.fail_fast and not result.ok:
+                        break
+                elif kind == "done":
+                    self._description = message["model"] or self._description
+                    outcome.peak_memory_bytes = message["peak_memory_bytes"]
+                    outcome.peak_reserved_bytes = message["peak_reserved_bytes"]
+                    server_timings = message["timings"]
+                    finished = True
+                    break
+                elif kind == "error":
+                    raise _error_from(message["status"], {"error": message})
+        finally:
+            with _suppressed():
+                connection.sock and connection.sock.shutdown(socket.SHUT_RDWR)
+            connection.close()
+        if not finished and not stop.requested and not (options.fail_fast and outcome.failed):
+            raise self._gone()
+        if finished:  # every image asked for ends written or failed: a "done" without some is no success
+            for job in wanted:
+                if job.index not in seen:
+                    finish(ImageResult(job=job, error=f"the sana server at {self.endpoint.describe()} finished "
+                                                      "without sending this image", error_exit_code=1))
+        return {name: server_timings.get(name, 0.0) for name in ("encode", "denoise", "decode")}
+
+
+def _short(value, limit: int) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _image_line_limit(job) -> int:
+    """The longest event line an image of this job may take: its encoded bytes (at most 4 bytes a pixel
+    and the metadata) in base64, and the event's other fields."""
+    return (job.width * job.height * 4 + IMAGE_SLACK_BYTES) * 4 // 3 + (64 << 10)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    import math
+
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _text(message: dict, name: str, *, optional: bool = False) -> str | None:
+    value = message.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise MalformedAnswer(f"a {message.get('type')} event whose {name!r} is not text")
+    return _short(value, MAX_TEXT_CHARS)
+
+
+def _event(line: bytes, by_index: dict, seen: set) -> dict:
+    """One event line from a server, checked field by field against what this run asked for; the
+    values the client uses (an image's bytes decoded). MalformedAnswer for anything else."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError):
+        raise MalformedAnswer("a line that is not JSON") from None
+    if not isinstance(message, dict):
+        raise MalformedAnswer(f"a JSON {type(message).__name__} where an event object belongs")
+    kind = message.get("type")
+
+    def ints(*names: str) -> None:
+        for name in names:
+            if not _is_int(message.get(name)):
+                raise MalformedAnswer(f"a {kind} event whose {name!r} is not a whole number")
+
+    def asked(index) -> int:
+        if not _is_int(index) or index not in by_index:
+            raise MalformedAnswer(f"an event for image {_short(index, 40)}, which this run never asked for")
+        return index
+
+    if kind == "step":
+        ints("step", "total")
+        return {"type": kind, "step": message["step"], "total": message["total"]}
+    if kind == "batch":
+        ints("number", "total")
+        indices = message.get("indices")
+        if not isinstance(indices, list) or not indices:
+            raise MalformedAnswer("a batch event without its image indices")
+        return {"type": kind, "number": message["number"], "total": message["total"],
+                "indices": [asked(index) for index in indices]}
+    if kind in ("warning", "note"):
+        return {"type": kind, "message": _text(message, "message")}
+    if kind in ("image", "failed"):
+        index = asked(message.get("index"))
+        if index in seen:
+            raise MalformedAnswer(f"image {index} sent twice")
+        fallbacks = message.get("fallbacks") or []
+        if not isinstance(fallbacks, list) or not all(isinstance(item, str) for item in fallbacks):
+            raise MalformedAnswer(f"an {kind} event whose 'fallbacks' is not a list of text")
+        seconds = message.get("seconds", 0.0)
+        checked = {"type": kind, "index": index, "decode": _text(message, "decode", optional=True),
+                   "fallbacks": tuple(_short(item, 200) for item in fallbacks[:16]),
+                   "seconds": float(seconds) if _number(seconds) else 0.0,
+                   "retried_alone": message.get("retried_alone") is True}
+        if kind == "image":
+            data = message.get("data")
+            if not isinstance(data, str):
+                raise MalformedAnswer(f"image {index} without its data")
+            try:
+                checked["data"] = base64.b64decode(data, validate=True)
+            except ValueError:
+                raise MalformedAnswer(f"image {index} whose data is not base64") from None
+        else:
+            code = message.get("exit_code")
+            checked["error"] = _text(message, "error")
+            checked["exit_code"] = code if _is_int(code) and code in IMAGE_EXIT_CODES else 1
+        return checked
+    if kind == "done":
+        model, timings = message.get("model"), message.get("timings") or {}
+        model = None if model is None else _description(model)
+        if not isinstance(timings, dict):
+            raise MalformedAnswer("a done event whose 'timings' is not an object")
+        peaks = {name: message.get(name) if _is_int(message.get(name)) else None
+                 for name in ("peak_memory_bytes", "peak_reserved_bytes")}
+        return {"type": kind, "model": model, **peaks,
+                "timings": {name: float(value) for name, value in timings.items()
+                            if name in ("encode", "denoise", "decode") and _number(value)}}
+    if kind == "error":
+        status = message.get("status", 500)
+        code = message.get("exit_code")
+        return {"type": kind, "status": status if _is_int(status) else 500, "message": _text(message, "message"),
+                "exit_code": code if _is_int(code) else None}
+    raise MalformedAnswer(f"an event of unknown type {_short(kind, 40)!r}")
+
+
+DESCRIPTION_FIELDS = ("model", "model_id", "revision", "commit", "pipeline", "dtype", "device")  # what records use
+
+
+def _description(model) -> dict:
+    """A loaded model's description from a server: an object with text (or null) for every field that
+    metadata, manifests and JSON output take from it."""
+    if not isinstance(model, dict):
+        raise MalformedAnswer("a model description that is not an object")
+    for name in DESCRIPTION_FIELDS:
+        value = model.get(name)
+        if not (isinstance(value, str) or (value is None and name in ("revision", "commit"))):
+            raise MalformedAnswer(f"a model description whose {name!r} is not text")
+    return model
+
+
+def _image_problem(data: bytes, job) -> str | None:
+    """Why encoded bytes from a server are not this job's image: not the format its path asks for, not
+    the planned size, or metadata whose key is another job's. None when they are."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from ..planning.plan import image_format
+    from ..storage.images import _EXIF_IMAGE_DESCRIPTION
+
+    expected = image_format(job.path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data), formats=(expected,))
+            if image.size != (job.width, job.height):
+                return f"is {image.size[0]}x{image.size[1]}, the job planned {job.width}x{job.height}"
+            image.load()  # every pixel decodes: a truncated file is not an image
+            if expected == "PNG":
+                meta = image.info.get("sana")
+            else:
+                description = image.getexif().get(_EXIF_IMAGE_DESCRIPTION)
+                meta = description[len("sana:"):] if isinstance(description, str) and \
+                    description.startswith("sana:") else None
+    except Exception:  # noqa: BLE001 - whatever crafted bytes make Pillow raise: not the image asked for
+        return f"is not a readable {expected} image"
+    try:
+        meta = json.loads(meta) if isinstance(meta, str) else None
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("key") != job.key:
+        return "does not carry the key of the job it was sent for (its metadata is another image's)"
+    return None
+
+
+class _suppressed:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def _error_from(status: int, body: dict) -> SanaError:
+    """A server's error answer as the error the CLI would have raised itself."""
+    error = body.get("error") if isinstance(body, dict) else None
+    error = error if isinstance(error, dict) else {}
+    message = _short(error.get("message") or f"the sana server answered HTTP {status}", MAX_TEXT_CHARS)
+    code = error.get("exit_code")
+    if status in (400, 404, 413, 422):
+        exc = UsageError(message)
+    elif status in (401, 403, 503, 429):
+        exc = EnvironmentProblem(message)
+    else:
+        exc = GenerationError(message)
+    if _is_int(code) and 1 <= code <= 4:  # only documented codes leave the CLI
+        exc.exit_code = code
+    return exc

@@ -1,0 +1,2 @@
+"""Files on disk, never half-written: images and their metadata, batch manifests, latents files, the
+gallery."""
