@@ -444,7 +444,8 @@ def test_loading_a_lora_under_cpu_offload_keeps_the_hooks_and_the_gpu_index(part
     assert before == {"text_encoder": "cuda:1", "transformer": "cuda:1", "vae": "cuda:1"}
     loras = lora.resolve_all([str(parts["a"])], loaded.ref)
     lora_engine.prepare(loaded, [loras], restorable=True)
-    assert lora_engine._adapter_modules(loaded.pipe.transformer, lora_engine.adapter_name(loras[0][1]))  # the adapter is in
+    name = lora_engine.adapter_name(loras[0][1])
+    assert lora_engine._adapter_modules(loaded.pipe.transformer, name)  # the adapter is in
     assert hooks() == before and loaded.pipe._offload_gpu_id == 1
 def test_a_controlnet_directory_edited_in_place_is_never_taken_for_finished_images(parts, tmp_path):
     """The key covers the content of a local ControlNet's files, as it does a LoRA's: a batch rerun after the
