@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import sana_cli
-from sana_cli.inputs.images import images as inputs
+from sana_cli.inputs import images as inputs
 from sana_cli.engine import lora as lora_engine, tiny_build as tiny
 from sana_cli.inputs import lora
 from sana_cli.errors import UsageError

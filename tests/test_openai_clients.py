@@ -326,8 +326,8 @@ def test_litellm_image_generation_sync_and_async(server):
 
 def test_aliases_sizes_params_and_preview_steps_torch_free():
     from sana_cli.errors import UsageError
-    from sana_cli.server.app.openai_images import Aliases, nearest_size, param_of
-    from sana_cli.server.app.work_queue import preview_steps
+    from sana_cli.server.openai_images import Aliases, nearest_size, param_of
+    from sana_cli.server.work_queue import preview_steps
 
     aliases = Aliases.parse(["dall-e-3=sana-1600m-1024", "dall-e-*=tiny", "*=sana-600m-512"])
     assert [aliases.resolve(name) for name in ("dall-e-3", "dall-e-2", "gpt-image-1", "tiny", "org/name")] == [

@@ -165,7 +165,7 @@ def _force_size():
 
 
 def test_no_server_and_what_a_server_cannot_do_the_same_way_run_here(server, tmp_path, tiny_dir):
-    from sana_cli.server.app.client import attach_blocker
+    from sana_cli.server.client import attach_blocker
     from sana_cli.models.modelref import resolve
     from sana_cli.planning.plan import LoadOptions
 
@@ -197,7 +197,7 @@ def test_input_files_are_read_only_by_an_in_process_run(server, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before the directory was made
 
 def test_socket_is_user_only_and_a_foreign_or_open_socket_is_not_trusted(server, tmp_path):
-    from sana_cli.server.app.client import private_place_problem
+    from sana_cli.server.client import private_place_problem
 
     assert stat.S_IMODE(os.lstat(server.socket).st_mode) == 0o600
     assert stat.S_IMODE(os.lstat(server.socket.parent).st_mode) == 0o700
@@ -457,7 +457,7 @@ def test_api_key_and_sigterm_finishes_in_flight_and_refuses_new(tmp_path, tiny_m
 
 
 def test_queue_full_and_cancel_in_the_scheduler():
-    from sana_cli.server.app.work_queue import Draining, QueueFull, Scheduler, Work
+    from sana_cli.server.work_queue import Draining, QueueFull, Scheduler, Work
 
     class Ref:
         source, revision = "tiny:sana", None
@@ -528,7 +528,7 @@ def test_the_model_cache_loads_a_model_once_however_many_threads_ask(tiny_models
 
     from sana_cli.models.modelref import resolve
     from sana_cli.planning.plan import LoadOptions
-    from sana_cli.server.app.work_queue import ModelCache
+    from sana_cli.server.work_queue import ModelCache
 
     calls = _slow_loads(monkeypatch)
     cache = ModelCache(keep_alive=None, budget_bytes=None)
@@ -565,7 +565,7 @@ def test_the_model_cache_loads_a_model_once_however_many_threads_ask(tiny_models
 def _rendering_work(tmp_path, hold: threading.Event, rendering: threading.Event, messages: list):
     """A Work for one tiny image whose sink blocks at the first denoising step until `hold` is set."""
     from sana_cli.planning.plan import LoadOptions, Request, model_for, plan_generate
-    from sana_cli.server.app.work_queue import Work
+    from sana_cli.server.work_queue import Work
 
     request = Request(prompt="a red fox", model="tiny", steps=2, seed=3, output=str(tmp_path / "fox.png"))
     plan = plan_generate(request, model_for(request))
@@ -583,7 +583,7 @@ def test_a_model_that_renders_is_never_unloaded_and_the_budget_waits_or_refuses(
     from sana_cli.errors import EnvironmentProblem
     from sana_cli.models.modelref import resolve
     from sana_cli.planning.plan import LoadOptions
-    from sana_cli.server.app.work_queue import ModelCache, Scheduler
+    from sana_cli.server.work_queue import ModelCache, Scheduler
 
     cache = ModelCache(keep_alive=None, budget_bytes=1)  # every model is over this budget: one at a time
     scheduler = Scheduler(window=0.0, models=cache)
@@ -631,7 +631,7 @@ def test_the_memory_budget_counts_what_the_models_device_really_holds(tiny_model
     from sana_cli.engine.loading import load
     from sana_cli.planning.plan import LoadOptions
     from sana_cli.engine.quantize import module_bytes
-    from sana_cli.server.app.work_queue import _model_bytes
+    from sana_cli.server.work_queue import _model_bytes
 
     def components(loaded):
         return [c for c in loaded.pipe.components.values() if isinstance(c, torch.nn.Module)]
@@ -659,7 +659,7 @@ def test_an_out_of_memory_server_batch_is_retried_per_image_and_the_worker_goes_
 
     from sana_cli.models.modelref import resolve
     from sana_cli.planning.plan import LoadOptions, Request, model_for, plan_generate
-    from sana_cli.server.app.work_queue import ModelCache, Scheduler, Work
+    from sana_cli.server.work_queue import ModelCache, Scheduler, Work
 
     cache = ModelCache(keep_alive=None, budget_bytes=None)
     loaded = cache.get(resolve("tiny"), LoadOptions())
@@ -706,7 +706,7 @@ def test_an_evicted_compiled_model_is_freed(backend, tiny_models, tmp_path, monk
     from sana_cli.engine import speed
     from sana_cli.models.modelref import resolve
     from sana_cli.planning.plan import LoadOptions
-    from sana_cli.server.app.work_queue import ModelCache, Scheduler
+    from sana_cli.server.work_queue import ModelCache, Scheduler
 
     real = speed.enable_compile
     monkeypatch.setattr(speed, "enable_compile", lambda loaded: real(loaded, backend=backend))
