@@ -579,3 +579,34 @@ def test_thumbnail_follows_exif_orientation_after_shrinking(tmp_path):
     Image.new("RGB", (600, 300), "red").save(tmp_path / "r.jpg", exif=exif.tobytes())
     data, size = render_thumbnail(tmp_path / "r.jpg")
     assert size == (128, 256)
+
+
+def test_input_image_limits_sit_below_pillows_and_the_largest_allowed_image_is_accepted(tmp_path):
+    """sana-cli's own bounds (8192 per side, so at most 8192x8192 pixels) are tighter than Pillow's
+    decompression-bomb limits, so sana-cli refuses first with its own line; the bad-input table's
+    9000x8000 row is an image between the two. At the limit itself an input image is accepted."""
+    from PIL import Image as PILImage
+
+    from sana_cli import inputs, safeio
+    from sana_cli.errors import UsageError
+
+    assert safeio.MAX_IMAGE_PIXELS == inputs.MAX_SIDE ** 2
+    assert safeio.MAX_IMAGE_PIXELS < 9000 * 8000 < PILImage.MAX_IMAGE_PIXELS < 2 * PILImage.MAX_IMAGE_PIXELS
+
+    def black(name: str, width: int, height: int) -> str:
+        rows = zlib.compress(b"\0" * (3 * width + 1) * height, 1)
+        path = tmp_path / name
+        path.write_bytes(png(1, 1)[:8] + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                         + _chunk(b"IDAT", rows) + _chunk(b"IEND", b""))
+        return str(path)
+
+    largest = black("largest.png", 8192, 8192)
+    assert inputs.check_image(largest, "--image", (128, 128))[0] == largest  # decoded whole, then accepted
+    with pytest.raises(UsageError, match="is 8193x8192, larger than any image sana-cli writes"):
+        inputs.check_image(black("wider.png", 8193, 8192), "--image", (128, 128))
+    with pytest.raises(ValueError, match="is 9000x8000, larger than any image sana-cli writes"):
+        safeio.open_image(black("between.png", 9000, 8000))
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
