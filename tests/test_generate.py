@@ -219,12 +219,16 @@ def test_signals_stop_cleanly_with_their_exit_code(tiny_models, tmp_path, sig, c
         [SANA, "generate", PROMPT, "--model", "tiny", "--size", "512", "--force-size", "--steps", "400", "--seed", "1",
          "-o", str(tmp_path / "a.png")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, SANA_PROGRESS_INTERVAL="0"))
+    seen = []
     for line in process.stderr:
+        seen.append(line)
         if "step 2/" in line:
             break
+    else:
+        raise AssertionError(f"the run ended before step 2 (exit {process.wait()}):\n{''.join(seen)}")
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == code, stderr
+    assert process.returncode == code, "".join(seen) + stderr
     assert stdout == ""
     assert "interrupted" in stderr.splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
