@@ -133,6 +133,22 @@ def full_size_dcae():
         scaling_factor=0.41407).eval()
 
 
+PRLIMIT = shutil.which("prlimit")
+
+
+def limited(command: list, *, memory: int | None = None, file_size: int | None = None) -> list:
+    """The command run under an address-space and/or file-size limit, set by util-linux's `prlimit`,
+    which sets them and execs the command. Not preexec_fn: Python code run between fork and exec is
+    unsafe beside other threads (every xdist worker has some, and fake servers run in threads), where
+    the child can deadlock before it execs. A Python child ignores SIGXFSZ itself, so a write past the
+    file-size limit fails with EFBIG, as on a full disk."""
+    if not memory and not file_size:
+        return [str(part) for part in command]
+    assert PRLIMIT, "these tests need util-linux's prlimit"
+    return [PRLIMIT, *([f"--as={memory}"] if memory else []), *([f"--fsize={file_size}"] if file_size else []),
+            "--", *map(str, command)]
+
+
 def run_sana(*args, cwd=None, env=None, input=None, timeout=180, check_json=False, **kwargs):
     """Run the installed `sana` console script; returns CompletedProcess (text)."""
     assert SANA, "the sana console script is not installed next to this Python"
