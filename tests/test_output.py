@@ -218,3 +218,20 @@ def test_an_image_is_fsynced_whole_before_its_rename_and_the_directory_after(tmp
     assert directory == str(tmp_path)  # and the new name is made durable too
     output.write_image(noise_image(1), target, META, overwrite=True)
     assert len(watch.calls) == 4 and seen[-1] == ("rename", 3) and watch.calls[3][0] == str(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd's file")
+def test_a_thumbnail_is_fsynced_whole_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):
+    from sana_cli.gallery import ThumbnailDirectory
+
+    thumbnails = ThumbnailDirectory(tmp_path)
+    watch = FsyncWatch(monkeypatch)
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a, **kw: (renames.append(len(watch.calls)), real_replace(*a, **kw))[1])
+    thumbnails.write("a.png", b"x" * 1000)
+    thumbnails.close()
+    assert len(watch.calls) == 2, f"expected an fsync of the temp file, then of the directory: {watch.calls}"
+    (temp, size), (directory, _) = watch.calls
+    assert output.is_temp_file(Path(temp).name) and size == 1000 and renames == [1]
+    assert directory == str(thumbnails.path) and (thumbnails.path / "a.png").read_bytes() == b"x" * 1000
