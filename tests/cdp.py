@@ -3,6 +3,7 @@ JavaScript in it, click. Used where a page must do something only a person's act
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -14,18 +15,18 @@ class Browser:
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
 
-        def descriptors():  # the browser reads commands on fd 3 and writes answers on fd 4
-            commands, answers = os.dup(to_browser_read), os.dup(from_browser_write)  # above 4: no clash
-            os.dup2(commands, 3)
-            os.dup2(answers, 4)
-
+        # The browser reads commands on fd 3 and writes answers on fd 4: a shell moves the two pipe ends
+        # there and execs it (not preexec_fn, which is unsafe in a process with threads). Copies above 9
+        # first, so that neither end is already 3 or 4.
+        commands, answers = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_read, from_browser_write))
+        moves = f'exec "$@" 3<&{commands} 4>&{answers} {commands}<&- {answers}>&-'
         self.process = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-             "--remote-debugging-pipe", url], pass_fds=(3, 4),
-            preexec_fn=descriptors, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_browser_read)
-        os.close(from_browser_write)
+            ["/bin/sh", "-c", moves, "sh", binary, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={profile}", "--remote-debugging-pipe", url], pass_fds=(commands, answers),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for fd in (to_browser_read, from_browser_write, commands, answers):
+            os.close(fd)
         self._buffer = b""
         self._next = 0
         self.session = None

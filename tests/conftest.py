@@ -1,11 +1,19 @@
 """Shared fixtures: an isolated cache with the tiny models built once, offline HF, and helpers that
-run the installed `sana` in a subprocess exactly as a user or CI script would."""
+run the installed `sana` in a subprocess exactly as a user or CI script would.
+
+The suite runs on pytest-xdist workers (addopts in pyproject.toml). Each worker has its own cache and
+temp dirs; the tiny models are built once per run by whichever worker gets there first (under a file
+lock, in a directory all workers share) and copied into each worker's cache. A file whose tests share
+one expensive module fixture (a server, a full-size VAE, a built batch) runs whole on one worker."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +21,20 @@ from pathlib import Path
 import pytest
 
 SANA = shutil.which("sana", path=os.path.dirname(sys.executable)) or shutil.which("sana")
+
+
+# Files whose tests share one expensive module-scoped fixture (a `sana serve` process, the full-size VAE,
+# a rendered batch, loaded pipelines): each runs whole on one xdist worker (--dist loadgroup), so the
+# fixture is built once and its tests see the state they were written against. Every other test is
+# handed out one by one, to whichever worker is free.
+ONE_WORKER_FILES = ("test_serve.py", "test_serve_hostile.py", "test_openai_clients.py", "test_decode.py",
+                    "test_lora_control_img2img.py", "test_report.py", "test_bench.py", "test_gpu.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in ONE_WORKER_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +59,56 @@ def isolated_environment(cache_dir, tmp_path_factory):
             os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _cache_root(path: Path):
+    saved = os.environ["SANA_CLI_CACHE"]
+    os.environ["SANA_CLI_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        os.environ["SANA_CLI_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
-def tiny_models(isolated_environment) -> dict[str, Path]:
-    """The three built-in tiny models, built once into the isolated cache."""
+def tiny_models(isolated_environment, cache_dir, tmp_path_factory) -> dict[str, Path]:
+    """The three built-in tiny models in the isolated cache, built once per run: with xdist workers,
+    the first worker builds them into a directory they all share (the others wait on its lock) and
+    each copies them into its own cache, so no test sees another worker's writes."""
     from sana_cli.engine import tiny_build as tiny
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "sana-tiny-models"
+        shared.mkdir(exist_ok=True)
+        with open(shared / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with _cache_root(shared):
+                built = [tiny.ensure(variant) for variant in tiny.VARIANTS]
+        for path in built:
+            target = cache_dir / path.relative_to(shared)
+            if not target.exists():
+                shutil.copytree(path, target)
     return {variant: tiny.ensure(variant) for variant in tiny.VARIANTS}
+
+
+def _signal_state() -> dict:
+    state = {signal.Signals(sig).name: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    state["blocked"] = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    return state
+
+
+@pytest.fixture(autouse=True)
+def signals_left_as_found():
+    """A test must leave this process's SIGINT/SIGTERM handlers and signal mask as it found them: a
+    child started later inherits an ignored or blocked signal through fork and exec, and then no
+    longer stops on Ctrl-C (that is what made a FIFO test fail only after other tests had run)."""
+    before = _signal_state()
+    yield
+    after = _signal_state()
+    if after != before:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, before[signal.Signals(sig).name])
+        signal.pthread_sigmask(signal.SIG_SETMASK, before["blocked"])
+        pytest.fail(f"the test changed this process's signal state: {before} -> {after}")
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +131,22 @@ def full_size_dcae():
         decoder_qkv_multiscales=[[], [], [], [5], [5], [5]], upsample_block_type="interpolate",
         downsample_block_type="Conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
         scaling_factor=0.41407).eval()
+
+
+PRLIMIT = shutil.which("prlimit")
+
+
+def limited(command: list, *, memory: int | None = None, file_size: int | None = None) -> list:
+    """The command run under an address-space and/or file-size limit, set by util-linux's `prlimit`,
+    which sets them and execs the command. Not preexec_fn: Python code run between fork and exec is
+    unsafe beside other threads (every xdist worker has some, and fake servers run in threads), where
+    the child can deadlock before it execs. A Python child ignores SIGXFSZ itself, so a write past the
+    file-size limit fails with EFBIG, as on a full disk."""
+    if not memory and not file_size:
+        return [str(part) for part in command]
+    assert PRLIMIT, "these tests need util-linux's prlimit"
+    return [PRLIMIT, *([f"--as={memory}"] if memory else []), *([f"--fsize={file_size}"] if file_size else []),
+            "--", *map(str, command)]
 
 
 def run_sana(*args, cwd=None, env=None, input=None, timeout=180, check_json=False, **kwargs):

@@ -10,14 +10,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from .conftest import SANA, one_line_error
+from .conftest import SANA, limited, one_line_error
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -707,19 +706,11 @@ def expand(value: str, tmp: Path, files: Path, tiny: Path) -> str:
 def test_bad_input(case: Case, files, tiny_dir, tmp_path):
     args = [expand(str(a), tmp_path, files, tiny_dir) for a in case.args]
 
-    def limit():
-        import resource
-
-        if case.limit_file_size:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (case.limit_file_size, case.limit_file_size))
-        if case.limit_memory:
-            resource.setrlimit(resource.RLIMIT_AS, (case.limit_memory, case.limit_memory))
-
     before = sorted(p.name for p in tmp_path.iterdir())
     env = {key: expand(value, tmp_path, files, tiny_dir) for key, value in case.env.items()}
-    process = subprocess.run([SANA, *args], input=case.stdin, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, **env), preexec_fn=limit)
+    command = limited([SANA, *args], memory=case.limit_memory, file_size=case.limit_file_size)
+    process = subprocess.run(command, input=case.stdin, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, **env))
     assert process.returncode == case.code, process.stderr
     if case.code == 0:
         assert "Traceback" not in process.stderr

@@ -23,7 +23,7 @@ from sana_cli.errors import UsageError
 from sana_cli.storage.files import TEMP_MARK, sha256_file
 from sana_cli.planning.plan import BatchDefaults, derive_seed
 
-from .conftest import SANA, one_line_error
+from .conftest import SANA, limited, one_line_error
 
 PROMPTS = ["a red fox in the snow", "a cute panda eating bamboo", "一只可爱的熊猫 🐼 在竹林里", "a lighthouse at dusk",
            "a cyberpunk city street at night", "an old castle on a hill"]
@@ -327,14 +327,8 @@ def test_a_failing_row_does_not_stop_the_run_exit_3_and_retry(tmp_path, tiny_mod
     path = write(tmp_path / "p.jsonl", '{"prompt": "small one"}\n{"prompt": "large", "size": 512}\n'
                                        '{"prompt": "small two"}\n')
 
-    def limit():
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
-
     command = [SANA, "batch", str(path), "--model", "tiny", "-o", str(tmp_path / "out"), "--force-size", "--json"]
-    failed = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    failed = subprocess.run(limited(command, file_size=300_000), capture_output=True, text=True, timeout=300)
     assert failed.returncode == 3, failed.stderr
     summary = json.loads(failed.stdout)
     assert (summary["written"], summary["failed"]) == (2, 1)
@@ -343,8 +337,8 @@ def test_a_failing_row_does_not_stop_the_run_exit_3_and_retry(tmp_path, tiny_mod
     events = [r["event"] for r in manifest(tmp_path / "out")]
     assert sorted(events) == ["error", "image", "image"]
     assert not [p for p in (tmp_path / "out").iterdir() if TEMP_MARK in p.name]
-    fail_fast = subprocess.run(command[:-1] + ["-o", str(tmp_path / "ff"), "--fail-fast"], capture_output=True,
-                               text=True, preexec_fn=limit, timeout=300)
+    fail_fast = subprocess.run(limited(command[:-1] + ["-o", str(tmp_path / "ff"), "--fail-fast"], file_size=300_000),
+                               capture_output=True, text=True, timeout=300)
     assert fail_fast.returncode == 1
     retried = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert retried.returncode == 0 and json.loads(retried.stdout)["written"] == 1

@@ -1,9 +1,12 @@
 """Decode strategies against a plain `vae.decode`, on the tiny VAE and on the full-size DC-AE config.
 
-Tolerances (fp32, CPU): strips and patch-conv equal a full decode to 1e-5 (float reassociation;
-usually exactly 0.0). Tiled decoding is not exact by design (tiles see part of the attention
-context and are blended), so it is only checked for shape and for being exact when one tile
-covers the image.
+Strips and patch-conv are exact methods (fp32, CPU). On the full-size DC-AE config a strip decode
+equals a full decode bit for bit (torch.equal), and that test allows nothing: a halo two rows short
+of the tail's receptive field differs there by only ~5e-7, which any tolerance would let through.
+On the tiny VAE some strip heights make the CPU's convolution kernels sum in another order (~5e-7
+apart), so the tiny-VAE tests keep a float tolerance and the halo is judged on the full-size one. Tiled
+decoding is not exact by design (tiles see part of the attention context and are blended), so it
+is only checked for shape and for being exact when one tile covers the image.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from sana_cli.engine import vae as decode
 
 from .conftest import full_size_dcae
 
-EXACT = 1e-5
+REASSOCIATION = 1e-5  # the tiny VAE only: float sums in another order, never a missing row of context
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def test_strips_equal_a_full_decode_on_the_tiny_vae(tiny_vae, shape, rows):
     full = plain(tiny_vae, z)
     strips = decode.strip_decode(tiny_vae, z, rows)
     assert strips.shape == full.shape
-    assert (strips - full).abs().max().item() <= EXACT
+    assert (strips - full).abs().max().item() <= REASSOCIATION
 
 
 def test_strips_equal_a_full_decode_on_the_full_size_dcae(full_size_vae):
@@ -53,7 +56,7 @@ def test_strips_equal_a_full_decode_on_the_full_size_dcae(full_size_vae):
     full = plain(full_size_vae, z)
     strips = decode.strip_decode(full_size_vae, z, 7)  # tail input is 24 rows: 4 strips, one partial
     assert strips.shape == (1, 3, 192, 192)
-    assert (strips - full).abs().max().item() <= EXACT
+    assert torch.equal(strips, full), (strips - full).abs().max().item()
 
 
 def test_patch_conv_equals_full_and_is_undone_afterwards(tiny_vae):
@@ -125,4 +128,4 @@ def test_a_real_out_of_memory_falls_back_to_strips(tiny_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     strategy, fallbacks, diff = out.stdout.split()
     assert strategy.startswith("strips:") and fallbacks.split(",")[0] == "full"
-    assert float(diff) <= EXACT
+    assert float(diff) <= REASSOCIATION

@@ -19,7 +19,7 @@ from PIL import Image
 from sana_cli.cli import cli
 from sana_cli.storage.images import read_metadata
 
-from .conftest import SANA, one_line_error
+from .conftest import SANA, limited, one_line_error
 
 PROMPT = "a cute panda eating bamboo, ink drawing style"
 
@@ -198,15 +198,9 @@ def test_exit_4_for_a_missing_model_directory(sana, tmp_path):
 
 def test_exit_1_when_writing_fails_and_nothing_partial_is_left(tiny_models, tmp_path):
     """A real failed write: RLIMIT_FSIZE makes write() fail with EFBIG, as a full disk would."""
-    def limit():
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
-
-    process = subprocess.run([SANA, "generate", PROMPT, "--model", "tiny", "--seed", "1",
-                              "-o", str(tmp_path / "a.png")],
-                             capture_output=True, text=True, preexec_fn=limit, timeout=180)
+    process = subprocess.run(limited([SANA, "generate", PROMPT, "--model", "tiny", "--seed", "1",
+                                      "-o", str(tmp_path / "a.png")], file_size=4000),
+                             capture_output=True, text=True, timeout=180)
     assert process.returncode == 1, process.stderr
     assert "cannot write" in process.stderr.splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
@@ -219,12 +213,16 @@ def test_signals_stop_cleanly_with_their_exit_code(tiny_models, tmp_path, sig, c
         [SANA, "generate", PROMPT, "--model", "tiny", "--size", "512", "--force-size", "--steps", "400", "--seed", "1",
          "-o", str(tmp_path / "a.png")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, SANA_PROGRESS_INTERVAL="0"))
+    seen = []
     for line in process.stderr:
+        seen.append(line)
         if "step 2/" in line:
             break
+    else:
+        raise AssertionError(f"the run ended before step 2 (exit {process.wait()}):\n{''.join(seen)}")
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == code, stderr
+    assert process.returncode == code, "".join(seen) + stderr
     assert stdout == ""
     assert "interrupted" in stderr.splitlines()[-1]
     assert list(tmp_path.iterdir()) == []

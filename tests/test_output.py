@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,106 @@ def test_reading_a_non_image_is_a_usage_error(tmp_path):
 def test_write_failure_type(tmp_path):
     with pytest.raises(GenerationError):
         images.write_image(noise_image(), tmp_path / "missing-dir" / "a.png", META, overwrite=False)
+
+
+# ---- the guarantees themselves: each test fails when its lock, fsync or rename is taken out ---------
+
+HOLD_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "ab") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.readline()  # hold the lock until told
+"""
+
+
+def test_a_manifest_append_waits_for_another_process_holding_the_lock(tmp_path):
+    """Another process (a second `sana batch` on the same directory) holds the manifest's flock: an
+    append must wait for it and land after it is released, never write beside it."""
+    import threading
+
+    path = tmp_path / "results.jsonl"
+    manifest = manifests.Manifest(path)
+    manifest.append(record(1))
+    before = path.read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        appending = threading.Thread(target=manifest.append, args=(record(2),))
+        appending.start()
+        appending.join(1.0)
+        assert appending.is_alive(), "the append did not wait for the lock another process holds"
+        assert path.read_bytes() == before, "the append wrote while another process held the lock"
+    finally:
+        holder.communicate("go\n", timeout=30)  # releases the lock
+    appending.join(30)
+    assert not appending.is_alive()
+    manifest.close()
+    assert [r["index"] for r in manifests.read_manifests(tmp_path)] == [1, 2]
+
+
+class FsyncWatch:
+    """Wraps os.fsync (the real call still runs) and notes what each call made durable: the file
+    the descriptor names and its size at that moment."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, int]] = []
+        real = os.fsync
+
+        def fsync(fd):
+            target = os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}")
+            self.calls.append((target, os.fstat(fd).st_size))
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd's file")
+def test_each_manifest_append_is_fsynced_before_it_returns(tmp_path, monkeypatch):
+    path = tmp_path / "results.jsonl"
+    manifest = manifests.Manifest(path)
+    watch = FsyncWatch(monkeypatch)
+    manifest.append(record(1))
+    assert watch.calls == [(str(path), path.stat().st_size)]  # this file, with the whole line in it
+    manifest.append(record(2))
+    assert watch.calls[1:] == [(str(path), path.stat().st_size)]
+    manifest.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd's file")
+def test_an_image_is_fsynced_whole_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):
+    watch = FsyncWatch(monkeypatch)
+    target = tmp_path / "a.png"
+    seen = []
+    real_link, real_replace = os.link, os.replace
+    monkeypatch.setattr(os, "link", lambda src, dst, **kw: (seen.append(("rename", len(watch.calls))),
+                                                           real_link(src, dst, **kw))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst, **kw: (seen.append(("rename", len(watch.calls))),
+                                                              real_replace(src, dst, **kw))[1])
+    images.write_image(noise_image(), target, META, overwrite=False)
+    size = target.stat().st_size
+    assert len(watch.calls) == 2, f"expected an fsync of the temp file, then of the directory: {watch.calls}"
+    (temp, temp_size), (directory, _) = watch.calls
+    assert files.is_temp_file(Path(temp).name) and Path(temp).parent == tmp_path and temp_size == size
+    assert seen == [("rename", 1)]  # the data was durable before the name appeared
+    assert directory == str(tmp_path)  # and the new name is made durable too
+    images.write_image(noise_image(1), target, META, overwrite=True)
+    assert len(watch.calls) == 4 and seen[-1] == ("rename", 3) and watch.calls[3][0] == str(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd's file")
+def test_a_thumbnail_is_fsynced_whole_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):
+    from sana_cli.storage.gallery import ThumbnailDirectory
+
+    thumbnails = ThumbnailDirectory(tmp_path)
+    watch = FsyncWatch(monkeypatch)
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a, **kw: (renames.append(len(watch.calls)), real_replace(*a, **kw))[1])
+    thumbnails.write("a.png", b"x" * 1000)
+    thumbnails.close()
+    assert len(watch.calls) == 2, f"expected an fsync of the temp file, then of the directory: {watch.calls}"
+    (temp, size), (directory, _) = watch.calls
+    assert files.is_temp_file(Path(temp).name) and size == 1000 and renames == [1]
+    assert directory == str(thumbnails.path) and (thumbnails.path / "a.png").read_bytes() == b"x" * 1000

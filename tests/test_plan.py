@@ -298,3 +298,66 @@ def test_pag_layers_are_checked_while_planning_without_loading(tiny_models):
                               "plan_generate(Request(prompt='a', model='tiny', pag_scale=2.0), resolve('tiny')); "
                               "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120)
     assert process.stdout.strip() == "False", process.stderr
+
+
+# Two values for every field of ImageJob that plan.PIXEL_FIELDS names, and for every PixelOptions field:
+# the key test below walks those lists, so a field added there without a pair here fails it by name.
+PIXEL_FIELD_PAIRS = {
+    "prompt": ("a cat", "a dog"), "negative_prompt": ("", "blurry"), "seed": (1, 2), "width": (128, 160),
+    "height": (128, 96), "steps": (2, 3), "guidance": (4.5, 5.0), "pag_scale": (0.0, 2.0),
+    "pag_layers": (None, "transformer_blocks.0"),
+    "loras": ((), (("a.safetensors", "1" * 64, 1.0),)),
+    "controlnet": (None, "tiny-controlnet"), "controlnet_sha256": (None, "2" * 64),
+    "control_image": (None, "/a/control.png"), "control_image_sha256": (None, "3" * 64), "control_scale": (None, 0.5),
+    "image": (None, "/a/start.png"), "image_sha256": (None, "4" * 64), "strength": (None, 0.6),
+}
+PIXEL_OPTION_PAIRS = {"device": ("cpu", "cuda"), "dtype": ("fp32", "bf16"), "fp8": (False, True),
+                      "decode": ("full", "tiled"), "quantize": (None, "int8")}
+
+
+def _key(pixels=plan.PixelOptions(), model="tiny", **changes) -> str:
+    params = {name: pair[0] for name, pair in PIXEL_FIELD_PAIRS.items()}
+    return plan.make_job(resolve(model), pixels, index=1, row=0, path="/out/a.png", **{**params, **changes}).key
+
+
+def test_every_pixel_field_alone_changes_the_key_and_nothing_else_does():
+    """Driven by the code's own lists: each name in plan.PIXEL_FIELDS and each PixelOptions field
+    changes the key by itself; where an input file is (its path) and where the image goes do not."""
+    from dataclasses import fields
+
+    missing = [name for name in plan.PIXEL_FIELDS if name not in PIXEL_FIELD_PAIRS]
+    assert not missing, f"plan.PIXEL_FIELDS has fields with no sample values in PIXEL_FIELD_PAIRS: {missing}"
+    options = [f.name for f in fields(plan.PixelOptions)]
+    missing = [name for name in options if name not in PIXEL_OPTION_PAIRS]
+    assert not missing, f"PixelOptions has fields with no sample values in PIXEL_OPTION_PAIRS: {missing}"
+    base = plan.PixelOptions(**{name: pair[0] for name, pair in PIXEL_OPTION_PAIRS.items()})
+    reference = _key(base)
+    assert _key(base) == reference
+    for name in plan.PIXEL_FIELDS:
+        changed = _key(base, **{name: PIXEL_FIELD_PAIRS[name][1]})
+        if name in plan._KEY_SKIPS:  # a path: the file's hash (its own pixel field) is what counts
+            assert f"{name}_sha256" in plan.PIXEL_FIELDS, name
+            assert changed == reference, f"moving the {name} file changed the key"
+        else:
+            assert changed != reference, f"the key ignores {name}"
+    for name in options:
+        changed = plan.PixelOptions(**{**{n: p[0] for n, p in PIXEL_OPTION_PAIRS.items()},
+                                       name: PIXEL_OPTION_PAIRS[name][1]})
+        assert _key(changed) != reference, f"the key ignores the pixel option {name}"
+    assert _key(base, model="tiny-sprint") != reference
+    # Not pixels: the output path, the position in a batch, the GPU index, which exact decode.
+    job = plan.make_job(resolve("tiny"), base, index=7, row=9, path="/elsewhere/b.webp",
+                        **{name: pair[0] for name, pair in PIXEL_FIELD_PAIRS.items()})
+    assert job.key == reference
+    for same in ({"device": "cuda:1"}, {"decode": "strips"}):
+        one = plan.PixelOptions(**{**{n: p[0] for n, p in PIXEL_OPTION_PAIRS.items()}, "device": "cuda"})
+        other = plan.PixelOptions(**{**{n: p[0] for n, p in PIXEL_OPTION_PAIRS.items()}, "device": "cuda", **same})
+        assert _key(one) == _key(other), same
+    # The load options that never change a pixel stay out of the key.
+    load = plan.LoadOptions(device="cpu", dtype="fp32")
+    for other in (plan.LoadOptions(device="cpu", dtype="fp32", low_memory=True, compile="on", max_memory_gib=3.0,
+                                   offline=True, allow_pickle=True, verbose=True),):
+        assert _key(other.pixels("full")) == _key(load.pixels("full"))
+    # And through the planner: output directory, overwrite and GPU batch size leave the key alone.
+    first = make(model="tiny", output="/tmp/x/").jobs[0].key
+    assert make(model="tiny", output="/tmp/y/other.png", overwrite=True, batch_size=1).jobs[0].key == first

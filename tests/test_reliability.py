@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import resource
 import select
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from sana_cli.storage.files import TEMP_MARK
 from sana_cli.storage.images import read_metadata
 from sana_cli.planning.plan import PixelOptions, Request, model_for, plan_generate
 
-from .conftest import SANA, one_line_error
+from .conftest import SANA, limited, one_line_error
 
 PROMPTS = [f"a red fox number {i}" for i in range(1, 9)]
 
@@ -237,12 +236,8 @@ def test_a_manifest_that_cannot_be_written_ends_the_run_with_one_line_and_exit_1
     (out / "results.jsonl").write_text(line * (59_900 // len(line)))
     prompts = write_prompts(tmp_path / "p.txt", PROMPTS[:4])
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
-
-    full = subprocess.run([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--batch-size", "1",
-                           "--json"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    full = subprocess.run(limited([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--batch-size", "1",
+                                   "--json"], file_size=60_000), capture_output=True, text=True, timeout=120)
     assert full.returncode == 1, full.stderr
     assert "cannot write the manifest" in one_line_error(full) and "Traceback" not in full.stderr
     assert json.loads(full.stdout)["exit_code"] == 1
@@ -328,8 +323,9 @@ def test_a_signal_while_the_result_is_written_changes_nothing(tmp_path, tiny_mod
 
 def test_a_closed_stderr_loses_no_image_and_no_record(tmp_path, tiny_models):
     prompts = write_prompts(tmp_path / "p.txt", PROMPTS[:3])
-    run = subprocess.run([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(tmp_path / "out"), "--json"],
-                         stdout=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(2))
+    # Started with descriptor 2 closed, as `2>&-` in a shell does (the shell closes it, then execs).
+    run = subprocess.run(["/bin/sh", "-c", 'exec "$@" 2>&-', "sh", SANA, "batch", str(prompts), "--model", "tiny",
+                          "-o", str(tmp_path / "out"), "--json"], stdout=subprocess.PIPE, text=True, timeout=300)
     assert run.returncode == 0
     assert json.loads(run.stdout)["written"] == 3
     found = records(tmp_path / "out")
@@ -409,18 +405,15 @@ def test_a_terminal_on_stdin_is_told_how_to_end_the_prompt(tmp_path):
     assert run.returncode == 0 and json.loads(stdout)["images"][0]["prompt"] == "a cat on the moon"
 
 
-def _shell_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_a_fifo_without_a_writer_gets_a_notice_and_ctrl_c_stops_it(tmp_path):
     fifo = tmp_path / "prompts.txt"
     os.mkfifo(fifo)
-    # Started as from a shell: SIGINT at its default and unblocked, whatever earlier tests left in this
-    # process (in full runs the child once ignored Ctrl-C, cause not yet found; this file alone never did).
+    # Started as a shell starts it: the child inherits this process's SIGINT disposition and signal mask,
+    # which the autouse signals_left_as_found fixture keeps as they were (no preexec_fn: see conftest.limited).
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN and signal.SIGINT not in signal.pthread_sigmask(
+        signal.SIG_BLOCK, [])
     run = subprocess.Popen([SANA, "batch", str(fifo), "--model", "tiny", "--dry-run"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, preexec_fn=_shell_signals)
+                           stderr=subprocess.PIPE, text=True)
     ready, _, _ = select.select([run.stderr], [], [], 30)
     assert ready, "no notice while waiting on a FIFO"
     assert "still waiting for" in run.stderr.readline()
@@ -430,10 +423,11 @@ def test_a_fifo_without_a_writer_gets_a_notice_and_ctrl_c_stops_it(tmp_path):
     # With a writer it simply works.
     run = subprocess.Popen([SANA, "batch", str(fifo), "--model", "tiny", "--dry-run", "--json", "-o",
                             str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with open(fifo, "w") as writer:
+    with open(fifo, "w") as writer:  # blocks until the child opens the FIFO; a child that died is seen below
         writer.write("a cat\na dog\n")
     stdout, stderr = run.communicate(timeout=60)
-    assert run.returncode == 0, stderr and len(json.loads(stdout)["images"]) == 2
+    assert run.returncode == 0, stderr
+    assert len(json.loads(stdout)["images"]) == 2
 
 
 # ---- line splitting -------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import json
 import os
 import pty
 import re
-import resource
 import select
 import shutil
 import stat
@@ -25,16 +24,9 @@ from PIL import Image
 from sana_cli.storage.images import encode_image
 from sana_cli.planning.reproduce import NOT_OPTIONS, OPTIONS
 
-from .conftest import SANA, one_line_error, run_sana
+from .conftest import SANA, limited, one_line_error, run_sana
 
 GIB = 2**30
-
-
-def limited(memory: int | None = None):
-    def apply():
-        if memory:
-            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    return apply
 
 
 def png(width: int, height: int, text: dict[str, str] | None = None, *, valid_pixels: bool = True) -> bytes:
@@ -119,8 +111,8 @@ def test_metadata_is_read_without_decoding_pixels(tmp_path):
     big = tmp_path / "big.png"
     big.write_bytes(png(12000, 12000, {"sana": json.dumps(meta)}))
     assert big.stat().st_size < 1 << 20
-    process = subprocess.run([SANA, "info", str(big), "--json"], capture_output=True, text=True, timeout=60,
-                             preexec_fn=limited(512 * 2**20))  # decoding it would need 432 MB
+    process = subprocess.run(limited([SANA, "info", str(big), "--json"], memory=512 * 2**20),  # decoding: 432 MB
+                             capture_output=True, text=True, timeout=60)
     assert process.returncode == 0, process.stderr
     assert process.stderr == ""
     shown = json.loads(process.stdout)
@@ -135,8 +127,8 @@ def test_gallery_refuses_a_huge_image_quietly_and_cheaply(tmp_path):
                                                                 "key": "tampered"}) + "\n")
     script = ("import sys; from sana_cli.storage.gallery import write_report; "
               "write_report(sys.argv[1], {'output_dir': sys.argv[1]})")
-    process = subprocess.run([os.path.join(os.path.dirname(SANA), "python"), "-c", script, str(out)],
-                             capture_output=True, text=True, timeout=120, preexec_fn=limited(768 * 2**20))
+    process = subprocess.run(limited([os.path.join(os.path.dirname(SANA), "python"), "-c", script, str(out)],
+                                     memory=768 * 2**20), capture_output=True, text=True, timeout=120)
     assert process.returncode == 0, process.stderr
     assert process.stderr == ""  # no DecompressionBombWarning
     assert "larger than any image sana-cli writes" in (out / "index.html").read_text()
@@ -242,9 +234,9 @@ def test_broken_hub_cache_refs_are_a_clear_error_for_generate(tmp_path):
     assert "HF cache entry of someone/model is unreadable" in one_line_error(process)
     (refs / "main").unlink()
     (refs / "main").symlink_to("/dev/zero")
-    process = subprocess.run([SANA, "generate", "a cat", "--model", "someone/model", "--size", "1024", "--dry-run"],
-                             capture_output=True, text=True, timeout=60, env=dict(os.environ, HF_HOME=str(hf_home)),
-                             preexec_fn=limited(GIB))
+    process = subprocess.run(limited([SANA, "generate", "a cat", "--model", "someone/model", "--size", "1024",
+                                      "--dry-run"], memory=GIB),
+                             capture_output=True, text=True, timeout=60, env=dict(os.environ, HF_HOME=str(hf_home)))
     assert process.returncode == 4 and "is a character device" in one_line_error(process)
 
 
@@ -538,9 +530,8 @@ def test_doctor_diagnoses_a_broken_cache_instead_of_crashing(breakage, tmp_path)
             (entry / "refs").symlink_to(entry / "refs")  # root reads anything; a link to itself cannot be read
         else:
             (entry / "refs").chmod(0)
-    process = subprocess.run([SANA, "doctor", "--model", "sana-4k", "--offline", "--json"], capture_output=True,
-                             text=True, timeout=120, env=dict(os.environ, HF_HOME=str(hf_home)),
-                             preexec_fn=limited(6 * GIB))
+    process = subprocess.run(limited([SANA, "doctor", "--model", "sana-4k", "--offline", "--json"], memory=6 * GIB),
+                             capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HOME=str(hf_home)))
     (entry / "refs").chmod(0o755) if not (entry / "refs").is_symlink() else None
     if breakage == "deep-directories":  # pytest's recursive clean-up could not remove it
         _remove_deep(entry / "snapshots" / COMMIT / "d")
@@ -579,3 +570,35 @@ def test_thumbnail_follows_exif_orientation_after_shrinking(tmp_path):
     Image.new("RGB", (600, 300), "red").save(tmp_path / "r.jpg", exif=exif.tobytes())
     data, size = render_thumbnail(tmp_path / "r.jpg")
     assert size == (128, 256)
+
+
+def test_input_image_limits_sit_below_pillows_and_the_largest_allowed_image_is_accepted(tmp_path):
+    """sana-cli's own bounds (8192 per side, so at most 8192x8192 pixels) are tighter than Pillow's
+    decompression-bomb limits, so sana-cli refuses first with its own line; the bad-input table's
+    9000x8000 row is an image between the two. At the limit itself an input image is accepted."""
+    from PIL import Image as PILImage
+
+    from sana_cli.inputs import images as inputs
+    from sana_cli import safeio
+    from sana_cli.errors import UsageError
+
+    assert safeio.MAX_IMAGE_PIXELS == inputs.MAX_SIDE ** 2
+    assert safeio.MAX_IMAGE_PIXELS < 9000 * 8000 < PILImage.MAX_IMAGE_PIXELS < 2 * PILImage.MAX_IMAGE_PIXELS
+
+    def black(name: str, width: int, height: int) -> str:
+        rows = zlib.compress(b"\0" * (3 * width + 1) * height, 1)
+        path = tmp_path / name
+        path.write_bytes(png(1, 1)[:8] + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                         + _chunk(b"IDAT", rows) + _chunk(b"IEND", b""))
+        return str(path)
+
+    largest = black("largest.png", 8192, 8192)
+    assert inputs.check_image(largest, "--image", (128, 128))[0] == largest  # decoded whole, then accepted
+    with pytest.raises(UsageError, match="is 8193x8192, larger than any image sana-cli writes"):
+        inputs.check_image(black("wider.png", 8193, 8192), "--image", (128, 128))
+    with pytest.raises(ValueError, match="is 9000x8000, larger than any image sana-cli writes"):
+        safeio.open_image(black("between.png", 9000, 8000))
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
