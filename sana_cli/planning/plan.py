@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 
 from ..errors import UsageError
@@ -30,6 +30,10 @@ from ..inputs.values import (
 )
 from ..models import modelref, presets
 from ..models.modelref import ModelRef
+from . import fields as table
+from .fields import KEY_SKIPS as _KEY_SKIPS
+from .fields import DECODE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES  # noqa: F401 (planning's names)
+from .fields import OPTIONAL_FIELDS, PER_IMAGE_FIELDS, PIXEL_FIELDS, PLANNING_INPUTS, SUMMARY_OMITS
 
 SIZE_MULTIPLE = 32
 MIN_SIDE = 32
@@ -44,41 +48,32 @@ KEY_SCHEMA = 2  # bump when what goes into job_key changes, so old images are no
 _DTYPES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
            "fp32": "fp32", "float32": "fp32"}
 _EXACT_DECODES = ("auto", "full", "strips", "patch-conv")  # equal to a full decode up to float rounding
-# --quantize: the transformer's weights in int8 (torchao, any device) or nf4 (bitsandbytes, CUDA). fp8 is the
-# --fp8 mode under its other name: one fp8 path, so both spellings make the same pixels and the same key.
-QUANTIZE_CHOICES = ("int8", "fp8", "nf4")
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 DEFAULT_OUTPUT_DIR = "sana-out"
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 
-@dataclass
-class Request:
-    """What one user asked for with `sana generate` (or one batch row, once expanded)."""
+def _dataclass_fields(rows) -> list[tuple]:
+    """(name, annotation, dataclass field) for rows of the field table, with their defaults."""
+    return [(row.name, row.type) if row.default is table.REQUIRED else (row.name, row.type, field(default=row.default))
+            for row in rows]
 
-    prompt: str
-    model: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    negative_prompt: str = ""
-    seed: int | None = None
-    num_images: int = 1
-    pag_scale: float = 0.0
-    pag_layers: str | None = None
-    output: str | None = None
-    overwrite: bool = False
-    force_size: bool = False
-    revision: str | None = None
-    batch_size: int | None = None
-    loras: tuple = ()  # --lora values: "PATH_OR_HUB_ID[:SCALE]" (see lora.parse_spec)
-    controlnet: str | None = None
-    control_image: str | None = None
-    control_scale: float | None = None
-    image: str | None = None  # image-to-image start image
-    strength: float | None = None
-    offline: bool = False  # resolve hub LoRAs from the cache only
+
+# What one user asked for with `sana generate` (or the API's generate): the prompt's per-image fields
+# from the field table, and how to run them.
+Request = make_dataclass("Request", [
+    *_dataclass_fields(row for row in table.REQUEST_FIELDS if row.name == "prompt"),
+    ("model", "str | None", field(default=None)),
+    *_dataclass_fields(row for row in table.REQUEST_FIELDS if row.name != "prompt"),
+    ("output", "str | None", field(default=None)),
+    ("overwrite", "bool", field(default=False)),
+    ("force_size", "bool", field(default=False)),
+    ("revision", "str | None", field(default=None)),
+    ("batch_size", "int | None", field(default=None)),
+    ("offline", "bool", field(default=False)),  # resolve hub LoRAs from the cache only
+])
+Request.__module__ = __name__
+Request.__doc__ = "What one user asked for with `sana generate` (or one batch row, once expanded)."
 
 
 @dataclass(frozen=True)
@@ -174,51 +169,16 @@ class LoadOptions:
         return self.compile is True or self.compile == "on"
 
 
-# What an image is. These fields of ImageJob decide its pixels: with the model and the PixelOptions
-# they are exactly what the key hashes, and every record of an image (its metadata, its manifest
-# line, the JSON summary) lists them in this order, from here. A new generation parameter is a field
-# of ImageJob named here, resolved in resolve_params.
-PIXEL_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "pag_scale",
-                "pag_layers", "loras", "controlnet", "controlnet_sha256", "control_image", "control_image_sha256",
-                "control_scale", "image", "image_sha256", "strength")
-# Fields that are left out of an image's records and key while they are unused (None or empty), so the
-# images made before they existed keep their keys and resume.
-OPTIONAL_FIELDS = ("loras", "controlnet", "controlnet_sha256", "control_image", "control_image_sha256",
-                   "control_scale", "image", "image_sha256", "strength")
-# Where an input file was is not what it is: the key takes the files' hashes, not their paths, and a
-# LoRA's hash and scale, not where it was loaded from.
-_KEY_SKIPS = ("control_image", "image")
-PER_IMAGE_FIELDS = ("prompt", "negative_prompt", "seed")  # may differ within one GPU batch; the rest may not
-SUMMARY_OMITS = ("negative_prompt", "pag_layers")  # left out of the short per-image JSON summary
+# What an image is: the field table's pixel-deciding rows (PIXEL_FIELDS, in record order). With the
+# model and the PixelOptions they are exactly what the key hashes, and every record of an image (its
+# metadata, its manifest line, the JSON summary) lists them in this order. The optional ones
+# (OPTIONAL_FIELDS) are left out of an image's records and key while they are unused (None or empty), so
+# the images made before they existed keep their keys and resume; a path is not in the key (KEY_SKIPS),
+# its file's hash is; PER_IMAGE_FIELDS may differ within one GPU batch, the rest may not.
 
 
-@dataclass(frozen=True)
-class ImageJob:
-    """One image to make, fully resolved."""
-
-    index: int
-    row: int  # the line number in a batch file; 0 for generate
-    prompt: str
-    negative_prompt: str
-    seed: int
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    pag_scale: float
-    pag_layers: str | None
-    path: str
-    key: str  # hash of everything that decides the pixels; the batch manifest matches on it
-    pixels: PixelOptions = PixelOptions()  # the load options the key was made with
-    loras: tuple = ()  # ((id, sha256, scale), ...): fused into the transformer, in this order
-    controlnet: str | None = None  # its source: tiny-controlnet's, an absolute directory or a hub id
-    controlnet_sha256: str | None = None  # a local directory's content (control.controlnet_digest)
-    control_image: str | None = None  # absolute path
-    control_image_sha256: str | None = None
-    control_scale: float | None = None
-    image: str | None = None  # image-to-image start image, absolute path
-    image_sha256: str | None = None
-    strength: float | None = None
+class _Job:
+    """What an ImageJob does with its fields (the fields come from the field table)."""
 
     def params(self) -> dict:
         """The per-image inputs that decide the pixels (with the model and `pixels`, the key); the
@@ -239,6 +199,25 @@ class ImageJob:
 
     def group_key(self) -> tuple:
         return tuple(getattr(self, name) for name in PIXEL_FIELDS if name not in PER_IMAGE_FIELDS)
+
+
+def _job_default(row) -> object:
+    return () if row.type == "tuple" else None
+
+
+# One image to make, fully resolved: its position, the required pixel fields, its path and key and
+# the load options the key was made with, then the optional pixel fields (unused: None or empty).
+ImageJob = make_dataclass("ImageJob", [
+    ("index", "int"),
+    ("row", "int"),  # the line number in a batch file; 0 for generate
+    *[(row.name, row.type) for row in table.FIELDS if row.pixels and not row.optional],
+    ("path", "str"),
+    ("key", "str"),  # hash of everything that decides the pixels; the batch manifest matches on it
+    ("pixels", "PixelOptions", field(default=PixelOptions())),
+    *[(row.name, row.type, field(default=_job_default(row))) for row in table.FIELDS if row.pixels and row.optional],
+], bases=(_Job,), frozen=True)
+ImageJob.__module__ = __name__
+ImageJob.__doc__ = "One image to make, fully resolved."
 
 
 def _plain(value):
@@ -265,12 +244,30 @@ def make_job(model: ModelRef, pixels: PixelOptions, *, index: int, row: int, pat
                     **params)
 
 
-def resolve_params(model: ModelRef, *, prompt, negative_prompt, width, height, steps, guidance, pag_scale,
-                   pag_layers, force_size: bool, command_line: bool, loras=(), controlnet=None, control_image=None,
-                   control_scale=None, image=None, strength=None, offline: bool = False) -> tuple[dict, list[str]]:
-    """Defaults and checks of one image's pixel-deciding fields (all but the seed), the same for
-    `sana generate` and a batch row: (fields, notes). `command_line` words the errors for generate's
-    options (a batch row's come from the row and the batch defaults)."""
+def resolve_params(model: ModelRef, *, force_size: bool, command_line: bool, offline: bool = False,
+                   **given) -> tuple[dict, list[str]]:
+    """Defaults and checks of one image's pixel-deciding fields (all but the seed: the field table's
+    PLANNING_INPUTS, given by name), the same for `sana generate` and a batch row: (fields, notes).
+    `command_line` words the errors for generate's options (a batch row's come from the row and the
+    batch defaults). A row of the table without a rule of its own is taken as given: its default when
+    unset, its range checked."""
+    unknown = sorted(set(given) - set(PLANNING_INPUTS))
+    if unknown:
+        raise TypeError(f"resolve_params() got unknown field(s) {', '.join(unknown)}")
+    given = {name: given.get(name, _unset(table.BY_NAME[name])) for name in PLANNING_INPUTS}
+    plain = {}
+    for row in table.FIELDS:
+        if row.name in PLANNING_INPUTS and row.resolve is None:
+            value = row.default if given[row.name] is None else given[row.name]
+            if value is not None and row.range is not None:
+                table.check_range(row, value, row.option if command_line else f"'{row.column or row.name}'")
+            plain[row.name] = value
+    prompt, negative_prompt, pag_scale, pag_layers = (given["prompt"], given["negative_prompt"], given["pag_scale"],
+                                                     given["pag_layers"])
+    width, height, steps, guidance = given["width"], given["height"], given["steps"], given["guidance"]
+    loras, controlnet, control_image, control_scale = (given["loras"], given["controlnet"], given["control_image"],
+                                                       given["control_scale"])
+    image, strength = given["image"], given["strength"]
     prompt = check_prompt(prompt)
     check_prompt(negative_prompt, "the negative prompt", allow_empty=True)
     width, height, notes = resolve_size(model, width, height, force_size)
@@ -290,7 +287,12 @@ def resolve_params(model: ModelRef, *, prompt, negative_prompt, width, height, s
                            control_image=control_image, control_scale=control_scale, image=image, strength=strength,
                            offline=offline, command_line=command_line)
     return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-                guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers, **extra), notes
+                guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers, **extra, **plain), notes
+
+
+def _unset(row):
+    """What resolve_params takes for a field not given: the table's default, or None for a required one."""
+    return None if row.default is table.REQUIRED else row.default
 
 
 _LAYERS: dict[tuple, int | None] = {}  # one batch plans many rows of one model: read its config once
@@ -340,9 +342,7 @@ def resolve_inputs(model: ModelRef, *, size: tuple[int, int] | None = None, pag_
     if strength is not None and image is None:
         raise UsageError(f"{option('strength')} needs {option('image')}")
     if image is not None:
-        if not model.is_sprint:
-            raise UsageError(f"{model.name} cannot start from an image: image-to-image works with "
-                             f"{control.IMG2IMG_MODELS}")
+        control.check_takes_image(model)
         path, digest = inputs.check_image(image, option("image"), size)
         extra.update(image=path, image_sha256=digest,
                      strength=control.check_strength(0.6 if strength is None else strength))
@@ -402,6 +402,23 @@ class Plan:
                 lines.append(f"  #{job.index} row {job.row} seed {job.seed} -> {job.path}  {_clip(job.prompt)}")
         lines += [f"note:    {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def check_loaded_model(plan: Plan, ref: ModelRef) -> None:
+    """Re-check, against the model as loaded, what planning could not know before loading (a hub model
+    not in the cache has no config to plan with): the same checks as planning, on every job."""
+    if plan.model.native_size is not None and plan.model.pipeline is not None:
+        return
+    from ..inputs import controlnet as control
+
+    for job in plan.jobs:
+        check_steps_guidance(ref, job.steps, job.guidance)
+        check_pag(ref, job.pag_scale)
+        resolve_size(ref, job.width, job.height, force=plan.force_size)
+        if job.controlnet:
+            control.check_takes_controlnet(ref)
+        if job.image:
+            control.check_takes_image(ref)
 
 
 def check_side(name: str, value: int) -> int:
@@ -556,13 +573,8 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
     check_count("--num-images", request.num_images, 1, MAX_IMAGES)
     if request.batch_size is not None:
         check_count("--batch-size", request.batch_size, 1, MAX_BATCH_SIZE)
-    params, notes = resolve_params(model, prompt=prompt, negative_prompt=request.negative_prompt, width=request.width,
-                                   height=request.height, steps=request.steps, guidance=request.guidance,
-                                   pag_scale=request.pag_scale, pag_layers=request.pag_layers,
-                                   force_size=request.force_size, command_line=True, loras=request.loras,
-                                   controlnet=request.controlnet, control_image=request.control_image,
-                                   control_scale=request.control_scale, image=request.image,
-                                   strength=request.strength, offline=request.offline)
+    params, notes = resolve_params(model, **{name: getattr(request, name) for name in PLANNING_INPUTS},
+                                   force_size=request.force_size, command_line=True, offline=request.offline)
     width, height = params["width"], params["height"]
     first_seed = check_seed(request.seed) if request.seed is not None else draw_seed()
     seeds = [check_seed(first_seed + k) for k in range(request.num_images)]
@@ -609,27 +621,17 @@ SEED_RULE = ("a row's own seed (+1 per extra image), else the first 4 bytes of s
 _NAME_FORBIDDEN = set('/\\<>:"|?*')
 
 
-@dataclass
-class BatchDefaults:
-    """Options that apply to every row unless the row overrides them."""
-
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    negative_prompt: str = ""
-    pag_scale: float = 0.0
-    pag_layers: str | None = None
-    base_seed: int = 0
-    extension: str = ".png"
-    force_size: bool = False
-    loras: tuple = ()  # for rows without a 'lora' of their own
-    controlnet: str | None = None  # the ControlNet of rows with a 'control_image'
-    control_image: str | None = None
-    control_scale: float | None = None
-    image: str | None = None
-    strength: float | None = None
-    offline: bool = False
+# Options that apply to every row of a batch unless the row overrides them: the field table's rows that
+# `sana batch` takes as options, and the batch's own.
+BatchDefaults = make_dataclass("BatchDefaults", [
+    *_dataclass_fields(table.DEFAULTS_FIELDS),
+    ("base_seed", "int", field(default=0)),
+    ("extension", "str", field(default=".png")),
+    ("force_size", "bool", field(default=False)),
+    ("offline", "bool", field(default=False)),
+])
+BatchDefaults.__module__ = __name__
+BatchDefaults.__doc__ = "Options that apply to every row unless the row overrides them."
 
 
 def derive_seed(base: int, identity: str, occurrence: int, image: int) -> int:
@@ -722,20 +724,16 @@ def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, p
         raise UsageError("'size' conflicts with 'width'/'height'")
     if row.get("size") is not None:
         check_side("'size'", row.get("size"))
-    params, _ = resolve_params(model, prompt=row.prompt,
-                               negative_prompt=row.get("negative_prompt", defaults.negative_prompt),
-                               width=row.get("width", row.get("size", defaults.width)),
-                               height=row.get("height", row.get("size", defaults.height)),
-                               steps=row.get("steps", defaults.steps), guidance=row.get("guidance", defaults.guidance),
-                               pag_scale=float(row.get("pag_scale", defaults.pag_scale)),
-                               pag_layers=defaults.pag_layers, force_size=defaults.force_size, command_line=False,
-                               loras=row.get("lora", defaults.loras),
-                               # --controlnet serves the rows that have a control image; the others run plain
-                               controlnet=defaults.controlnet if row.get("control_image", defaults.control_image)
-                               is not None else None,
-                               control_image=row.get("control_image", defaults.control_image),
-                               control_scale=row.get("control_scale", defaults.control_scale),
-                               image=row.get("image", defaults.image), strength=row.get("strength", defaults.strength),
+    given = {}
+    for field_ in table.FIELDS:  # the row's column, else the batch default, else the field's default
+        if field_.name in PLANNING_INPUTS:
+            fallback = getattr(defaults, field_.name) if field_.in_defaults else _unset(field_)
+            given[field_.name] = row.get(field_.column, fallback) if field_.column else fallback
+    given.update(prompt=row.prompt, width=row.get("width", row.get("size", defaults.width)),
+                 height=row.get("height", row.get("size", defaults.height)), pag_scale=float(given["pag_scale"]),
+                 # --controlnet serves the rows that have a control image; the others run plain
+                 controlnet=defaults.controlnet if given["control_image"] is not None else None)
+    params, _ = resolve_params(model, **given, force_size=defaults.force_size, command_line=False,
                                offline=defaults.offline)
     check_with_pixels(params, pixels)
     prompt = params["prompt"]
