@@ -317,6 +317,8 @@ def test_both_commands_take_the_table_rows_as_the_same_options():
             assert (mine.opts, mine.metavar, mine.default, mine.multiple, mine.type.name) == (
                 theirs.opts, theirs.metavar, theirs.default, theirs.multiple, theirs.type.name)
             assert mine.help == (row.batch_help or row.help)
+    batch_help = cli.commands["batch"].help
+    assert all(f'"{column}"' in batch_help for column in fields.COLUMNS), "a batch column missing from batch --help"
 
 
 def test_the_columns_request_job_and_server_fields_are_the_table_rows():
@@ -324,6 +326,7 @@ def test_the_columns_request_job_and_server_fields_are_the_table_rows():
 
     from sana_cli.planning import batchfile, fields
     from sana_cli.planning.reproduce import NOT_OPTIONS, OPTIONS
+    from sana_cli.server.client import INPUT_FILE_FIELDS
     from sana_cli.server.openai_images import SANA_FIELDS
 
     assert {row.column: fields.column_type(row) for row in fields.FIELDS if row.column} == batchfile.FIELDS
@@ -333,7 +336,9 @@ def test_the_columns_request_job_and_server_fields_are_the_table_rows():
     reproduced = {option.field for option in OPTIONS}
     assert all((name in reproduced) != (name in NOT_OPTIONS) for name in fields.PIXEL_FIELDS)
     assert set(SANA_FIELDS) == {row.name for row in fields.FIELDS if row.http}
-    assert not set(SANA_FIELDS) & {"loras", "controlnet", "control_image", "image"}  # never a path from a client
+    assert fields.FILE_FIELDS == ("loras", "controlnet", "control_image", "image")
+    assert not set(SANA_FIELDS) & set(fields.FILE_FIELDS)  # never a path from a client
+    assert INPUT_FILE_FIELDS == fields.FILE_FIELDS
 
 
 # A parameter added as one row of the table (fields.py read and run with the row added, before anything

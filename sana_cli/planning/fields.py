@@ -57,6 +57,7 @@ class Field:
     # -- how it comes back and goes out
     reproduce: str | None = None  # the reproduce rule that writes it back as an option (`sana info --command`)
     http: bool = False  # an extra field of an OpenAI images request (never one that names a file)
+    names_file: bool = False  # names a file on the client's machine, which only an in-process run may open
 
     @property
     def option(self) -> str | None:
@@ -112,14 +113,15 @@ FIELDS: tuple[Field, ...] = (
     Field("loras", "tuple", (), flags=("--lora",), metavar="PATH_OR_HUB_ID[:SCALE]",
           help="A LoRA (.safetensors file, a directory holding one, or hub id org/name[@REV]) fused into the "
                "transformer, scale -4..4 (default 1). Repeat for several.",
-          group="input", column="lora", pixels=True, optional=True, resolve="inputs", reproduce="loras"),
+          group="input", column="lora", pixels=True, optional=True, resolve="inputs", reproduce="loras",
+          names_file=True),
     Field("controlnet", "str | None", flags=("--controlnet",), metavar="NAME|ID|DIR",
           help="A SanaControlNetModel (tiny-controlnet, hub id or directory); needs --control-image.",
-          group="input", pixels=True, optional=True, resolve="inputs", reproduce="path"),
+          group="input", pixels=True, optional=True, resolve="inputs", reproduce="path", names_file=True),
     Field("controlnet_sha256", "str | None", request=False, pixels=True, optional=True, derived=True),
     Field("control_image", "str | None", flags=("--control-image",), metavar="IMAGE",
           help="The ControlNet's control image (PNG, JPEG or WebP).", group="input", column="control_image",
-          pixels=True, optional=True, in_key=False, resolve="inputs", reproduce="path"),
+          pixels=True, optional=True, in_key=False, resolve="inputs", reproduce="path", names_file=True),
     Field("control_image_sha256", "str | None", request=False, pixels=True, optional=True, derived=True),
     Field("control_scale", "float | None", flags=("--control-scale",), metavar="X",
           help="ControlNet conditioning scale, 0-2 (default 1).", group="input", column="control_scale",
@@ -128,7 +130,7 @@ FIELDS: tuple[Field, ...] = (
           help="Start from this image (image-to-image; SANA-Sprint models). Resized to cover the size and "
                "centre-cropped.",
           group="input", column="image", pixels=True, optional=True, in_key=False, resolve="inputs",
-          reproduce="path"),
+          reproduce="path", names_file=True),
     Field("image_sha256", "str | None", request=False, pixels=True, optional=True, derived=True),
     Field("strength", "float | None", flags=("--strength",), metavar="X",
           help="How far image-to-image moves from --image, 0-1 (default 0.6).", group="input", column="strength",
@@ -163,6 +165,7 @@ PLANNING_INPUTS = tuple(row.name for row in FIELDS if row.pixels and not row.der
 REQUEST_FIELDS = tuple(row for row in FIELDS if row.request)
 DEFAULTS_FIELDS = tuple(row for row in FIELDS if row.in_defaults)
 HTTP_FIELDS = tuple(row.name for row in FIELDS if row.http)
+FILE_FIELDS = tuple(row.name for row in FIELDS if row.names_file)
 # Batch-file columns: name -> the field it sets, in the order messages list them.
 COLUMNS = {row.column: row for row in ordered((row for row in FIELDS if row.column), COLUMN_ORDER)}
 
