@@ -273,20 +273,9 @@ def _want_compile(compile: str | bool, plan: Plan, device: str) -> bool:
 
 def check_plan_fits(plan: Plan, ref: ModelRef) -> None:
     """Re-check what planning could not know before loading (hub models not in the cache)."""
-    from .planning.plan import check_pag, check_steps_guidance, resolve_size
+    from .planning.plan import check_loaded_model
 
-    if plan.model.native_size is not None and plan.model.pipeline is not None:
-        return
-    from .inputs.controlnet import IMG2IMG_MODELS
-
-    for job in plan.jobs:
-        check_steps_guidance(ref, job.steps, job.guidance)
-        check_pag(ref, job.pag_scale)
-        resolve_size(ref, job.width, job.height, force=plan.force_size)
-        if job.controlnet and ref.is_sprint:
-            raise UsageError(f"{ref.name} (SANA-Sprint) cannot use a ControlNet")
-        if job.image and not ref.is_sprint:
-            raise UsageError(f"{ref.name} cannot start from an image: image-to-image works with {IMG2IMG_MODELS}")
+    check_loaded_model(plan, ref)
 
 
 # ---- batch -----------------------------------------------------------------------------------------

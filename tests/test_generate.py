@@ -291,3 +291,90 @@ def test_a_dry_run_without_seed_says_the_run_draws_its_own(sana):
     fixed = sana("generate", "a cat", "--model", "tiny", "--seed", 7, "--dry-run", "--json", check_json=True)
     assert fixed.json["seeds_drawn_at_run_time"] is False and fixed.json["images"][0]["seed"] == 7
     assert "draws its own" not in sana("generate", "a cat", "--model", "tiny", "--seed", 7, "--dry-run").stdout
+
+
+# ---- metadata: job fields, model facts and run facts never overwrite each other -------------------------
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_models):
+    import sana_cli
+
+    return sana_cli.load("tiny").loaded
+
+
+def planned_job(tmp_path, **request):
+    from sana_cli.models.modelref import resolve
+    from sana_cli.planning.plan import Request, plan_generate
+
+    plan = plan_generate(Request(prompt="a cat", model="tiny", seed=1, output=str(tmp_path / "cat.png"), **request),
+                         resolve("tiny"))
+    return plan.jobs[0]
+
+
+@pytest.mark.parametrize("request_", [{}, {"pag_scale": 1.5, "negative_prompt": "dull", "steps": 2}])
+def test_every_job_field_keeps_its_value_in_the_metadata_apart_from_model_and_run_facts(tiny_loaded, tmp_path,
+                                                                                        request_):
+    from sana_cli.engine.runner import RUN_REFINES, image_metadata
+    from sana_cli.planning.fields import PIXEL_FIELDS
+
+    job = planned_job(tmp_path, **request_)
+    model = tiny_loaded.describe()
+    clash = [name for name in PIXEL_FIELDS if name in model or name in RUN_REFINES]
+    assert clash == [], f"job fields named like model facts: {clash}"
+    meta = image_metadata(tiny_loaded, job, "full")
+    for name, value in job.params().items():
+        assert meta[name] == value, name
+    assert meta["scheduler"] == model["scheduler"] and meta["device"] == "cpu"
+
+
+def test_a_job_field_named_like_a_model_fact_is_refused_not_overwritten(tiny_loaded, tmp_path, monkeypatch):
+    from sana_cli.engine import runner
+    from sana_cli.planning.jobs import ImageJob
+
+    job = planned_job(tmp_path)
+    params = ImageJob.params
+    monkeypatch.setattr(ImageJob, "params", lambda self: {**params(self), "scheduler": "flow-dpm"})
+    with pytest.raises(RuntimeError, match="'scheduler' is both a job field and a model fact"):
+        runner.image_metadata(tiny_loaded, job, "full")
+
+
+def test_the_run_refines_only_the_device_and_pipeline_and_other_overlaps_are_refused():
+    from sana_cli.engine.runner import merge_metadata
+
+    model = {"model": "tiny", "device": "cuda:0", "pipeline": "SanaPipeline", "dtype": "float32"}
+    merged = merge_metadata(job={"seed": 1}, model=model, run={"device": "cuda", "pipeline": "SanaPAGPipeline"},
+                            family={"intermediate_timesteps": None})
+    assert merged == {"seed": 1, "model": "tiny", "device": "cuda", "pipeline": "SanaPAGPipeline", "dtype": "float32",
+                      "intermediate_timesteps": None}
+    for parts, message in (({"run": {"dtype": "bf16"}}, "'dtype' is both a model fact and a run fact"),
+                           ({"family": {"seed": 2}}, "'seed' is both a job field and a family fact"),
+                           ({"job": {"seed": 1, "key": "x"}, "run": {"key": "y"}}, "'key' is both a job field")):
+        arguments = {"job": {"seed": 1}, "model": model, "run": {}, "family": {}, **parts}
+        with pytest.raises(RuntimeError, match=message):
+            merge_metadata(**arguments)
+
+
+# The sana metadata of an image made before job fields and model facts were merged by merge_metadata.
+OLD_METADATA = {
+    "chi": True, "commit": None, "decode": "full", "device": "cpu", "dtype": "float32", "generator": "cpu",
+    "guidance": 4.5, "height": 128, "key": "815acc8356b0f489", "key_schema": 2, "model": "tiny",
+    "model_id": "tiny:sana", "negative_prompt": "", "pag_layers": None, "pag_scale": 0.0, "pipeline": "SanaPipeline",
+    "pixel_options": {"decode": "auto", "device": "auto", "dtype": "auto", "fp8": False}, "prompt": "a cat",
+    "rendered": "128x128", "revision": None, "sana_cli": "0.1.0", "scheduler": "DPMSolverMultistepScheduler", "seed": 1,
+    "steps": 4, "versions": {"diffusers": "0.42.1", "torch": "2.13.0+cpu", "transformers": "5.24.0"}, "width": 128,
+}
+
+
+def test_an_image_written_before_the_metadata_merge_is_still_read_and_reproduced(sana, tiny_models, tmp_path):
+    from sana_cli.storage.images import write_image
+
+    old = tmp_path / "cat.png"
+    write_image(Image.new("RGB", (128, 128), (200, 10, 10)), old, OLD_METADATA, overwrite=False)
+    shown = sana("info", old, "--json", check_json=True)
+    assert shown.returncode == 0 and shown.json["sana"] == OLD_METADATA
+    command = sana("info", old, "--command")
+    assert command.returncode == 0, command.stderr
+    assert command.stdout == (f"sana generate --model tiny --width 128 --height 128 --steps 4 --guidance 4.5 --seed 1 "
+                              f"--dtype fp32 --device cpu --decode full -o {tmp_path / 'cat-again.png'} -- 'a cat'\n")
+    again = planned_job(tmp_path / "again")
+    assert again.key == OLD_METADATA["key"]  # the same request keys to the same image: a resumed batch takes it

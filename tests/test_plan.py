@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sana_cli.planning import plan
+from sana_cli.planning import fields as table, plan
 from sana_cli.models import presets
 from sana_cli.errors import EXIT_USAGE, EnvironmentProblem, UsageError
 from sana_cli.models.modelref import resolve
@@ -300,7 +300,8 @@ def test_pag_layers_are_checked_while_planning_without_loading(tiny_models):
     assert process.stdout.strip() == "False", process.stderr
 
 
-# Two values for every field of ImageJob that plan.PIXEL_FIELDS names, and for every PixelOptions field:
+# Two values for every field the field table marks as deciding pixels (table.PIXEL_FIELDS) and every
+# PixelOptions field:
 # the key test below walks those lists, so a field added there without a pair here fails it by name.
 PIXEL_FIELD_PAIRS = {
     "prompt": ("a cat", "a dog"), "negative_prompt": ("", "blurry"), "seed": (1, 2), "width": (128, 160),
@@ -321,22 +322,22 @@ def _key(pixels=plan.PixelOptions(), model="tiny", **changes) -> str:
 
 
 def test_every_pixel_field_alone_changes_the_key_and_nothing_else_does():
-    """Driven by the code's own lists: each name in plan.PIXEL_FIELDS and each PixelOptions field
+    """Driven by the field table itself: each name in table.PIXEL_FIELDS and each PixelOptions field
     changes the key by itself; where an input file is (its path) and where the image goes do not."""
     from dataclasses import fields
 
-    missing = [name for name in plan.PIXEL_FIELDS if name not in PIXEL_FIELD_PAIRS]
-    assert not missing, f"plan.PIXEL_FIELDS has fields with no sample values in PIXEL_FIELD_PAIRS: {missing}"
+    missing = [name for name in table.PIXEL_FIELDS if name not in PIXEL_FIELD_PAIRS]
+    assert not missing, f"table.PIXEL_FIELDS has fields with no sample values in PIXEL_FIELD_PAIRS: {missing}"
     options = [f.name for f in fields(plan.PixelOptions)]
     missing = [name for name in options if name not in PIXEL_OPTION_PAIRS]
     assert not missing, f"PixelOptions has fields with no sample values in PIXEL_OPTION_PAIRS: {missing}"
     base = plan.PixelOptions(**{name: pair[0] for name, pair in PIXEL_OPTION_PAIRS.items()})
     reference = _key(base)
     assert _key(base) == reference
-    for name in plan.PIXEL_FIELDS:
+    for name in table.PIXEL_FIELDS:
         changed = _key(base, **{name: PIXEL_FIELD_PAIRS[name][1]})
-        if name in plan._KEY_SKIPS:  # a path: the file's hash (its own pixel field) is what counts
-            assert f"{name}_sha256" in plan.PIXEL_FIELDS, name
+        if name in table.KEY_SKIPS:  # a path: the file's hash (its own pixel field) is what counts
+            assert f"{name}_sha256" in table.PIXEL_FIELDS, name
             assert changed == reference, f"moving the {name} file changed the key"
         else:
             assert changed != reference, f"the key ignores {name}"
@@ -361,3 +362,103 @@ def test_every_pixel_field_alone_changes_the_key_and_nothing_else_does():
     # And through the planner: output directory, overwrite and GPU batch size leave the key alone.
     first = make(model="tiny", output="/tmp/x/").jobs[0].key
     assert make(model="tiny", output="/tmp/y/other.png", overwrite=True, batch_size=1).jobs[0].key == first
+
+
+# ---- the field table: one row per per-image parameter ---------------------------------------------------
+
+def test_both_commands_take_the_table_rows_as_the_same_options():
+    from sana_cli.cli import cli
+    from sana_cli.planning import fields
+
+    generate, batch = ({p.name: p for p in cli.commands[name].params} for name in ("generate", "batch"))
+    for row in fields.FIELDS:
+        if not row.flags:
+            assert row.name not in generate or row.name == "prompt", row.name  # the prompt is the argument
+            continue
+        assert generate[row.name].opts == list(row.flags) and generate[row.name].help == row.help
+        if row.in_batch:
+            mine, theirs = batch[row.name], generate[row.name]
+            assert (mine.opts, mine.metavar, mine.default, mine.multiple, mine.type.name) == (
+                theirs.opts, theirs.metavar, theirs.default, theirs.multiple, theirs.type.name)
+            assert mine.help == (row.batch_help or row.help)
+    batch_help = cli.commands["batch"].help
+    assert all(f'"{column}"' in batch_help for column in fields.COLUMNS), "a batch column missing from batch --help"
+
+
+def test_the_columns_request_job_and_server_fields_are_the_table_rows():
+    from dataclasses import fields as dataclass_fields
+
+    from sana_cli.planning import batchfile, fields
+    from sana_cli.planning.reproduce import NOT_OPTIONS, OPTIONS
+    from sana_cli.server.client import INPUT_FILE_FIELDS
+    from sana_cli.server.openai_images import SANA_FIELDS
+
+    assert {row.column: fields.column_type(row) for row in fields.FIELDS if row.column} == batchfile.FIELDS
+    assert {f.name for f in dataclass_fields(plan.Request)} >= {row.name for row in fields.FIELDS if row.request}
+    assert {f.name for f in dataclass_fields(plan.ImageJob)} >= set(fields.PIXEL_FIELDS)
+    assert {f.name for f in dataclass_fields(plan.BatchDefaults)} >= {row.name for row in fields.DEFAULTS_FIELDS}
+    reproduced = {option.field for option in OPTIONS}
+    assert all((name in reproduced) != (name in NOT_OPTIONS) for name in fields.PIXEL_FIELDS)
+    assert set(SANA_FIELDS) == {row.name for row in fields.FIELDS if row.http}
+    assert fields.FILE_FIELDS == ("loras", "controlnet", "control_image", "image")
+    assert not set(SANA_FIELDS) & set(fields.FILE_FIELDS)  # never a path from a client
+    assert INPUT_FILE_FIELDS == fields.FILE_FIELDS
+
+
+# A parameter added as one row of the table (fields.py read and run with the row added, before anything
+# imports it), then taken by every planning-side consumer without another edit.
+NEW_ROW = '''    Field("sharpness", "float | None", flags=("--sharpness",), metavar="X", help="How sharp, 0-1.",
+          batch_help="Default sharpness.", column="sharpness", pixels=True, optional=True, range=(0.0, 1.0),
+          reproduce="optional_number", http=True),
+)
+
+BY_NAME ='''
+
+ADDED_ROW_SCRIPT = r'''
+import importlib.util, json, sys
+import sana_cli.planning
+spec = importlib.util.find_spec("sana_cli.planning.fields")
+source = open(spec.origin).read()
+assert source.count("\n)\n\nBY_NAME =") == 1
+source = source.replace("\n)\n\nBY_NAME =", "\n" + sys.argv[1], 1)
+module = importlib.util.module_from_spec(spec)
+sys.modules["sana_cli.planning.fields"] = module
+exec(compile(source, spec.origin, "exec"), module.__dict__)
+from click.testing import CliRunner
+from sana_cli.cli import cli
+from sana_cli.planning import batchfile, reproduce
+from sana_cli.server import openai_images
+out = {}
+run = CliRunner().invoke(cli, ["generate", "a cat", "--model", "tiny", "--seed", "1", "--sharpness", "0.25",
+                               "--dry-run", "--json", "-o", sys.argv[2] + "/g/"])
+out["generate"] = json.loads(run.stdout)["images"][0]
+bad = CliRunner().invoke(cli, ["generate", "a cat", "--model", "tiny", "--sharpness", "3", "--dry-run"])
+out["bad"] = [bad.exit_code, bad.stderr.strip().splitlines()[-1]]
+open(sys.argv[2] + "/rows.jsonl", "w").write('{"prompt": "a", "sharpness": 0.5}\n{"prompt": "b"}\n')
+run = CliRunner().invoke(cli, ["batch", sys.argv[2] + "/rows.jsonl", "--model", "tiny", "--sharpness", "0.75",
+                               "--dry-run", "--json", "-o", sys.argv[2] + "/b"])
+out["batch"] = [image.get("sharpness") for image in json.loads(run.stdout)["images"]]
+out["help"] = [name for name in ("generate", "batch")
+               if "--sharpness" in CliRunner().invoke(cli, [name, "--help"]).stdout]
+out["columns"] = "sharpness" in batchfile.FIELDS
+meta = {"model": "tiny", "prompt": "a cat", "width": 128, "height": 128, "steps": 4, "guidance": 4.5, "seed": 1,
+        "sharpness": 0.25}
+out["command"] = reproduce.reproduce_command(meta)
+out["http"] = openai_images.parse({"prompt": "a cat", "sharpness": 0.5}).sana
+print(json.dumps(out))
+'''
+
+
+def test_a_parameter_added_as_one_table_row_reaches_options_columns_key_reproduce_and_http(tiny_models, tmp_path):
+    process = subprocess.run([sys.executable, "-c", ADDED_ROW_SCRIPT, NEW_ROW, str(tmp_path)], capture_output=True,
+                             text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    out = json.loads(process.stdout)
+    assert out["generate"]["sharpness"] == 0.25
+    plain = make(model="tiny").jobs[0]
+    assert out["generate"]["key"] != plain.key  # it decides pixels, so it is in the key
+    assert out["bad"] == [2, "sana: error: --sharpness must be 0..1, got 3"]
+    assert out["batch"] == [0.5, 0.75]  # the row's column, else the batch option
+    assert out["help"] == ["generate", "batch"] and out["columns"] is True
+    assert "--sharpness 0.25" in out["command"]
+    assert out["http"] == {"sharpness": 0.5}

@@ -10,7 +10,7 @@ from ..errors import (
     Interrupted,
     PartialFailure,
 )
-from .options import EPILOG, FINITE, input_options, model_options
+from .options import EPILOG, field_values, image_options, input_options, model_options
 from .running import (attach, echo_result, emit_json, err, graceful_signals, load_options, print_plan,
                       reporting, results_phase)
 
@@ -31,17 +31,7 @@ def parse_shard(ctx, param, value):
 @click.argument("file", metavar="FILE")
 @click.option("-o", "--output-dir", envvar="SANA_OUTPUT_DIR", show_envvar=True, default="sana-out",
               show_default=True, metavar="DIR", help="Where images and results.jsonl go.")
-@click.option("-s", "--size", type=int, metavar="N", help="Default square size for rows without one.")
-@click.option("-W", "--width", type=int, metavar="N", help="Default width.")
-@click.option("-H", "--height", type=int, metavar="N", help="Default height.")
-@click.option("--steps", type=int, metavar="N", help="Default steps (the model's if omitted).")
-@click.option("-g", "--guidance", type=FINITE, metavar="X", help="Default guidance scale.")
-@click.option("--negative-prompt", default="", metavar="TEXT", help="Default negative prompt.")
-@click.option("--pag-scale", type=FINITE, default=0.0, metavar="X",
-              help="Default PAG scale (> 0 uses SanaPAGPipeline).")
-@click.option("--pag-layers", metavar="LAYERS",
-              help="Layer patterns for PAG, as for generate. Default: the model's (transformer_blocks.8; the tiny "
-                   "models transformer_blocks.1).")
+@image_options["batch"]
 @click.option("--seed", "base_seed", type=int, default=0, show_default=True, metavar="N",
               help="Base seed for rows without their own seed (see README: seeds).")
 @click.option("--ext", "extension", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,
@@ -55,17 +45,14 @@ def parse_shard(ctx, param, value):
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed image (exit 1).")
 @click.option("--overwrite", is_flag=True, help="Redo every image, replacing existing files.")
 @click.option("--force-size", is_flag=True, help="Allow sizes far from the model's native scale.")
-@input_options
+@input_options["batch"]
 @click.option("--report", is_flag=True,
               help="Write index.html (a gallery with thumbnails, failures highlighted, relative links) in the output "
                    "directory, and append a Markdown summary to $GITHUB_STEP_SUMMARY when it is set.")
 @model_options
-def batch(file, output_dir, size, width, height, steps, guidance, negative_prompt, pag_scale, pag_layers, base_seed,
-          extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite, force_size, loras, controlnet,
-          control_image, control_scale, image, strength, report, model,
-          revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory, keep_latents, fp8,
-          quantize, allow_pickle, no_server, dry_run, json_output,
-          quiet, debug):
+def batch(file, output_dir, base_seed, extension, batch_size, shard, input_format, skip_invalid, fail_fast, overwrite,
+          force_size, report, model, revision, offline, device, dtype, decode, low_memory, compile_mode, max_memory,
+          keep_latents, fp8, quantize, allow_pickle, no_server, dry_run, json_output, quiet, debug, **per_image):
     """Render every prompt of FILE (.txt, .jsonl or .csv; '-' reads stdin) into --output-dir.
 
     \b
@@ -79,23 +66,15 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
     kept, missing ones made. Paths of written images go to stdout (or one JSON summary with --json).
     """
     with reporting(json_output, debug):
-        from ..planning.plan import BatchDefaults, check_side
+        from ..planning.plan import BatchDefaults
         from ..reporting.progress import progress_interval
 
         progress_interval()
         load = load_options(device, dtype, offline, allow_pickle, low_memory, compile_mode, fp8, max_memory, debug,
                              quantize)
         pixels = load.pixels(decode)
-        if size is not None and (width is not None or height is not None):
-            raise click.UsageError("--size conflicts with --width/--height; give one or the other")
-        if size is not None:
-            check_side("--size", size)
-        defaults = BatchDefaults(width=width if size is None else size, height=height if size is None else size,
-                                 steps=steps, guidance=guidance, negative_prompt=negative_prompt, pag_scale=pag_scale,
-                                 pag_layers=pag_layers, base_seed=base_seed, extension="." + extension,
-                                 force_size=force_size, loras=tuple(loras), controlnet=controlnet,
-                                 control_image=control_image, control_scale=control_scale, image=image,
-                                 strength=strength, offline=offline)
+        defaults = BatchDefaults(base_seed=base_seed, extension="." + extension, force_size=force_size, offline=offline,
+                                 **field_values(per_image))
         common = dict(model=model, output_dir=output_dir, defaults=defaults, batch_size=batch_size, shard=shard,
                       overwrite=overwrite, skip_invalid=skip_invalid, input_format=input_format, revision=revision)
         if dry_run:
@@ -120,7 +99,7 @@ def batch(file, output_dir, size, width, height, steps, guidance, negative_promp
             ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height,
                                     revision=revision))
             # rows may name LoRAs or images too: the server refuses those rows, saying to use --no-server
-            input_files = bool(loras or controlnet or control_image or image)
+            input_files = bool(defaults.loras or defaults.controlnet or defaults.control_image or defaults.image)
             remote = None if launched_processes() else attach(ref, load, keep_latents, display,
                                                                input_files=input_files)
             session = None if remote is None else Session(remote)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import click
 
-
-
-DECODE_CHOICES = ("auto", "full", "strips", "patch-conv", "tiled")
+from ..planning import fields as table
+from ..planning.fields import DECODE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
 
 
 class FiniteFloat(click.FloatRange):
@@ -50,7 +49,7 @@ def model_options(function):
         click.option("--device", default="auto", show_default=True, metavar="auto|cuda|cuda:N|cpu",
                      help="Where to run. Real models need CUDA unless you pass --device cpu."),
         click.option("--dtype", default="auto", show_default=True,
-                     type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+                     type=click.Choice(DTYPE_CHOICES),
                      help="Weights dtype. auto: the checkpoint's own on every device, as the model cards load "
                           "it: BF16 checkpoints in bf16; FP16 checkpoints with the transformer in fp16 and Gemma "
                           "and the DC-AE in bf16; fp32-stored weights (the tiny models) in bf16 on CUDA, fp32 on "
@@ -74,7 +73,7 @@ def model_options(function):
                           "decode fails after every fallback); `sana decode` turns them into the image."),
         click.option("--fp8", is_flag=True,
                      help="fp8 linear layers via torchao (Hopper/Ada GPUs; changes pixels slightly)."),
-        click.option("--quantize", type=click.Choice(["int8", "fp8", "nf4"]), metavar="int8|fp8|nf4",
+        click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), metavar="|".join(QUANTIZE_CHOICES),
                      help="Store the transformer's weights quantized, computing in --dtype: int8 (torchao, any "
                           "device, about half the memory), fp8 (the same as --fp8), nf4 (bitsandbytes 4-bit, CUDA). "
                           "Changes pixels slightly."),
@@ -92,23 +91,47 @@ def model_options(function):
     return function
 
 
-def input_options(function):
-    """LoRA, ControlNet and image-to-image: what `generate` makes, or every row of `batch` by default."""
-    options = [
-        click.option("--lora", "loras", multiple=True, metavar="PATH_OR_HUB_ID[:SCALE]",
-                     help="A LoRA (.safetensors file, a directory holding one, or hub id org/name[@REV]) fused into "
-                          "the transformer, scale -4..4 (default 1). Repeat for several."),
-        click.option("--controlnet", metavar="NAME|ID|DIR",
-                     help="A SanaControlNetModel (tiny-controlnet, hub id or directory); needs --control-image."),
-        click.option("--control-image", metavar="IMAGE", help="The ControlNet's control image (PNG, JPEG or WebP)."),
-        click.option("--control-scale", type=FINITE, metavar="X",
-                     help="ControlNet conditioning scale, 0-2 (default 1)."),
-        click.option("--image", metavar="IMAGE",
-                     help="Start from this image (image-to-image; SANA-Sprint models). Resized to cover the size "
-                          "and centre-cropped."),
-        click.option("--strength", type=FINITE, metavar="X",
-                     help="How far image-to-image moves from --image, 0-1 (default 0.6)."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+def field_options(command: str, group: str):
+    """The per-image options of `command` (generate or batch) in `group` (image or input), made from the
+    field table: one declaration serves both commands, with batch's help where its row has its own."""
+    rows = table.options(command, group)
+
+    def decorate(function):
+        for row in reversed(rows):
+            function = _option(row, command)(function)
+        return function
+    return decorate
+
+
+def _option(row: table.Field, command: str):
+    kind = row.type.split(" | ")[0]
+    extra = {}
+    if kind == "tuple":
+        extra["multiple"] = True
+    else:
+        extra["type"] = {"int": int, "float": FINITE, "str": None}[kind]
+        if row.default is not None:
+            extra["default"] = row.default
+    help_ = row.batch_help if command == "batch" and row.batch_help else row.help
+    return click.option(*row.flags, row.name, metavar=row.metavar, show_default=row.show_default or None,
+                        help=help_, **extra)
+
+
+def field_values(given: dict) -> dict:
+    """The table's fields from the values of field_options: --size stands for --width and --height."""
+    values = dict(given)
+    size = values.pop("size", None)
+    if size is not None and (values.get("width") is not None or values.get("height") is not None):
+        raise click.UsageError("--size conflicts with --width/--height; give one or the other")
+    if size is not None:
+        from ..planning.plan import check_side
+
+        check_side("--size", size)  # its own name in its errors, not "width"
+        values.update(width=size, height=size)
+    if "loras" in values:
+        values["loras"] = tuple(values["loras"])
+    return values
+
+
+image_options = {command: field_options(command, "image") for command in ("generate", "batch")}
+input_options = {command: field_options(command, "input") for command in ("generate", "batch")}

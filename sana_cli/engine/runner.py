@@ -484,9 +484,29 @@ def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> 
     """Everything needed to reproduce the image. No timestamps or host names, so equal work gives
     byte-identical files whichever process, shard or GPU index made them."""
     model = loaded.describe()
-    meta = {"sana_cli": __version__, "key": job.key, **job.params(), "rendered": f"{job.width}x{job.height}",
-            "decode": decode_strategy, "chi": True, **model,
-            "device": loaded.device.type, "key_schema": KEY_SCHEMA, "pixel_options": job.pixels.to_dict()}
-    meta["pipeline"] = pipeline_of(job, meta["pipeline"])
-    meta.update(adapter_for(loaded.ref, job).metadata(job))
-    return meta
+    run = {"sana_cli": __version__, "key": job.key, "rendered": f"{job.width}x{job.height}",
+           "decode": decode_strategy, "chi": True, "device": loaded.device.type, "key_schema": KEY_SCHEMA,
+           "pixel_options": job.pixels.to_dict(), "pipeline": pipeline_of(job, model["pipeline"])}
+    return merge_metadata(job=job.params(), model=model, run=run, family=adapter_for(loaded.ref, job).metadata(job))
+
+
+# The model facts the run states more exactly: the device type it ran on (the model says cuda:0; an image
+# made on any GPU says cuda) and the pipeline that made this image (PAG, ControlNet and img2img are built
+# from the loaded one). Every other key belongs to one part only.
+RUN_REFINES = ("device", "pipeline")
+
+
+def merge_metadata(*, job: dict, model: dict, run: dict, family: dict) -> dict:
+    """One image's metadata, one flat document (as every sana-cli image has had) from four parts that
+    each own their keys: the job's pixel-deciding fields, the model's facts, the run's facts and the
+    pipeline family's. A key in two parts is refused, never silently overwritten (a job field named like
+    a model fact would lose its value, and with it the image's record of what made it); the one
+    exception is RUN_REFINES, where the run's value replaces the model's."""
+    owner: dict[str, str] = {}
+    for part, values in (("job field", job), ("model fact", model), ("run fact", run), ("family fact", family)):
+        for key in values:
+            refines = part == "run fact" and owner.get(key) == "model fact" and key in RUN_REFINES
+            if key in owner and not refines:
+                raise RuntimeError(f"internal error: the metadata key {key!r} is both a {owner[key]} and a {part}")
+            owner[key] = part
+    return {**job, **model, **run, **family}

@@ -25,6 +25,19 @@ IMG2IMG_MODELS = "the SANA-Sprint models (sprint, sprint-0.6b, tiny-sprint)"
 _MUST_MATCH = ("in_channels", "num_attention_heads", "attention_head_dim", "caption_channels", "patch_size")
 
 
+def check_takes_controlnet(model) -> None:
+    """SANA-Sprint has no ControlNet pipeline."""
+    if model.is_sprint:
+        raise UsageError(f"{model.name} (SANA-Sprint) cannot use a ControlNet",
+                         hint="ControlNet works with the SanaPipeline models, e.g. sana-600m-1024 or tiny")
+
+
+def check_takes_image(model) -> None:
+    """Image-to-image works with the SANA-Sprint models only."""
+    if not model.is_sprint:
+        raise UsageError(f"{model.name} cannot start from an image: image-to-image works with {IMG2IMG_MODELS}")
+
+
 def resolve_controlnet(value: str, model) -> str:
     """The source of a --controlnet value (a built-in name, an absolute directory or a hub id), checked
     against the model's family and, where readable, its transformer config."""
@@ -32,9 +45,7 @@ def resolve_controlnet(value: str, model) -> str:
 
     if not isinstance(value, str) or not value.strip():
         raise UsageError("--controlnet is empty")
-    if model.is_sprint:
-        raise UsageError(f"{model.name} (SANA-Sprint) cannot use a ControlNet",
-                         hint="ControlNet works with the SanaPipeline models, e.g. sana-600m-1024 or tiny")
+    check_takes_controlnet(model)
     if value in CONTROLNETS:
         source, config = value, _tiny_config()
     else:

@@ -17,13 +17,10 @@ import threading
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+from .fields import COLUMNS, column_type
 
-# Per-row fields and the type each must have.
-FIELDS = {
-    "prompt": str, "negative_prompt": str, "seed": int, "size": int, "width": int, "height": int,
-    "steps": int, "guidance": float, "pag_scale": float, "name": str, "n": int,
-    "lora": tuple, "control_image": str, "control_scale": float, "image": str, "strength": float,
-}
+# Per-row fields (the field table's columns) and the type each must have.
+FIELDS = {column: column_type(row) for column, row in COLUMNS.items()}
 FORMATS = ("auto", "txt", "jsonl", "csv")
 MAX_BYTES = 256 * 2**20  # a prompt file larger than this is almost certainly not one
 

@@ -24,10 +24,10 @@ from typing import Callable
 from ..errors import SanaError, UsageError
 from ..models import modelref, presets
 from ..terminal import has_unsafe, is_unsafe
-from . import plan
+from . import fields, plan
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # metadata (torch) name -> --dtype
-DECODE_FAMILIES = ("full", "strips", "patch-conv", "tiled")  # "strips:64" -> --decode strips
+DECODE_FAMILIES = tuple(choice for choice in fields.DECODE_CHOICES if choice != "auto")  # "strips:64" -> strips
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:[0-9]{1,3})?", re.ASCII)
 
 
@@ -139,6 +139,8 @@ def _path(value, meta):
 
 def _optional_number(value, meta):
     return None if value is None else _number(value, meta)
+
+
 def _quantize(value, meta):
     """--quantize as asked (int8 or nf4; fp8 is recorded as --fp8), from the pixel options."""
     if value is None:
@@ -165,30 +167,37 @@ def _revision(value, meta):
     return pinned
 
 
-# Every metadata field that decides the pixels -> the option that sets it, in the order printed.
-# The model and the prompt are handled by model_argument() and the final `-- PROMPT`.
-OPTIONS: tuple[Option, ...] = (
+# The rules a row of the field table names (its `reproduce`): metadata value -> option value.
+RULES: dict[str, Callable[[object, dict], str | bool | list | None]] = {
+    "int": _int, "number": _number, "text": _text, "optional_number": _optional_number, "path": _path,
+    "loras": _loras, "pag_scale": _pag_scale, "pag_layers": _pag_layers,
+}
+# The options that are not per-image fields: the model's revision and the load options that decide pixels.
+_LOAD_OPTIONS = (
     Option("revision", "--revision", _revision),
-    Option("width", "--width", _int),
-    Option("height", "--height", _int),
-    Option("steps", "--steps", _int),
-    Option("guidance", "--guidance", _number),
-    Option("seed", "--seed", _int),
-    Option("negative_prompt", "--negative-prompt", _text),
-    Option("pag_scale", "--pag-scale", _pag_scale),
-    Option("pag_layers", "--pag-layers", _pag_layers),
     Option("dtype", "--dtype", _dtype),
     Option("device", "--device", _device),
     Option("decode", "--decode", _decode),
     Option("pixel_options", "--fp8", _fp8),
-    Option("loras", "--lora", _loras),
-    Option("controlnet", "--controlnet", _path),
-    Option("control_image", "--control-image", _path),
-    Option("control_scale", "--control-scale", _optional_number),
-    Option("image", "--image", _path),
-    Option("strength", "--strength", _optional_number),
     Option("pixel_options", "--quantize", _quantize),
 )
+# The order commands were printed in before the field table; an option not named here comes last.
+_PRINT_ORDER = ("--revision", "--width", "--height", "--steps", "--guidance", "--seed", "--negative-prompt",
+                "--pag-scale", "--pag-layers", "--dtype", "--device", "--decode", "--fp8", "--lora", "--controlnet",
+                "--control-image", "--control-scale", "--image", "--strength", "--quantize")
+
+
+def _options() -> tuple[Option, ...]:
+    made = [Option(row.name, row.option, RULES[row.reproduce]) for row in fields.FIELDS if row.reproduce]
+    made += _LOAD_OPTIONS
+    return tuple(sorted(made, key=lambda option: (_PRINT_ORDER.index(option.option) if option.option in _PRINT_ORDER
+                                                  else len(_PRINT_ORDER) + made.index(option))))
+
+
+# Every metadata field that decides the pixels -> the option that sets it, in the order printed: the
+# field table's rows with a reproduce rule, and the load options. The model and the prompt are handled
+# by model_argument() and the final `-- PROMPT`.
+OPTIONS: tuple[Option, ...] = _options()
 
 # Every other field, and why it needs no option of its own.
 NOT_OPTIONS = {

@@ -24,7 +24,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import inspect
 import json
 import os
 import re
@@ -44,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import EnvironmentProblem, GenerationError, SanaError, UsageError
 from ..inputs.values import check_seed
 from ..models import presets
+from ..planning.fields import PLANNING_INPUTS  # the rest of PIXEL_FIELDS are planning's outputs
 from ..planning.plan import (
     IMAGE_SUFFIXES,
     KEY_SCHEMA,
@@ -741,7 +741,7 @@ def _checked_job(ref, item: dict, pixels, force_size: bool, scratch: Path):
         raise UsageError("LoRA, ControlNet and input-image files are read only by an in-process run (a server "
                          "never opens a client's path); run it with --no-server")
     fields_ = [name for name in PIXEL_FIELDS if name != "seed"]
-    resolved, _ = resolve_params(ref, **{name: getattr(job, name) for name in fields_ if name in _PLANNING_INPUTS},
+    resolved, _ = resolve_params(ref, **{name: getattr(job, name) for name in PLANNING_INPUTS},
                                  force_size=force_size, command_line=False)
     if any(_plain(resolved.get(name)) != _plain(getattr(job, name)) for name in fields_):
         raise UsageError("a job's fields are not the ones planning makes of them")
@@ -750,7 +750,6 @@ def _checked_job(ref, item: dict, pixels, force_size: bool, scratch: Path):
     return job
 
 
-_PLANNING_INPUTS = set(inspect.signature(resolve_params).parameters)  # the rest of PIXEL_FIELDS are its outputs
 
 
 def _plain(value):

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from ..cache import cache_root
 from ..errors import EnvironmentProblem, GenerationError, SanaError, UsageError
+from ..planning.fields import FILE_FIELDS
 
 SOCKET_NAME = "sana.sock"
 API_PREFIX = "/v1/sana"
@@ -306,7 +307,7 @@ def _error_text(body: dict) -> str:
     return str(error.get("message")) if isinstance(error, dict) else "no error message"
 
 
-INPUT_FILE_FIELDS = ("loras", "controlnet", "control_image", "image")  # job fields that name files on this machine
+INPUT_FILE_FIELDS = FILE_FIELDS  # job fields that name files on this machine (the field table's)
 
 
 def uses_input_files(job) -> bool:

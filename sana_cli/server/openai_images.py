@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, fields
 
 from ..models import presets
+from ..planning.fields import HTTP_FIELDS
 
 MAX_PROMPT_CHARS = 10000
 MAX_N = 10  # images per OpenAI request, as OpenAI's own limit
@@ -52,9 +53,9 @@ MAX_PARTIAL_IMAGES = 3
 OPENAI_FIELDS = ("prompt", "model", "n", "size", "quality", "response_format", "output_format", "output_compression",
                  "background", "style", "moderation", "stream", "partial_images", "user", "safety_identifier",
                  *UNSUPPORTED)
-# Sana's own fields an OpenAI request may add (the Request fields that decide pixels and name no file).
-SANA_FIELDS = ("steps", "guidance", "negative_prompt", "seed", "pag_scale", "pag_layers", "control_scale",
-               "strength")
+# Sana's own fields an OpenAI request may add: the field table's rows marked for HTTP (Request fields that
+# decide pixels and name no file).
+SANA_FIELDS = HTTP_FIELDS
 
 
 class ApiError(Exception):
