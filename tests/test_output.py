@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sana_cli.storage import files, images, manifest as manifests
+from sana_cli.storage import files, images, manifest as manifests, media
 from sana_cli.errors import GenerationError, UsageError
 
 META = {"sana_cli": "0.1.0", "prompt": "一只可爱的熊猫 🐼 eating \"bamboo\"\nsecond line", "negative_prompt": "blurry",
@@ -26,7 +26,7 @@ def noise_image(seed=0, size=(64, 32)) -> Image.Image:
 
 @pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.jpeg", "a.webp"])
 def test_metadata_round_trips_in_every_format(tmp_path, name):
-    written = images.write_image(noise_image(), tmp_path / name, META, overwrite=False)
+    written = media.write(media.Frames.still(noise_image()), tmp_path / name, META, overwrite=False)
     assert written.sha256 == files.sha256_file(tmp_path / name)
     meta = images.read_metadata(tmp_path / name)
     assert meta["sana"] == META
@@ -39,8 +39,8 @@ def test_metadata_round_trips_in_every_format(tmp_path, name):
 
 def test_png_pixels_are_lossless_and_encoding_is_deterministic(tmp_path):
     image = noise_image(3)
-    images.write_image(image, tmp_path / "a.png", META, overwrite=False)
-    images.write_image(image, tmp_path / "b.png", META, overwrite=False)
+    media.write(media.Frames.still(image), tmp_path / "a.png", META, overwrite=False)
+    media.write(media.Frames.still(image), tmp_path / "b.png", META, overwrite=False)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(image))
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
@@ -49,10 +49,10 @@ def test_existing_file_is_never_replaced_without_overwrite(tmp_path):
     target = tmp_path / "a.png"
     target.write_bytes(b"keep me")
     with pytest.raises(UsageError, match="already exists"):
-        images.write_image(noise_image(), target, META, overwrite=False)
+        media.write(media.Frames.still(noise_image()), target, META, overwrite=False)
     assert target.read_bytes() == b"keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temp file left behind
-    images.write_image(noise_image(), target, META, overwrite=True)
+    media.write(media.Frames.still(noise_image()), target, META, overwrite=True)
     assert images.read_metadata(target)["sana"]["seed"] == 42
 
 
@@ -95,11 +95,11 @@ def test_a_torn_manifest_line_is_skipped_and_closed_never_rewritten(tmp_path):
 def test_a_full_disk_leaves_no_partial_file(tmp_path):
     """A real write failure: the file-size limit makes write() fail with EFBIG, as a full disk would."""
     code = (
-        "import resource, signal, sys; from sana_cli.storage import images; from PIL import Image; import numpy as np\n"
+        "import resource, signal, sys; from sana_cli.storage import media; from PIL import Image; import numpy as np\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"
         "img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))\n"
-        "try:\n    images.write_image(img, sys.argv[1], {'prompt': 'x'}, overwrite=False)\n"
+        "try:\n    media.write(media.Frames.still(img), sys.argv[1], {'prompt': 'x'}, overwrite=False)\n"
         "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.png")], capture_output=True, text=True)
     assert result.returncode == 3, result.stderr
@@ -130,4 +130,40 @@ def test_reading_a_non_image_is_a_usage_error(tmp_path):
 
 def test_write_failure_type(tmp_path):
     with pytest.raises(GenerationError):
-        images.write_image(noise_image(), tmp_path / "missing-dir" / "a.png", META, overwrite=False)
+        media.write(media.Frames.still(noise_image()), tmp_path / "missing-dir" / "a.png", META, overwrite=False)
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.webp"])
+def test_many_frames_are_refused_by_the_image_writers_and_nothing_is_written(tmp_path, name):
+    """A still format holds one frame: a video's frames are refused in one line, never written as frame 0."""
+    frames = media.Frames((noise_image(1), noise_image(2), noise_image(3)), kind="video", fps=16.0)
+    with pytest.raises(UsageError) as caught:
+        media.write(frames, tmp_path / name, META, overwrite=False)
+    fmt = media.format_for(name)
+    assert caught.value.line().startswith(f"cannot write 3 frames (a video) as a {fmt} image: it holds exactly one")
+    assert "\n" not in caught.value.line()
+    with pytest.raises(UsageError, match="cannot write 0 frames as a PNG image"):
+        media.encode(media.Frames(()), "PNG", META)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.webp"])
+def test_the_media_seam_writes_the_still_codecs_bytes_unchanged(tmp_path, name):
+    """Images keep their exact bytes through the frames seam: what media.write puts on disk is byte for byte
+    what the still-image codec makes of the one frame, and a one-frame video-kind result is written the same."""
+    image = noise_image(4)
+    fmt = media.format_for(name)
+    written = media.write(media.Frames.still(image), tmp_path / name, META, overwrite=False)
+    assert (tmp_path / name).read_bytes() == images.encode_image(image, fmt, META)
+    assert written.sha256 == files.sha256_file(tmp_path / name)
+    assert media.encode(media.Frames((image,), kind="video", fps=8.0), fmt, META) == images.encode_image(image, fmt,
+                                                                                                         META)
+
+
+def test_every_suffix_the_planner_accepts_has_an_encoder():
+    """A format is a suffix row in the planner and an encoder here; one without the other fails this."""
+    from sana_cli.planning.plan import IMAGE_SUFFIXES
+
+    assert set(IMAGE_SUFFIXES.values()) == set(media.ENCODERS)
+    with pytest.raises(UsageError, match="cannot write '.gif' images"):
+        media.write(media.Frames.still(noise_image()), "a.gif", META, overwrite=False)
