@@ -374,8 +374,6 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
                events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False,
                on_failed: Callable | None = None) -> None:
     first = jobs[0]
-    pipe = loaded.pipeline_for_job(first)
-    lora.apply(loaded, first.loras, restorable=loaded.lora_restorable)
     batch_started = time.perf_counter()
     if embeddings is None:
         embeddings, seconds = _timed(_encode, loaded, jobs=jobs, options=options, events=events)
@@ -398,7 +396,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
     generators = [torch.Generator(loaded.generator_device).manual_seed(job.seed) for job in jobs]
     kwargs = adapter_for(loaded.ref, first).build_call(jobs, embeddings, generators=generators, on_step=on_step)
     started = time.perf_counter()
-    loaded.check_placement()
+    pipe = loaded.prepare_call(first)  # sets every piece of per-call component state, checks placement
     with torch.no_grad():
         latents = pipe(**kwargs)[0]
     loaded.check_placement()
