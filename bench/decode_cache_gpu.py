@@ -44,7 +44,7 @@ def parse_args(argv=None):
 
 
 def one_decode(vae, latents, device, mode: str) -> tuple[float, str]:
-    """One auto decode as runner.decode_to_pil makes it (free memory, budget, choose, decode)."""
+    """One auto decode as runner.decode_frames makes it (free memory, budget, choose, decode)."""
     import torch
 
     from sana_cli.engine import vae as decoding

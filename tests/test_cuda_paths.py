@@ -339,7 +339,7 @@ def test_auto_decodes_keep_the_cuda_cache_and_empty_it_only_for_a_fallback(tiny_
     device set to cuda:0 while its tensors stay on the CPU): free memory counts the caching allocator's unused
     blocks instead of emptying the cache before every decode; only a fallback empties it."""
     from sana_cli.engine import vae as decode
-    from sana_cli.engine.runner import decode_to_pil
+    from sana_cli.engine.runner import decode_frames
 
     loaded = load(resolve("tiny"))
     calls = []
@@ -355,7 +355,7 @@ def test_auto_decodes_keep_the_cuda_cache_and_empty_it_only_for_a_fallback(tiny_
     loaded.device = gpu
     latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     for _ in range(3):
-        _, decoded = decode_to_pil(loaded, latents, "auto")
+        _, decoded = decode_frames(loaded, latents, "auto")
         assert decoded.strategy == "full" and not decoded.fallbacks
     assert calls == []
 
@@ -363,7 +363,7 @@ def test_auto_decodes_keep_the_cuda_cache_and_empty_it_only_for_a_fallback(tiny_
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(decode, "_full", out_of_memory)  # a full decode that does not fit after all
-    _, decoded = decode_to_pil(loaded, latents, "auto")
+    _, decoded = decode_frames(loaded, latents, "auto")
     assert decoded.fallbacks == ("full",) and decoded.strategy.startswith("strips:")
     assert calls == ["empty_cache"]  # once, for the fallback
 

@@ -366,10 +366,10 @@ OLD_METADATA = {
 
 
 def test_an_image_written_before_the_metadata_merge_is_still_read_and_reproduced(sana, tiny_models, tmp_path):
-    from sana_cli.storage.images import write_image
+    from sana_cli.storage import media
 
     old = tmp_path / "cat.png"
-    write_image(Image.new("RGB", (128, 128), (200, 10, 10)), old, OLD_METADATA, overwrite=False)
+    media.write(media.Frames.still(Image.new("RGB", (128, 128), (200, 10, 10))), old, OLD_METADATA, overwrite=False)
     shown = sana("info", old, "--json", check_json=True)
     assert shown.returncode == 0 and shown.json["sana"] == OLD_METADATA
     command = sana("info", old, "--command")

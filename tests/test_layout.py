@@ -134,22 +134,58 @@ def test_the_checks_see_an_import_inside_a_function(tmp_path):
     assert LAYERS.index(layer_of(imports[0][0])) > LAYERS.index(layer_of("sana_cli.planning.planted"))
 
 
-def test_every_import_of_the_package_names_a_module_that_exists():
-    """An import inside a function runs only when that code does: one left naming a module from before the
-    layers were packages fails only then (a ControlNet image, `sana serve`), so every one is read here."""
+def _unresolved(name: str, path: Path) -> list[str]:
+    """Imports of this package (relative, or absolute from sana_cli) that name no module or package of it,
+    nor a name a module of it defines: they fail only when the line runs, which for an import inside a
+    function can be the first time a user takes that path."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     wrong = []
-    for name, path in MODULES.items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                modules = [".".join(base + ([node.module] if node.module else []))]
-            elif isinstance(node, ast.ImportFrom):
-                modules = [node.module or ""]
-            elif isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
+                module = ".".join(base + ([node.module] if node.module else []))
             else:
+                module = node.module or ""
+            if not module.startswith("sana_cli"):
                 continue
-            wrong += [f"{MODULES[name].relative_to(PACKAGE.parent)}:{node.lineno} imports {module}"
-                      for module in modules if module.split(".")[0] == "sana_cli" and module not in MODULES]
+            if module not in MODULES:
+                wrong.append(f"{name}:{node.lineno} imports {module}")
+                continue
+            defined = _defined(MODULES[module])
+            wrong += [f"{name}:{node.lineno} imports {alias.name} from {module}" for alias in node.names
+                      if f"{module}.{alias.name}" not in MODULES and alias.name not in defined]
+        elif isinstance(node, ast.Import):
+            wrong += [f"{name}:{node.lineno} imports {alias.name}" for alias in node.names
+                      if alias.name.startswith("sana_cli") and alias.name not in MODULES]
+    return wrong
+
+
+def _defined(path: Path) -> set[str]:
+    """Names a module binds at its top level (definitions, assignments, imports)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def test_every_import_of_the_package_names_something_that_exists():
+    wrong = [problem for name, path in MODULES.items() for problem in _unresolved(name, path)]
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_checks_see_an_import_of_a_module_that_does_not_exist(tmp_path):
+    """The checker itself: the import a package move leaves behind inside a function is found."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("def later():\n    from .inputs import prepare\n    from ..inputs.images import nothing\n")
+    assert _unresolved("sana_cli.engine.planted", planted) == [
+        "sana_cli.engine.planted:2 imports sana_cli.engine.inputs",
+        "sana_cli.engine.planted:3 imports nothing from sana_cli.inputs.images"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sana_cli.storage import files, images, manifest as manifests
+from sana_cli.storage import files, images, manifest as manifests, media
 from sana_cli.errors import GenerationError, UsageError
 
 META = {"sana_cli": "0.1.0", "prompt": "一只可爱的熊猫 🐼 eating \"bamboo\"\nsecond line", "negative_prompt": "blurry",
@@ -27,7 +27,7 @@ def noise_image(seed=0, size=(64, 32)) -> Image.Image:
 
 @pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.jpeg", "a.webp"])
 def test_metadata_round_trips_in_every_format(tmp_path, name):
-    written = images.write_image(noise_image(), tmp_path / name, META, overwrite=False)
+    written = media.write(media.Frames.still(noise_image()), tmp_path / name, META, overwrite=False)
     assert written.sha256 == files.sha256_file(tmp_path / name)
     meta = images.read_metadata(tmp_path / name)
     assert meta["sana"] == META
@@ -40,8 +40,8 @@ def test_metadata_round_trips_in_every_format(tmp_path, name):
 
 def test_png_pixels_are_lossless_and_encoding_is_deterministic(tmp_path):
     image = noise_image(3)
-    images.write_image(image, tmp_path / "a.png", META, overwrite=False)
-    images.write_image(image, tmp_path / "b.png", META, overwrite=False)
+    media.write(media.Frames.still(image), tmp_path / "a.png", META, overwrite=False)
+    media.write(media.Frames.still(image), tmp_path / "b.png", META, overwrite=False)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(image))
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
@@ -50,10 +50,10 @@ def test_existing_file_is_never_replaced_without_overwrite(tmp_path):
     target = tmp_path / "a.png"
     target.write_bytes(b"keep me")
     with pytest.raises(UsageError, match="already exists"):
-        images.write_image(noise_image(), target, META, overwrite=False)
+        media.write(media.Frames.still(noise_image()), target, META, overwrite=False)
     assert target.read_bytes() == b"keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temp file left behind
-    images.write_image(noise_image(), target, META, overwrite=True)
+    media.write(media.Frames.still(noise_image()), target, META, overwrite=True)
     assert images.read_metadata(target)["sana"]["seed"] == 42
 
 
@@ -96,11 +96,11 @@ def test_a_torn_manifest_line_is_skipped_and_closed_never_rewritten(tmp_path):
 def test_a_full_disk_leaves_no_partial_file(tmp_path):
     """A real write failure: the file-size limit makes write() fail with EFBIG, as a full disk would."""
     code = (
-        "import resource, signal, sys; from sana_cli.storage import images; from PIL import Image; import numpy as np\n"
+        "import resource, signal, sys; from sana_cli.storage import media; from PIL import Image; import numpy as np\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"
         "img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))\n"
-        "try:\n    images.write_image(img, sys.argv[1], {'prompt': 'x'}, overwrite=False)\n"
+        "try:\n    media.write(media.Frames.still(img), sys.argv[1], {'prompt': 'x'}, overwrite=False)\n"
         "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.png")], capture_output=True, text=True)
     assert result.returncode == 3, result.stderr
@@ -131,7 +131,7 @@ def test_reading_a_non_image_is_a_usage_error(tmp_path):
 
 def test_write_failure_type(tmp_path):
     with pytest.raises(GenerationError):
-        images.write_image(noise_image(), tmp_path / "missing-dir" / "a.png", META, overwrite=False)
+        media.write(media.Frames.still(noise_image()), tmp_path / "missing-dir" / "a.png", META, overwrite=False)
 
 
 # ---- the guarantees themselves: each test fails when its lock, fsync or rename is taken out ---------
@@ -209,14 +209,14 @@ def test_an_image_is_fsynced_whole_before_its_rename_and_the_directory_after(tmp
                                                            real_link(src, dst, **kw))[1])
     monkeypatch.setattr(os, "replace", lambda src, dst, **kw: (seen.append(("rename", len(watch.calls))),
                                                               real_replace(src, dst, **kw))[1])
-    images.write_image(noise_image(), target, META, overwrite=False)
+    media.write(media.Frames.still(noise_image()), target, META, overwrite=False)
     size = target.stat().st_size
     assert len(watch.calls) == 2, f"expected an fsync of the temp file, then of the directory: {watch.calls}"
     (temp, temp_size), (directory, _) = watch.calls
     assert files.is_temp_file(Path(temp).name) and Path(temp).parent == tmp_path and temp_size == size
     assert seen == [("rename", 1)]  # the data was durable before the name appeared
     assert directory == str(tmp_path)  # and the new name is made durable too
-    images.write_image(noise_image(1), target, META, overwrite=True)
+    media.write(media.Frames.still(noise_image(1)), target, META, overwrite=True)
     assert len(watch.calls) == 4 and seen[-1] == ("rename", 3) and watch.calls[3][0] == str(tmp_path)
 
 
@@ -235,3 +235,39 @@ def test_a_thumbnail_is_fsynced_whole_before_its_rename_and_the_directory_after(
     (temp, size), (directory, _) = watch.calls
     assert files.is_temp_file(Path(temp).name) and size == 1000 and renames == [1]
     assert directory == str(thumbnails.path) and (thumbnails.path / "a.png").read_bytes() == b"x" * 1000
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.webp"])
+def test_many_frames_are_refused_by_the_image_writers_and_nothing_is_written(tmp_path, name):
+    """A still format holds one frame: a video's frames are refused in one line, never written as frame 0."""
+    frames = media.Frames((noise_image(1), noise_image(2), noise_image(3)), kind="video", fps=16.0)
+    with pytest.raises(UsageError) as caught:
+        media.write(frames, tmp_path / name, META, overwrite=False)
+    fmt = media.format_for(name)
+    assert caught.value.line().startswith(f"cannot write 3 frames (a video) as a {fmt} image: it holds exactly one")
+    assert "\n" not in caught.value.line()
+    with pytest.raises(UsageError, match="cannot write 0 frames as a PNG image"):
+        media.encode(media.Frames(()), "PNG", META)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.webp"])
+def test_the_media_seam_writes_the_still_codecs_bytes_unchanged(tmp_path, name):
+    """Images keep their exact bytes through the frames seam: what media.write puts on disk is byte for byte
+    what the still-image codec makes of the one frame, and a one-frame video-kind result is written the same."""
+    image = noise_image(4)
+    fmt = media.format_for(name)
+    written = media.write(media.Frames.still(image), tmp_path / name, META, overwrite=False)
+    assert (tmp_path / name).read_bytes() == images.encode_image(image, fmt, META)
+    assert written.sha256 == files.sha256_file(tmp_path / name)
+    assert media.encode(media.Frames((image,), kind="video", fps=8.0), fmt, META) == images.encode_image(image, fmt,
+                                                                                                         META)
+
+
+def test_every_suffix_the_planner_accepts_has_an_encoder():
+    """A format is a suffix row in the planner and an encoder here; one without the other fails this."""
+    from sana_cli.planning.plan import IMAGE_SUFFIXES
+
+    assert set(IMAGE_SUFFIXES.values()) == set(media.ENCODERS)
+    with pytest.raises(UsageError, match="cannot write '.gif' images"):
+        media.write(media.Frames.still(noise_image()), "a.gif", META, overwrite=False)

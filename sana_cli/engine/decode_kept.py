@@ -25,20 +25,20 @@ def check_fits(kept: Kept, vae) -> None:
 
 def finish(path: str, *, output: str | None = None, decode: str = "auto", device: str | None = None,
            overwrite: bool = False, offline: bool = False, max_memory: float | None = None, verbose: bool = False):
-    """Decode a kept latents file into its image: (WrittenImage, metadata). Loads only the VAE, in the
+    """Decode a kept latents file into its image: (Written, metadata). Loads only the VAE, in the
     dtype and on the kind of device the run used (unless `device` says otherwise)."""
     from ..models.modelref import resolve
-    from ..planning.plan import LoadOptions, image_format
+    from ..planning.plan import LoadOptions
+    from ..storage import media
     from ..storage.files import ensure_directory
-    from ..storage.images import write_image
     from .loading import load
-    from .runner import decode_to_pil
+    from .runner import decode_frames
 
     kept = read(path)
     target = output or kept.image
     if output is not None and (output.endswith("/") or Path(output).is_dir()):
         target = str(Path(output) / Path(kept.image).name)
-    image_format(target)
+    media.format_for(target)
     if Path(target).exists() and not overwrite:
         raise UsageError(f"{target} already exists", hint="pass --overwrite to replace it, or -o elsewhere")
     meta = kept.meta
@@ -48,9 +48,9 @@ def finish(path: str, *, output: str | None = None, decode: str = "auto", device
     ensure_directory(str(Path(target).parent))  # after every refusal loading can make: a refused run makes none
     budget = None if max_memory is None else int(max_memory * 2**30)
     check_fits(kept, loaded.pipe.vae)
-    image, decoded = decode_to_pil(loaded, kept.latents.to(loaded.device), decode, budget)
+    frames, decoded = decode_frames(loaded, kept.latents.to(loaded.device), decode, budget)
     meta = decoded_metadata(meta, decoded.strategy, loaded.device.type)
-    return write_image(image, target, meta, overwrite=overwrite), meta
+    return media.write(frames, target, meta, overwrite=overwrite), meta
 
 
 def decoded_metadata(meta: dict, strategy: str, device_type: str) -> dict:

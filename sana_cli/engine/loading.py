@@ -8,6 +8,7 @@ failure to a one-line error with the right exit code.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,9 @@ class LoadedModel:
     lora_restorable: bool = False  # keep a copy of the weights a LoRA changes, to change the set later
     _controlnets: dict = field(default_factory=dict)  # ControlNet source -> SanaControlNetPipeline
     _img2img: object = None
+    # The per-call state every pipeline shares, as loaded, taken before the first call (see prepare_call).
+    _loaded_scheduler: object = None
+    _loaded_processors: dict | None = None
 
     @property
     def generator_device(self) -> str:
@@ -107,6 +111,38 @@ class LoadedModel:
             return self._img2img
         return self.pipeline_for(job.pag_layers)
 
+    def prepare_call(self, job):
+        """The pipeline that makes a job's image, with every piece of per-call component state set for this
+        job and nothing left from an earlier call. The base, PAG, ControlNet and image-to-image pipelines
+        share one transformer, VAE and text encoder, so this is the one place that state is set:
+
+        - the LoRA set fused into the transformer: exactly the job's (lora.apply);
+        - the transformer's attention processors: the loaded ones. A PAG call swaps in perturbed-attention
+          processors and puts back what it found only when it returns: a call that raised (out of memory,
+          a failed batch retried alone) left them on the shared transformer, where a plain call would use
+          them and a later PAG call would take them for the originals;
+        - the scheduler: a fresh copy of the loaded one (the preset's flow shift is in its config) for this
+          call alone, so no timesteps, step or begin index, or solver history of an earlier call, or of
+          another pipeline, can reach this one;
+        - ControlNet conditioning, strength and PAG scale are arguments of the call, not component state.
+
+        Then every component's dtype and device are checked, the ControlNet's too (check_placement)."""
+        from . import lora
+
+        if self._loaded_scheduler is None:
+            self._loaded_scheduler = copy.deepcopy(self.pipe.scheduler)
+            self._loaded_processors = dict(self.pipe.transformer.attn_processors)
+        pipe = self.pipeline_for_job(job)
+        lora.apply(self, job.loras, restorable=self.lora_restorable)
+        transformer = self.pipe.transformer
+        current = transformer.attn_processors
+        if current.keys() != self._loaded_processors.keys() or any(
+                current[name] is not processor for name, processor in self._loaded_processors.items()):
+            transformer.set_attn_processor(dict(self._loaded_processors))
+        pipe.scheduler = copy.deepcopy(self._loaded_scheduler)
+        self.check_placement(pipe)
+        return pipe
+
     def _base_components(self) -> dict:
         return {name: self.pipe.components[name]
                 for name in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
@@ -125,13 +161,16 @@ class LoadedModel:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def check_placement(self) -> None:
+    def check_placement(self, pipe=None) -> None:
         """Every component is in the dtype and on the device the load planned (the text encoder on `meta`
-        once released). A silent cast or move anywhere later fails here, loudly, instead of doubling the
-        memory or changing the pixels unnoticed."""
+        once released), and so is the ControlNet of `pipe` when it has one (the transformer's dtype). A silent
+        cast or move anywhere later fails here, loudly, instead of doubling the memory or changing the pixels
+        unnoticed."""
         wrong = []
-        for name, planned in self.dtypes.items():
-            module = getattr(self.pipe, name, None)
+        planned_modules = [(name, getattr(self.pipe, name, None), planned) for name, planned in self.dtypes.items()]
+        if getattr(pipe, "controlnet", None) is not None:
+            planned_modules.append(("controlnet", pipe.controlnet, self.dtype))
+        for name, module, planned in planned_modules:
             if module is None:
                 continue
             parameter = next(module.parameters(), None)

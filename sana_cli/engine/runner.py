@@ -1,5 +1,5 @@
-"""Execute a Plan on a loaded model: encode prompts, denoise each GPU batch, decode, hand images to a
-background writer. The only module that drives torch through a whole run.
+"""Execute a Plan on a loaded model: encode prompts, denoise each GPU batch, decode each job into its frames, hand
+them to a background writer. The only module that drives torch through a whole run.
 
 Memory plan: when every prompt of a one-shot run can be encoded up front, the text encoder is
 encoded first and then released, so the transformer and the decode never share the GPU with Gemma.
@@ -31,7 +31,7 @@ from ..reporting.events import (
 )
 from ..reporting.results import ImageResult, RunOptions, RunOutcome, StopToken
 from ..storage import latents as keeping
-from ..storage.images import write_image
+from ..storage import media
 from ..version import __version__
 from . import lora
 from . import vae as decoding
@@ -42,8 +42,8 @@ ENCODE_AHEAD_MAX = 256  # prompts; ~2.8 MB of bf16 embeddings each with CFG
 
 
 class Writer:
-    """Encodes and writes images on a background thread so the GPU never waits for PNG encoding.
-    The queue is short, so at most a couple of decoded images wait in memory.
+    """Encodes and writes each job's frames on a background thread so the GPU never waits for PNG encoding.
+    The queue is short, so at most a couple of decoded jobs wait in memory.
 
     The thread never dies: a failing image write fails that image; a failing record of it (the
     manifest cannot be written: disk full) is fatal, and from then on the thread only drains the
@@ -59,8 +59,8 @@ class Writer:
         self.seconds = 0.0
         self.submitted: set[int] = set()  # job indices handed over, so a retry never writes twice
 
-    def submit(self, result: ImageResult, image, meta: dict) -> None:
-        self._put((result, image, meta))
+    def submit(self, result: ImageResult, frames: media.Frames, meta: dict) -> None:
+        self._put((result, frames, meta))
         self.submitted.add(result.job.index)
 
     def _put(self, item) -> None:
@@ -99,10 +99,10 @@ class Writer:
                 return
             if self.failure is not None:
                 continue  # nothing more is written once results cannot be recorded
-            result, image, meta = item
+            result, frames, meta = item
             started = time.perf_counter()
             try:
-                result.written = write_image(image, result.job.path, meta, overwrite=self._overwrite)
+                result.written = media.write(frames, result.job.path, meta, overwrite=self._overwrite)
             except SanaError as exc:
                 result.error, result.error_exit_code = exc.line(), exc.exit_code
             except Exception as exc:  # noqa: BLE001 - a write failure fails this image only
@@ -374,8 +374,6 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
                events: EventSink, stop: StopToken, writer: Writer, timings: dict, retried_alone: bool = False,
                on_failed: Callable | None = None) -> None:
     first = jobs[0]
-    pipe = loaded.pipeline_for_job(first)
-    lora.apply(loaded, first.loras, restorable=loaded.lora_restorable)
     batch_started = time.perf_counter()
     if embeddings is None:
         embeddings, seconds = _timed(_encode, loaded, jobs=jobs, options=options, events=events)
@@ -398,7 +396,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
     generators = [torch.Generator(loaded.generator_device).manual_seed(job.seed) for job in jobs]
     kwargs = adapter_for(loaded.ref, first).build_call(jobs, embeddings, generators=generators, on_step=on_step)
     started = time.perf_counter()
-    loaded.check_placement()
+    pipe = loaded.prepare_call(first)  # sets every piece of per-call component state, checks placement
     with torch.no_grad():
         latents = pipe(**kwargs)[0]
     loaded.check_placement()
@@ -420,7 +418,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
             on_failed(job, _failure(error), alone=retried_alone)
             continue
         try:
-            image, decoded = decode_to_pil(loaded, one, options.decode, options.max_memory_bytes)
+            frames, decoded = decode_frames(loaded, one, options.decode, options.max_memory_bytes)
         except Exception as exc:  # noqa: BLE001 - every fallback is spent; keep the denoise, not the traceback
             if on_failed is None:
                 raise
@@ -436,7 +434,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
         timings["decode"] += seconds
         result = ImageResult(job=job, decode=decoded.strategy, fallbacks=decoded.fallbacks, seconds=shared + seconds,
                              retried_alone=retried_alone)
-        writer.submit(result, image, image_metadata(loaded, job, decoded.strategy))
+        writer.submit(result, frames, image_metadata(loaded, job, decoded.strategy))
     del latents
 
 
@@ -461,9 +459,11 @@ def _preview(loaded: LoadedModel, latents: torch.Tensor):
 
 
 @torch.no_grad()
-def decode_to_pil(loaded: LoadedModel, latents: torch.Tensor, strategy: str, max_memory_bytes: int | None = None):
-    """Decode one image's latents exactly as the pipeline would (cast, unscale, decode, postprocess).
-    `auto` picks its strategy within free memory and, when given, the --max-memory budget."""
+def decode_frames(loaded: LoadedModel, latents: torch.Tensor, strategy: str,
+                  max_memory_bytes: int | None = None) -> tuple[media.Frames, object]:
+    """Decode one job's latents exactly as the pipeline would (cast, unscale, decode, postprocess) into its
+    frames (one, for an image) and the decode's account (strategy, fallbacks). `auto` picks its strategy
+    within free memory and, when given, the --max-memory budget."""
     vae = loaded.pipe.vae
     latents = latents.to(vae.dtype)
     free = None
@@ -476,8 +476,8 @@ def decode_to_pil(loaded: LoadedModel, latents: torch.Tensor, strategy: str, max
     if not bool(torch.isfinite(decoded.image).all()):  # postprocess would write NaN as black, silently
         raise NonFinite(f"the decoded image holds NaN or infinity (the VAE overflowed in {vae.dtype}); no image "
                         "was written", hint="try --dtype fp32")
-    image = loaded.pipe.image_processor.postprocess(decoded.image, output_type="pil")[0]
-    return image, decoded
+    frames = loaded.pipe.image_processor.postprocess(decoded.image, output_type="pil")
+    return media.Frames(tuple(frames)), decoded
 
 
 def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> dict:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..planning.plan import ImageJob
-from ..storage.images import WrittenImage
+from ..storage.media import Written
 
 
 class StopToken:
@@ -40,7 +40,7 @@ class RunOptions:
 @dataclass
 class ImageResult:
     job: ImageJob
-    written: WrittenImage | None = None
+    written: Written | None = None
     decode: str | None = None
     fallbacks: tuple[str, ...] = ()
     seconds: float = 0.0  # this image's share of encode + denoise, plus its own decode

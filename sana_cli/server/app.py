@@ -529,15 +529,17 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             return path
         from PIL import Image
 
-        from ..storage.images import encode_image, read_metadata, write_encoded
+        from ..storage import media
+        from ..storage.images import read_metadata
 
         meta = dict(read_metadata(path)["sana"] or {})
         meta["output_compression"] = answer["output_compression"]
         with Image.open(path) as image:
-            data = encode_image(image, answer["output_format"].upper(), meta, quality=answer["output_compression"])
+            data = media.encode(media.Frames.still(image), answer["output_format"].upper(), meta,
+                                quality=answer["output_compression"])
         directory = config.output_dir if answer["response_format"] == "url" else config.scratch_dir
         final = str(directory / (os.path.basename(path)[:-4] + OUTPUT_FORMATS[answer["output_format"]]))
-        write_encoded(data, final, overwrite=False)
+        media.write_encoded(data, final, overwrite=False)
         _unlink(path)
         return final
 

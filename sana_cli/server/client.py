@@ -447,7 +447,7 @@ class RemoteModel:
         """Send wanted jobs in one request and write what comes back; the server's timings."""
         from ..reporting.events import BatchStarted, ImageFailed, ImageWritten, Noted, Step, Warned
         from ..reporting.results import ImageResult
-        from ..storage.images import write_encoded
+        from ..storage.media import write_encoded
 
         by_index = {job.index: job for job in wanted}
         line_limit = max(_image_line_limit(job) for job in wanted)

@@ -9,9 +9,10 @@ import os
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import GenerationError, UsageError
 
 TEMP_MARK = ".sana-tmp-"
 STALE_SECONDS = 3600  # a claim or temp file of another host older than this is abandoned
@@ -112,6 +113,27 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool) -> Non
         except FileNotFoundError:
             pass
         raise
+
+
+@dataclass(frozen=True)
+class Written:
+    """A file written whole: its path, size and sha256."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+
+def write_encoded(data: bytes, path: str | Path, *, overwrite: bool) -> Written:
+    """Atomically write already encoded media (made here or by a `sana serve` server); an existing path
+    without overwrite is a usage error, any other failure a run-time one."""
+    try:
+        atomic_write_bytes(path, data, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it") from exc
+    except OSError as exc:
+        raise GenerationError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return Written(str(path), len(data), hashlib.sha256(data).hexdigest())
 
 
 def _rename_no_replace(temp: Path, path: Path) -> None:

@@ -1,7 +1,5 @@
-"""Writing images so that nothing half-written can ever exist. PIL only, no torch.
-
-Every file is written to a hidden temp file in the target directory, flushed and fsynced, then
-renamed into place: a reader (or a rerun after `kill -9`) sees the whole file or none of it.
+"""The still-image codec: one picture to PNG / JPEG / WebP bytes with its metadata, and the metadata read
+back. PIL only, no torch. Files are written through storage.media (atomically, via storage.files).
 
 Metadata goes in two dialects: an A1111-style `parameters` text (PNG text chunk, or EXIF
 UserComment for JPEG/WebP) that existing prompt readers understand, and a `sana` JSON document
@@ -10,17 +8,13 @@ with everything needed to reproduce the image.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from ..errors import GenerationError, UsageError
-from ..planning.plan import image_format
-from .files import atomic_write_bytes
+from ..errors import UsageError
 
 _EXIF_USER_COMMENT = 0x9286
 _EXIF_IMAGE_DESCRIPTION = 0x010E
@@ -61,29 +55,6 @@ def encode_image(image: Image.Image, fmt: str, meta: dict, *, quality: int = 95)
         options = {"quality": quality} if fmt == "JPEG" else {"quality": quality, "method": 4}
         image.convert("RGB").save(buffer, format=fmt, exif=exif.tobytes(), **options)
     return buffer.getvalue()
-
-
-def write_image(image: Image.Image, path: str | Path, meta: dict, *, overwrite: bool) -> "WrittenImage":
-    """Encode and atomically write one image; returns its path, size and sha256."""
-    return write_encoded(encode_image(image, image_format(str(path)), meta), path, overwrite=overwrite)
-
-
-def write_encoded(data: bytes, path: str | Path, *, overwrite: bool) -> "WrittenImage":
-    """Atomically write an already encoded image (made here or by a `sana serve` server)."""
-    try:
-        atomic_write_bytes(path, data, overwrite=overwrite)
-    except FileExistsError as exc:
-        raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it") from exc
-    except OSError as exc:
-        raise GenerationError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return WrittenImage(str(path), len(data), hashlib.sha256(data).hexdigest())
-
-
-@dataclass(frozen=True)
-class WrittenImage:
-    path: str
-    bytes: int
-    sha256: str
 
 
 def read_metadata(path: str | Path) -> dict:

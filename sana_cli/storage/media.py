@@ -1,0 +1,74 @@
+"""From decoded frames to a file: the one entry point every writer goes through. PIL only, no torch.
+
+The engine hands over Frames (one frame for an image, many for a video, with fps where it applies);
+`encode` turns them into the bytes of the format asked for, metadata inside, and `write` writes those
+atomically to a path whose suffix names the format. A format is two rows: its suffix in
+planning.plan.IMAGE_SUFFIXES (checked at plan time, before anything loads) and its encoder in ENCODERS
+here. A video format adds exactly that: an encoder taking (frames, format, metadata, quality) beside
+`_still`, and its suffix row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UsageError
+from ..planning.plan import image_format
+from .files import Written, write_encoded
+from .images import encode_image
+
+__all__ = ["ENCODERS", "Frames", "Written", "encode", "format_for", "write", "write_encoded"]
+
+
+@dataclass(frozen=True)
+class Frames:
+    """What one job's decode made: its frames (PIL images, one size) in order; `kind` says what they
+    are ("image": one frame; "video": many, shown at `fps`)."""
+
+    frames: tuple
+    kind: str = "image"
+    fps: float | None = None
+
+    @classmethod
+    def still(cls, image) -> "Frames":
+        return cls((image,))
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def describe(self) -> str:
+        count = len(self.frames)
+        return f"{count} frame{'' if count == 1 else 's'}" + (f" (a {self.kind})" if self.kind != "image" else "")
+
+
+def _still(frames: Frames, fmt: str, meta: dict, quality: int) -> bytes:
+    """PNG, JPEG and WebP hold one picture: exactly one frame, or a one-line refusal (never frame 0 alone)."""
+    if len(frames) != 1:
+        raise UsageError(f"cannot write {frames.describe()} as a {fmt} image: it holds exactly one frame",
+                         hint="write a format that holds every frame")
+    return encode_image(frames.frames[0], fmt, meta, quality=quality)
+
+
+# Format name (planning.plan.IMAGE_SUFFIXES' values) -> encoder(frames, format, metadata, quality) -> bytes.
+ENCODERS: dict[str, Callable[[Frames, str, dict, int], bytes]] = {"PNG": _still, "JPEG": _still, "WEBP": _still}
+
+
+def format_for(path: str | Path) -> str:
+    """The format a path's suffix asks for; an unknown suffix is a usage error."""
+    return image_format(str(path))
+
+
+def encode(frames: Frames, fmt: str, meta: dict, *, quality: int = 95) -> bytes:
+    """The bytes of `frames` in format `fmt`, with both metadata dialects where the format holds them.
+    Deterministic: equal frames and metadata give equal bytes. `quality` is the lossy formats' (0..100)."""
+    encoder = ENCODERS.get(fmt)
+    if encoder is None:
+        raise UsageError(f"cannot write {fmt} files")
+    return encoder(frames, fmt, meta, quality)
+
+
+def write(frames: Frames, path: str | Path, meta: dict, *, overwrite: bool, quality: int = 95) -> Written:
+    """Encode in the format the path's suffix names and write atomically; its path, size and sha256."""
+    return write_encoded(encode(frames, format_for(path), meta, quality=quality), path, overwrite=overwrite)
