@@ -132,3 +132,22 @@ def test_the_checks_see_an_import_inside_a_function(tmp_path):
     imports = _imports("sana_cli.planning.planted", planted)
     assert imports == [("sana_cli.engine.runner", 2, False)]
     assert LAYERS.index(layer_of(imports[0][0])) > LAYERS.index(layer_of("sana_cli.planning.planted"))
+
+
+def test_every_import_of_the_package_names_a_module_that_exists():
+    """An import inside a function runs only when that function does: one that names no module (a relative
+    import left pointing at a module's old place) would pass every import-time check and fail a user."""
+    wrong = []
+    for name, path in MODULES.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sana_cli":
+                module = node.module
+            else:
+                continue
+            if module not in MODULES:
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {module}, which does not exist")
+    assert not wrong, "\n".join(wrong)

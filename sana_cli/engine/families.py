@@ -85,7 +85,7 @@ def metadata_sprint(job: ImageJob) -> dict:
 
 def call_controlnet(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
     """A SanaPipeline call plus the control image (prepared by the input-image rule) and its scale."""
-    from .inputs import prepare
+    from ..inputs.images import prepare
 
     first = jobs[0]
     kwargs = call_sana(jobs, embeddings, generators=generators, on_step=on_step)
@@ -98,7 +98,7 @@ def call_controlnet(jobs: list[ImageJob], embeddings: tuple, *, generators: list
 
 def call_img2img(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
     """A SanaSprintPipeline call plus the start image (prepared by the input-image rule) and strength."""
-    from .inputs import prepare
+    from ..inputs.images import prepare
 
     first = jobs[0]
     kwargs = call_sprint(jobs, embeddings, generators=generators, on_step=on_step)
