@@ -413,7 +413,7 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
         check_cache_dir()
         _preflight(plan.model, replace(options, device=distributed.device_for(options.device, processes)))
     if session is not None and getattr(session.loaded, "remote", False):
-        from .server.client import uses_input_files
+        from .server.wire import uses_input_files
 
         if any(uses_input_files(job) for i, job in enumerate(plan.jobs) if i not in done):
             raise UsageError("rows name LoRA, ControlNet or input-image files, which are read only by an "

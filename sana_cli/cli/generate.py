@@ -74,7 +74,7 @@ def generate(prompt, size, width, height, steps, guidance, negative_prompt, seed
         from ..reporting.results import StopToken
 
         display = ProgressDisplay(len(plan.jobs), quiet=quiet)
-        from ..server.client import uses_input_files
+        from ..server.wire import uses_input_files
 
         remote = None if no_server else attach(plan.model, load, keep_latents, display,
                                                 input_files=any(uses_input_files(job) for job in plan.jobs))
