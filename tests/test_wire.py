@@ -95,3 +95,33 @@ def test_the_handshake_accepts_this_installation_and_nothing_else(monkeypatch):
     assert not wire.same_installation({**answer, "key_schema": answer["key_schema"] + 1})
     assert not wire.same_installation({**answer, "sana_cli": "0.0.0"})
     assert not wire.same_installation({k: v for k, v in answer.items() if k != "key_schema"})
+
+
+def test_the_jobs_a_client_sends_are_the_jobs_the_server_checks_and_queues(tmp_path):
+    """The client's request body, through JSON, is taken by the server's intake as the same jobs (its own
+    paths, the format each path asks for); a field the server does not know is refused, not dropped."""
+    from dataclasses import replace
+
+    from sana_cli.planning.plan import LoadOptions
+    from sana_cli.server import intake
+    from sana_cli.server.openai_images import ApiError
+    from sana_cli.server.state import ServerConfig, ServerState
+    from sana_cli.server.work_queue import Scheduler
+
+    request = Request(prompt="a lighthouse", model="sana-600m-512", num_images=2, seed=7, steps=3, guidance=3.5,
+                      output=str(tmp_path / "a.webp"))
+    ref = model_for(request)
+    options = LoadOptions()
+    jobs = plan_generate(request, ref, options.pixels(options.decode_for("auto"))).jobs
+    state = ServerState(scheduler=Scheduler(window=30), config=ServerConfig(
+        api_key=None, output_dir=tmp_path / "out", scratch_dir=tmp_path / "scratch", load=options, models=[]))
+    body = json.loads(json.dumps(wire.jobs_request(ref, options, decode="auto", force_size=False, jobs=jobs)))
+    work = intake.attached_work(state, body)
+    assert (work.ref.source, work.options, work.decode, work.force_size) == (ref.source, options, "auto", False)
+    assert [replace(job, path="") for job in work.jobs] == [replace(job, path="") for job in jobs]
+    assert all(job.path.startswith(str(tmp_path / "scratch")) and job.path.endswith(".webp") for job in work.jobs)
+
+    body["jobs"][0]["brand_new_field"] = 1
+    with pytest.raises(ApiError) as refused:
+        intake.attached_work(state, body)
+    assert refused.value.status == 400 and "brand_new_field" in refused.value.message

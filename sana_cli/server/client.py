@@ -27,16 +27,16 @@ from .wire import (
     EVENT_SLACK_BYTES,
     HEALTH_PATH,
     JOBS_PATH,
-    JSON,
     LOAD_PATH,
     MAX_ANSWER_BYTES,
     MalformedAnswer,
     answer_object,
+    auth_headers,
     error_from,
     error_text,
     image_line_limit,
-    job_to_wire,
-    load_to_wire,
+    jobs_request,
+    model_request,
     private_place_problem,
     read_description,
     read_event,
@@ -83,10 +83,7 @@ class Endpoint:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def headers(self) -> dict:
-        headers = {"Content-Type": JSON}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
+        return auth_headers(self.api_key)
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = CONNECT_TIMEOUT):
         """(status, JSON object) of one request; OSError when nobody answers, MalformedAnswer when the
@@ -233,15 +230,12 @@ class RemoteModel:
         self._description: dict | None = None
         self._announce = announce  # said once, when the first image is sent to the server
 
-    def _model_body(self) -> dict:
-        return {"model": self.ref.name if self.ref.kind != "hub" else self.ref.source,
-                "revision": self.ref.revision, "load": load_to_wire(self.options)}
-
     def describe(self) -> dict:
         """The server's LoadedModel.describe() for this model and these options (loads it there)."""
         if self._description is None:
             try:
-                status, body = self.endpoint.request("POST", LOAD_PATH, self._model_body(), timeout=None)
+                status, body = self.endpoint.request("POST", LOAD_PATH, model_request(self.ref, self.options),
+                                                     timeout=None)
             except MalformedAnswer as exc:
                 raise self._malformed(str(exc)) from None
             except OSError as exc:
@@ -331,8 +325,7 @@ class RemoteModel:
         by_index = {job.index: job for job in wanted}
         line_limit = max(image_line_limit(job) for job in wanted)
         total_limit = sum(image_line_limit(job) for job in wanted) + EVENT_SLACK_BYTES
-        body = {**self._model_body(), "decode": options.decode, "force_size": plan.force_size,
-                "jobs": [job_to_wire(job) for job in wanted]}
+        body = jobs_request(self.ref, self.options, decode=options.decode, force_size=plan.force_size, jobs=wanted)
         connection = self.endpoint.connection(timeout=None)
         lines: queue.Queue = queue.Queue()
         try:

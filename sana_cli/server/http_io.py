@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import EnvironmentProblem, SanaError, UsageError
 from .openai_images import ApiError
 from .state import ServerConfig, ServerState
+from .wire import JSON, given_key
 from .work_queue import log
 
 MAX_BODY = 1 << 20  # an OpenAI request: a prompt and a few numbers
@@ -72,8 +73,7 @@ def install_error_answers(app: FastAPI) -> None:
 def authorize(request: HttpRequest, config: ServerConfig) -> None:
     if config.api_key is None:
         return
-    header = request.headers.get("authorization", "")
-    given = header[7:] if header[:7].lower() == "bearer " else ""
+    given = given_key(request.headers.get("authorization", ""))
     if not hmac.compare_digest(given.encode(), config.api_key.encode()):
         raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
                        code="invalid_api_key")
@@ -89,7 +89,7 @@ async def read_json(request: HttpRequest, limit: int) -> dict:
     # A web page may POST text/plain to a loopback server without asking first; application/json
     # needs a CORS preflight, which this server never grants, so other sites cannot make it render.
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/json":
+    if media != JSON:
         raise ApiError(415, "the request body must be sent with Content-Type: application/json",
                        code="unsupported_media_type")
     declared = request.headers.get("content-length")

@@ -35,6 +35,19 @@ NDJSON = "application/x-ndjson"
 CONNECT_TIMEOUT = 3.0
 
 
+def auth_headers(api_key: str | None) -> dict:
+    """The request headers of a client holding this API key (none: a server without a key)."""
+    headers = {"Content-Type": JSON}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def given_key(authorization: str) -> str:
+    """The API key an Authorization header carries ("" when it carries none)."""
+    return authorization[7:] if authorization[:7].lower() == "bearer " else ""
+
+
 def socket_dir() -> Path:
     """The user-only directory holding the server's socket, under sana-cli's cache."""
     return cache_root() / "serve"
@@ -111,6 +124,19 @@ def same_installation(answer: dict) -> bool:
 CLIENT_ONLY_LOAD_FIELDS = ("verbose", "only", "max_memory_gib")
 INPUT_FILE_FIELDS = ("loras", "controlnet", "control_image", "image")  # job fields that name files on this machine
 MAX_JOBS_BODY = 256 << 20  # a POST /jobs body: as large as a batch file may be
+
+
+def model_request(ref, options) -> dict:
+    """POST /load's body, and the start of POST /jobs's: the model by preset name or hub id (a client's path
+    never reaches the server), its revision, and the load options that decide how it is loaded."""
+    return {"model": ref.name if ref.kind != "hub" else ref.source, "revision": ref.revision,
+            "load": load_to_wire(options)}
+
+
+def jobs_request(ref, options, *, decode: str, force_size: bool, jobs) -> dict:
+    """POST /jobs's body: planned jobs to render with this model, decode and size rule."""
+    return {**model_request(ref, options), "decode": decode, "force_size": force_size,
+            "jobs": [job_to_wire(job) for job in jobs]}
 
 
 def job_to_wire(job) -> dict:
