@@ -11,7 +11,6 @@ import json
 import os
 import re
 import time
-from contextlib import aclosing
 from pathlib import Path
 
 from fastapi import Request as HttpRequest
@@ -43,12 +42,13 @@ class _ClientGone(Exception):
 
 class Inbox:
     """One Work's messages: queued on creation (429 when the queue is full, 503 while draining), then read
-    with `messages`. Every kind of answer reads its work through here."""
+    with `next` until it gives None, then closed. Every kind of answer reads its work through here."""
 
     def __init__(self, state: ServerState, work: Work):
         self.scheduler, self.work = state.scheduler, work
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._ended = False
         work.sink = lambda message: loop.call_soon_threadsafe(self._queue.put_nowait, message)
         try:
             self.scheduler.submit(work)
@@ -60,27 +60,30 @@ class Inbox:
             raise ApiError(503, "the server is shutting down and takes no new work", type_="server_error",
                            code="shutting_down", exit_code=4) from None
 
-    async def messages(self, request: HttpRequest, *, watch: bool = True):
-        """The work's messages as they come, up to its "done" or "error" (included), or until it finished
-        with nothing left to read. Watched, a client that went away ends it with _ClientGone. Left early
-        (read it under aclosing), unfinished work is cancelled: nobody will read it."""
+    async def next(self, request: HttpRequest, *, watch: bool = True) -> dict | None:
+        """The work's next message as it comes; None after its "done" or "error", or once it finished with
+        nothing left to read. Watched, a client that went away raises _ClientGone. Read it in a
+        try/finally that calls close(). (A plain coroutine, as the request's disconnect check needs.)"""
         work = self.work
-        try:
-            while True:
-                try:
-                    message = await asyncio.wait_for(self._queue.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if work.finished.is_set() and self._queue.empty():
-                        return
-                    if watch and await request.is_disconnected():
-                        raise _ClientGone() from None
-                    continue
-                yield message
-                if message["type"] in ("done", "error"):
-                    return
-        finally:
-            if not work.finished.is_set():
-                self.scheduler.cancel(work)
+        if self._ended:
+            return None
+        while True:
+            try:
+                message = await asyncio.wait_for(self._queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if work.finished.is_set() and self._queue.empty():
+                    return None
+                if watch and await request.is_disconnected():
+                    raise _ClientGone() from None
+                continue
+            self._ended = message["type"] in ("done", "error")
+            return message
+
+    def close(self) -> None:
+        """Reading ends: work that has not answered its "done" or "error" and is not finished is cancelled, as
+        nobody will read it."""
+        if not self._ended and not self.work.finished.is_set():
+            self.scheduler.cancel(self.work)
 
 
 # ---- an attached CLI: NDJSON events with each image's encoded bytes ---------------------------------
@@ -89,19 +92,20 @@ def attached_stream(state: ServerState, request: HttpRequest, work: Work) -> Str
     inbox = Inbox(state, work)
 
     async def lines():
-        async with aclosing(inbox.messages(request)) as messages:
-            try:
-                async for message in messages:
-                    if message["type"] == "image":
-                        yield await run_in_threadpool(_attached_line, message)
-                        continue
-                    if message["type"] == "failed":
-                        await run_in_threadpool(_unlink, message.pop("path", None))
-                    elif message["type"] == "partial":
-                        continue
-                    yield attached_line(message)
-            except _ClientGone:
-                return
+        try:
+            while (message := await inbox.next(request)) is not None:
+                if message["type"] == "image":
+                    yield await run_in_threadpool(_attached_line, message)
+                    continue
+                if message["type"] == "failed":
+                    await run_in_threadpool(_unlink, message.pop("path", None))
+                elif message["type"] == "partial":
+                    continue
+                yield attached_line(message)
+        except _ClientGone:
+            return
+        finally:
+            inbox.close()
 
     return StreamingResponse(lines(), media_type=NDJSON)
 
@@ -124,32 +128,33 @@ def openai_events(state: ServerState, request: HttpRequest, work: Work, answer: 
         return f"event: {name}\ndata: {json.dumps({'type': name, **payload})}\n\n".encode()
 
     async def events():
-        async with aclosing(inbox.messages(request)) as messages:
-            try:
-                async for message in messages:
-                    kind = message["type"]
-                    if kind == "partial":
-                        number = counts.get(message["index"], 0)
-                        counts[message["index"]] = number + 1
-                        data = _preview_bytes(message["image"], answer["output_format"])
-                        yield event("image_generation.partial_image", {
-                            "b64_json": base64.b64encode(data).decode(), "created_at": created,
-                            "partial_image_index": number, "index": message["index"] - 1,
-                            "step": message["step"], **answer["fields"]})
-                    elif kind == "image":
-                        item = await run_in_threadpool(_openai_item, state, message, answer, request)
-                        yield event("image_generation.completed", {
-                            "created_at": created, "index": message["index"] - 1, **item, **answer["fields"]})
-                    elif kind in ("failed", "error"):
-                        _unlink(message.pop("path", None))
-                        status = message.get("status", 500)
-                        text = message.get("error") or message.get("message")
-                        yield event("error", {"error": {
-                            "message": text, "type": "server_error" if status >= 500 else "invalid_request_error",
-                            "param": openai_api.param_of(text) if status == 400 else None, "code": None}})
-                        return
-            except _ClientGone:
-                return
+        try:
+            while (message := await inbox.next(request)) is not None:
+                kind = message["type"]
+                if kind == "partial":
+                    number = counts.get(message["index"], 0)
+                    counts[message["index"]] = number + 1
+                    data = _preview_bytes(message["image"], answer["output_format"])
+                    yield event("image_generation.partial_image", {
+                        "b64_json": base64.b64encode(data).decode(), "created_at": created,
+                        "partial_image_index": number, "index": message["index"] - 1,
+                        "step": message["step"], **answer["fields"]})
+                elif kind == "image":
+                    item = await run_in_threadpool(_openai_item, state, message, answer, request)
+                    yield event("image_generation.completed", {
+                        "created_at": created, "index": message["index"] - 1, **item, **answer["fields"]})
+                elif kind in ("failed", "error"):
+                    _unlink(message.pop("path", None))
+                    status = message.get("status", 500)
+                    text = message.get("error") or message.get("message")
+                    yield event("error", {"error": {
+                        "message": text, "type": "server_error" if status >= 500 else "invalid_request_error",
+                        "param": openai_api.param_of(text) if status == 400 else None, "code": None}})
+                    return
+        except _ClientGone:
+            return
+        finally:
+            inbox.close()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -159,12 +164,13 @@ def openai_events(state: ServerState, request: HttpRequest, work: Work, answer: 
 async def openai_answer(state: ServerState, request: HttpRequest, work: Work, answer: dict, *, watch: bool) -> dict:
     messages = []
     inbox = Inbox(state, work)
-    async with aclosing(inbox.messages(request, watch=watch)) as stream:
-        try:
-            async for message in stream:
-                messages.append(message)
-        except _ClientGone:
-            raise ApiError(499, "the client went away") from None
+    try:
+        while (message := await inbox.next(request, watch=watch)) is not None:
+            messages.append(message)
+    except _ClientGone:
+        raise ApiError(499, "the client went away") from None
+    finally:
+        inbox.close()
     data = []
     for message in messages:
         if message["type"] == "error":
