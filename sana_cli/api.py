@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 
 from .engine.distributed import reports_completion
 from .engine.families import pipeline_of
@@ -363,19 +362,15 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     `options` is a LoadOptions; or give its fields as keyword arguments, as for load().
 
     A run that refuses (bad rows, files in the way, a manifest that is not sana-cli's) leaves the
-    output directory exactly as it was."""
+    output directory exactly as it was.
+
+    The steps: plan the file (this process's slice of it), check the manifests, resume (storage.batch_dir),
+    refuse what cannot run, open the directory, render with claims and one manifest line per image, and,
+    launched as several processes, gather them."""
     from .engine import distributed
-    from .storage.files import ensure_directory, remove_stray_temp_files
-    from .storage.manifest import (
-        Claims,
-        Manifest,
-        check_manifest,
-        existing_outputs,
-        manifest_name,
-        merge_manifests,
-        read_manifests,
-        remove_stale_claims,
-    )
+    from .storage.batch_dir import BatchDirectory, resume
+    from .storage.manifest import check_manifest, manifest_name
+
     options = load_options(options, **load_keywords)
     if session is not None:
         pixels = session.pixels(session.loaded.options.decode_for(decode))
@@ -393,117 +388,96 @@ def batch(source: str, *, model: str | None = None, output_dir: str = "sana-out"
     check_manifest(manifest_path)
     check_manifest(os.path.join(output_dir, manifest_name(shard)))  # where per-process manifests are merged
     started_ns = time.time_ns()
-    done, adopt, conflicts = existing_outputs(plan.jobs, output_dir, read_manifests(output_dir), overwrite)
-    if conflicts:
-        raise UsageError(f"{len(conflicts)} file(s) in {output_dir} were not made by this batch with these "
-                         f"settings (first: {conflicts[0]})",
-                         hint="use --overwrite to replace them, or another --output-dir")
-    if session is None and len(done) < len(plan.jobs):
+    done, adopt = resume(plan.jobs, output_dir, overwrite)
+    if len(done) < len(plan.jobs):
+        _refuse_what_cannot_run(plan, done, options, session, processes)
+    # Nothing in the directory has changed up to here.
+    directory = BatchDirectory(output_dir, manifest_path, overwrite=overwrite, started_ns=started_ns)
+    result = BatchResult(plan=plan, output_dir=output_dir, manifest=str(directory.manifest.path),
+                         already_done=len(done), invalid_rows=invalid,
+                         removed_temp_files=len(directory.removed_temp_files), source=name,
+                         already_done_paths=[plan.jobs[i].path for i in sorted(done)])
+    events(Planned(todo=len(plan.jobs) - len(done), done=len(done)))
+    try:
+        directory.adopt(adopt)
+        if len(done) < len(plan.jobs):
+            _render_batch(plan, result, directory, done, session=session, options=options, processes=processes,
+                          decode=decode, fail_fast=fail_fast, keep_latents=keep_latents, events=events, stop=stop)
+    finally:
+        directory.close()
+    if processes is not None:
+        _gather_processes(result, processes, output_dir, shard)
+    return result
+
+
+def _refuse_what_cannot_run(plan: Plan, done: set, options: LoadOptions, session: "Session | None",
+                            processes) -> None:
+    """Before the directory changes: the cache and the device of an in-process load (preflight), or rows a
+    server cannot render for an attached session."""
+    from .engine import distributed
+
+    if session is None:
         check_cache_dir()
         _preflight(plan.model, replace(options, device=distributed.device_for(options.device, processes)))
     if session is not None and getattr(session.loaded, "remote", False):
-        from .server.client import uses_input_files
+        from .server.wire import uses_input_files
 
         if any(uses_input_files(job) for i, job in enumerate(plan.jobs) if i not in done):
             raise UsageError("rows name LoRA, ControlNet or input-image files, which are read only by an "
                              "in-process run (a server never opens a client's path); run it with --no-server")
-    # Nothing in the directory has changed up to here.
-    ensure_directory(output_dir)
-    removed = remove_stray_temp_files(output_dir)
-    remove_stale_claims(output_dir)
-    manifest = Manifest(manifest_path)
-    claims = Claims()
-    result = BatchResult(plan=plan, output_dir=output_dir, manifest=str(manifest.path), already_done=len(done),
-                         invalid_rows=invalid, removed_temp_files=len(removed), source=name,
-                         already_done_paths=[plan.jobs[i].path for i in sorted(done)])
-    events(Planned(todo=len(plan.jobs) - len(done), done=len(done)))
-
-    def claim(jobs, wanted) -> tuple[list[bool], bool]:
-        """Which wanted images this process renders; True when another live process holds some."""
-        mine, busy = [], False
-        for job, want in zip(jobs, wanted):
-            if not want:
-                mine.append(False)
-            elif not claims.take(job.path):
-                mine.append(False)
-                busy = True
-            elif _made_meanwhile(job, overwrite, started_ns):
-                claims.release(job.path)
-                result.already_done += 1
-                result.already_done_paths.append(job.path)
-                mine.append(False)
-            else:
-                mine.append(True)
-        return mine, busy
-
-    try:
-        try:
-            for record in adopt:
-                manifest.append({**record, "time": _now()})
-        except OSError as exc:
-            raise GenerationError(f"cannot write the manifest {manifest.path}: {exc.strerror or exc}") from exc
-        if len(done) < len(plan.jobs):
-            if session is not None:
-                loaded = session.loaded
-            else:
-                loaded, result.load_seconds = _load_timed(
-                    plan.model, _compile_decided(options, plan, distributed.device_for(options.device, processes)),
-                    events)
-            result.model = info = loaded.describe()
-            check_plan_fits(plan, loaded.ref)
-
-            def record(image: ImageResult) -> None:
-                try:
-                    manifest.append(_manifest_record(image, info, output_dir))
-                except OSError as exc:
-                    raise GenerationError(f"cannot write the manifest {manifest.path}: {exc.strerror or exc}",
-                                          hint="the images written so far are kept; free some space and rerun "
-                                               "the same command to resume") from exc
-                finally:
-                    claims.release(image.job.path)
-
-            run_options = RunOptions(decode=loaded.options.decode_for(decode), abort_in_flight=False,
-                                     fail_fast=fail_fast, max_memory_bytes=_budget(loaded), keep_latents=keep_latents)
-            result.outcome = _run(plan, loaded, run_options, events=events, stop=stop,
-                                 keep_text_encoder=session is not None, on_result=record, done=frozenset(done),
-                                 claim=claim)
-    finally:
-        claims.release_all()
-        manifest.close()
-    if processes is not None:
-        processes.finish(output_dir)
-        result.is_main_process = processes.is_main
-        if processes.is_main:
-            failures = processes.wait_for_ranks(output_dir)
-            parts = [manifest_name(shard, (i, processes.count)) for i in range(processes.count)]
-            merge_manifests(output_dir, parts, manifest_name(shard))
-            if failures:
-                index, error = failures[0]
-                raise PartialFailure(f"{len(failures)} of {processes.count} processes failed (process {index}: "
-                                     f"{error})", hint="rerun the same command to resume")
-        result.manifest = os.path.join(output_dir, manifest_name(shard))
-    return result
 
 
-def _made_meanwhile(job, overwrite: bool, started_ns: int) -> bool:
-    """Whether another process made this image (with this key) since this run looked: then it is
-    done, not to be rendered again. With overwrite, only files newer than this run's start count."""
-    from .storage.images import read_metadata
+def _render_batch(plan: Plan, result: BatchResult, directory, done: set, *, session: "Session | None",
+                  options: LoadOptions, processes, decode: str, fail_fast: bool, keep_latents: bool,
+                  events: EventSink, stop: StopToken | None) -> None:
+    """The images not done yet: the model loaded (or the session's), each image claimed before it renders
+    and recorded in the manifest as it is written or fails."""
+    from .engine import distributed
 
-    try:
-        info = os.lstat(job.path)
-    except FileNotFoundError:
-        return False
-    if overwrite and info.st_mtime_ns < started_ns:
-        return False
-    try:
-        return ((read_metadata(job.path)["sana"] or {}).get("key")) == job.key
-    except UsageError:
-        return False
+    if session is not None:
+        loaded = session.loaded
+    else:
+        loaded, result.load_seconds = _load_timed(
+            plan.model, _compile_decided(options, plan, distributed.device_for(options.device, processes)), events)
+    result.model = info = loaded.describe()
+    check_plan_fits(plan, loaded.ref)
+
+    def record(image: ImageResult) -> None:
+        directory.record(image.job.path, lambda: _manifest_record(image, info, directory.output_dir))
+
+    def made_meanwhile(job) -> None:
+        result.already_done += 1
+        result.already_done_paths.append(job.path)
+
+    run_options = RunOptions(decode=loaded.options.decode_for(decode), abort_in_flight=False,
+                             fail_fast=fail_fast, max_memory_bytes=_budget(loaded), keep_latents=keep_latents)
+    result.outcome = _run(plan, loaded, run_options, events=events, stop=stop,
+                          keep_text_encoder=session is not None, on_result=record, done=frozenset(done),
+                          claim=lambda jobs, wanted: directory.claim(jobs, wanted, made_meanwhile))
+
+
+def _gather_processes(result: BatchResult, processes, output_dir: str, shard: tuple[int, int] | None) -> None:
+    """A launch of several processes: each says it finished; the main one waits for the others, merges their
+    manifests into the shard's, and fails the batch (exit 3) when any process failed."""
+    from .storage.manifest import manifest_name, merge_manifests
+
+    processes.finish(output_dir)
+    result.is_main_process = processes.is_main
+    if processes.is_main:
+        failures = processes.wait_for_ranks(output_dir)
+        parts = [manifest_name(shard, (i, processes.count)) for i in range(processes.count)]
+        merge_manifests(output_dir, parts, manifest_name(shard))
+        if failures:
+            index, error = failures[0]
+            raise PartialFailure(f"{len(failures)} of {processes.count} processes failed (process {index}: "
+                                 f"{error})", hint="rerun the same command to resume")
+    result.manifest = os.path.join(output_dir, manifest_name(shard))
 
 
 def _manifest_record(image: ImageResult, info: dict, output_dir: str) -> dict:
-    record = {"event": "image" if image.ok else "error", **image.job.record(output_dir), "time": _now()}
+    from .storage.batch_dir import now
+
+    record = {"event": "image" if image.ok else "error", **image.job.record(output_dir), "time": now()}
     if image.ok:
         record.update(sha256=image.written.sha256, bytes=image.written.bytes, decode=image.decode,
                       decode_fallbacks=list(image.fallbacks), retried_alone=image.retried_alone,
@@ -514,7 +488,3 @@ def _manifest_record(image: ImageResult, info: dict, output_dir: str) -> dict:
     else:
         record["error"] = image.error
     return record
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

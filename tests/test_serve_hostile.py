@@ -376,7 +376,7 @@ def _unix_get(path, target: str, host: str) -> bytes:
 
 
 def test_url_images_expire_by_age_and_the_directory_is_bounded_in_size(named_server, tmp_path):
-    from sana_cli.server.app import sweep_images
+    from sana_cli.server.answers import sweep_images
 
     images = named_server.cache / "serve-images"
     old, fresh, other = "a" * 32 + ".png", "b" * 32 + ".png", "notes.txt"
@@ -405,7 +405,7 @@ def test_url_images_expire_by_age_and_the_directory_is_bounded_in_size(named_ser
 
 
 def test_a_slow_client_is_disconnected_instead_of_holding_a_connection_forever(server):
-    from sana_cli.server.app import HEAD_TIMEOUT
+    from sana_cli.server.running import HEAD_TIMEOUT
 
     slow = socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_TIMEOUT + 20)
     kept = socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_TIMEOUT + 20)

@@ -65,7 +65,7 @@ def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max
     SIGTERM/SIGINT: finish the work in flight, refuse new work (503), exit 0; a second one stops at once.
     """
     with reporting(False, debug):
-        from ..server.app import is_loopback
+        from ..server.http_io import is_loopback
 
         if not is_loopback(host) and not api_key:
             raise UsageError(f"--host {host} is not a loopback address: set --api-key (or SANA_API_KEY) to serve "
@@ -76,7 +76,7 @@ def serve(models, host, port, keep_alive, max_memory, api_key, batch_window, max
         from ..cache import cache_root
         from ..models.modelref import resolve
         from ..planning.plan import LoadOptions
-        from ..server.app import serve as run_server
+        from ..server.running import serve as run_server
 
         check_cache_dir()
         from ..server.openai_images import Aliases

@@ -1,1 +1,2 @@
-"""`sana serve`: the HTTP routes, the OpenAI images mapping, the work queue, and the attached client."""
+"""`sana serve`: the routes, the OpenAI images mapping, the attach protocol shared with the client (wire),
+the work queue, and the attached client."""

@@ -5,101 +5,46 @@ CLI keeps planning, validation, manifests, claims, resume and atomic writes; the
 returns each image's encoded bytes (with sana-cli's metadata) and the run's events. So stdout, JSON,
 exit codes, files and metadata are the in-process ones by construction.
 
-The wire format is generic over the job record and the load options: a job travels as every field of
-`plan.ImageJob` (its PIXEL_FIELDS included) but its path, load options as the fields of
-`plan.LoadOptions` that decide how a model is loaded. A field added to either flows through unchanged.
+What travels between the two, and the bounds every answer is held to, is defined once in `wire`.
 """
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import os
 import queue
 import socket
-import stat
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..cache import cache_root
 from ..errors import EnvironmentProblem, GenerationError, SanaError, UsageError
-from ..planning.fields import FILE_FIELDS
-
-SOCKET_NAME = "sana.sock"
-API_PREFIX = "/v1/sana"
-# LoadOptions fields that stay with the client: logging, a partial load, and a per-process memory cap
-# (a shared server cannot cap itself for one request; such a run stays in-process).
-CLIENT_ONLY_LOAD_FIELDS = ("verbose", "only", "max_memory_gib")
-CONNECT_TIMEOUT = 3.0
-# What a server may send back is bounded: a short answer (health, load, an error) and, in a run's event
-# stream, each line (an image's line by its planned pixel count) and the whole stream.
-MAX_ANSWER_BYTES = 1 << 20
-EVENT_SLACK_BYTES = 64 << 20  # steps, batches, warnings and notes of a whole run
-IMAGE_SLACK_BYTES = 1 << 20  # an encoded image's metadata and container beyond 4 bytes a pixel
-MAX_TEXT_CHARS = 20000  # a warning, a note or an error message
-IMAGE_EXIT_CODES = (1, 2, 4)  # the documented codes an image's failure may carry; any other is 1
-
-
-class MalformedAnswer(ValueError):
-    """What a server sent is not what sana-cli's server sends."""
-
-
-def socket_dir() -> Path:
-    """The user-only directory holding the server's socket, under sana-cli's cache."""
-    return cache_root() / "serve"
-
-
-def socket_path() -> Path:
-    return socket_dir() / SOCKET_NAME
-
-
-# ---- wire format ---------------------------------------------------------------------------------
-
-def job_to_wire(job) -> dict:
-    """Every field of an ImageJob but its path (a client path never reaches the server), and the
-    image format the path asks for (its suffix), which the server encodes."""
-    data = asdict(job)
-    data["ext"] = os.path.splitext(data.pop("path"))[1].lower() or ".png"
-    return data
-
-
-def job_from_wire(data: dict, path: str):
-    """The ImageJob a job_to_wire dict describes, writing to `path` (the server's own)."""
-    from ..planning.plan import ImageJob, PixelOptions
-
-    known = {f.name for f in fields(ImageJob)}
-    unknown = set(data) - known - {"path"}
-    if unknown:
-        raise UsageError(f"unknown job field(s): {', '.join(sorted(unknown))}")
-    values = {**data, "path": path}
-    values["pixels"] = PixelOptions(**values.get("pixels", {}))
-    for field in fields(ImageJob):  # JSON made tuples into lists; the key tells () from []
-        if isinstance(field.default, tuple) and isinstance(values.get(field.name), list):
-            values[field.name] = _tuples(values[field.name])
-    return ImageJob(**values)
-
-
-def _tuples(value):
-    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
-
-
-def load_to_wire(options) -> dict:
-    return {name: value for name, value in asdict(options).items() if name not in CLIENT_ONLY_LOAD_FIELDS}
-
-
-def load_from_wire(data: dict):
-    from ..planning.plan import LoadOptions
-
-    allowed = {f.name for f in fields(LoadOptions)} - set(CLIENT_ONLY_LOAD_FIELDS)
-    unknown = set(data) - allowed
-    if unknown:
-        raise UsageError(f"unknown load option(s): {', '.join(sorted(unknown))}")
-    return LoadOptions(**data)
-
+from .wire import (
+    CONNECT_TIMEOUT,
+    EVENT_SLACK_BYTES,
+    HEALTH_PATH,
+    JOBS_PATH,
+    LOAD_PATH,
+    MAX_ANSWER_BYTES,
+    MalformedAnswer,
+    answer_object,
+    auth_headers,
+    error_from,
+    error_text,
+    image_line_limit,
+    jobs_request,
+    model_request,
+    private_place_problem,
+    read_description,
+    read_event,
+    remove_if_stale,
+    same_installation,
+    short,
+    socket_path,
+)
 
 # ---- connections ---------------------------------------------------------------------------------
 
@@ -138,10 +83,7 @@ class Endpoint:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def headers(self) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
+        return auth_headers(self.api_key)
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = CONNECT_TIMEOUT):
         """(status, JSON object) of one request; OSError when nobody answers, MalformedAnswer when the
@@ -156,19 +98,7 @@ class Endpoint:
             raise OSError(f"bad answer: {exc}") from exc
         finally:
             connection.close()
-        return response.status, _answer_object(raw)
-
-
-def _answer_object(raw: bytes) -> dict:
-    if len(raw) > MAX_ANSWER_BYTES:
-        raise MalformedAnswer(f"an answer longer than {MAX_ANSWER_BYTES} bytes")
-    try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, RecursionError):
-        raise MalformedAnswer("an answer that is not JSON") from None
-    if not isinstance(body, dict):
-        raise MalformedAnswer(f"a JSON {type(body).__name__} where an object belongs")
-    return body
+        return response.status, answer_object(raw)
 
 
 def parse_server_url(value: str, api_key: str | None) -> Endpoint:
@@ -199,46 +129,6 @@ def parse_server_url(value: str, api_key: str | None) -> Endpoint:
     if not 1 <= port <= 65535:
         raise UsageError(f"SANA_SERVER={value!r} has a bad port")
     return Endpoint(host=hostname, port=port, api_key=api_key, explicit=True)
-
-
-def private_place_problem(path: Path, *, want_socket: bool) -> str | None:
-    """Why a socket (or its directory) must not be trusted: not ours, open to others, or not what it
-    should be (a symbolic link, a file). None when it is safe."""
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        return f"{path}: {exc.strerror or exc}"
-    kind_ok = stat.S_ISSOCK(info.st_mode) if want_socket else stat.S_ISDIR(info.st_mode)
-    if not kind_ok:
-        return f"{path} is not a {'socket' if want_socket else 'directory'}"
-    if info.st_uid != os.getuid():
-        return f"{path} belongs to another user"
-    if info.st_mode & 0o077:
-        return f"{path} is open to other users (mode {stat.S_IMODE(info.st_mode):o})"
-    return None
-
-
-def _socket_live(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(CONNECT_TIMEOUT)
-    try:
-        sock.connect(str(path))
-        return True
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    finally:
-        sock.close()
-
-
-def remove_if_stale(path: Path) -> bool:
-    """Remove our socket file when nobody listens on it (a server that crashed); True if removed."""
-    if private_place_problem(path, want_socket=True) is not None or _socket_live(path):
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    return True
 
 
 def discover(note=lambda message: None) -> Endpoint | None:
@@ -276,11 +166,10 @@ def discover(note=lambda message: None) -> Endpoint | None:
 
 
 def _check_health(endpoint: Endpoint) -> dict:
-    from ..planning.plan import KEY_SCHEMA
     from ..version import __version__
 
     try:
-        status, body = endpoint.request("GET", f"{API_PREFIX}/health")
+        status, body = endpoint.request("GET", HEALTH_PATH)
     except MalformedAnswer as exc:
         raise EnvironmentProblem(f"the server at {endpoint.describe()} answered the handshake with a malformed "
                                  f"answer ({exc}): it is not a sana server",
@@ -294,25 +183,12 @@ def _check_health(endpoint: Endpoint) -> dict:
                                  hint="set SANA_API_KEY to the server's key")
     if status != 200:
         raise EnvironmentProblem(f"the sana server at {endpoint.describe()} answered HTTP {status}: "
-                                 f"{_error_text(body)}")
-    if body.get("sana_cli") != __version__ or body.get("key_schema") != KEY_SCHEMA:
+                                 f"{error_text(body)}")
+    if not same_installation(body):
         raise EnvironmentProblem(f"the sana server at {endpoint.describe()} runs sana-cli "
-                                 f"{_short(body.get('sana_cli'), 40)}, this is {__version__}",
+                                 f"{short(body.get('sana_cli'), 40)}, this is {__version__}",
                                  hint="restart `sana serve` from this installation")
     return body
-
-
-def _error_text(body: dict) -> str:
-    error = body.get("error") if isinstance(body, dict) else None
-    return str(error.get("message")) if isinstance(error, dict) else "no error message"
-
-
-INPUT_FILE_FIELDS = FILE_FIELDS  # job fields that name files on this machine (the field table's)
-
-
-def uses_input_files(job) -> bool:
-    """Whether a job needs a LoRA, a ControlNet or an input image, which only this process may open."""
-    return any(getattr(job, name, None) for name in INPUT_FILE_FIELDS)
 
 
 def attach_blocker(model, options, *, keep_latents: bool, input_files: bool = False) -> str | None:
@@ -354,23 +230,20 @@ class RemoteModel:
         self._description: dict | None = None
         self._announce = announce  # said once, when the first image is sent to the server
 
-    def _model_body(self) -> dict:
-        return {"model": self.ref.name if self.ref.kind != "hub" else self.ref.source,
-                "revision": self.ref.revision, "load": load_to_wire(self.options)}
-
     def describe(self) -> dict:
         """The server's LoadedModel.describe() for this model and these options (loads it there)."""
         if self._description is None:
             try:
-                status, body = self.endpoint.request("POST", f"{API_PREFIX}/load", self._model_body(), timeout=None)
+                status, body = self.endpoint.request("POST", LOAD_PATH, model_request(self.ref, self.options),
+                                                     timeout=None)
             except MalformedAnswer as exc:
                 raise self._malformed(str(exc)) from None
             except OSError as exc:
                 raise self._gone(exc) from None
             if status != 200:
-                raise _error_from(status, body)
+                raise error_from(status, body)
             try:
-                self._description = _description(body.get("model"))
+                self._description = read_description(body.get("model"))
             except MalformedAnswer as exc:
                 raise self._malformed(str(exc)) from None
         return self._description
@@ -383,7 +256,7 @@ class RemoteModel:
 
     def _malformed(self, why: str) -> GenerationError:
         return GenerationError(f"the answer of the sana server at {self.endpoint.describe()} was malformed "
-                               f"({_short(why, 200)}); nothing partial was written",
+                               f"({short(why, 200)}); nothing partial was written",
                                hint="restart `sana serve` from this installation, or pass --no-server")
 
     def run(self, plan, options, *, events, stop, on_result=None, done=frozenset(), claim=None):
@@ -450,14 +323,13 @@ class RemoteModel:
         from ..storage.media import write_encoded
 
         by_index = {job.index: job for job in wanted}
-        line_limit = max(_image_line_limit(job) for job in wanted)
-        total_limit = sum(_image_line_limit(job) for job in wanted) + EVENT_SLACK_BYTES
-        body = {**self._model_body(), "decode": options.decode, "force_size": plan.force_size,
-                "jobs": [job_to_wire(job) for job in wanted]}
+        line_limit = max(image_line_limit(job) for job in wanted)
+        total_limit = sum(image_line_limit(job) for job in wanted) + EVENT_SLACK_BYTES
+        body = jobs_request(self.ref, self.options, decode=options.decode, force_size=plan.force_size, jobs=wanted)
         connection = self.endpoint.connection(timeout=None)
         lines: queue.Queue = queue.Queue()
         try:
-            connection.request("POST", f"{API_PREFIX}/jobs", body=json.dumps(body), headers=self.endpoint.headers())
+            connection.request("POST", JOBS_PATH, body=json.dumps(body), headers=self.endpoint.headers())
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
@@ -470,10 +342,10 @@ class RemoteModel:
             finally:
                 connection.close()
             try:
-                answer = _answer_object(raw)
+                answer = answer_object(raw)
             except MalformedAnswer as exc:
                 raise self._malformed(f"HTTP {response.status} with {exc}") from None
-            raise _error_from(response.status, answer)
+            raise error_from(response.status, answer)
 
         def read() -> None:
             total = 0
@@ -523,7 +395,7 @@ class RemoteModel:
                 try:
                     if isinstance(line, MalformedAnswer):
                         raise line
-                    message = _event(line, by_index, seen)
+                    message = read_event(line, by_index, seen)
                 except MalformedAnswer as exc:
                     raise self._malformed(str(exc)) from None
                 kind = message["type"]
@@ -565,7 +437,7 @@ class RemoteModel:
                     finished = True
                     break
                 elif kind == "error":
-                    raise _error_from(message["status"], {"error": message})
+                    raise error_from(message["status"], {"error": message})
         finally:
             with _suppressed():
                 connection.sock and connection.sock.shutdown(socket.SHUT_RDWR)
@@ -578,127 +450,6 @@ class RemoteModel:
                     finish(ImageResult(job=job, error=f"the sana server at {self.endpoint.describe()} finished "
                                                       "without sending this image", error_exit_code=1))
         return {name: server_timings.get(name, 0.0) for name in ("encode", "denoise", "decode")}
-
-
-def _short(value, limit: int) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _image_line_limit(job) -> int:
-    """The longest event line an image of this job may take: its encoded bytes (at most 4 bytes a pixel
-    and the metadata) in base64, and the event's other fields."""
-    return (job.width * job.height * 4 + IMAGE_SLACK_BYTES) * 4 // 3 + (64 << 10)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    import math
-
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _text(message: dict, name: str, *, optional: bool = False) -> str | None:
-    value = message.get(name)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise MalformedAnswer(f"a {message.get('type')} event whose {name!r} is not text")
-    return _short(value, MAX_TEXT_CHARS)
-
-
-def _event(line: bytes, by_index: dict, seen: set) -> dict:
-    """One event line from a server, checked field by field against what this run asked for; the
-    values the client uses (an image's bytes decoded). MalformedAnswer for anything else."""
-    try:
-        message = json.loads(line)
-    except (ValueError, RecursionError):
-        raise MalformedAnswer("a line that is not JSON") from None
-    if not isinstance(message, dict):
-        raise MalformedAnswer(f"a JSON {type(message).__name__} where an event object belongs")
-    kind = message.get("type")
-
-    def ints(*names: str) -> None:
-        for name in names:
-            if not _is_int(message.get(name)):
-                raise MalformedAnswer(f"a {kind} event whose {name!r} is not a whole number")
-
-    def asked(index) -> int:
-        if not _is_int(index) or index not in by_index:
-            raise MalformedAnswer(f"an event for image {_short(index, 40)}, which this run never asked for")
-        return index
-
-    if kind == "step":
-        ints("step", "total")
-        return {"type": kind, "step": message["step"], "total": message["total"]}
-    if kind == "batch":
-        ints("number", "total")
-        indices = message.get("indices")
-        if not isinstance(indices, list) or not indices:
-            raise MalformedAnswer("a batch event without its image indices")
-        return {"type": kind, "number": message["number"], "total": message["total"],
-                "indices": [asked(index) for index in indices]}
-    if kind in ("warning", "note"):
-        return {"type": kind, "message": _text(message, "message")}
-    if kind in ("image", "failed"):
-        index = asked(message.get("index"))
-        if index in seen:
-            raise MalformedAnswer(f"image {index} sent twice")
-        fallbacks = message.get("fallbacks") or []
-        if not isinstance(fallbacks, list) or not all(isinstance(item, str) for item in fallbacks):
-            raise MalformedAnswer(f"an {kind} event whose 'fallbacks' is not a list of text")
-        seconds = message.get("seconds", 0.0)
-        checked = {"type": kind, "index": index, "decode": _text(message, "decode", optional=True),
-                   "fallbacks": tuple(_short(item, 200) for item in fallbacks[:16]),
-                   "seconds": float(seconds) if _number(seconds) else 0.0,
-                   "retried_alone": message.get("retried_alone") is True}
-        if kind == "image":
-            data = message.get("data")
-            if not isinstance(data, str):
-                raise MalformedAnswer(f"image {index} without its data")
-            try:
-                checked["data"] = base64.b64decode(data, validate=True)
-            except ValueError:
-                raise MalformedAnswer(f"image {index} whose data is not base64") from None
-        else:
-            code = message.get("exit_code")
-            checked["error"] = _text(message, "error")
-            checked["exit_code"] = code if _is_int(code) and code in IMAGE_EXIT_CODES else 1
-        return checked
-    if kind == "done":
-        model, timings = message.get("model"), message.get("timings") or {}
-        model = None if model is None else _description(model)
-        if not isinstance(timings, dict):
-            raise MalformedAnswer("a done event whose 'timings' is not an object")
-        peaks = {name: message.get(name) if _is_int(message.get(name)) else None
-                 for name in ("peak_memory_bytes", "peak_reserved_bytes")}
-        return {"type": kind, "model": model, **peaks,
-                "timings": {name: float(value) for name, value in timings.items()
-                            if name in ("encode", "denoise", "decode") and _number(value)}}
-    if kind == "error":
-        status = message.get("status", 500)
-        code = message.get("exit_code")
-        return {"type": kind, "status": status if _is_int(status) else 500, "message": _text(message, "message"),
-                "exit_code": code if _is_int(code) else None}
-    raise MalformedAnswer(f"an event of unknown type {_short(kind, 40)!r}")
-
-
-DESCRIPTION_FIELDS = ("model", "model_id", "revision", "commit", "pipeline", "dtype", "device")  # what records use
-
-
-def _description(model) -> dict:
-    """A loaded model's description from a server: an object with text (or null) for every field that
-    metadata, manifests and JSON output take from it."""
-    if not isinstance(model, dict):
-        raise MalformedAnswer("a model description that is not an object")
-    for name in DESCRIPTION_FIELDS:
-        value = model.get(name)
-        if not (isinstance(value, str) or (value is None and name in ("revision", "commit"))):
-            raise MalformedAnswer(f"a model description whose {name!r} is not text")
-    return model
 
 
 def _image_problem(data: bytes, job) -> str | None:
@@ -743,20 +494,3 @@ class _suppressed:
 
     def __exit__(self, *exc):
         return exc[0] is not None and issubclass(exc[0], OSError)
-
-
-def _error_from(status: int, body: dict) -> SanaError:
-    """A server's error answer as the error the CLI would have raised itself."""
-    error = body.get("error") if isinstance(body, dict) else None
-    error = error if isinstance(error, dict) else {}
-    message = _short(error.get("message") or f"the sana server answered HTTP {status}", MAX_TEXT_CHARS)
-    code = error.get("exit_code")
-    if status in (400, 404, 413, 422):
-        exc = UsageError(message)
-    elif status in (401, 403, 503, 429):
-        exc = EnvironmentProblem(message)
-    else:
-        exc = GenerationError(message)
-    if _is_int(code) and 1 <= code <= 4:  # only documented codes leave the CLI
-        exc.exit_code = code
-    return exc

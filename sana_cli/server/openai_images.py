@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 
 from ..models import presets
 from ..planning.fields import HTTP_FIELDS
+from .wire import error_object
 
 MAX_PROMPT_CHARS = 10000
 MAX_N = 10  # images per OpenAI request, as OpenAI's own limit
@@ -69,10 +70,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        if self.exit_code is not None:
-            error["exit_code"] = self.exit_code
-        return {"error": error}
+        return error_object(self.message, self.type, self.param, self.code, self.exit_code)
 
 
 def bad(param: str, message: str, code: str = "invalid_value") -> ApiError:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from ..errors import EnvironmentProblem, SanaError
 from ..planning.plan import ImageJob, LoadOptions, Plan, default_batch_size, group_jobs
+from .wire import batch_event, done_event, error_event, result_event, step_event, text_event
 
 Message = dict  # what a request's sink receives: {"type": "batch" | "step" | "image" | "failed" | "warning" | ...}
 
@@ -362,7 +363,7 @@ class Scheduler:
             self._queue, self._running = [], []
         message = f"the server's work queue stopped ({reason}); the server is exiting"
         for work in pending:
-            _send(work, {"type": "error", "message": message, "exit_code": 4, "status": 503})
+            _send(work, error_event(message, 4, 503))
             work.finished.set()
         if self.on_death is not None:
             self.on_death(reason)
@@ -436,7 +437,7 @@ class Scheduler:
         status = 503 if isinstance(exc, EnvironmentProblem) else 400 if code == 2 else 500
         log(f"run failed: {message}")
         for work in works:
-            _send(work, {"type": "error", "message": message, "exit_code": code, "status": status})
+            _send(work, error_event(message, code, status))
 
     def _render(self, works: list[Work]) -> None:
         works = [w for w in works if not w.cancelled.is_set()]
@@ -479,10 +480,10 @@ class Scheduler:
                     f"{len(members)} request(s), {event.jobs[0].width}x{event.jobs[0].height}, "
                     f"{event.jobs[0].steps} steps")
                 for work, indices in members.values():
-                    _send(work, {"type": "batch", "number": event.number, "total": event.total, "indices": indices})
+                    _send(work, batch_event(event.number, event.total, indices))
             elif isinstance(event, Step):
                 for work in current:
-                    _send(work, {"type": "step", "step": event.step, "total": event.total})
+                    _send(work, step_event(event.step, event.total))
             elif isinstance(event, Preview):
                 work, index = owner[event.job.index]
                 _send(work, {"type": "partial", "index": index, "step": event.step, "total": event.total,
@@ -490,20 +491,13 @@ class Scheduler:
             elif isinstance(event, (ImageWritten, ImageFailed)):
                 result = event.result
                 work, index = owner[result.job.index]
-                message = {"type": "image" if result.ok else "failed", "index": index, "decode": result.decode,
-                           "fallbacks": list(result.fallbacks), "seconds": round(result.seconds, 4),
-                           "retried_alone": result.retried_alone, "path": result.job.path, "seed": result.job.seed,
-                           "key": result.job.key}
-                if not result.ok:
-                    message.update(error=result.error, exit_code=result.error_exit_code or 1)
                 if work.cancelled.is_set():
                     _discard(result.job.path)
                 else:
-                    _send(work, message)
+                    _send(work, result_event(result, index))
             elif isinstance(event, (Warned, Noted)):
                 for work in works:
-                    _send(work, {"type": "warning" if isinstance(event, Warned) else "note",
-                                 "message": event.message})
+                    _send(work, text_event("warning" if isinstance(event, Warned) else "note", event.message))
 
         stop = StopToken()
         with self._cond:
@@ -514,8 +508,7 @@ class Scheduler:
         options = RunOptions(decode=loaded.options.decode_for(first.decode), abort_in_flight=True,
                              previews=previews if any(w.partial_images for w in works) else None)
         outcome = run(plan, loaded, options, events=events, stop=stop, keep_text_encoder=True)
-        done = {"type": "done", "timings": outcome.timings, "model": loaded.describe(),
-                "peak_memory_bytes": outcome.peak_memory_bytes, "peak_reserved_bytes": outcome.peak_reserved_bytes}
+        done = done_event(outcome, loaded.describe())
         log(f"run {run_number}: done in {outcome.timings.get('total', 0.0):.2f} s")
         for work in works:
             _send(work, done)
