@@ -24,17 +24,24 @@ SANA = shutil.which("sana", path=os.path.dirname(sys.executable)) or shutil.whic
 
 
 # Files whose tests share one expensive module-scoped fixture (a `sana serve` process, the full-size VAE,
-# a rendered batch, loaded pipelines): each runs whole on one xdist worker (--dist loadgroup), so the
-# fixture is built once and its tests see the state they were written against. Every other test is
-# handed out one by one, to whichever worker is free.
+# a rendered batch, loaded pipelines): each runs whole on one xdist worker, so the fixture is built once and
+# its tests see the state they were written against. Every other test is handed out one by one, to whichever
+# worker is free. Done by the scheduler below, not by xdist_group markers: with this pytest, markers added
+# at collection never reach xdist's --dist loadgroup (both workers built each of these fixtures).
 ONE_WORKER_FILES = ("test_serve.py", "test_serve_hostile.py", "test_openai_clients.py", "test_decode.py",
                     "test_lora_control_img2img.py", "test_report.py", "test_bench.py", "test_gpu.py")
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in ONE_WORKER_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduler with a scope per test, except one scope per file in ONE_WORKER_FILES."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerFiles(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path.rsplit("/", 1)[-1] in ONE_WORKER_FILES else nodeid
+
+    return OneWorkerFiles(config, log)
 
 
 @pytest.fixture(scope="session")
