@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -15,14 +16,14 @@ class Browser:
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
 
-        # The browser reads commands on fd 3 and writes answers on fd 4: a shell moves the two pipe ends
+        # The browser reads commands on fd 3 and writes answers on fd 4: bash moves the two pipe ends
         # there and execs it (not preexec_fn, which is unsafe in a process with threads). Copies above 9
-        # first, so that neither end is already 3 or 4.
+        # first, so that neither end is already 3 or 4; bash, because dash refuses descriptors above 9.
         commands, answers = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_read, from_browser_write))
         moves = f'exec "$@" 3<&{commands} 4>&{answers} {commands}<&- {answers}>&-'
         self.process = subprocess.Popen(
-            ["/bin/sh", "-c", moves, "sh", binary, "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+            [shutil.which("bash") or "/bin/bash", "-c", moves, "bash", binary, "--headless", "--no-sandbox",
+             "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
              f"--user-data-dir={profile}", "--remote-debugging-pipe", url], pass_fds=(commands, answers),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for fd in (to_browser_read, from_browser_write, commands, answers):

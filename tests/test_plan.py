@@ -390,7 +390,7 @@ def test_the_columns_request_job_and_server_fields_are_the_table_rows():
 
     from sana_cli.planning import batchfile, fields
     from sana_cli.planning.reproduce import NOT_OPTIONS, OPTIONS
-    from sana_cli.server.client import INPUT_FILE_FIELDS
+    from sana_cli.server.wire import INPUT_FILE_FIELDS
     from sana_cli.server.openai_images import SANA_FIELDS
 
     assert {row.column: fields.column_type(row) for row in fields.FIELDS if row.column} == batchfile.FIELDS
