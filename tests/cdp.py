@@ -23,7 +23,8 @@ class Browser:
         moves = f'exec "$@" 3<&{commands} 4>&{answers} {commands}<&- {answers}>&-'
         self.process = subprocess.Popen(
             [shutil.which("bash") or "/bin/bash", "-c", moves, "bash", binary, "--headless", "--no-sandbox",
-             "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+             "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-first-run",
              f"--user-data-dir={profile}", "--remote-debugging-pipe", url], pass_fds=(commands, answers),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for fd in (to_browser_read, from_browser_write, commands, answers):
