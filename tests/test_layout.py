@@ -27,6 +27,14 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+def _from_module(package: str, node: ast.ImportFrom) -> str:
+    """The absolute module a `from ... import` names, relative ones resolved against the importing package."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _imports(name: str, path: Path) -> list[tuple[str, int, bool]]:
     """(imported module, line, at module level) for every import of this package's modules."""
     tree = ast.parse(path.read_text())
@@ -37,11 +45,7 @@ def _imports(name: str, path: Path) -> list[tuple[str, int, bool]]:
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
+            module = _from_module(package, node)
             subs = [f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in MODULES]
             targets = subs if len(subs) == len(node.names) else [module, *subs]
         else:
@@ -143,11 +147,7 @@ def _unresolved(name: str, path: Path) -> list[str]:
     wrong = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
+            module = _from_module(package, node)
             if not module.startswith("sana_cli"):
                 continue
             if module not in MODULES:
