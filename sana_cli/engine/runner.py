@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..errors import GenerationError, SanaError
+from ..planning.keys import claim_group
 from ..planning.plan import KEY_SCHEMA, ImageJob, Plan
 from ..reporting.events import (
     BatchStarted,
@@ -166,12 +167,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
 
     def render(number: int, group: list[int], embeds) -> bool:
         """Render one GPU batch (its wanted images); True when another process holds some of them."""
-        jobs = [plan.jobs[i] for i in group]
-        write = [i not in done and i not in tried for i in group]
-        busy = False
-        if claim is not None:
-            write, busy = claim(jobs, write)
-        tried.update(i for i, wanted in zip(group, write) if wanted)
+        jobs, write, busy = claim_group(plan.jobs, group, done, tried, claim)
         if not any(write):
             return busy
         events(BatchStarted(number=number + 1, total=len(pending), jobs=tuple(jobs)))

@@ -66,3 +66,17 @@ def derive_seed(base: int, identity: str, occurrence: int, image: int) -> int:
     """The documented batch seed rule (SEED_RULE)."""
     digest = hashlib.sha256(f"sana-cli-seed-v1\0{base}\0{identity}\0{occurrence}\0{image}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
+
+
+def claim_group(jobs: list, group: list[int], done, tried: set[int], claim) -> tuple[list, list[bool], bool]:
+    """One GPU batch of a plan's jobs and which of them this process makes: those not done, not yet tried here
+    and, with a claim function (batch directories shared by processes), not held by another process. Marks the
+    ones taken as tried. Returns (the group's jobs, which to make, whether another process holds some)."""
+    chosen = [jobs[i] for i in group]
+    write = [i not in done and i not in tried for i in group]
+    busy = False
+    if claim is not None:
+        write, busy = claim(chosen, write)
+    tried.update(i for i, wanted in zip(group, write) if wanted)
+    return chosen, write, busy
+

@@ -277,14 +277,11 @@ class RemoteModel:
 
         def claimable(groups: list[list[int]]) -> tuple[list, list[list[int]]]:
             """The jobs of groups this process may render now, and the groups another process holds."""
+            from ..planning.keys import claim_group
+
             wanted, waiting = [], []
             for group in groups:
-                jobs = [plan.jobs[i] for i in group]
-                write = [i not in done and i not in tried for i in group]
-                busy = False
-                if claim is not None:
-                    write, busy = claim(jobs, write)
-                tried.update(i for i, want in zip(group, write) if want)
+                jobs, write, busy = claim_group(plan.jobs, group, done, tried, claim)
                 wanted += [job for job, want in zip(jobs, write) if want]
                 if busy:
                     waiting.append(group)
