@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SANA, limited, one_line_error
+from .conftest import SANA, limited, one_line_error, run_sana
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -708,9 +708,12 @@ def test_bad_input(case: Case, files, tiny_dir, tmp_path):
 
     before = sorted(p.name for p in tmp_path.iterdir())
     env = {key: expand(value, tmp_path, files, tiny_dir) for key, value in case.env.items()}
-    command = limited([SANA, *args], memory=case.limit_memory, file_size=case.limit_file_size)
-    process = subprocess.run(command, input=case.stdin, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, **env))
+    if case.limit_memory or case.limit_file_size:  # limits set by prlimit on a fresh process, as a user's shell does
+        command = limited([SANA, *args], memory=case.limit_memory, file_size=case.limit_file_size)
+        process = subprocess.run(command, input=case.stdin, capture_output=True, text=True, timeout=300,
+                                 env=dict(os.environ, **env))
+    else:
+        process = run_sana(*args, input=case.stdin, env=env, timeout=300)
     assert process.returncode == case.code, process.stderr
     if case.code == 0:
         assert "Traceback" not in process.stderr
@@ -752,8 +755,7 @@ def test_every_float_option_of_every_command_refuses_nan_and_infinity():
         assert isinstance(param.type, FiniteFloat), (name, param.name)
         positional = ["x" for other in cli.commands[name].params if isinstance(other, click.Argument)]
         for bad in ("nan", "inf"):
-            process = subprocess.run([SANA, name, *positional, param.opts[-1], bad, "--debug"], capture_output=True,
-                                     text=True, timeout=60)
+            process = run_sana(name, *positional, param.opts[-1], bad, "--debug", timeout=60)
             assert process.returncode == 2, (name, param.name, bad, process.stderr)
             assert f"'{bad}' is not a finite number" in one_line_error(process)
 
@@ -771,13 +773,12 @@ def test_the_python_api_refuses_a_non_finite_max_memory_before_loading(tmp_path)
 def test_non_finite_pixels_are_no_image_and_a_batch_records_the_row_as_failed(files, tmp_path):
     """NaN pixels from the VAE: exit 1 with one line and no image (the finite latents are kept, as for any
     failed decode); in a batch the row is a recorded failure, exit 3, never a black image taken for done."""
-    process = subprocess.run([SANA, "generate", "a cat", "--model", str(files / "nan-vae"), "-o",
-                              str(tmp_path / "cat.png")], capture_output=True, text=True, timeout=300)
+    process = run_sana("generate", "a cat", "--model", files / "nan-vae", "-o", tmp_path / "cat.png", timeout=300)
     assert process.returncode == 1, process.stderr
     assert "the decoded image holds NaN or infinity" in one_line_error(process)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.latents.safetensors"]
-    batch = subprocess.run([SANA, "batch", str(files / "ok.txt"), "--model", str(files / "nan-transformer"),
-                            "-o", str(tmp_path / "b"), "--json"], capture_output=True, text=True, timeout=300)
+    batch = run_sana("batch", files / "ok.txt", "--model", files / "nan-transformer", "-o", tmp_path / "b", "--json",
+                     timeout=300)
     assert batch.returncode == 3, batch.stderr
     summary = json.loads(batch.stdout)
     assert summary["written"] == 0 and summary["failed"] == 1
