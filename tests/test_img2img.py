@@ -305,3 +305,42 @@ def test_batch_rows_take_image_strength_and_mask_columns(session, inputs, tmp_pa
     assert np.array_equal(pixels(tmp_path / "out" / "inpaint.png"),
                           pixels(make(session, tmp_path, "m.png", image=str(inputs["start"]), strength=0.8,
                                       mask=str(inputs["mask"]))))
+
+
+def test_the_mask_rule_modes_threshold_orientation_and_size(tmp_path):
+    """Any mode to grey with transparency on black, binary at 128, resized and cropped as the image; the size
+    compared after each file's EXIF orientation."""
+    from sana_cli.errors import UsageError
+    from sana_cli.inputs import images
+
+    def saved(name, image, **options):
+        image.save(tmp_path / name, **options)
+        return str(tmp_path / name)
+
+    grey = np.zeros((8, 16), np.uint8)
+    grey[:, 4:8], grey[:, 8:12], grey[:, 12:] = 127, 128, 255
+    expected = (grey >= 128) * 255
+    layer = np.zeros((8, 16, 4), np.uint8)
+    layer[..., :3], layer[..., 3] = 255, grey  # white, as opaque as the grey ramp: transparent is kept
+    palette = Image.fromarray(grey).convert("P")
+    wide = np.zeros((8, 16), np.uint16)
+    wide[:, 8:] = 128 * 256  # 16-bit grey: its top 8 bits
+    for name, image in (("l.png", Image.fromarray(grey)), ("rgba.png", Image.fromarray(layer, "RGBA")),
+                        ("p.png", palette), ("rgb.png", Image.fromarray(grey).convert("RGB")),
+                        ("i16.png", Image.fromarray(wide))):
+        made = np.asarray(images.prepare_mask(saved(name, image), 16, 8))
+        want = expected if name != "i16.png" else (wide >= 128 * 256) * 255
+        assert np.array_equal(made, want), name
+    # resized and cropped as the image is: a 32x16 mask for a 16x16 render keeps its middle 16 columns
+    half = np.zeros((16, 32), np.uint8)
+    half[:, 16:] = 255
+    made = np.asarray(images.prepare_mask(saved("half.png", Image.fromarray(half)), 16, 16))
+    assert np.array_equal(made[:, :8], np.zeros((16, 8))) and np.array_equal(made[:, 8:], np.full((16, 8), 255))
+    # A JPEG 64x32 whose EXIF turns it upright as 32x64 takes a 32x64 mask, not a 64x32 one.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = saved("photo.jpg", Image.new("RGB", (64, 32), (90, 90, 90)), exif=exif.tobytes())
+    upright = saved("upright.png", Image.new("L", (32, 64), 255))
+    assert images.check_mask(upright, "--mask", photo, "--image", (128, 128))[0] == upright
+    with pytest.raises(UsageError, match="--mask is 64x32 and --image 32x64: a mask must be the size"):
+        images.check_mask(saved("lying.png", Image.new("L", (64, 32), 255)), "--mask", photo, "--image", (128, 128))
