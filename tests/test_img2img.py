@@ -344,3 +344,11 @@ def test_the_mask_rule_modes_threshold_orientation_and_size(tmp_path):
     assert images.check_mask(upright, "--mask", photo, "--image", (128, 128))[0] == upright
     with pytest.raises(UsageError, match="--mask is 64x32 and --image 32x64: a mask must be the size"):
         images.check_mask(saved("lying.png", Image.new("L", (64, 32), 255)), "--mask", photo, "--image", (128, 128))
+
+
+def test_a_plain_call_after_image_to_image_equals_one_in_a_fresh_process(session, inputs, tmp_path):
+    """The cut schedule is the per-call scheduler copy's alone: nothing of it reaches the next call."""
+    fresh = tmp_path / "fresh.png"
+    sana_cli.generate(PROMPT, model="tiny", seed=SEED, steps=STEPS, output=str(fresh))
+    make(session, tmp_path, "inpaint.png", image=str(inputs["start"]), strength=0.3, mask=str(inputs["mask"]))
+    assert np.array_equal(pixels(make(session, tmp_path, "after.png")), pixels(fresh))
