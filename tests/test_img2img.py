@@ -352,3 +352,21 @@ def test_a_plain_call_after_image_to_image_equals_one_in_a_fresh_process(session
     sana_cli.generate(PROMPT, model="tiny", seed=SEED, steps=STEPS, output=str(fresh))
     make(session, tmp_path, "inpaint.png", image=str(inputs["start"]), strength=0.3, mask=str(inputs["mask"]))
     assert np.array_equal(pixels(make(session, tmp_path, "after.png")), pixels(fresh))
+
+
+def test_a_lora_and_int8_weights_start_from_an_image_too(tiny_models, inputs, tmp_path):
+    """The start image goes through the same transformer whatever its weights: a fused LoRA, or int8 weights
+    (quantize int8 runs on the CPU); strength 1 is each one's text-to-image image, 0.5 another."""
+    from sana_cli.engine import tiny_build as tiny
+
+    lora = tiny.build_lora(tmp_path / "lora", seed=1)
+    for session_, extra in ((sana_cli.load("tiny"), dict(loras=[f"{lora}:0.8"])),
+                            (sana_cli.load("tiny", quantize="int8"), {})):
+        name = "lora" if extra else "int8"
+        plain = make(session_, tmp_path, f"{name}.png", **extra)
+        full = make(session_, tmp_path, f"{name}-full.png", image=str(inputs["start"]), strength=1.0, **extra)
+        half = make(session_, tmp_path, f"{name}-half.png", image=str(inputs["start"]), strength=0.5, **extra)
+        assert np.array_equal(pixels(full), pixels(plain)), name
+        assert not np.array_equal(pixels(half), pixels(plain)), name
+    base = make(sana_cli.load("tiny"), tmp_path, "base-half.png", image=str(inputs["start"]), strength=0.5)
+    assert not np.array_equal(pixels(base), pixels(tmp_path / "lora-half.png"))  # the LoRA really took part
