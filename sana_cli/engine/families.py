@@ -1,9 +1,8 @@
 """One adapter per pipeline family: how to encode a GPU batch's prompts and how to build the
-pipeline call, side by side, one plain function per family (diffusers' explicit style). A call's
-arguments may depend on the pipeline that makes it (a start image is encoded by its VAE), so build_call
-gets that pipeline, as prepared for the call. The runner
+pipeline call, side by side, one plain function per family (diffusers' explicit style). The runner
 keeps scheduling, retries and writing; a new family (ControlNet, image-to-image) adds its functions
-here and one entry in ADAPTERS.
+here and one entry in ADAPTERS. A call's arguments may depend on the pipeline that makes it (a Sana
+model's start image is encoded by its VAE), so build_call gets that pipeline, as prepared for the call.
 
 Embeddings are a tuple (embeds, mask, negative_embeds, negative_mask), the negative pair None when a
 family has no classifier-free guidance, so the runner can split a batch's rows without knowing it.
