@@ -390,9 +390,27 @@ CASES = [
     Case("input image between sana-cli's pixel limit and Pillow's own",
          ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/pixels-9000x8000.png", "-o", "{tmp}/"],
          2, "is 9000x8000, larger than any image sana-cli writes", limit_memory=3 * 2**30),
-    Case("image-to-image with a model that cannot", ["generate", "a cat", "--model", "tiny", "--image",
-                                                     "{files}/input.png"], 2,
-         "tiny cannot start from an image: image-to-image works with the SANA-Sprint models"),
+    Case("strength that keeps no denoising step", ["generate", "a cat", "--model", "tiny", "--image",
+                                                   "{files}/input.png", "--strength", "1e-17", "--steps", "20"], 2,
+         "--strength 1e-17 keeps no denoising step of 20"),
+    Case("strength outside 0-1 with a Sana model", ["generate", "a cat", "--model", "tiny", "--image",
+                                                    "{files}/input.png", "--strength", "1.01"], 2,
+         "--strength must be in 0..1 (above 0), got 1.01"),
+    Case("--mask without --image", ["generate", "a cat", "--model", "tiny", "--mask", "{files}/mask.png"], 2,
+         "--mask needs --image (the image to inpaint)"),
+    Case("row 'mask' without 'image'", ["batch", "{files}/mask-row.jsonl", "--model", "tiny"], 2,
+         "line 1: 'mask' needs 'image' (the image to inpaint)"),
+    Case("mask of another size than the image", ["generate", "a cat", "--model", "tiny", "--image",
+                                                 "{files}/input.png", "--mask", "{files}/mask-32x32.png"], 2,
+         "--mask is 32x32 and --image 64x64: a mask must be the size of the image it masks"),
+    Case("mask that is not an image", ["generate", "a cat", "--model", "tiny", "--image", "{files}/input.png",
+                                       "--mask", "{files}/ok.txt"], 2,
+         "ok.txt is not a readable image: not a PNG, JPEG or WebP file"),
+    Case("decompression bomb as a mask", ["generate", "a cat", "--model", "tiny", "--image", "{files}/input.png",
+                                          "--mask", "{files}/bomb.png"], 2, "is too large"),
+    Case("mask with a SANA-Sprint model", ["generate", "a cat", "--model", "tiny-sprint", "--image",
+                                           "{files}/input.png", "--mask", "{files}/mask.png"], 2,
+         "tiny-sprint (SANA-Sprint) cannot inpaint: SanaSprintImg2ImgPipeline has no mask"),
     Case("strength outside 0-1", ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/input.png",
                                   "--strength", "1.5"], 2, "--strength must be in 0..1 (above 0), got 1.5"),
     Case("strength zero", ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/input.png",
@@ -636,6 +654,9 @@ def _input_files(root: Path) -> None:
     (root / "controlnet-other" / "config.json").write_text(json.dumps(
         {"_class_name": "SanaControlNetModel", "num_attention_heads": 70, "attention_head_dim": 32}))
     Image.new("RGB", (64, 64), (10, 20, 30)).save(root / "input.png")
+    Image.new("L", (64, 64), 255).save(root / "mask.png")
+    Image.new("L", (32, 32), 255).save(root / "mask-32x32.png")
+    (root / "mask-row.jsonl").write_text(json.dumps({"prompt": "a", "mask": str(root / "mask.png")}) + "\n")
     whole = (root / "input.png").read_bytes()
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(root / "noise.png")
     _png(root / "strip-100000x1.png", 100000, 1)

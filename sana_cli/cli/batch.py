@@ -59,7 +59,7 @@ def batch(file, output_dir, base_seed, extension, batch_size, shard, input_forma
     .txt:   one prompt per line; blank lines and lines starting with # are skipped.
     .jsonl: {"prompt": ..., "negative_prompt", "seed", "size" | "width"/"height",
             "steps", "guidance", "pag_scale", "name", "n", "lora" (one, or a list),
-            "control_image", "control_scale", "image", "strength"} per line.
+            "control_image", "control_scale", "image", "strength", "mask"} per line.
     .csv:   a header row with the same field names.
 
     Every row is checked before anything loads. Rerunning the same command resumes: finished images are

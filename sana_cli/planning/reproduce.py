@@ -221,6 +221,7 @@ NOT_OPTIONS = {
     "control_image_sha256": "checked when the command runs: another file gives another key",
     "controlnet_sha256": "checked when the command runs: another directory content gives another key",
     "image_sha256": "checked when the command runs: another file gives another key",
+    "mask_sha256": "checked when the command runs: another file gives another key",
 }
 
 
