@@ -249,3 +249,29 @@ def one_line_error(process) -> str:
     assert errors == [lines[-1]], f"expected one final error line, got:\n{process.stderr}"
     assert all(line.startswith("sana: ") for line in lines), f"stray output on stderr:\n{process.stderr}"
     return lines[-1]
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this worker, its waited-for children and the children its zygotes have waited for."""
+    own = os.times()
+    total = own.user + own.system + own.children_user + own.children_system
+    ticks = os.sysconf("SC_CLK_TCK")
+    for zygote in _zygotes.values():
+        try:
+            fields = Path(f"/proc/{zygote.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(value) for value in fields[11:15]) / ticks  # utime stime cutime cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With SANA_TEST_CPU_LOG=FILE, each test's CPU seconds (setup, call and teardown, with every process it
+    started) are appended to FILE: where the suite's time goes, measured even on a busy machine."""
+    log = os.environ.get("SANA_TEST_CPU_LOG")
+    before = _cpu_seconds() if log else 0.0
+    yield
+    if log:
+        with open(log, "a", encoding="utf-8") as stream:
+            stream.write(f"{_cpu_seconds() - before:.2f}\t{item.nodeid}\n")
