@@ -247,7 +247,7 @@ def _finish(plan: Plan, outcome: RunOutcome, loaded: LoadedModel, load_seconds: 
         done = sum(r.ok for r in outcome.results)
         raise Interrupted(f"interrupted; {done} of {len(plan.jobs)} image(s) written, nothing partial left",
                           signal_number=outcome.stopped_by)
-    if plan.command == "generate" and outcome.failed:
+    if plan.command in ("generate", "video") and outcome.failed:
         first = outcome.failed[0]
         error = GenerationError(first.error or "generation failed")
         if first.error_exit_code:

@@ -223,7 +223,8 @@ DTYPE_NAMES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16
 DTYPE_RULE = ("auto runs each checkpoint in the dtype it ships in, on every device, as the model cards do: BF16 "
               "checkpoints in bf16; FP16 checkpoints with the transformer in fp16 and Gemma and the DC-AE in bf16 "
               "(they overflow in fp16); fp32-stored weights in bf16 on CUDA and fp32 on the CPU. --dtype fp16 "
-              "likewise keeps Gemma and the DC-AE in bf16.")
+              "likewise keeps Gemma and the DC-AE in bf16. SANA-Video's Wan VAE runs in fp32 under every --dtype, as "
+              "its card loads it.")
 
 
 def component_dtypes(checkpoint: str | None, requested: str, device_type: str, *,
@@ -240,10 +241,12 @@ def component_dtypes(checkpoint: str | None, requested: str, device_type: str, *
         else:  # fp32 files are storage, not a precision choice: Sana runs in bf16 on a GPU
             wanted = "bfloat16" if device_type == "cuda" else "float32"
     if wanted == "float16":
-        return {"transformer": "float16", "text_encoder": "bfloat16", "vae": "bfloat16"}
-    if video and DTYPE_NAMES[requested] == "auto":
-        return {"transformer": wanted, "text_encoder": wanted, "vae": "float32"}  # the SANA-Video card's Wan VAE
-    return dict.fromkeys(COMPONENTS, wanted)
+        dtypes = {"transformer": "float16", "text_encoder": "bfloat16", "vae": "bfloat16"}
+    else:
+        dtypes = dict.fromkeys(COMPONENTS, wanted)
+    if video:  # the SANA-Video card runs its Wan VAE in fp32 whatever the transformer's dtype
+        dtypes["vae"] = "float32"
+    return dtypes
 
 
 def fp8_refusal(dtypes: dict[str, str]) -> str | None:

@@ -147,6 +147,7 @@ class Plan:
     seed_rule: str = ""
     force_size: bool = False
     seeds_drawn: bool = False  # no --seed: a run draws its own seeds when it starts, so a dry run cannot show them
+    frames_dir: str | None = None  # `sana video --frames-dir`: also keep each video's frames as PNGs here
 
     def to_dict(self) -> dict:
         """JSON-ready form (the --dry-run --json output)."""
@@ -177,7 +178,10 @@ class Plan:
             pag += "".join(f", LoRA {identity} x{scale:g}" for identity, _, scale in first.loras)
             if first.controlnet:
                 pag += f", ControlNet {first.controlnet} x{first.control_scale:g} on {first.control_image}"
-            if first.image:
+            if first.frames:
+                pag += f", {first.frames} frames at {first.fps} fps, motion score {first.motion_score}"
+                pag += f", first frame {first.image}" if first.image else ""
+            elif first.image:
                 pag += f", from {first.image} at strength {first.strength:g}"
             lines.append(f"batch {number}: {first.width}x{first.height} rendered as asked (no resize), "
                          f"{first.steps} steps, guidance {first.guidance}{pag}")
@@ -227,6 +231,7 @@ def rekey(plan: Plan, pixels: PixelOptions) -> Plan:
 def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None = None) -> Plan:
     """Resolve a `sana generate` request into a Plan. Raises UsageError for anything invalid."""
     pixels = pixels or PixelOptions()
+    _refuse_video(model)
     prompt = check_prompt(request.prompt)
     check_prompt(request.negative_prompt, "the negative prompt", allow_empty=True)
     check_count("--num-images", request.num_images, 1, MAX_IMAGES)
@@ -254,6 +259,12 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
                 force_size=request.force_size, seeds_drawn=request.seed is None)
 
 
+def _refuse_video(model: ModelRef) -> None:
+    if model.is_video:
+        raise UsageError(f"{model.name} is a SANA-Video model; it makes videos", hint=f"use `sana video --model "
+                                                                                       f"{model.name} PROMPT`")
+
+
 def _generate_paths(request: Request, prompt: str, seeds: list[int]) -> list[str]:
     """-o is a file (its extension picks the format) or a directory; default ./sana-out/<slug>-<seed>.png."""
     target = request.output or DEFAULT_OUTPUT_DIR
@@ -279,6 +290,7 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
     from .batchfile import RowError
 
     pixels = pixels or PixelOptions()
+    _refuse_video(model)
     if batch_size is not None:
         check_count("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
     check_seed(defaults.base_seed, "--seed")

@@ -1,0 +1,207 @@
+"""`sana video` requests in, a Plan out: frames and size checked against what the SANA-Video model can make
+(its Wan VAE's temporal and spatial factors), before anything loads.
+
+Pure Python (no torch). A video is one job of the same Plan and ImageJob as an image, with the field table's
+video rows (frames, fps, motion score) set; the engine and storage read those rows to make and write frames.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from ..inputs.values import check_prompt, check_seed
+from ..models import modelref, presets
+from ..models.modelref import ModelRef
+from ..models.presets import VideoDefaults
+from .checks import MIN_SIDE, SCALE_RANGE, SIZE_MULTIPLE, VIDEO_SUFFIXES, check_side, slugify, video_format
+from .jobs import PixelOptions
+from .keys import draw_seed, make_job
+from .plan import DEFAULT_OUTPUT_DIR, Plan
+
+MAX_SIDE = 2048  # the 720p bins' longest side is 1344; SANA-Video was trained at 480p and 720p
+MAX_FRAMES = 1021  # 256 latent frames of the Wan VAE; the 2B model was trained at 81
+MOTION_RANGE = (0, 100)
+FPS_RANGE = (1, 120)
+VIDEO_DECODES = ("auto", "full", "tiled")  # the Wan VAE decodes frame-causally, whole or tiled; it has no strips
+
+
+@dataclass
+class VideoRequest:
+    """What one user asked for with `sana video`."""
+
+    prompt: str
+    model: str | None = None
+    negative_prompt: str = ""
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    frames: int | None = None
+    fps: int | None = None
+    motion_score: int | None = None
+    image: str | None = None  # the first frame (image-to-video)
+    output: str | None = None
+    overwrite: bool = False
+    force_size: bool = False
+    revision: str | None = None
+    frames_dir: str | None = None  # also keep every frame as a PNG here
+
+
+def video_defaults(model: ModelRef) -> VideoDefaults:
+    """The model's video defaults: its preset's, else the SANA-Video 2B card's with the factors its VAE config
+    states (a local or cached model). An image model is a usage error."""
+    if not model.is_video:
+        raise UsageError(f"{model.name} is an image model ({model.pipeline or 'pipeline unknown'}); `sana video` "
+                         "runs SANA-Video models", hint="try --model sana-video-2b-480p (or tiny-video), or use "
+                                                         "`sana generate` for images")
+    if model.preset is not None and model.preset.video is not None:
+        return model.preset.video
+    base = presets.get("sana-video-2b-480p").video
+    vae = _vae_config(model) or {}
+    temporal, spatial = vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 64 for v in (temporal, spatial)):
+        raise UsageError(f"{model.name}'s vae/config.json has scale factors {temporal!r} and {spatial!r}, which "
+                         "are not small whole numbers")
+    return VideoDefaults(width=base.width, height=base.height, frames=base.frames, fps=base.fps,
+                         temporal_factor=temporal, spatial_factor=spatial)
+
+
+def _vae_config(model: ModelRef) -> dict | None:
+    if model.kind == "local":
+        return modelref._read_json(Path(model.source) / "vae" / "config.json")
+    try:
+        found = modelref.cached_file(model.source, "vae/config.json", model.revision)
+    except (OSError, ValueError):
+        return None
+    return modelref._read_json(found) if found is not None else None
+
+
+def check_frames(frames, defaults: VideoDefaults, option: str = "--frames") -> int:
+    """A frame count the VAE can make: 1 + k x its temporal factor, at most MAX_FRAMES. The error names the
+    nearest valid counts."""
+    factor = defaults.temporal_factor
+    if isinstance(frames, bool) or not isinstance(frames, int):
+        raise UsageError(f"{option} must be a whole number of frames, got {frames!r}")
+    if frames < 1 or frames > MAX_FRAMES:
+        raise UsageError(f"{option} must be 1..{MAX_FRAMES}, got {frames}")
+    if (frames - 1) % factor:
+        lower = frames - (frames - 1) % factor
+        raise UsageError(f"{option} {frames} is not {factor}k+1 (the VAE makes {factor} frames from each latent "
+                         "frame after the first)", hint=f"try {lower} or {lower + factor}")
+    return frames
+
+
+def check_video_size(model: ModelRef, defaults: VideoDefaults, width: int, height: int,
+                     force: bool) -> tuple[int, int, list[str]]:
+    """Sides that are multiples of 32 (the pipeline's rule; the VAE's 8x and the transformer's 2x patches
+    divide it), within MIN_SIDE..MAX_SIDE, and, unless --force-size, within 0.5x-2x the pixel count of the
+    model's default size. (width, height, notes)."""
+    width = check_side("--width", width)
+    height = check_side("--height", height)
+    for name, value in (("--width", width), ("--height", height)):
+        if value > MAX_SIDE:
+            raise UsageError(f"{name} {value} is more than {MAX_SIDE}, larger than any SANA-Video size")
+    native = defaults.width * defaults.height
+    ratio = width * height / native
+    notes: list[str] = []
+    if not SCALE_RANGE[0] <= ratio <= SCALE_RANGE[1]:
+        if not force:
+            raise UsageError(f"{model.name} makes {defaults.width}x{defaults.height} videos and {width}x{height} is "
+                             f"{ratio:.2g}x its pixel count",
+                             hint=f"try --width {defaults.width} --height {defaults.height} (or "
+                                  f"{defaults.height}x{defaults.width}), or --force-size to render it anyway")
+        notes.append(f"--force-size: rendering {width}x{height} with a {defaults.width}x{defaults.height} model")
+    return width, height, notes
+
+
+def check_in_range(option: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{option} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise UsageError(f"{option} must be {low}..{high}, got {value}")
+    return value
+
+
+def plan_video(request: VideoRequest, model: ModelRef, pixels: PixelOptions | None = None) -> Plan:
+    """Resolve a `sana video` request into a Plan of one job. Raises UsageError for anything invalid."""
+    from ..inputs import images as inputs
+    from .checks import check_steps_guidance
+
+    pixels = pixels or PixelOptions()
+    defaults = video_defaults(model)
+    if pixels.decode not in VIDEO_DECODES:
+        raise UsageError(f"--decode {pixels.decode} is an image decode; a video decodes with "
+                         f"{', '.join(VIDEO_DECODES)}", hint="tiled uses the Wan VAE's tiling (less memory, inexact)")
+    prompt = check_prompt(request.prompt)
+    negative_prompt = check_prompt(request.negative_prompt, "the negative prompt", allow_empty=True)
+    frames = check_frames(defaults.frames if request.frames is None else request.frames, defaults)
+    fps = check_in_range("--fps", defaults.fps if request.fps is None else request.fps, *FPS_RANGE)
+    motion = check_in_range("--motion-score", defaults.motion_score if request.motion_score is None
+                            else request.motion_score, *MOTION_RANGE)
+    width = request.width if request.width is not None else (defaults.width if request.height is None
+                                                             else request.height)
+    height = request.height if request.height is not None else (defaults.height if request.width is None
+                                                                else request.width)
+    width, height, notes = check_video_size(model, defaults, width, height, request.force_size)
+    steps = model.steps if request.steps is None else request.steps
+    guidance = model.guidance if request.guidance is None else request.guidance
+    check_steps_guidance(model, steps, guidance)
+    seed = check_seed(request.seed) if request.seed is not None else draw_seed()
+    path = _video_path(request, prompt, seed)
+    if not request.overwrite and os.path.lexists(path):
+        raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it, or -o elsewhere")
+    extra: dict = {}
+    if request.image is not None:
+        image, digest = inputs.check_image(request.image, "--image", (width, height))
+        extra.update(image=image, image_sha256=digest)
+    if request.frames_dir is not None:
+        _check_frames_dir(request.frames_dir, path, frames, request.overwrite)
+    job = make_job(model, pixels, index=1, row=0, path=path, seed=seed, prompt=prompt,
+                   negative_prompt=negative_prompt, width=width, height=height, steps=steps, guidance=float(guidance),
+                   pag_scale=0.0, pag_layers=None, frames=frames, fps=fps, motion_score=motion, **extra)
+    return Plan(command="video", model=model, jobs=[job], groups=[[0]], output_dir=str(Path(path).parent),
+                overwrite=request.overwrite, notes=notes, seed_rule="as given" if request.seed is not None
+                else "drawn at random", force_size=request.force_size, seeds_drawn=request.seed is None,
+                frames_dir=request.frames_dir)
+
+
+def _video_path(request: VideoRequest, prompt: str, seed: int) -> str:
+    """-o is a file (.mp4 or .webm) or a directory; default ./sana-out/<slug>-<seed>.mp4."""
+    target = request.output or DEFAULT_OUTPUT_DIR
+    if Path(target).name.lower() in VIDEO_SUFFIXES and not os.path.isdir(target):
+        raise UsageError(f"-o {target!r} has an extension but no file name", hint="give a name such as clip.mp4")
+    if target.endswith(("/", os.sep)) or os.path.isdir(target) or not Path(target).suffix:
+        return os.path.join(target, f"{slugify(prompt)}-{seed}.mp4")
+    video_format(target)
+    return target
+
+
+def frame_paths(frames_dir: str, video_path: str, count: int) -> list[str]:
+    """Where --frames-dir keeps a video's frames: <video name>-0001.png onwards."""
+    stem = Path(video_path).stem
+    return [os.path.join(frames_dir, f"{stem}-{number:04d}.png") for number in range(1, count + 1)]
+
+
+def _check_frames_dir(frames_dir: str, video_path: str, count: int, overwrite: bool) -> None:
+    if not isinstance(frames_dir, str) or not frames_dir.strip():
+        raise UsageError("--frames-dir is empty")
+    if os.path.lexists(frames_dir) and not os.path.isdir(frames_dir):
+        raise UsageError(f"--frames-dir {frames_dir} is a file, not a directory")
+    if not overwrite:
+        taken = [path for path in frame_paths(frames_dir, video_path, count) if os.path.lexists(path)]
+        if taken:
+            raise UsageError(f"{taken[0]} already exists", hint="pass --overwrite to replace it, or another "
+                                                                 "--frames-dir")
+
+
+def model_for_video(request: VideoRequest) -> ModelRef:
+    """The model a request names; without --model, SANA-Video 2B 480p."""
+    return modelref.resolve(request.model or "sana-video-2b-480p", revision=request.revision)
+
+
+__all__ = ["MIN_SIDE", "SIZE_MULTIPLE", "VideoRequest", "check_frames", "check_video_size", "frame_paths",
+           "model_for_video", "plan_video", "video_defaults"]
