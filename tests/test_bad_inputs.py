@@ -399,6 +399,33 @@ CASES = [
                            "--strength", "0", "-o", "{tmp}/"], 2, "--strength must be in 0..1 (above 0), got 0"),
     Case("--strength without --image", ["generate", "a cat", "--model", "tiny-sprint", "--strength", "0.5"], 2,
          "--strength needs --image"),
+    # `sana video`: frames and size against the Wan VAE's factors, the model's kind, the file, before anything loads.
+    Case("video frames not 4k+1", ["video", "a cat", "--model", "tiny-video", "--frames", "10", "-o", "{tmp}/"], 2,
+         "--frames 10 is not 4k+1 (the VAE makes 4 frames from each latent frame after the first) (try 9 or 13)"),
+    Case("video frames zero", ["video", "a cat", "--model", "tiny-video", "--frames", "0", "-o", "{tmp}/"], 2,
+         "--frames must be 1..1021, got 0"),
+    Case("video side not a multiple of 32", ["video", "a cat", "--model", "tiny-video", "-W", "100", "-o", "{tmp}/"],
+         2, "--width 100 is not a multiple of 32 (try 96 or 128)"),
+    Case("video size the model cannot make", ["video", "a cat", "--model", "sana-video-2b-480p", "-W", "2048", "-H",
+                                              "2048", "-o", "{tmp}/"], 2,
+         "sana-video-2b-480p makes 832x480 videos and 2048x2048 is 11x its pixel count (try --width 832 --height 480"),
+    Case("video with an image model", ["video", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "tiny is an image model (SanaPipeline)"),
+    Case("first frame for a model without image-to-video", ["video", "a cat", "--model", "tiny", "--image",
+                                                           "{files}/input.png", "-o", "{tmp}/"], 2,
+         "tiny is an image model (SanaPipeline)"),
+    Case("first frame that is not an image", ["video", "a cat", "--model", "tiny-video", "--image", "{files}/ok.txt",
+                                              "-o", "{tmp}/"], 2, "is not a readable image"),
+    Case("image command with a video model", ["generate", "a cat", "--model", "tiny-video", "-o", "{tmp}/"], 2,
+         "tiny-video is a SANA-Video model; it makes videos"),
+    Case("video file that exists", ["video", "a cat", "--model", "tiny-video", "-o", "{files}/taken.mp4"], 2,
+         "already exists (pass --overwrite"),
+    Case("unsupported video extension", ["video", "a cat", "--model", "tiny-video", "-o", "{tmp}/clip.gif"], 2,
+         "cannot write '.gif' videos (use .mp4 or .webm)"),
+    Case("motion score out of range", ["video", "a cat", "--model", "tiny-video", "--motion-score", "101", "-o",
+                                       "{tmp}/"], 2, "--motion-score must be 0..100, got 101"),
+    Case("image decode strategy for a video", ["video", "a cat", "--model", "tiny-video", "--decode", "strips", "-o",
+                                               "{tmp}/"], 2, "--decode strips is an image decode"),
     # --quantize: a weight format is checked before anything loads; what the machine cannot run is exit 4.
     Case("unknown --quantize value", ["generate", "a cat", "--model", "tiny", "--quantize", "int4", "-o", "{tmp}/"], 2,
          "'int4' is not one of 'int8', 'fp8', 'nf4'"),
@@ -467,6 +494,7 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "custom-code" / "model_index.json").write_text(json.dumps(index))
     (root / "a-file").write_text("in the way")
     (root / "taken.png").write_bytes(b"precious")
+    (root / "taken.mp4").write_bytes(b"precious")
     (root / "empty.txt").write_text("# nothing here\n\n")
     (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     (root / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
@@ -726,8 +754,9 @@ def test_bad_input(case: Case, files, tiny_dir, tmp_path):
     assert process.stdout == ""
     after = sorted(p.name for p in tmp_path.iterdir())
     assert after == before, "a failed run left files behind"
-    if "taken.png" in " ".join(args):
-        assert (files / "taken.png").read_bytes() == b"precious"
+    for taken in ("taken.png", "taken.mp4"):
+        if taken in " ".join(args):
+            assert (files / taken).read_bytes() == b"precious"
 
 
 def test_allow_pickle_loads_what_the_default_refuses(sana, files, tmp_path):

@@ -311,6 +311,7 @@ PIXEL_FIELD_PAIRS = {
     "controlnet": (None, "tiny-controlnet"), "controlnet_sha256": (None, "2" * 64),
     "control_image": (None, "/a/control.png"), "control_image_sha256": (None, "3" * 64), "control_scale": (None, 0.5),
     "image": (None, "/a/start.png"), "image_sha256": (None, "4" * 64), "strength": (None, 0.6),
+    "frames": (None, 9), "fps": (None, 16), "motion_score": (None, 30),
 }
 PIXEL_OPTION_PAIRS = {"device": ("cpu", "cuda"), "dtype": ("fp32", "bf16"), "fp8": (False, True),
                       "decode": ("full", "tiled"), "quantize": (None, "int8")}
@@ -370,10 +371,15 @@ def test_both_commands_take_the_table_rows_as_the_same_options():
     from sana_cli.cli import cli
     from sana_cli.planning import fields
 
-    generate, batch = ({p.name: p for p in cli.commands[name].params} for name in ("generate", "batch"))
+    generate, batch, video = ({p.name: p for p in cli.commands[name].params}
+                              for name in ("generate", "batch", "video"))
     for row in fields.FIELDS:
         if not row.flags:
             assert row.name not in generate or row.name == "prompt", row.name  # the prompt is the argument
+            continue
+        if row.group == "video":  # `sana video`'s own rows
+            assert row.name not in generate and row.name not in batch, row.name
+            assert video[row.name].opts == list(row.flags) and video[row.name].help == row.help
             continue
         assert generate[row.name].opts == list(row.flags) and generate[row.name].help == row.help
         if row.in_batch:

@@ -237,7 +237,9 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
     check_count("--num-images", request.num_images, 1, MAX_IMAGES)
     if request.batch_size is not None:
         check_count("--batch-size", request.batch_size, 1, MAX_BATCH_SIZE)
-    params, notes = resolve_params(model, **{name: getattr(request, name) for name in PLANNING_INPUTS},
+    # the rows a Request lacks (the video rows, which only `sana video` takes) stay unset
+    params, notes = resolve_params(model, **{name: getattr(request, name) for name in PLANNING_INPUTS
+                                             if hasattr(request, name)},
                                    force_size=request.force_size, command_line=True, offline=request.offline)
     width, height = params["width"], params["height"]
     first_seed = check_seed(request.seed) if request.seed is not None else draw_seed()
