@@ -339,8 +339,14 @@ def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = 
     defaults = defaults or BatchDefaults()
     rows, invalid, name = batchfile.load(source, input_format)
     ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height, revision=revision))
-    plan, unplannable = plan_batch(rows, ref, defaults, output_dir, batch_size=batch_size, shard=shard,
-                                   overwrite=overwrite, pixels=pixels)
+    if ref.is_video:  # a SANA-Video model: each row is a video
+        from .planning.video import plan_video_batch
+
+        plan, unplannable = plan_video_batch(rows, ref, defaults, output_dir, shard=shard, overwrite=overwrite,
+                                             pixels=pixels)
+    else:
+        plan, unplannable = plan_batch(rows, ref, defaults, output_dir, batch_size=batch_size, shard=shard,
+                                       overwrite=overwrite, pixels=pixels)
     invalid = batchfile.settle(invalid + unplannable, name, skip_invalid, len(rows) - len(unplannable))
     return plan, invalid, name
 

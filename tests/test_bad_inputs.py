@@ -426,6 +426,12 @@ CASES = [
                                        "{tmp}/"], 2, "--motion-score must be 0..100, got 101"),
     Case("image decode strategy for a video", ["video", "a cat", "--model", "tiny-video", "--decode", "strips", "-o",
                                                "{tmp}/"], 2, "--decode strips is an image decode"),
+    Case("video column in an image batch", ["batch", "{files}/frames-row.jsonl", "--model", "tiny", "-o", "{tmp}/b"], 2,
+         "line 1: 'frames' is for SANA-Video models; tiny makes images"),
+    Case("image-only column in a video batch", ["batch", "{files}/lora-row-video.jsonl", "--model", "tiny-video", "-o",
+                                                "{tmp}/b"], 2, "line 1: 'lora' is for images; a video row takes"),
+    Case("video batch frames not 4k+1", ["batch", "{files}/frames-bad-row.jsonl", "--model", "tiny-video", "-o",
+                                         "{tmp}/b"], 2, "line 1: 'frames' 6 is not 4k+1"),
     # --quantize: a weight format is checked before anything loads; what the machine cannot run is exit 4.
     Case("unknown --quantize value", ["generate", "a cat", "--model", "tiny", "--quantize", "int4", "-o", "{tmp}/"], 2,
          "'int4' is not one of 'int8', 'fp8', 'nf4'"),
@@ -495,6 +501,9 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "a-file").write_text("in the way")
     (root / "taken.png").write_bytes(b"precious")
     (root / "taken.mp4").write_bytes(b"precious")
+    (root / "frames-row.jsonl").write_text('{"prompt": "a cat", "frames": 9}\n')
+    (root / "lora-row-video.jsonl").write_text('{"prompt": "a cat", "lora": "x.safetensors"}\n')
+    (root / "frames-bad-row.jsonl").write_text('{"prompt": "a cat", "frames": 6}\n')
     (root / "empty.txt").write_text("# nothing here\n\n")
     (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     (root / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))

@@ -223,3 +223,52 @@ def test_video_models_run_the_cards_dtypes():
     assert component_dtypes("bfloat16", "bf16", "cuda", video=True)["vae"] == "float32"
     assert component_dtypes("bfloat16", "auto", "cuda") == dict.fromkeys(("transformer", "text_encoder", "vae"),
                                                                           "bfloat16")
+
+
+def test_a_video_batch_resumes_after_kill_9(tiny_models, tmp_path):
+    """Batch rows as videos of a SANA-Video model: killed with SIGKILL once the first video is written, the rerun
+    keeps that file as it is (same bytes), makes the others, leaves no temp file and records each key once."""
+    import os
+    import signal
+    import time
+
+    from .conftest import SANA
+
+    rows = [{"prompt": "a dog running", "frames": 5, "steps": 2, "seed": 3},
+            {"prompt": "a cat sitting", "frames": 9, "steps": 2, "name": "cat", "motion_score": 60},
+            {"prompt": "a red fox", "frames": 5, "steps": 2, "fps": 8}]
+    source = tmp_path / "videos.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    command = [SANA, "batch", str(source), "--model", "tiny-video", "-o", str(out), "--ext", "webm"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(out.glob("*.webm")) and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.communicate(timeout=60)
+    first = sorted(out.glob("*.webm"))
+    assert first, "the first video was never written"
+    kept = {path.name: path.read_bytes() for path in first}
+    again = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["written"] + summary["already_done"] == 3 and summary["already_done"] >= len(kept)
+    names = sorted(path.name for path in out.iterdir())
+    assert names == sorted(["00001-a-dog-running-3.webm", "cat.webm", next(n for n in names if "red-fox" in n),
+                            "results.jsonl"]), names
+    for name, data in kept.items():
+        assert (out / name).read_bytes() == data
+    from sana_cli.storage.video import read_video_metadata
+
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    images = [record for record in records if record.get("event") == "image"]
+    assert len({record["key"] for record in images}) == len(images) == 3
+    for record in images:
+        meta = read_video_metadata(out / record["file"])
+        assert meta["sana"]["key"] == record["key"] and len(_decoded(out / record["file"])) == record["frames"]
+    cat = read_video_metadata(out / "cat.webm")
+    assert (cat["sana"]["frames"], cat["sana"]["motion_score"]) == (9, 60)
+    assert read_video_metadata(next(out.glob("*red-fox*")))["fps"] == 8.0

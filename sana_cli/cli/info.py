@@ -25,14 +25,7 @@ def info(image, json_output, as_command, debug):
     JSON; --command prints a command quoted for the shell, with the prompt after `--`.
     """
     with reporting(json_output, debug):
-        from pathlib import Path
-
-        from ..planning.checks import VIDEO_SUFFIXES
-
-        if Path(image).suffix.lower() in VIDEO_SUFFIXES:
-            from ..storage.video import read_video_metadata as read_metadata
-        else:
-            from ..storage.images import read_metadata
+        from ..storage.media import read_metadata
 
         meta = read_metadata(image)
         if not meta["parameters"] and not meta["sana"]:

@@ -136,20 +136,21 @@ FIELDS: tuple[Field, ...] = (
     Field("strength", "float | None", flags=("--strength",), metavar="X",
           help="How far image-to-image moves from --image, 0-1 (default 0.6).", group="input", column="strength",
           pixels=True, optional=True, resolve="inputs", reproduce="optional_number", http=True),
-    # SANA-Video (`sana video`): unused (None) for an image, so image keys stay as they were.
+    # SANA-Video (`sana video`, and batch rows with a SANA-Video model): unused (None) for an image, so image keys
+    # stay as they were.
     Field("frames", "int | None", flags=("--frames",), metavar="N",
           help="Frames to make, 4k+1 (the Wan VAE packs 4 frames into each latent after the first). "
                "Default: the model's (81; tiny-video 9).",
-          group="video", request=False, batch_default=False, pixels=True, optional=True, resolve="video",
-          reproduce="optional_int"),
+          group="video", request=False, batch_default=False, column="frames", pixels=True, optional=True,
+          resolve="video", reproduce="optional_int"),
     Field("fps", "int | None", flags=("--fps",), metavar="N",
           help="Frames per second of the file. Default: the model's (16).", group="video", request=False,
-          batch_default=False, pixels=True, optional=True, resolve="video", reproduce="optional_int"),
+          batch_default=False, column="fps", pixels=True, optional=True, resolve="video", reproduce="optional_int"),
     Field("motion_score", "int | None", flags=("--motion-score",), metavar="N",
           help="How much motion, 0-100: appended to the prompt as ' motion score: N.', as the model card does. "
                "Default: 30 (the card's).",
-          group="video", request=False, batch_default=False, pixels=True, optional=True, resolve="video",
-          reproduce="optional_int"),
+          group="video", request=False, batch_default=False, column="motion_score", pixels=True, optional=True,
+          resolve="video", reproduce="optional_int"),
 )
 
 BY_NAME = {row.name: row for row in FIELDS}

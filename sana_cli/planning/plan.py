@@ -331,6 +331,9 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
 
 
 def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, pixels) -> list[ImageJob]:
+    for row_ in table.FIELDS:  # the video rows' columns make no image
+        if row_.group == "video" and row_.column and row.get(row_.column) is not None:
+            raise UsageError(f"'{row_.column}' is for SANA-Video models; {model.name} makes images")
     check_prompt(row.prompt)
     check_prompt(row.get("negative_prompt", ""), "the negative prompt", allow_empty=True)
     if row.get("size") is not None and (row.get("width") is not None or row.get("height") is not None):

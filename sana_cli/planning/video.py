@@ -126,47 +126,138 @@ def check_in_range(option: str, value, low: int, high: int) -> int:
     return value
 
 
-def plan_video(request: VideoRequest, model: ModelRef, pixels: PixelOptions | None = None) -> Plan:
-    """Resolve a `sana video` request into a Plan of one job. Raises UsageError for anything invalid."""
+def resolve_video(model: ModelRef, defaults: VideoDefaults, *, prompt, negative_prompt, width, height, steps,
+                  guidance, frames, fps, motion_score, image, force_size: bool, option=lambda name: f"--{name}"
+                  ) -> tuple[dict, list[str]]:
+    """One video's pixel-deciding fields, checked, defaults filled (all but the seed), the same for `sana video`
+    and a batch row: (fields, notes). `option` names a field in errors (an option, or a batch column)."""
     from ..inputs import images as inputs
     from .checks import check_steps_guidance
 
-    pixels = pixels or PixelOptions()
-    defaults = video_defaults(model)
+    prompt = check_prompt(prompt)
+    negative_prompt = check_prompt(negative_prompt or "", "the negative prompt", allow_empty=True)
+    frames = check_frames(defaults.frames if frames is None else frames, defaults, option("frames"))
+    fps = check_in_range(option("fps"), defaults.fps if fps is None else fps, *FPS_RANGE)
+    motion = check_in_range(option("motion-score"), defaults.motion_score if motion_score is None else motion_score,
+                            *MOTION_RANGE)
+    if width is None and height is None:
+        width, height = defaults.width, defaults.height
+    width, height = (width if width is not None else height), (height if height is not None else width)
+    width, height, notes = check_video_size(model, defaults, width, height, force_size)
+    steps = model.steps if steps is None else steps
+    guidance = model.guidance if guidance is None else guidance
+    check_steps_guidance(model, steps, guidance)
+    extra: dict = {}
+    if image is not None:
+        path, digest = inputs.check_image(image, option("image"), (width, height))
+        extra.update(image=path, image_sha256=digest)
+    return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                guidance=float(guidance), pag_scale=0.0, pag_layers=None, frames=frames, fps=fps, motion_score=motion,
+                **extra), notes
+
+
+def _check_decode(pixels: PixelOptions) -> None:
     if pixels.decode not in VIDEO_DECODES:
         raise UsageError(f"--decode {pixels.decode} is an image decode; a video decodes with "
                          f"{', '.join(VIDEO_DECODES)}", hint="tiled uses the Wan VAE's tiling (less memory, inexact)")
-    prompt = check_prompt(request.prompt)
-    negative_prompt = check_prompt(request.negative_prompt, "the negative prompt", allow_empty=True)
-    frames = check_frames(defaults.frames if request.frames is None else request.frames, defaults)
-    fps = check_in_range("--fps", defaults.fps if request.fps is None else request.fps, *FPS_RANGE)
-    motion = check_in_range("--motion-score", defaults.motion_score if request.motion_score is None
-                            else request.motion_score, *MOTION_RANGE)
-    width = request.width if request.width is not None else (defaults.width if request.height is None
-                                                             else request.height)
-    height = request.height if request.height is not None else (defaults.height if request.width is None
-                                                                else request.width)
-    width, height, notes = check_video_size(model, defaults, width, height, request.force_size)
-    steps = model.steps if request.steps is None else request.steps
-    guidance = model.guidance if request.guidance is None else request.guidance
-    check_steps_guidance(model, steps, guidance)
+
+
+def plan_video(request: VideoRequest, model: ModelRef, pixels: PixelOptions | None = None) -> Plan:
+    """Resolve a `sana video` request into a Plan of one job. Raises UsageError for anything invalid."""
+    pixels = pixels or PixelOptions()
+    defaults = video_defaults(model)
+    _check_decode(pixels)
+    params, notes = resolve_video(model, defaults, prompt=request.prompt, negative_prompt=request.negative_prompt,
+                                  width=request.width, height=request.height, steps=request.steps,
+                                  guidance=request.guidance, frames=request.frames, fps=request.fps,
+                                  motion_score=request.motion_score, image=request.image,
+                                  force_size=request.force_size)
     seed = check_seed(request.seed) if request.seed is not None else draw_seed()
-    path = _video_path(request, prompt, seed)
+    path = _video_path(request, params["prompt"], seed)
     if not request.overwrite and os.path.lexists(path):
         raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it, or -o elsewhere")
-    extra: dict = {}
-    if request.image is not None:
-        image, digest = inputs.check_image(request.image, "--image", (width, height))
-        extra.update(image=image, image_sha256=digest)
     if request.frames_dir is not None:
-        _check_frames_dir(request.frames_dir, path, frames, request.overwrite)
-    job = make_job(model, pixels, index=1, row=0, path=path, seed=seed, prompt=prompt,
-                   negative_prompt=negative_prompt, width=width, height=height, steps=steps, guidance=float(guidance),
-                   pag_scale=0.0, pag_layers=None, frames=frames, fps=fps, motion_score=motion, **extra)
+        _check_frames_dir(request.frames_dir, path, params["frames"], request.overwrite)
+    job = make_job(model, pixels, index=1, row=0, path=path, seed=seed, **params)
     return Plan(command="video", model=model, jobs=[job], groups=[[0]], output_dir=str(Path(path).parent),
                 overwrite=request.overwrite, notes=notes, seed_rule="as given" if request.seed is not None
                 else "drawn at random", force_size=request.force_size, seeds_drawn=request.seed is None,
                 frames_dir=request.frames_dir)
+
+
+# The batch columns a video row may have; the others (LoRA, ControlNet, strength, PAG) are image-only.
+VIDEO_COLUMNS = ("prompt", "negative_prompt", "seed", "size", "width", "height", "steps", "guidance", "name", "n",
+                 "image", "frames", "fps", "motion_score")
+
+
+def plan_video_batch(rows, model: ModelRef, defaults, output_dir: str, *, shard: tuple[int, int] | None = None,
+                     overwrite: bool = False, pixels: PixelOptions | None = None) -> tuple[Plan, list]:
+    """A batch file's rows as videos of a SANA-Video model: one job (and one GPU batch) per video, names and seeds
+    by the batch rules (plan.SEED_RULE), the file type from --ext (mp4 or webm). (Plan, a RowError per bad row)."""
+    from .batchfile import RowError
+    from .checks import MAX_IMAGES, check_name
+    from .keys import SEED_RULE, derive_seed
+
+    pixels = pixels or PixelOptions()
+    video = video_defaults(model)
+    _check_decode(pixels)
+    extension = defaults.extension if defaults.extension.startswith(".") else "." + defaults.extension
+    if extension == ".png":  # --ext's default, for images
+        extension = ".mp4"
+    video_format("x" + extension)
+    jobs, errors, occurrences = [], [], {}
+    for row in rows:
+        try:
+            unknown = [column for column in row.overrides if column not in VIDEO_COLUMNS and
+                       row.overrides[column] not in (None, ())]
+            if unknown:
+                raise UsageError(f"'{unknown[0]}' is for images; a video row takes {', '.join(VIDEO_COLUMNS)}")
+            if row.get("size") is not None and (row.get("width") is not None or row.get("height") is not None):
+                raise UsageError("'size' conflicts with 'width'/'height'")
+            params, _ = resolve_video(
+                model, video, prompt=row.prompt, negative_prompt=row.get("negative_prompt", defaults.negative_prompt),
+                width=row.get("width", row.get("size", defaults.width)),
+                height=row.get("height", row.get("size", defaults.height)),
+                steps=row.get("steps", defaults.steps), guidance=row.get("guidance", defaults.guidance),
+                frames=row.get("frames"), fps=row.get("fps"), motion_score=row.get("motion_score"),
+                image=row.get("image", defaults.image), force_size=defaults.force_size,
+                option=lambda name: f"'{name.replace('-', '_')}'")
+            count = row.get("n", 1)
+            if count < 1 or count > MAX_IMAGES:
+                raise UsageError(f"'n' must be 1..{MAX_IMAGES}, got {count}")
+            name = check_name(row.get("name")) if row.get("name") is not None else None
+            identity = name if name is not None else params["prompt"]
+            occurrence = occurrences.get(identity, 0)
+            occurrences[identity] = occurrence + 1
+            for number in range(count):
+                seed = (check_seed(row.get("seed") + number) if row.get("seed") is not None
+                        else derive_seed(defaults.base_seed, identity, occurrence, number))
+                stem = (name if count == 1 else f"{name}-{number + 1}") if name is not None else \
+                    f"{row.line:05d}-{slugify(params['prompt'], 48)}-{seed}"
+                jobs.append(make_job(model, pixels, index=len(jobs) + 1, row=row.line,
+                                     path=os.path.join(output_dir, stem + extension), seed=seed, **params))
+        except UsageError as exc:
+            errors.append(RowError(row.line, exc.line()))
+    seen: set[str] = set()
+    for position, job in enumerate(jobs):  # names that collide (ignoring case) get -2, -3 ..., as images do
+        path, number, candidate = Path(job.path), 1, Path(job.path)
+        while str(candidate).casefold() in seen:
+            number += 1
+            candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        seen.add(str(candidate).casefold())
+        if candidate != path:
+            jobs[position] = type(job)(**{**job.__dict__, "path": str(candidate)})
+    groups = [[i] for i in range(len(jobs))]
+    notes = []
+    if shard is not None:
+        index, count = shard
+        groups = [group for number, group in enumerate(groups) if number % count == index]
+        notes.append(f"shard {index}/{count}: {len(groups)} of this run's {len(jobs)} videos")
+        kept = [group[0] for group in groups]
+        jobs = [jobs[i] for i in kept]
+        groups = [[i] for i in range(len(jobs))]
+    return Plan(command="batch", model=model, jobs=jobs, groups=groups, output_dir=output_dir, overwrite=overwrite,
+                notes=notes, seed_rule=SEED_RULE, force_size=defaults.force_size), errors
 
 
 def _video_path(request: VideoRequest, prompt: str, seed: int) -> str:
@@ -204,4 +295,4 @@ def model_for_video(request: VideoRequest) -> ModelRef:
 
 
 __all__ = ["MIN_SIDE", "SIZE_MULTIPLE", "VideoRequest", "check_frames", "check_video_size", "frame_paths",
-           "model_for_video", "plan_video", "video_defaults"]
+           "model_for_video", "plan_video", "plan_video_batch", "resolve_video", "video_defaults"]

@@ -20,7 +20,8 @@ from .files import Written, write_encoded
 from .images import encode_image
 from .video import encode_video
 
-__all__ = ["ENCODERS", "Frames", "Written", "encode", "format_for", "write", "write_encoded", "write_frames"]
+__all__ = ["ENCODERS", "Frames", "Written", "encode", "format_for", "read_metadata", "write", "write_encoded",
+           "write_frames"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +91,17 @@ def write_frames(frames: Frames, directory: str | Path, video_path: str | Path, 
         data = encode_image(image, "PNG", {**meta, "frame": number})
         written.append(write_encoded(data, path, overwrite=overwrite))
     return written
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of any file sana-cli writes, by its suffix: a video's container tags (storage.video) or an
+    image's chunks (storage.images); both give {'sana': dict|None, 'parameters': str|None, ...}."""
+    from ..planning.checks import VIDEO_SUFFIXES
+
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        from .video import read_video_metadata
+
+        return read_video_metadata(path)
+    from .images import read_metadata as read_image_metadata
+
+    return read_image_metadata(path)
