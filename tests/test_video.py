@@ -272,3 +272,38 @@ def test_a_video_batch_resumes_after_kill_9(tiny_models, tmp_path):
     cat = read_video_metadata(out / "cat.webm")
     assert (cat["sana"]["frames"], cat["sana"]["motion_score"]) == (9, 60)
     assert read_video_metadata(next(out.glob("*red-fox*")))["fps"] == 8.0
+
+
+def test_sana_decode_finishes_a_videos_kept_latents_into_the_same_file(tiny_models, tmp_path):
+    """--keep-latents keeps a video's denoised latents (1, C, F, h, w) as for an image (and a failed decode keeps
+    them the same way); `sana decode` loads only the VAE and writes the very same MP4, byte for byte. Latents
+    whose frame count or fps the metadata contradicts are refused with one line."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .conftest import run_sana
+
+    made = run_sana("video", PROMPT, "--model", "tiny-video", "--frames", 5, "--steps", 2, "--seed", 4,
+                    "--keep-latents", "-o", tmp_path / "k.mp4", timeout=600)
+    assert made.returncode == 0, made.stderr
+    original = (tmp_path / "k.mp4").read_bytes()
+    (tmp_path / "k.mp4").unlink()
+    kept = tmp_path / "k.latents.safetensors"
+    with safe_open(str(kept), framework="pt") as handle:
+        info, latents = handle.metadata(), handle.get_tensor("latents")
+    assert tuple(latents.shape) == (1, 16, 2, 8, 8)
+    finished = run_sana("decode", kept, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert (tmp_path / "k.mp4").read_bytes() == original
+    meta = json.loads(info["sana"])
+    for name, changed in (("frames", {**meta, "frames": 9}), ("fps", {**meta, "fps": "fast"})):
+        bad = tmp_path / f"bad-{name}.latents.safetensors"
+        save_file({"latents": latents}, str(bad),
+                  metadata={**info, "sana": json.dumps(changed), "image": f"bad-{name}.mp4"})
+        refused = run_sana("decode", bad, timeout=600)
+        assert refused.returncode == 2, refused.stderr
+        from .conftest import one_line_error
+
+        assert ("frames per second" if name == "fps" else "do not decode into the 9 frames") in \
+            one_line_error(refused)
+        assert not (tmp_path / f"bad-{name}.mp4").exists()
