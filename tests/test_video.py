@@ -307,3 +307,26 @@ def test_sana_decode_finishes_a_videos_kept_latents_into_the_same_file(tiny_mode
         assert ("frames per second" if name == "fps" else "do not decode into the 9 frames") in \
             one_line_error(refused)
         assert not (tmp_path / f"bad-{name}.mp4").exists()
+
+
+def test_tiled_video_decode_is_for_that_call_only(video_model):
+    """--decode tiled turns the Wan VAE's tiling on for one decode and off again (the VAE is shared by every later
+    call); the other strategies decode whole, exactly as the pipeline does."""
+    import torch
+
+    from sana_cli.engine.runner import decode_video
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 2, 8, 8, generator=generator)
+    vae = video_model.pipe.vae
+    assert not vae.use_tiling
+    tiled, account = decode_video(video_model, latents, "tiled", fps=8)
+    assert account.strategy == "tiled" and not vae.use_tiling
+    whole, account = decode_video(video_model, latents, "auto", fps=8)
+    assert account.strategy == "full" and (tiled.kind, tiled.fps, len(tiled)) == ("video", 8, 5)
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    with torch.no_grad():
+        expected = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]  # the pipeline's arithmetic
+    frames = video_model.pipe.video_processor.postprocess_video(expected, output_type="pil")[0]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(whole.frames, frames))
