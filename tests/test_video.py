@@ -227,7 +227,8 @@ def test_video_models_run_the_cards_dtypes():
 
 def test_a_video_batch_resumes_after_kill_9(tiny_models, tmp_path):
     """Batch rows as videos of a SANA-Video model: killed with SIGKILL once the first video is written, the rerun
-    keeps that file as it is (same bytes), makes the others, leaves no temp file and records each key once."""
+    keeps that file as it is (same bytes), makes the others, leaves no temp file and records each key once; its
+    --report gallery shows each video's first frame."""
     import os
     import signal
     import time
@@ -252,13 +253,22 @@ def test_a_video_batch_resumes_after_kill_9(tiny_models, tmp_path):
     first = sorted(out.glob("*.webm"))
     assert first, "the first video was never written"
     kept = {path.name: path.read_bytes() for path in first}
-    again = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command + ["--json", "--report"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)
     assert summary["written"] + summary["already_done"] == 3 and summary["already_done"] >= len(kept)
     names = sorted(path.name for path in out.iterdir())
     assert names == sorted(["00001-a-dog-running-3.webm", "cat.webm", next(n for n in names if "red-fox" in n),
-                            "results.jsonl"]), names
+                            "results.jsonl", "index.html", "thumbnails"]), names
+    # the gallery: a card per video, its thumbnail the first frame, linking to the file
+    from PIL import Image
+
+    gallery = (out / "index.html").read_text()
+    for name in (n for n in names if n.endswith(".webm")):
+        assert f'href="{name}"' in gallery
+        with Image.open(out / "thumbnails" / f"{name}.jpg") as thumbnail:
+            shown = np.asarray(thumbnail.convert("RGB")).astype(int)
+        assert shown.shape == (64, 64, 3) and np.abs(shown - _decoded(out / name)[0]).mean() < 6
     for name, data in kept.items():
         assert (out / name).read_bytes() == data
     from sana_cli.storage.video import read_video_metadata

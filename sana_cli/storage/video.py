@@ -107,3 +107,28 @@ def read_video_metadata(path: str | Path) -> dict:
 
 def _bounded(value) -> str | None:
     return value if isinstance(value, str) and len(value) <= MAX_METADATA_CHARS else None
+
+
+def first_frame(path: str | Path, max_pixels: int):
+    """The first frame of a video file as an RGB PIL image (the gallery's thumbnail of a video). Untrusted: a
+    regular file of bounded size, a frame of at most max_pixels, decoded by FFmpeg from the first packets only."""
+    import av
+
+    from ..safeio import open_regular
+
+    try:
+        with (open_regular(path, MAX_VIDEO_BYTES) as handle,
+              av.open(handle, mode="r", metadata_errors="replace") as container):
+            stream = next((stream for stream in container.streams if stream.type == "video"), None)
+            if stream is None:
+                raise UsageError(f"{path} holds no video stream")
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if not 0 < width * height <= max_pixels:
+                raise UsageError(f"{path} has {width}x{height} frames, more than the {max_pixels} pixels sana reads")
+            for frame in container.decode(stream):
+                return frame.to_image().convert("RGB")
+    except UsageError:
+        raise
+    except (OSError, ValueError, av.error.FFmpegError) as exc:
+        raise UsageError(f"{path} is not a readable video: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    raise UsageError(f"{path} holds no frame")
