@@ -146,6 +146,20 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
     return run_plan(plan, options, decode=decode, keep_latents=keep_latents, events=events, stop=stop)
 
 
+def video(prompt: str, *, model: str | None = None, decode: str = "auto", options: LoadOptions | None = None,
+          keep_latents: bool = False, events: EventSink = no_events, stop: StopToken | None = None,
+          **request) -> GenerateResult:
+    """One-shot `sana video`: plan, load a SANA-Video model (default sana-video-2b-480p), render, write the MP4
+    or WebM. Keyword arguments are VideoRequest fields (width, height, frames, fps, motion_score, steps,
+    guidance, seed, negative_prompt, image, output, frames_dir, ...) or load options (as for load())."""
+    from .planning.video import VideoRequest, model_for_video, plan_video
+
+    options = load_options(options, **_split_load_keywords(request))
+    req = VideoRequest(prompt=prompt, model=model, **request)
+    plan = plan_video(req, model_for_video(req), options.pixels(options.decode_for(decode)))
+    return run_plan(plan, options, decode=decode, keep_latents=keep_latents, events=events, stop=stop)
+
+
 def run_plan(plan: Plan, options: LoadOptions | None = None, *, decode: str = "auto",
              events: EventSink = no_events, stop: StopToken | None = None, abort_in_flight: bool = True,
              on_result=None, loaded: LoadedModel | None = None, keep_latents: bool = False) -> GenerateResult:

@@ -340,3 +340,20 @@ def test_tiled_video_decode_is_for_that_call_only(video_model):
         expected = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]  # the pipeline's arithmetic
     frames = video_model.pipe.video_processor.postprocess_video(expected, output_type="pil")[0]
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(whole.frames, frames))
+
+
+def test_the_python_api_makes_a_video(tiny_models, tmp_path):
+    """sana_cli.video: the same plan and run as the command, in this process."""
+    import sana_cli
+    from sana_cli.errors import UsageError
+    from sana_cli.storage.video import read_video_metadata
+
+    result = sana_cli.video(PROMPT, model="tiny-video", frames=5, steps=1, seed=7, fps=12, device="cpu",
+                            output=str(tmp_path / "a.webm"))
+    assert [image.written.path for image in result.images] == [str(tmp_path / "a.webm")]
+    meta = read_video_metadata(tmp_path / "a.webm")
+    assert (meta["codec"], meta["fps"], meta["sana"]["frames"], meta["sana"]["seed"]) == ("vp9", 12.0, 5, 7)
+    assert len(_decoded(tmp_path / "a.webm")) == 5
+    with pytest.raises(UsageError, match="tiny is an image model"):
+        sana_cli.video(PROMPT, model="tiny", output=str(tmp_path / "b.mp4"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.webm"]
