@@ -172,6 +172,12 @@ CASES = [
     Case("decompression bomb given to sana info", ["info", "{files}/bomb.png"], 2,
          "is too large to be an image sana-cli wrote"),
     Case("image without generation metadata", ["info", "{files}/plain.png"], 2, "has no generation metadata"),
+    Case("file named .mp4 that is not a video given to sana info", ["info", "{files}/garbage.mp4"], 2,
+         "is not a readable video"),
+    Case("FIFO named .mp4 given to sana info", ["info", "{files}/fifo.mp4"], 2, "is a FIFO, not a regular file"),
+    Case("link to /dev/zero named .webm given to sana info", ["info", "{files}/zero.webm"], 2,
+         "is a character device, not a regular file", limit_memory=2**30),
+    Case("video without generation metadata", ["info", "{files}/plain.mp4"], 2, "has no generation metadata"),
     Case("--command on an image without sana metadata", ["info", "{files}/params-only.png", "--command"], 2,
          "has no sana metadata to rebuild a command from"),
     Case("--command on metadata without a model", ["info", "{files}/no-model.png", "--command"], 2,
@@ -707,6 +713,16 @@ def _untrusted_files(root: Path, tiny: Path) -> None:
     os.mkfifo(root / "fifo.png")
     os.mkfifo(root / "fifo-out.png")
     (root / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(root / "fifo.mp4")
+    (root / "zero.webm").symlink_to("/dev/zero")
+    (root / "garbage.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video at all " * 50)
+    import av
+
+    with av.open(str(root / "plain.mp4"), mode="w") as container:  # a video from elsewhere: no tags of ours
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for packet in [*stream.encode(av.VideoFrame.from_image(Image.new("RGB", (32, 32), "red"))), *stream.encode()]:
+            container.mux(packet)
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
