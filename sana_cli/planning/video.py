@@ -16,7 +16,7 @@ from ..inputs.values import check_prompt, check_seed
 from ..models import modelref, presets
 from ..models.modelref import ModelRef
 from ..models.presets import VideoDefaults
-from .checks import MIN_SIDE, SCALE_RANGE, SIZE_MULTIPLE, VIDEO_SUFFIXES, check_side, slugify, video_format
+from .checks import SCALE_RANGE, VIDEO_SUFFIXES, check_side, slugify, video_format
 from .jobs import PixelOptions
 from .keys import draw_seed, make_job
 from .plan import DEFAULT_OUTPUT_DIR, Plan
@@ -98,7 +98,7 @@ def check_frames(frames, defaults: VideoDefaults, option: str = "--frames") -> i
 def check_video_size(model: ModelRef, defaults: VideoDefaults, width: int, height: int,
                      force: bool) -> tuple[int, int, list[str]]:
     """Sides that are multiples of 32 (the pipeline's rule; the VAE's 8x and the transformer's 2x patches
-    divide it), within MIN_SIDE..MAX_SIDE, and, unless --force-size, within 0.5x-2x the pixel count of the
+    divide it), within 32..MAX_SIDE, and, unless --force-size, within 0.5x-2x the pixel count of the
     model's default size. (width, height, notes)."""
     width = check_side("--width", width)
     height = check_side("--height", height)
@@ -116,6 +116,30 @@ def check_video_size(model: ModelRef, defaults: VideoDefaults, width: int, heigh
                                   f"{defaults.height}x{defaults.width}), or --force-size to render it anyway")
         notes.append(f"--force-size: rendering {width}x{height} with a {defaults.width}x{defaults.height} model")
     return width, height, notes
+
+
+def check_positions(model: ModelRef, defaults: VideoDefaults, frames: int, width: int, height: int,
+                    option=lambda name: f"--{name}") -> None:
+    """The transformer's rotary positions (rope_max_seq_len per axis, from its config when readable) bound the
+    latent frames and the patches a side: more would fail inside the transformer after loading."""
+    try:
+        config = modelref.transformer_config(model) or {}
+    except (OSError, ValueError):
+        config = {}
+    limit = config.get("rope_max_seq_len", 1024 if config else None)
+    patch = config.get("patch_size", (1, 2, 2))
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1 or not isinstance(patch, (list, tuple)) \
+            or len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
+        return
+    temporal, spatial = defaults.temporal_factor, defaults.spatial_factor
+    if (frames - 1) // temporal + 1 > limit:
+        most = (limit - 1) * temporal + 1
+        raise UsageError(f"{option('frames')} {frames} is more than {model.name} can place in time ({limit} latent "
+                         f"frames)", hint=f"at most {most}")
+    for name, side, step in (("width", width, spatial * patch[2]), ("height", height, spatial * patch[1])):
+        if side // step > limit:
+            raise UsageError(f"{option(name)} {side} is more than {model.name} can place ({limit} patches of "
+                             f"{step} pixels)", hint=f"at most {limit * step // 32 * 32}")
 
 
 def check_in_range(option: str, value, low: int, high: int) -> int:
@@ -144,6 +168,7 @@ def resolve_video(model: ModelRef, defaults: VideoDefaults, *, prompt, negative_
         width, height = defaults.width, defaults.height
     width, height = (width if width is not None else height), (height if height is not None else width)
     width, height, notes = check_video_size(model, defaults, width, height, force_size)
+    check_positions(model, defaults, frames, width, height, option)
     steps = model.steps if steps is None else steps
     guidance = model.guidance if guidance is None else guidance
     check_steps_guidance(model, steps, guidance)
@@ -294,5 +319,5 @@ def model_for_video(request: VideoRequest) -> ModelRef:
     return modelref.resolve(request.model or "sana-video-2b-480p", revision=request.revision)
 
 
-__all__ = ["MIN_SIDE", "SIZE_MULTIPLE", "VideoRequest", "check_frames", "check_video_size", "frame_paths",
+__all__ = ["VideoRequest", "check_frames", "check_video_size", "frame_paths",
            "model_for_video", "plan_video", "plan_video_batch", "resolve_video", "video_defaults"]
