@@ -357,3 +357,21 @@ def test_the_python_api_makes_a_video(tiny_models, tmp_path):
     with pytest.raises(UsageError, match="tiny is an image model"):
         sana_cli.video(PROMPT, model="tiny", output=str(tmp_path / "b.mp4"))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.webm"]
+
+
+def test_a_video_batch_adopts_its_videos_when_the_manifest_is_lost(tiny_models, tmp_path):
+    """Without results.jsonl a rerun recognises a video it made by the key in the file's own container tags (as
+    it does an image's), instead of taking it for a stranger's file in the way."""
+    import sana_cli
+
+    source = tmp_path / "one.jsonl"
+    source.write_text(json.dumps({"prompt": "a dog running", "frames": 5, "steps": 1, "name": "dog"}) + "\n")
+    first = sana_cli.batch(str(source), model="tiny-video", output_dir=str(tmp_path / "out"), device="cpu")
+    assert [path.name for path in (tmp_path / "out").glob("*.mp4")] == ["dog.mp4"] and len(first.written) == 1
+    original = (tmp_path / "out" / "dog.mp4").read_bytes()
+    (tmp_path / "out" / "results.jsonl").unlink()
+    again = sana_cli.batch(str(source), model="tiny-video", output_dir=str(tmp_path / "out"), device="cpu")
+    assert (len(again.written), again.already_done) == (0, 1)
+    assert (tmp_path / "out" / "dog.mp4").read_bytes() == original
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert any(record.get("adopted") and record.get("file") == "dog.mp4" for record in records)
