@@ -8,6 +8,7 @@ one expensive module fixture (a server, a full-size VAE, a built batch) runs who
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -156,15 +158,81 @@ def limited(command: list, *, memory: int | None = None, file_size: int | None =
             "--", *map(str, command)]
 
 
-def run_sana(*args, cwd=None, env=None, input=None, timeout=180, check_json=False, **kwargs):
-    """Run the installed `sana` console script; returns CompletedProcess (text)."""
+_zygotes: dict = {}
+MAX_ZYGOTES = 3  # per worker: each holds the imported libraries (about 1 GB)
+
+
+def _forked_sana(env: dict):
+    """A zygote of this worker (started on first use) that can stand for a fresh `sana` started with
+    this environment, else None. A zygote stands for commands whose environment equals its own in every
+    variable a library may read at import time (OMP_NUM_THREADS, HF_HUB_OFFLINE, ...), so there is one
+    zygote per such environment, up to MAX_ZYGOTES. SANA_TEST_FRESH_PROCESS=1 makes every command a
+    fresh interpreter."""
+    if os.environ.get("SANA_TEST_FRESH_PROCESS") == "1":
+        return None
+    from .zygote import Zygote, import_time_environment
+
+    key = import_time_environment(env)
+    zygote = _zygotes.get(key)
+    if zygote is None:
+        if len(_zygotes) >= MAX_ZYGOTES:
+            return None
+        zygote = _zygotes[key] = Zygote(tempfile.mkdtemp(prefix="sana-zygote-"), env)
+        atexit.register(zygote.close)
+    return zygote if zygote.alive() else None
+
+
+def run_sana(*args, cwd=None, env=None, input=None, timeout=180, check_json=False, fresh=False, **streams):
+    """subprocess.run([SANA, *args], capture_output=True, text=True, ...) for the `sana` command: env holds
+    variables added to this process's environment; stdin, stdout or stderr may be given as for
+    subprocess.run (stdout and stderr are captured otherwise). The process is forked from this worker's
+    pre-imported zygote (tests/zygote.py), which saves the ten seconds of imports a fresh interpreter
+    spends; fresh=True (or an environment no zygote can stand for) starts the installed console script."""
     assert SANA, "the sana console script is not installed next to this Python"
+    assert set(streams) <= {"stdin", "stdout", "stderr"}, f"run_sana takes no {sorted(streams)}"
     full_env = dict(os.environ, **(env or {}))
-    process = subprocess.run([SANA, *map(str, args)], cwd=cwd, env=full_env, input=input, capture_output=True,
-                             text=True, timeout=timeout, **kwargs)
+    argv = [SANA, *map(str, args)]
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **streams}
+    zygote = None if fresh else _forked_sana(full_env)
+    if zygote is not None:
+        from .zygote import run
+
+        process = run(zygote, argv, cwd=cwd, env=full_env, input=input, timeout=timeout, **streams)
+    else:
+        process = subprocess.run(argv, cwd=cwd, env=full_env, input=input, text=True, timeout=timeout, **streams)
     if check_json:
         process.json = json.loads(process.stdout)
     return process
+
+
+def run_python(code: str, *args, cwd=None, env=None, timeout=300):
+    """subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, ...), forked from
+    this worker's zygote like run_sana: for a test's script that imports what `sana` imports."""
+    full_env = dict(os.environ, **(env or {}))
+    argv = [sys.executable, "-c", code, *map(str, args)]
+    zygote = _forked_sana(full_env)
+    if zygote is None:
+        return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    from .zygote import run
+
+    return run(zygote, argv, cwd=cwd, env=full_env, input=None, timeout=timeout, stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE, code=code)
+
+
+def sana_popen(args, *, fresh: bool = False, env=None, **kwargs):
+    """subprocess.Popen([SANA, *args], env=env, **kwargs), the process forked from this worker's zygote
+    when it can stand for a fresh one (see run_sana); the returned object has Popen's pid, pipes, poll,
+    wait, communicate, send_signal, terminate and kill. args: what follows `sana` on its command line."""
+    assert SANA, "the sana console script is not installed next to this Python"
+    argv = [SANA, *map(str, args)]
+    full_env = dict(os.environ) if env is None else dict(env)
+    allowed = {"stdin", "stdout", "stderr", "cwd", "text"}
+    zygote = None if fresh or set(kwargs) - allowed else _forked_sana(full_env)
+    if zygote is None:
+        return subprocess.Popen(argv, env=full_env, **kwargs)
+    from .zygote import ForkedProcess
+
+    return ForkedProcess(zygote, argv, env=full_env, **kwargs)
 
 
 @pytest.fixture

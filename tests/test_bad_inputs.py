@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SANA, limited, one_line_error
+from .conftest import SANA, limited, one_line_error, run_sana
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -396,9 +396,27 @@ CASES = [
     Case("input image between sana-cli's pixel limit and Pillow's own",
          ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/pixels-9000x8000.png", "-o", "{tmp}/"],
          2, "is 9000x8000, larger than any image sana-cli writes", limit_memory=3 * 2**30),
-    Case("image-to-image with a model that cannot", ["generate", "a cat", "--model", "tiny", "--image",
-                                                     "{files}/input.png"], 2,
-         "tiny cannot start from an image: image-to-image works with the SANA-Sprint models"),
+    Case("strength that keeps no denoising step", ["generate", "a cat", "--model", "tiny", "--image",
+                                                   "{files}/input.png", "--strength", "1e-17", "--steps", "20"], 2,
+         "--strength 1e-17 keeps no denoising step of 20"),
+    Case("strength outside 0-1 with a Sana model", ["generate", "a cat", "--model", "tiny", "--image",
+                                                    "{files}/input.png", "--strength", "1.01"], 2,
+         "--strength must be in 0..1 (above 0), got 1.01"),
+    Case("--mask without --image", ["generate", "a cat", "--model", "tiny", "--mask", "{files}/mask.png"], 2,
+         "--mask needs --image (the image to inpaint)"),
+    Case("row 'mask' without 'image'", ["batch", "{files}/mask-row.jsonl", "--model", "tiny"], 2,
+         "line 1: 'mask' needs 'image' (the image to inpaint)"),
+    Case("mask of another size than the image", ["generate", "a cat", "--model", "tiny", "--image",
+                                                 "{files}/input.png", "--mask", "{files}/mask-32x32.png"], 2,
+         "--mask is 32x32 and --image 64x64: a mask must be the size of the image it masks"),
+    Case("mask that is not an image", ["generate", "a cat", "--model", "tiny", "--image", "{files}/input.png",
+                                       "--mask", "{files}/ok.txt"], 2,
+         "ok.txt is not a readable image: not a PNG, JPEG or WebP file"),
+    Case("decompression bomb as a mask", ["generate", "a cat", "--model", "tiny", "--image", "{files}/input.png",
+                                          "--mask", "{files}/bomb.png"], 2, "is too large"),
+    Case("mask with a SANA-Sprint model", ["generate", "a cat", "--model", "tiny-sprint", "--image",
+                                           "{files}/input.png", "--mask", "{files}/mask.png"], 2,
+         "tiny-sprint (SANA-Sprint) cannot inpaint: SanaSprintImg2ImgPipeline has no mask"),
     Case("strength outside 0-1", ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/input.png",
                                   "--strength", "1.5"], 2, "--strength must be in 0..1 (above 0), got 1.5"),
     Case("strength zero", ["generate", "a cat", "--model", "tiny-sprint", "--image", "{files}/input.png",
@@ -682,6 +700,9 @@ def _input_files(root: Path) -> None:
     (root / "controlnet-other" / "config.json").write_text(json.dumps(
         {"_class_name": "SanaControlNetModel", "num_attention_heads": 70, "attention_head_dim": 32}))
     Image.new("RGB", (64, 64), (10, 20, 30)).save(root / "input.png")
+    Image.new("L", (64, 64), 255).save(root / "mask.png")
+    Image.new("L", (32, 32), 255).save(root / "mask-32x32.png")
+    (root / "mask-row.jsonl").write_text(json.dumps({"prompt": "a", "mask": str(root / "mask.png")}) + "\n")
     whole = (root / "input.png").read_bytes()
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(root / "noise.png")
     _png(root / "strip-100000x1.png", 100000, 1)
@@ -764,9 +785,12 @@ def test_bad_input(case: Case, files, tiny_dir, tmp_path):
 
     before = sorted(p.name for p in tmp_path.iterdir())
     env = {key: expand(value, tmp_path, files, tiny_dir) for key, value in case.env.items()}
-    command = limited([SANA, *args], memory=case.limit_memory, file_size=case.limit_file_size)
-    process = subprocess.run(command, input=case.stdin, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, **env))
+    if case.limit_memory or case.limit_file_size:  # limits set by prlimit on a fresh process, as a user's shell does
+        command = limited([SANA, *args], memory=case.limit_memory, file_size=case.limit_file_size)
+        process = subprocess.run(command, input=case.stdin, capture_output=True, text=True, timeout=300,
+                                 env=dict(os.environ, **env))
+    else:
+        process = run_sana(*args, input=case.stdin, env=env, timeout=300)
     assert process.returncode == case.code, process.stderr
     if case.code == 0:
         assert "Traceback" not in process.stderr
@@ -809,8 +833,7 @@ def test_every_float_option_of_every_command_refuses_nan_and_infinity():
         assert isinstance(param.type, FiniteFloat), (name, param.name)
         positional = ["x" for other in cli.commands[name].params if isinstance(other, click.Argument)]
         for bad in ("nan", "inf"):
-            process = subprocess.run([SANA, name, *positional, param.opts[-1], bad, "--debug"], capture_output=True,
-                                     text=True, timeout=60)
+            process = run_sana(name, *positional, param.opts[-1], bad, "--debug", timeout=60)
             assert process.returncode == 2, (name, param.name, bad, process.stderr)
             assert f"'{bad}' is not a finite number" in one_line_error(process)
 
@@ -828,13 +851,12 @@ def test_the_python_api_refuses_a_non_finite_max_memory_before_loading(tmp_path)
 def test_non_finite_pixels_are_no_image_and_a_batch_records_the_row_as_failed(files, tmp_path):
     """NaN pixels from the VAE: exit 1 with one line and no image (the finite latents are kept, as for any
     failed decode); in a batch the row is a recorded failure, exit 3, never a black image taken for done."""
-    process = subprocess.run([SANA, "generate", "a cat", "--model", str(files / "nan-vae"), "-o",
-                              str(tmp_path / "cat.png")], capture_output=True, text=True, timeout=300)
+    process = run_sana("generate", "a cat", "--model", files / "nan-vae", "-o", tmp_path / "cat.png", timeout=300)
     assert process.returncode == 1, process.stderr
     assert "the decoded image holds NaN or infinity" in one_line_error(process)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.latents.safetensors"]
-    batch = subprocess.run([SANA, "batch", str(files / "ok.txt"), "--model", str(files / "nan-transformer"),
-                            "-o", str(tmp_path / "b"), "--json"], capture_output=True, text=True, timeout=300)
+    batch = run_sana("batch", files / "ok.txt", "--model", files / "nan-transformer", "-o", tmp_path / "b", "--json",
+                     timeout=300)
     assert batch.returncode == 3, batch.stderr
     summary = json.loads(batch.stdout)
     assert summary["written"] == 0 and summary["failed"] == 1

@@ -23,7 +23,7 @@ from sana_cli.errors import UsageError
 from sana_cli.storage.files import TEMP_MARK, sha256_file
 from sana_cli.planning.plan import BatchDefaults, derive_seed
 
-from .conftest import SANA, limited, one_line_error
+from .conftest import SANA, limited, one_line_error, run_python, run_sana, sana_popen
 
 PROMPTS = ["a red fox in the snow", "a cute panda eating bamboo", "一只可爱的熊猫 🐼 在竹林里", "a lighthouse at dusk",
            "a cyberpunk city street at night", "an old castle on a hill"]
@@ -229,8 +229,7 @@ def test_pixels_do_not_depend_on_position_shard_or_process_count(tmp_path, promp
     env = dict(os.environ, **DETERMINISTIC)
 
     def run(*args):
-        return subprocess.run([SANA, "batch", *map(str, args), "--model", "tiny", "-q", "--batch-size", "2"],
-                              env=env, capture_output=True, text=True, timeout=300)
+        return run_sana("batch", *args, "--model", "tiny", "-q", "--batch-size", "2", env=env, timeout=300)
 
     assert run(prompts_txt, "-o", tmp_path / "whole").returncode == 0
     for index in range(2):
@@ -255,8 +254,8 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path, prompts_txt, ti
                               "--model", "tiny", "-o", str(tmp_path / "two"), "--batch-size", "2", "-q"],
                              env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
-    single = subprocess.run([SANA, "batch", str(prompts_txt), "--model", "tiny", "-o", str(tmp_path / "one"),
-                             "--batch-size", "2", "-q"], env=env, capture_output=True, text=True, timeout=300)
+    single = run_sana("batch", prompts_txt, "--model", "tiny", "-o", tmp_path / "one", "--batch-size", "2", "-q",
+                      env=env, timeout=300)
     assert single.returncode == 0
     assert images(tmp_path / "two") == images(tmp_path / "one") and len(images(tmp_path / "one")) == 6
     merged = manifest(tmp_path / "two")
@@ -276,8 +275,8 @@ def test_batch_size_changes_pixels_by_at_most_one_level(sana, tmp_path, prompts_
 
 def slow_batch(tmp_path: Path, prompts_txt: Path, out: Path, **popen):
     """A batch slow enough on the tiny model to be interrupted mid-run."""
-    return subprocess.Popen([SANA, "batch", str(prompts_txt), "--model", "tiny", "-o", str(out), "--size", "256",
-                             "--force-size", "--steps", "30", "--batch-size", "1"],
+    return sana_popen(["batch", str(prompts_txt), "--model", "tiny", "-o", str(out), "--size", "256",
+                       "--force-size", "--steps", "30", "--batch-size", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, SANA_PROGRESS_INTERVAL="0", **DETERMINISTIC), **popen)
 
@@ -374,8 +373,7 @@ def test_an_out_of_memory_gpu_batch_is_retried_one_image_at_a_time(tmp_path, tin
     """Real OOM: with the address space capped, the batch of 16 fails in the allocator; each image
     alone fits, so every image is still made, marked as retried alone."""
     prompts = write(tmp_path / "p.txt", "\n".join(f"a red fox number {i}" for i in range(16)))
-    out = subprocess.run([sys.executable, "-c", OOM_BATCH, str(prompts), str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=600)
+    out = run_python(OOM_BATCH, prompts, tmp_path / "out", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert results == [[True, True, None]] * 16

@@ -11,8 +11,6 @@ is only checked for shape and for being exact when one tile covers the image.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from diffusers import AutoencoderDC
 
 from sana_cli.engine import vae as decode
 
-from .conftest import full_size_dcae
+from .conftest import full_size_dcae, run_python
 
 REASSOCIATION = 1e-5  # the tiny VAE only: float sums in another order, never a missing row of context
 
@@ -123,8 +121,7 @@ def test_a_real_out_of_memory_falls_back_to_strips(tiny_dir, tmp_path):
     z = torch.randn(1, 4, 512, 512, generator=torch.Generator().manual_seed(5))
     top = decode.strip_decode(vae, z, 16)[:, :, :64].clone()
     torch.save(top, tmp_path / "top.pt")
-    out = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(tiny_dir / "vae"), str(tmp_path / "top.pt")],
-                         capture_output=True, text=True, timeout=300)
+    out = run_python(OOM_SCRIPT, tiny_dir / "vae", tmp_path / "top.pt")
     assert out.returncode == 0, out.stderr[-2000:]
     strategy, fallbacks, diff = out.stdout.split()
     assert strategy.startswith("strips:") and fallbacks.split(",")[0] == "full"

@@ -19,7 +19,7 @@ from PIL import Image
 from sana_cli.cli import cli
 from sana_cli.storage.images import read_metadata
 
-from .conftest import SANA, limited, one_line_error
+from .conftest import SANA, limited, one_line_error, sana_popen
 
 PROMPT = "a cute panda eating bamboo, ink drawing style"
 
@@ -209,8 +209,8 @@ def test_exit_1_when_writing_fails_and_nothing_partial_is_left(tiny_models, tmp_
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signals_stop_cleanly_with_their_exit_code(tiny_models, tmp_path, sig, code):
     """A real signal to a real process mid-denoising: no image, no temp file, exit 130/143."""
-    process = subprocess.Popen(
-        [SANA, "generate", PROMPT, "--model", "tiny", "--size", "512", "--force-size", "--steps", "400", "--seed", "1",
+    process = sana_popen(
+        ["generate", PROMPT, "--model", "tiny", "--size", "512", "--force-size", "--steps", "400", "--seed", "1",
          "-o", str(tmp_path / "a.png")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, SANA_PROGRESS_INTERVAL="0"))
     seen = []

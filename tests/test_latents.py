@@ -4,12 +4,10 @@ decode fails after every fallback) and `sana decode` finishing them into the ver
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from sana_cli.storage import latents
 
-from .conftest import one_line_error
+from .conftest import one_line_error, run_python
 
 # `sana generate` in-process with every decode attempt failing as a CUDA out-of-memory would.
 FAILING_DECODE = """
@@ -43,8 +41,7 @@ def test_keep_latents_then_sana_decode_gives_the_same_file(sana, tiny_models, tm
 
 def test_a_decode_that_fails_after_every_fallback_keeps_the_latents(sana, tiny_models, tmp_path):
     args = ["generate", "a red fox", "--model", "tiny", "--seed", "5", "--steps", "2", "-o"]
-    failed = subprocess.run([sys.executable, "-c", FAILING_DECODE, *args, str(tmp_path / "fox.png")],
-                            capture_output=True, text=True, timeout=300)
+    failed = run_python(FAILING_DECODE, *args, tmp_path / "fox.png")
     assert failed.returncode == 1, failed.stderr
     kept = tmp_path / "fox.latents.safetensors"
     line = one_line_error(failed)
@@ -65,9 +62,8 @@ def test_a_decode_that_fails_after_every_fallback_keeps_the_latents(sana, tiny_m
 def test_a_failed_decode_in_a_batch_keeps_its_latents_and_the_batch_goes_on(tiny_models, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red fox\na blue bird\n")
-    failed = subprocess.run([sys.executable, "-c", FAILING_DECODE, "batch", str(prompts), "--model", "tiny",
-                             "--steps", "2", "-o", str(tmp_path / "out"), "--json"],
-                            capture_output=True, text=True, timeout=300)
+    failed = run_python(FAILING_DECODE, "batch", prompts, "--model", "tiny", "--steps", "2", "-o", tmp_path / "out",
+                        "--json")
     assert failed.returncode == 3, failed.stderr
     summary = json.loads(failed.stdout)
     assert summary["failed"] == 2 and summary["written"] == 0

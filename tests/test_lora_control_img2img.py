@@ -36,6 +36,10 @@ def parts(tmp_path_factory, tiny_models):
     for name in ("control", "start"):
         Image.fromarray((rng.rand(128, 128, 3) * 255).astype("uint8")).save(root / f"{name}.png")
         made[name] = root / f"{name}.png"
+    mask = np.zeros((128, 128), "uint8")
+    mask[32:96, 32:96] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    made["mask"] = root / "mask.png"
     return made
 
 
@@ -161,12 +165,14 @@ def test_img2img_equals_diffusers_sprint_img2img(parts, tiny_models, tmp_path):
     pytest.param("tiny", dict(loras=["{a}:0.6"], controlnet="tiny-controlnet", control_image="{control}",
                               control_scale=1.5), id="lora-controlnet"),
     pytest.param("tiny-sprint", dict(image="{start}", strength=0.75, steps=4), id="img2img"),
+    pytest.param("tiny", dict(image="{start}", strength=0.5, mask="{mask}", pag_scale=2.0, steps=3),
+                 id="sana-inpaint-pag"),
 ])
 def test_info_command_reproduces_lora_controlnet_and_img2img(model, request_, parts, tmp_path):
     def fill(value):
         if isinstance(value, list):
             return [fill(item) for item in value]
-        return value.format(a=parts["a"], control=parts["control"], start=parts["start"]) \
+        return value.format(a=parts["a"], control=parts["control"], start=parts["start"], mask=parts["mask"]) \
             if isinstance(value, str) else value
 
     first = tmp_path / "first.png"

@@ -311,6 +311,7 @@ PIXEL_FIELD_PAIRS = {
     "controlnet": (None, "tiny-controlnet"), "controlnet_sha256": (None, "2" * 64),
     "control_image": (None, "/a/control.png"), "control_image_sha256": (None, "3" * 64), "control_scale": (None, 0.5),
     "image": (None, "/a/start.png"), "image_sha256": (None, "4" * 64), "strength": (None, 0.6),
+    "mask": (None, "/a/mask.png"), "mask_sha256": (None, "5" * 64),
     "frames": (None, 9), "fps": (None, 16), "motion_score": (None, 30),
 }
 PIXEL_OPTION_PAIRS = {"device": ("cpu", "cuda"), "dtype": ("fp32", "bf16"), "fp8": (False, True),
@@ -406,7 +407,7 @@ def test_the_columns_request_job_and_server_fields_are_the_table_rows():
     reproduced = {option.field for option in OPTIONS}
     assert all((name in reproduced) != (name in NOT_OPTIONS) for name in fields.PIXEL_FIELDS)
     assert set(SANA_FIELDS) == {row.name for row in fields.FIELDS if row.http}
-    assert fields.FILE_FIELDS == ("loras", "controlnet", "control_image", "image")
+    assert fields.FILE_FIELDS == ("loras", "controlnet", "control_image", "image", "mask")
     assert not set(SANA_FIELDS) & set(fields.FILE_FIELDS)  # never a path from a client
     assert INPUT_FILE_FIELDS == fields.FILE_FIELDS
 

@@ -24,7 +24,7 @@ from sana_cli.storage.files import TEMP_MARK
 from sana_cli.storage.images import read_metadata
 from sana_cli.planning.plan import PixelOptions, Request, model_for, plan_generate
 
-from .conftest import SANA, limited, one_line_error
+from .conftest import SANA, limited, one_line_error, run_sana, sana_popen
 
 PROMPTS = [f"a red fox number {i}" for i in range(1, 9)]
 
@@ -55,7 +55,7 @@ def records(directory: Path, name="results.jsonl") -> list[dict]:
 
 
 def sana_batch(*args, **kwargs):
-    return subprocess.run([SANA, "batch", *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+    return run_sana("batch", *args, timeout=300, **kwargs)
 
 
 def dead_pid() -> int:
@@ -117,8 +117,8 @@ def test_a_manifest_that_links_out_of_the_directory_is_refused(tmp_path, tiny_mo
 def test_concurrent_batches_share_the_work_without_losing_a_record(tmp_path, tiny_models):
     out = tmp_path / "out"
     prompts = write_prompts(tmp_path / "p.txt")
-    command = [SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--batch-size", "1", "-q"]
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    command = ["batch", str(prompts), "--model", "tiny", "-o", str(out), "--batch-size", "1", "-q"]
+    runs = [sana_popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     results = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], [err for _, err in results]
     printed = [line for stdout, _ in results for line in stdout.splitlines()]
@@ -135,14 +135,13 @@ def test_an_image_claimed_by_a_live_process_is_waited_for_and_a_dead_ones_claim_
     out = tmp_path / "out"
     out.mkdir()
     prompts = write_prompts(tmp_path / "p.txt", PROMPTS[:3])
-    plan = json.loads(subprocess.run([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--dry-run",
-                                      "--json"], capture_output=True, text=True).stdout)
+    plan = json.loads(run_sana("batch", prompts, "--model", "tiny", "-o", out, "--dry-run", "--json").stdout)
     paths = [Path(image["path"]) for image in plan["images"]]
     live = manifests.claim_path_for(paths[0])
     live.write_text(f"{output._host()} {os.getpid()} test\n")  # this test process holds image 1
     manifests.claim_path_for(paths[1]).write_text(f"{output._host()} {dead_pid()} gone\n")  # killed holder
-    run = subprocess.Popen([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--batch-size", "1",
-                            "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = sana_popen(["batch", str(prompts), "--model", "tiny", "-o", str(out), "--batch-size", "1", "--json"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (paths[1].exists() and paths[2].exists()) and time.time() < deadline:
         time.sleep(0.2)
@@ -161,8 +160,7 @@ def test_something_else_in_a_claims_place_is_refused(tmp_path, tiny_models):
     out = tmp_path / "out"
     out.mkdir()
     prompts = write_prompts(tmp_path / "p.txt", PROMPTS[:1])
-    plan = json.loads(subprocess.run([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(out), "--dry-run",
-                                      "--json"], capture_output=True, text=True).stdout)
+    plan = json.loads(run_sana("batch", prompts, "--model", "tiny", "-o", out, "--dry-run", "--json").stdout)
     claim = manifests.claim_path_for(plan["images"][0]["path"])
     claim.symlink_to(tmp_path / "elsewhere")
     run = sana_batch(prompts, "--model", "tiny", "-o", out)
@@ -253,10 +251,10 @@ def test_a_manifest_that_cannot_be_written_ends_the_run_with_one_line_and_exit_1
 
 def test_two_sigterms_end_a_batch_at_once(tmp_path, tiny_models):
     prompts = write_prompts(tmp_path / "p.txt")
-    run = subprocess.Popen([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(tmp_path / "out"), "--size",
-                            "256", "--force-size", "--steps", "200", "--batch-size", "1"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env=dict(os.environ, SANA_PROGRESS_INTERVAL="0"))
+    run = sana_popen(["batch", str(prompts), "--model", "tiny", "-o", str(tmp_path / "out"), "--size", "256",
+                      "--force-size", "--steps", "200", "--batch-size", "1"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     env=dict(os.environ, SANA_PROGRESS_INTERVAL="0"))
     for line in run.stderr:
         if "step 2/" in line:
             break
@@ -278,7 +276,7 @@ def test_two_sigterms_end_a_batch_at_once(tmp_path, tiny_models):
     ["generate", "a cat", "--json", "--size", "big"],
 ])
 def test_json_prints_one_object_for_option_errors_too(args):
-    process = subprocess.run([SANA, *args], capture_output=True, text=True, timeout=60)
+    process = run_sana(*args, timeout=60)
     assert process.returncode == 2
     result = json.loads(process.stdout)
     assert result["ok"] is False and result["exit_code"] == 2 and result["error"] in one_line_error(process)
@@ -301,8 +299,8 @@ def full_pipe() -> tuple[int, int, int]:
 @pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGTERM]])
 def test_a_signal_while_the_result_is_written_changes_nothing(tmp_path, tiny_models, signals):
     read_end, write_end, filled = full_pipe()
-    run = subprocess.Popen([SANA, "generate", "a red fox", "--model", "tiny", "--seed", "4", "-o",
-                            str(tmp_path / "f.png"), "--json"], stdout=write_end, stderr=subprocess.PIPE, text=True)
+    run = sana_popen(["generate", "a red fox", "--model", "tiny", "--seed", "4", "-o", str(tmp_path / "f.png"),
+                      "--json"], stdout=write_end, stderr=subprocess.PIPE, text=True)
     os.close(write_end)
     for line in run.stderr:
         if "wrote" in line:
@@ -338,9 +336,8 @@ def test_a_broken_stderr_pipe_loses_no_image_and_no_record(tmp_path, tiny_models
     read_end, write_end = os.pipe()
     os.close(read_end)  # every write to stderr fails with EPIPE, as after `2>&1 | head -1`
     prompts = write_prompts(tmp_path / "p.txt", PROMPTS[:3])
-    run = subprocess.run([SANA, "batch", str(prompts), "--model", "tiny", "-o", str(tmp_path / "out"), "--json",
-                          "--batch-size", "1"], stdout=subprocess.PIPE, stderr=write_end, text=True, timeout=300,
-                         env=dict(os.environ, SANA_PROGRESS_INTERVAL="0"))
+    run = run_sana("batch", prompts, "--model", "tiny", "-o", tmp_path / "out", "--json", "--batch-size", "1",
+                   stderr=write_end, timeout=300, env={"SANA_PROGRESS_INTERVAL": "0"})
     os.close(write_end)
     assert run.returncode == 0
     assert json.loads(run.stdout)["written"] == 3
@@ -349,8 +346,8 @@ def test_a_broken_stderr_pipe_loses_no_image_and_no_record(tmp_path, tiny_models
 
 def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1(tmp_path, tiny_models):
     with open("/dev/full", "w") as full:
-        run = subprocess.run([SANA, "generate", "a red fox", "--model", "tiny", "--seed", "1", "-o",
-                              str(tmp_path / "f.png")], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        run = run_sana("generate", "a red fox", "--model", "tiny", "--seed", "1", "-o", tmp_path / "f.png",
+                       stdout=full, timeout=120)
     assert run.returncode == 1
     assert "cannot write the results to stdout" in one_line_error(run)
     assert read_metadata(tmp_path / "f.png")["sana"]["seed"] == 1
@@ -372,8 +369,7 @@ def test_every_command_into_a_closed_pipe_is_one_line_and_exit_1(args, tmp_path)
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        run = subprocess.run([SANA, *[a.format(image=image) for a in args]], stdout=write_end,
-                             stderr=subprocess.PIPE, text=True, timeout=120)
+        run = run_sana(*[a.format(image=image) for a in args], stdout=write_end, timeout=120)
     finally:
         os.close(write_end)
     assert run.returncode == 1, run.stderr
@@ -388,14 +384,14 @@ def test_every_command_into_a_closed_pipe_is_one_line_and_exit_1(args, tmp_path)
 ])
 def test_endless_stdin_is_bounded(args, says):
     with open("/dev/zero", "rb") as zero:
-        run = subprocess.run([SANA, *args], stdin=zero, capture_output=True, text=True, timeout=60)
+        run = run_sana(*args, stdin=zero, timeout=60)
     assert run.returncode == 2 and says in one_line_error(run)
 
 
 def test_a_terminal_on_stdin_is_told_how_to_end_the_prompt(tmp_path):
     controller, terminal = pty.openpty()
-    run = subprocess.Popen([SANA, "generate", "-", "--model", "tiny", "--seed", "1", "--dry-run", "--json"],
-                           stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = sana_popen(["generate", "-", "--model", "tiny", "--seed", "1", "--dry-run", "--json"],
+                     stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.close(terminal)
     line = run.stderr.readline()
     assert "from the terminal; end it with Ctrl-D" in line
@@ -412,8 +408,8 @@ def test_a_fifo_without_a_writer_gets_a_notice_and_ctrl_c_stops_it(tmp_path):
     # which the autouse signals_left_as_found fixture keeps as they were (no preexec_fn: see conftest.limited).
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN and signal.SIGINT not in signal.pthread_sigmask(
         signal.SIG_BLOCK, [])
-    run = subprocess.Popen([SANA, "batch", str(fifo), "--model", "tiny", "--dry-run"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = sana_popen(["batch", str(fifo), "--model", "tiny", "--dry-run"], stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
     ready, _, _ = select.select([run.stderr], [], [], 30)
     assert ready, "no notice while waiting on a FIFO"
     assert "still waiting for" in run.stderr.readline()
@@ -421,8 +417,8 @@ def test_a_fifo_without_a_writer_gets_a_notice_and_ctrl_c_stops_it(tmp_path):
     _, stderr = run.communicate(timeout=30)
     assert run.returncode == 130 and "interrupted" in stderr.splitlines()[-1]
     # With a writer it simply works.
-    run = subprocess.Popen([SANA, "batch", str(fifo), "--model", "tiny", "--dry-run", "--json", "-o",
-                            str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = sana_popen(["batch", str(fifo), "--model", "tiny", "--dry-run", "--json", "-o", str(tmp_path / "o")],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with open(fifo, "w") as writer:  # blocks until the child opens the FIFO; a child that died is seen below
         writer.write("a cat\na dog\n")
     stdout, stderr = run.communicate(timeout=60)

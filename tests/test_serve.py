@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import SANA, one_line_error, run_sana
+from .conftest import one_line_error, run_sana, sana_popen
 
 
 class Server:
@@ -37,8 +37,8 @@ class Server:
         self.cache = cache
         self.env = dict(os.environ, SANA_CLI_CACHE=str(cache), **(env or {}))
         self.lines: list[str] = []
-        self.process = subprocess.Popen([SANA, "serve", "--port", "0", *args], env=self.env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
+        self.process = sana_popen(["serve", "--port", "0", *args], env=self.env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.port = int(self.wait_for("listening on http://127.0.0.1:").split("127.0.0.1:")[1].split()[0])
@@ -393,9 +393,8 @@ def test_kill_9_while_a_cli_waits_then_the_rerun_works_in_process(tmp_path, tiny
     try:
         out = tmp_path / "out"
         env = dict(server.env)
-        waiting = subprocess.Popen([SANA, "generate", "a cat", "--model", "tiny", "--steps", "400", "--seed", "1",
-                                    "-o", f"{out}/"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
+        waiting = sana_popen(["generate", "a cat", "--model", "tiny", "--steps", "400", "--seed", "1", "-o", f"{out}/"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         server.wait_for("GPU batch")
         os.kill(server.process.pid, signal.SIGKILL)
         stdout, stderr = waiting.communicate(timeout=60)
@@ -438,9 +437,9 @@ def test_api_key_and_sigterm_finishes_in_flight_and_refuses_new(tmp_path, tiny_m
         assert explicit.returncode == 4 and "refused the API key" in one_line_error(explicit)
 
         attached_env = {**server.env, "SANA_API_KEY": "s3cret"}
-        in_flight = subprocess.Popen([SANA, "generate", "a cat", "--model", "tiny", "--steps", "40", "--seed", "3",
-                                      "-o", str(tmp_path / "flight.png"), "--json"], env=attached_env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        in_flight = sana_popen(["generate", "a cat", "--model", "tiny", "--steps", "40", "--seed", "3", "-o",
+                                str(tmp_path / "flight.png"), "--json"], env=attached_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
         mark = len(server.lines)
         server.wait_for("GPU batch", after=mark)
         os.kill(server.process.pid, signal.SIGTERM)

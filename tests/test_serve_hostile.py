@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from .conftest import SANA, one_line_error, run_sana
+from .conftest import one_line_error, run_sana, sana_popen
 from .fakeserver import FakeServer, done_event, image_bytes, image_event
 from .test_serve import Server, _copy_tiny
 
@@ -239,14 +239,14 @@ def test_two_attached_batches_on_one_directory_wait_for_each_other_as_in_process
     rows = tmp_path / "rows.txt"
     rows.write_text("a cat\na dog\n")
     out = tmp_path / "out"
-    command = [SANA, "batch", str(rows), "--model", "tiny", "--size", "128", "-o", str(out), "--json"]
+    command = ["batch", str(rows), "--model", "tiny", "--size", "128", "-o", str(out), "--json"]
     env = dict(os.environ, **server.env)
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = sana_popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not server.runs and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(server.runs) == 1 and len(server.runs[0]) == 2
-    second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = sana_popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4)
     assert second.poll() is None, second.communicate()  # it waits for the other run's claims
     server.gate.set()
@@ -302,9 +302,8 @@ def test_ctrl_c_on_an_attached_batch_finishes_the_gpu_batch_in_flight_and_prints
     rows = tmp_path / "rows.txt"
     rows.write_text("a cat\na dog\na fox\n")
     out = tmp_path / "out"
-    process = subprocess.Popen([SANA, "batch", str(rows), "--model", "tiny", "--size", "128", "-o", str(out)],
-                               env=dict(os.environ, **server.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = sana_popen(["batch", str(rows), "--model", "tiny", "--size", "128", "-o", str(out)],
+                         env=dict(os.environ, **server.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while len(list(out.glob("*.png"))) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)

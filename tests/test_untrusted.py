@@ -344,6 +344,8 @@ ROUND_TRIPS = [
     pytest.param(["--model", "tiny-sprint", "--seed", str(2**63 - 1), "--steps", "1"], "sprint", ".webp",
                  id="sprint-max-seed"),
     pytest.param(["--model", "tiny-teacher", "--seed", "0", "--guidance", "0"], EVIL, ".png", id="teacher-evil-prompt"),
+    pytest.param(["--model", "tiny", "--seed", "11", "--steps", "4", "--image", "{tmp}/start.png", "--strength", "0.5",
+                  "--mask", "{tmp}/mask.png"], "inpaint", ".png", id="sana-img2img-mask"),
 ]
 
 
@@ -354,6 +356,10 @@ def _pixels(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("options, prompt, suffix", ROUND_TRIPS)
 def test_info_command_reproduces_the_same_pixels(options, prompt, suffix, tmp_path):
+    if any("{tmp}" in option for option in options):  # input files: a start image and a mask
+        Image.fromarray(np.random.RandomState(1).randint(0, 255, (128, 128, 3), np.uint8)).save(tmp_path / "start.png")
+        Image.fromarray(np.tri(128, dtype=np.uint8) * 255).save(tmp_path / "mask.png")
+        options = [option.format(tmp=tmp_path) for option in options]
     first = tmp_path / f"first{suffix}"
     made = run_sana("generate", *options, "-o", first, "--", prompt)
     assert made.returncode == 0, made.stderr

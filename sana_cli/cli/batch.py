@@ -59,7 +59,7 @@ def batch(file, output_dir, base_seed, extension, batch_size, shard, input_forma
     .txt:   one prompt per line; blank lines and lines starting with # are skipped.
     .jsonl: {"prompt": ..., "negative_prompt", "seed", "size" | "width"/"height",
             "steps", "guidance", "pag_scale", "name", "n", "lora" (one, or a list),
-            "control_image", "control_scale", "image", "strength"} per line; with a SANA-Video
+            "control_image", "control_scale", "image", "strength", "mask"} per line; with a SANA-Video
             model a row is a video: "frames", "fps", "motion_score" too, "image" its first frame.
     .csv:   a header row with the same field names.
 

@@ -1,7 +1,8 @@
 """One adapter per pipeline family: how to encode a GPU batch's prompts and how to build the
 pipeline call, side by side, one plain function per family (diffusers' explicit style). The runner
 keeps scheduling, retries and writing; a new family (ControlNet, image-to-image) adds its functions
-here and one entry in ADAPTERS.
+here and one entry in ADAPTERS. A call's arguments may depend on the pipeline that makes it (a Sana
+model's start image is encoded by its VAE), so build_call gets that pipeline, as prepared for the call.
 
 Embeddings are a tuple (embeds, mask, negative_embeds, negative_mask), the negative pair None when a
 family has no classifier-free guidance, so the runner can split a batch's rows without knowing it.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..models.modelref import ModelRef
+from ..models.presets import SANA_SPRINT
 from ..planning.plan import ImageJob
 
 
@@ -45,14 +47,23 @@ def encode_sana(pipe, jobs: list[ImageJob], *, max_sequence_length: int) -> tupl
                                     **_common_encode(pipe, max_sequence_length)))
 
 
-def call_sana(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
-    """Keyword arguments for one SanaPipeline / SanaPAGPipeline call that returns latents."""
+def call_sana(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable, pipe) -> dict:
+    """Keyword arguments for one SanaPipeline / SanaPAGPipeline call that returns latents. With a start image,
+    the call starts from its noised latents (and blends a mask's known region back after each step): the
+    schedule itself was cut to the kept steps by LoadedModel.prepare_call (see engine.img2img)."""
     negative_embeds, negative_mask = embeddings[2:]
     kwargs = _common_call(jobs, embeddings, generators, on_step)
     kwargs.update(negative_prompt=None, negative_prompt_embeds=negative_embeds,
                   negative_prompt_attention_mask=negative_mask)
     if jobs[0].pag_scale > 0:
         kwargs["pag_scale"] = jobs[0].pag_scale
+    if jobs[0].image:
+        from . import img2img
+
+        begin = img2img.start(pipe, jobs, generators)
+        kwargs["latents"] = begin.latents
+        if begin.mask is not None:
+            kwargs["callback_on_step_end"] = begin.blending(on_step)
     return kwargs
 
 
@@ -68,7 +79,7 @@ def encode_sprint(pipe, jobs: list[ImageJob], *, max_sequence_length: int) -> tu
     return embeds, mask, None, None
 
 
-def call_sprint(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
+def call_sprint(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable, pipe=None) -> dict:
     """Keyword arguments for one SanaSprintPipeline call that returns latents."""
     kwargs = _common_call(jobs, embeddings, generators, on_step)
     if jobs[0].steps != 2:
@@ -83,12 +94,13 @@ def metadata_sprint(job: ImageJob) -> dict:
 
 # ---- ControlNet (SanaControlNetPipeline built from the loaded SanaPipeline's components) -----------
 
-def call_controlnet(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
-    """A SanaPipeline call plus the control image (prepared by the input-image rule) and its scale."""
+def call_controlnet(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable, pipe) -> dict:
+    """A SanaPipeline call (from a start image too, when given) plus the control image (prepared by the
+    input-image rule) and its scale."""
     from ..inputs.images import prepare
 
     first = jobs[0]
-    kwargs = call_sana(jobs, embeddings, generators=generators, on_step=on_step)
+    kwargs = call_sana(jobs, embeddings, generators=generators, on_step=on_step, pipe=pipe)
     kwargs.update(control_image=prepare(first.control_image, first.width, first.height),
                   controlnet_conditioning_scale=first.control_scale)
     return kwargs
@@ -96,7 +108,7 @@ def call_controlnet(jobs: list[ImageJob], embeddings: tuple, *, generators: list
 
 # ---- image-to-image (SanaSprintImg2ImgPipeline built from the loaded Sprint pipeline's components) ----
 
-def call_img2img(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
+def call_img2img(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable, pipe=None) -> dict:
     """A SanaSprintPipeline call plus the start image (prepared by the input-image rule) and strength."""
     from ..inputs.images import prepare
 
@@ -137,13 +149,14 @@ def call_video(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_
 def pipeline_of(job: ImageJob, loaded_pipeline: str | None) -> str | None:
     """The pipeline class that makes a job's image: SanaPAGPipeline, SanaControlNetPipeline or
     SanaSprintImg2ImgPipeline (each built from the loaded pipeline's components) when the job uses
-    PAG, a ControlNet or a start image; SanaImageToVideoPipeline for a video with a first frame; else the
-    loaded pipeline."""
+    PAG, a ControlNet or a start image with a SANA-Sprint model; SanaImageToVideoPipeline for a video with a
+    first frame; else the loaded pipeline. (A Sana model's image-to-image runs the pipeline it would run
+    without the image: the image and strength say the rest.)"""
     if job.frames:
         return "SanaImageToVideoPipeline" if job.image else loaded_pipeline
     if job.controlnet:
         return "SanaControlNetPipeline"
-    if job.image:
+    if job.image and loaded_pipeline == SANA_SPRINT:
         return "SanaSprintImg2ImgPipeline"
     return "SanaPAGPipeline" if job.pag_scale > 0 else loaded_pipeline
 
@@ -169,6 +182,6 @@ def adapter_for(ref: ModelRef, job: ImageJob | None = None) -> Adapter:
         return VIDEO_ADAPTER
     if job is not None and job.controlnet:
         return CONTROLNET_ADAPTER
-    if job is not None and job.image:
+    if job is not None and job.image and ref.is_sprint:
         return IMG2IMG_ADAPTER
     return SPRINT_ADAPTER if ref.is_sprint else SANA_ADAPTER

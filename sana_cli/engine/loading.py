@@ -90,8 +90,9 @@ class LoadedModel:
         return self._pag[pag_layers]
 
     def pipeline_for_job(self, job):
-        """The pipeline that makes a job's image: a ControlNet or image-to-image pipeline built from the base
-        pipeline's components (sharing every module, as PAG does), else pipeline_for(pag_layers)."""
+        """The pipeline that makes a job's image: a ControlNet or (SANA-Sprint) image-to-image pipeline built from
+        the base pipeline's components (sharing every module, as PAG does), else pipeline_for(pag_layers). A Sana
+        model's image-to-image job runs the pipeline it would run without its image (see img2img)."""
         if job.controlnet:
             if job.controlnet not in self._controlnets:
                 from diffusers import SanaControlNetPipeline
@@ -110,7 +111,7 @@ class LoadedModel:
                 self._image_to_video = SanaImageToVideoPipeline(**self._base_components())
                 self._image_to_video.set_progress_bar_config(disable=True)
             return self._image_to_video
-        if job.image:
+        if job.image and self.ref.is_sprint:
             if self._img2img is None:
                 from diffusers import SanaSprintImg2ImgPipeline
 
@@ -131,7 +132,8 @@ class LoadedModel:
           them and a later PAG call would take them for the originals;
         - the scheduler: a fresh copy of the loaded one (the preset's flow shift is in its config) for this
           call alone, so no timesteps, step or begin index, or solver history of an earlier call, or of
-          another pipeline, can reach this one;
+          another pipeline, can reach this one; for a Sana model's image-to-image job, cut to the steps its
+          strength keeps (img2img.truncate_schedule);
         - ControlNet conditioning, strength and PAG scale are arguments of the call, not component state.
 
         Then every component's dtype and device are checked, the ControlNet's too (check_placement)."""
@@ -148,6 +150,10 @@ class LoadedModel:
                 current[name] is not processor for name, processor in self._loaded_processors.items()):
             transformer.set_attn_processor(dict(self._loaded_processors))
         pipe.scheduler = copy.deepcopy(self._loaded_scheduler)
+        if job.image and not (self.ref.is_sprint or self.ref.is_video):  # a video's image is its first frame
+            from . import img2img
+
+            img2img.truncate_schedule(pipe.scheduler, img2img.skipped_steps(job))
         self.check_placement(pipe)
         return pipe
 

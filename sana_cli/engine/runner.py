@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..errors import GenerationError, SanaError
+from ..inputs.controlnet import kept_steps
 from ..planning.keys import claim_group
 from ..planning.plan import KEY_SCHEMA, ImageJob, Plan
 from ..reporting.events import (
@@ -378,24 +379,26 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
         embeddings, seconds = _timed(_encode, loaded, jobs=jobs, options=options, events=events)
         timings["encode"] += seconds
 
-    wanted = [set(options.previews(job, job.steps)) for job in jobs] if options.previews else None
+    total = denoising_steps(first)
+    wanted = [set(options.previews(job, total)) for job in jobs] if options.previews else None
 
     def on_step(pipeline, step, timestep, callback_kwargs):
-        events(Step(step=step + 1, total=first.steps))
+        events(Step(step=step + 1, total=total))
         if wanted and callback_kwargs.get("latents") is not None:
             for position, job in enumerate(jobs):
                 if step + 1 in wanted[position] and write[position]:
                     image = _preview(loaded, callback_kwargs["latents"][position:position + 1])
                     if image is not None:
-                        events(Preview(job=job, step=step + 1, total=first.steps, image=image))
+                        events(Preview(job=job, step=step + 1, total=total, image=image))
         if stop.requested and options.abort_in_flight:
             pipeline._interrupt = True
         return {}
 
     generators = [torch.Generator(loaded.generator_device).manual_seed(job.seed) for job in jobs]
-    kwargs = adapter_for(loaded.ref, first).build_call(jobs, embeddings, generators=generators, on_step=on_step)
     started = time.perf_counter()
     pipe = loaded.prepare_call(first)  # sets every piece of per-call component state, checks placement
+    kwargs = adapter_for(loaded.ref, first).build_call(jobs, embeddings, generators=generators, on_step=on_step,
+                                                       pipe=pipe)
     with torch.no_grad():
         latents = pipe(**kwargs)[0]
     loaded.check_placement()
@@ -435,6 +438,13 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
                              retried_alone=retried_alone)
         writer.submit(result, frames, image_metadata(loaded, job, decoded.strategy))
     del latents
+
+
+def denoising_steps(job: ImageJob) -> int:
+    """The steps a job's pipeline call runs: all of them, or with a start image the ones its strength keeps."""
+    if job.image and not job.frames:  # a video's image is its first frame, not a start to denoise from
+        return kept_steps(job.steps, job.strength)
+    return job.steps
 
 
 PREVIEW_LATENT_SIDE = 8  # a preview's larger latent side: 256 px with Sana's 32x DC-AE, whatever the image's size

@@ -6,9 +6,10 @@ It runs through diffusers' SanaControlNetPipeline, built from the loaded model's
 SanaPipeline models can use it (not SANA-Sprint, and not together with PAG). Its config is checked
 against the model's transformer before anything loads, where both are readable.
 
-Image-to-image runs through SanaSprintImg2ImgPipeline: the Sprint models only. For the other Sana
-models diffusers has no image-to-image pipeline, and sana-cli does not copy one, so --image is refused
-with the models that can.
+Image-to-image runs through SanaSprintImg2ImgPipeline on the Sprint models, and on the other Sana models
+through their own pipeline call started from noised image latents on a shortened schedule (engine.img2img).
+Both keep the same number of steps for a strength (kept_steps). Inpainting (--mask) is for the SanaPipeline
+models only: SanaSprintImg2ImgPipeline has no place to blend the known region back.
 
 Pure Python: torch is imported only by load_controlnet.
 """
@@ -21,7 +22,6 @@ from ..errors import UsageError
 
 CONTROLNETS = {"tiny-controlnet": "tiny:controlnet"}  # built-in names -> source
 CONTROL_SCALE_RANGE = (0.0, 2.0)
-IMG2IMG_MODELS = "the SANA-Sprint models (sprint, sprint-0.6b, tiny-sprint)"
 _MUST_MATCH = ("in_channels", "num_attention_heads", "attention_head_dim", "caption_channels", "patch_size")
 
 
@@ -32,10 +32,11 @@ def check_takes_controlnet(model) -> None:
                          hint="ControlNet works with the SanaPipeline models, e.g. sana-600m-1024 or tiny")
 
 
-def check_takes_image(model) -> None:
-    """Image-to-image works with the SANA-Sprint models only."""
-    if not model.is_sprint:
-        raise UsageError(f"{model.name} cannot start from an image: image-to-image works with {IMG2IMG_MODELS}")
+def check_takes_mask(model) -> None:
+    """Inpainting blends the known region back after each step of a SanaPipeline call: not SANA-Sprint."""
+    if model.is_sprint:
+        raise UsageError(f"{model.name} (SANA-Sprint) cannot inpaint: SanaSprintImg2ImgPipeline has no mask",
+                         hint="--mask works with the SanaPipeline models, e.g. sana-1600m-1024 or tiny")
 
 
 def resolve_controlnet(value: str, model) -> str:
@@ -153,8 +154,7 @@ def check_control_scale(scale) -> float:
 
 
 def check_strength(strength) -> float:
-    """Strength in 0..1, above 0: diffusers then always runs at least one denoising step (its get_timesteps
-    keeps steps - int(steps * (1 - strength)) of them)."""
+    """Strength in 0..1, above 0 (how many steps that keeps: kept_steps)."""
     import math
 
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
@@ -162,3 +162,22 @@ def check_strength(strength) -> float:
     if not 0 < strength <= 1:
         raise UsageError(f"--strength must be in 0..1 (above 0), got {strength:g}")
     return float(strength)
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """The denoising steps image-to-image runs for `steps` at `strength`: the last
+    steps - int(max(steps - min(steps * strength, steps), 0)) of the schedule for `steps`, in floating point as
+    written. That is diffusers' get_timesteps, which SanaSprintImg2ImgPipeline uses, and the Sana models use it
+    too: strength 1 runs every step, 0.5 of 20 runs 10, 0.04 of 20 runs 1 (int(20 - 0.8) is 19), and any strength
+    above 0 runs at least one unless steps * strength is lost to rounding against steps."""
+    return steps - int(max(steps - min(steps * strength, steps), 0))
+
+
+def check_kept_steps(steps: int, strength: float, what: str = "--strength") -> int:
+    """kept_steps, at least one: a strength so small that it keeps no step is a usage error, not an image
+    equal to the input (diffusers raises mid-call)."""
+    kept = kept_steps(steps, strength)
+    if kept < 1:
+        raise UsageError(f"{what} {strength:g} keeps no denoising step of {steps} (image-to-image runs the last "
+                         f"{steps} - int({steps} - {steps} * strength) of them)")
+    return kept

@@ -1,5 +1,5 @@
-"""Input images (the img2img start image, the ControlNet control image): checked at planning time,
-prepared the same way every time. Pure Pillow, no torch.
+"""Input images (the img2img start image, the ControlNet control image, the inpainting mask): checked at
+planning time, prepared the same way every time. Pure Pillow, no torch.
 
 The rule, as the README states it:
 - PNG, JPEG or WebP regular files only (safeio.open_image: bounded size, at most 8192x8192 pixels,
@@ -12,6 +12,12 @@ The rule, as the README states it:
 - It is resized to cover the planned size (keeping its aspect ratio), with Lanczos, and centre-cropped
   to exactly width x height. An image already at the planned size is used as it is.
 - Its identity (metadata and job key) is the sha256 of the file's bytes.
+
+A mask (inpainting, white = repaint) is checked as an input image, and must have the start image's size (both
+after their EXIF orientation), so the one resize and crop puts it over the same pixels. It becomes 8-bit grey:
+transparency is composited on black (a transparent pixel is kept, so white strokes on a transparent layer mark
+what to repaint), a palette through its colours, 16-bit grey by its top 8 bits, colour by its luminance (ITU-R
+601). It is resized and cropped as the image is, then made binary: grey MASK_THRESHOLD or above is repainted.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from ..safeio import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, close_image, image_probl
 MAX_SIDE = 8192  # the longest side of an input image, as of any image sana-cli writes
 MAX_RESIZE_PIXELS = MAX_IMAGE_PIXELS  # the cover-resize never makes a larger image than an input may be
 
+MASK_THRESHOLD = 128  # a mask's grey level (0-255) from which a pixel is repainted
 RULE = ("EXIF orientation applied; transparency composited on white; any mode to 8-bit RGB; resized with Lanczos "
         "to cover the planned size and centre-cropped to it")
 
@@ -125,3 +132,54 @@ def prepare(path: str, width: int, height: int):
         return fit(to_rgb(image), width, height)
     finally:
         close_image(image)
+
+
+def check_mask(path, what: str, image: str, image_what: str, size: tuple[int, int] | None = None) -> tuple[str, str]:
+    """(absolute path, sha256) of an inpainting mask, checked as an input image (check_image), whose size after
+    its EXIF orientation is the start image's (`image`, already checked)."""
+    checked = check_image(path, what, size)
+    mask_size, image_size = oriented_size(checked[0]), oriented_size(image)
+    if mask_size != image_size:
+        raise UsageError(f"{what} is {mask_size[0]}x{mask_size[1]} and {image_what} {image_size[0]}x{image_size[1]}: "
+                         "a mask must be the size of the image it masks")
+    return checked
+
+
+_SWAPS_SIDES = (5, 6, 7, 8)  # the EXIF orientations that rotate by 90 or 270 degrees
+
+
+def oriented_size(path: str) -> tuple[int, int]:
+    """An image's (width, height) as shown, after its EXIF orientation, from its header alone."""
+    image = open_image(path)
+    try:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112)
+    finally:
+        close_image(image)
+    return (height, width) if orientation in _SWAPS_SIDES else (width, height)
+
+
+def to_mask(image):
+    """A mask's 8-bit grey copy (EXIF orientation applied, transparency on black), by the module's rule."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 16-bit grey: its top 8 bits
+        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    return image.convert("L")
+
+
+def prepare_mask(path: str, width: int, height: int):
+    """The binary mask a run uses (mode L, 255 = repaint, 0 = keep), resized and cropped as the image is."""
+    image = _decoded(path)
+    try:
+        grey = fit(to_mask(image), width, height)
+    finally:
+        close_image(image)
+    return grey.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)

@@ -128,14 +128,20 @@ FIELDS: tuple[Field, ...] = (
           help="ControlNet conditioning scale, 0-2 (default 1).", group="input", column="control_scale",
           pixels=True, optional=True, resolve="inputs", reproduce="optional_number", http=True),
     Field("image", "str | None", flags=("--image",), metavar="IMAGE",
-          help="Start from this image (image-to-image; SANA-Sprint models). Resized to cover the size and "
-               "centre-cropped.",
+          help="Start from this image (image-to-image, every model). Resized to cover the size and centre-cropped.",
           group="input", column="image", pixels=True, optional=True, in_key=False, resolve="inputs",
           reproduce="path", names_file=True),
     Field("image_sha256", "str | None", request=False, pixels=True, optional=True, derived=True),
     Field("strength", "float | None", flags=("--strength",), metavar="X",
-          help="How far image-to-image moves from --image, 0-1 (default 0.6).", group="input", column="strength",
+          help="How far image-to-image moves from --image, 0-1 (default 0.6): it runs the last "
+               "steps - int(steps - steps * strength) steps.", group="input", column="strength",
           pixels=True, optional=True, resolve="inputs", reproduce="optional_number", http=True),
+    Field("mask", "str | None", flags=("--mask",), metavar="MASK",
+          help="Inpaint: repaint where this mask is white (grey 128 or more; transparent counts as black), keep "
+               "the rest of --image. The image's size; SanaPipeline models.",
+          group="input", column="mask", pixels=True, optional=True, in_key=False, resolve="inputs",
+          reproduce="path", names_file=True),
+    Field("mask_sha256", "str | None", request=False, pixels=True, optional=True, derived=True),
     # SANA-Video (`sana video`, and batch rows with a SANA-Video model): unused (None) for an image, so image keys
     # stay as they were.
     Field("frames", "int | None", flags=("--frames",), metavar="N",

@@ -69,7 +69,7 @@ def resolve_params(model: ModelRef, *, force_size: bool, command_line: bool, off
     width, height, steps, guidance = given["width"], given["height"], given["steps"], given["guidance"]
     loras, controlnet, control_image, control_scale = (given["loras"], given["controlnet"], given["control_image"],
                                                        given["control_scale"])
-    image, strength = given["image"], given["strength"]
+    image, strength, mask = given["image"], given["strength"], given["mask"]
     prompt = check_prompt(prompt)
     check_prompt(negative_prompt, "the negative prompt", allow_empty=True)
     width, height, notes = resolve_size(model, width, height, force_size)
@@ -87,7 +87,7 @@ def resolve_params(model: ModelRef, *, force_size: bool, command_line: bool, off
         presets.check_pag_layers(pag_layers, transformer_layers(model), model.name)
     extra = resolve_inputs(model, size=(width, height), pag_scale=pag_scale, loras=loras, controlnet=controlnet,
                            control_image=control_image, control_scale=control_scale, image=image, strength=strength,
-                           offline=offline, command_line=command_line)
+                           mask=mask, steps=steps, offline=offline, command_line=command_line)
     return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                 guidance=float(guidance), pag_scale=float(pag_scale), pag_layers=pag_layers, **extra, **plain), notes
 
@@ -98,9 +98,10 @@ def _unset(row):
 
 
 def resolve_inputs(model: ModelRef, *, size: tuple[int, int] | None = None, pag_scale, loras, controlnet,
-                   control_image, control_scale, image, strength, offline: bool, command_line: bool) -> dict:
-    """The LoRA, ControlNet and image-to-image fields of a job, checked (files hashed, headers and
-    configs compared with the model) before anything loads."""
+                   control_image, control_scale, image, strength, mask=None, steps: int | None = None, offline: bool,
+                   command_line: bool) -> dict:
+    """The LoRA, ControlNet, image-to-image and inpainting fields of a job, checked (files hashed, headers and
+    configs compared with the model, the strength against the steps) before anything loads."""
     from ..inputs import controlnet as control
     from ..inputs import images as inputs
     from ..inputs import lora
@@ -125,11 +126,18 @@ def resolve_inputs(model: ModelRef, *, size: tuple[int, int] | None = None, pag_
             extra["controlnet_sha256"] = content
     if strength is not None and image is None:
         raise UsageError(f"{option('strength')} needs {option('image')}")
+    if mask is not None and image is None:
+        raise UsageError(f"{option('mask')} needs {option('image')} (the image to inpaint)")
     if image is not None:
-        control.check_takes_image(model)
+        strength = control.check_strength(0.6 if strength is None else strength)
+        if steps is not None:
+            control.check_kept_steps(steps, strength, option("strength"))
         path, digest = inputs.check_image(image, option("image"), size)
-        extra.update(image=path, image_sha256=digest,
-                     strength=control.check_strength(0.6 if strength is None else strength))
+        extra.update(image=path, image_sha256=digest, strength=strength)
+        if mask is not None:
+            control.check_takes_mask(model)
+            mask_path, mask_digest = inputs.check_mask(mask, option("mask"), path, option("image"), size)
+            extra.update(mask=mask_path, mask_sha256=mask_digest)
     return extra
 
 
@@ -165,6 +173,8 @@ class Plan:
 
     def describe(self) -> str:
         """Human-readable plan for --dry-run."""
+        from ..inputs import controlnet as control
+
         lines = [f"model:   {self.model.describe()}", f"output:  {self.output_dir}"]
         if self.seed_rule:
             lines.append(f"seeds:   {self.seed_rule}")
@@ -182,7 +192,10 @@ class Plan:
                 pag += f", {first.frames} frames at {first.fps} fps, motion score {first.motion_score}"
                 pag += f", first frame {first.image}" if first.image else ""
             elif first.image:
-                pag += f", from {first.image} at strength {first.strength:g}"
+                pag += (f", from {first.image} at strength {first.strength:g} (the last "
+                        f"{control.kept_steps(first.steps, first.strength)} steps)")
+            if first.mask:
+                pag += f", repainting where {first.mask} is white"
             lines.append(f"batch {number}: {first.width}x{first.height} rendered as asked (no resize), "
                          f"{first.steps} steps, guidance {first.guidance}{pag}")
             for i in group:
@@ -206,7 +219,9 @@ def check_loaded_model(plan: Plan, ref: ModelRef) -> None:
         if job.controlnet:
             control.check_takes_controlnet(ref)
         if job.image:
-            control.check_takes_image(ref)
+            control.check_kept_steps(job.steps, job.strength)
+        if job.mask:
+            control.check_takes_mask(ref)
 
 
 def model_for(request: Request) -> ModelRef:

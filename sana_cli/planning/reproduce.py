@@ -227,6 +227,7 @@ NOT_OPTIONS = {
     "control_image_sha256": "checked when the command runs: another file gives another key",
     "controlnet_sha256": "checked when the command runs: another directory content gives another key",
     "image_sha256": "checked when the command runs: another file gives another key",
+    "mask_sha256": "checked when the command runs: another file gives another key",
     "frame": "the frame's number in its video (a `sana video --frames-dir` PNG): the command makes the video",
 }
 
