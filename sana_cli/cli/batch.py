@@ -98,10 +98,9 @@ def batch(file, output_dir, base_seed, extension, batch_size, shard, input_forma
 
             ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height,
                                     revision=revision))
-            # rows may name LoRAs or images too: the server refuses those rows, saying to use --no-server
-            input_files = bool(defaults.loras or defaults.controlnet or defaults.control_image or defaults.image)
+            # rows' input images and LoRAs travel as bytes; a local --controlnet directory keeps the run here
             remote = None if launched_processes() else attach(ref, load, keep_latents, display,
-                                                               input_files=input_files)
+                                                               controlnet=defaults.controlnet)
             session = None if remote is None else Session(remote)
         stop = StopToken()
         try:

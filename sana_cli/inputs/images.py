@@ -12,6 +12,9 @@ The rule, as the README states it:
 - It is resized to cover the planned size (keeping its aspect ratio), with Lanczos, and centre-cropped
   to exactly width x height. An image already at the planned size is used as it is.
 - Its identity (metadata and job key) is the sha256 of the file's bytes.
+
+On a server the bytes come from the client (inputs.supplied): the file opened is the server's copy of
+them, and messages still name the path the client wrote.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import warnings
 
 from ..errors import UsageError
+from . import supplied
 from ..safeio import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, close_image, image_problem, open_image, read_bounded
 
 MAX_SIDE = 8192  # the longest side of an input image, as of any image sana-cli writes
@@ -37,19 +41,21 @@ def check_image(path, what: str, size: tuple[int, int] | None = None) -> tuple[s
     is found before anything loads."""
     if not isinstance(path, str) or not path.strip():
         raise UsageError(f"{what} is empty")
+    source = supplied.local(path, what=what)
     try:
-        data = read_bounded(path, MAX_IMAGE_BYTES)
-        image = open_image(path)
+        data = read_bounded(source, MAX_IMAGE_BYTES)
+        image = open_image(source)
         try:
             check_bounds(image.size, size, f"{what}: {path}")
         finally:
             close_image(image)
-        image = _decoded(path)
+        image = _decoded(source)
         close_image(image)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - every way a file is not a usable image is one line
-        raise UsageError(f"{what}: {image_problem(path, exc)}") from None
+        problem = image_problem(source, exc)
+        raise UsageError(f"{what}: {problem.replace(str(source), path) if source != path else problem}") from None
     return os.path.abspath(path), hashlib.sha256(data).hexdigest()
 
 
@@ -118,9 +124,10 @@ def fit(image, width: int, height: int):
     return resized.crop((left, top, left + width, top + height))
 
 
-def prepare(path: str, width: int, height: int):
-    """The RGB image a run feeds the pipeline, by the module's rule."""
-    image = _decoded(path)
+def prepare(path: str, width: int, height: int, digest: str | None = None):
+    """The RGB image a run feeds the pipeline, by the module's rule; `digest` (the sha256 planning recorded)
+    picks the supplied copy on a server."""
+    image = _decoded(supplied.local(path, digest, "the input image"))
     try:
         return fit(to_rgb(image), width, height)
     finally:
