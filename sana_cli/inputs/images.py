@@ -56,7 +56,9 @@ def check_image(path, what: str, size: tuple[int, int] | None = None) -> tuple[s
     except Exception as exc:  # noqa: BLE001 - every way a file is not a usable image is one line
         problem = image_problem(source, exc)
         raise UsageError(f"{what}: {problem.replace(str(source), path) if source != path else problem}") from None
-    return os.path.abspath(path), hashlib.sha256(data).hexdigest()
+    # On a server the path is the client's name for the file (already absolute from a CLI, a plain file name
+    # from an upload): kept as it is, never made a path of the server's.
+    return path if supplied.active() else os.path.abspath(path), hashlib.sha256(data).hexdigest()
 
 
 def check_bounds(image_size: tuple[int, int], size: tuple[int, int] | None, what: str) -> None:

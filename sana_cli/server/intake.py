@@ -171,9 +171,34 @@ def check_pag_layers(scheduler: Scheduler, ref, options: LoadOptions, jobs) -> N
             loaded.check_pag_layers(value)
 
 
-def openai_work(asked, config: ServerConfig, scheduler: Scheduler) -> tuple[Work, dict]:
+def openai_work(asked, config: ServerConfig, scheduler: Scheduler, uploads: dict | None = None) -> tuple[Work, dict]:
     """An OpenAI images request as a planned Work (the CLI's planning and messages) and the fields of
-    its answer."""
+    its answer. `uploads` ({field: Upload}, an edit's files) are kept by sha256 and planned as the files of
+    those fields under their uploaded names: the input-image checks of a file, on the server's copy."""
+    import hashlib
+
+    from ..inputs.supplied import supplying
+    from . import openai_images as openai_api
+
+    files, names, named = {}, {}, {}
+    for field, upload in (uploads or {}).items():
+        data = openai_api.openai_mask(upload.data) if field == "mask" else upload.data
+        digest = hashlib.sha256(data).hexdigest()
+        files[digest] = data
+        named[field] = openai_api.upload_name(upload, digest)
+        names.setdefault(named[field], set()).add(digest)
+    kept = config.inputs.keep(files)  # pinned until the work is finished
+    try:
+        with supplying(kept, names):
+            work, answer = _openai_work(asked, config, scheduler, named)
+    except BaseException:
+        config.inputs.release(kept)
+        raise
+    work.inputs, work.release = kept, lambda: config.inputs.release(kept)
+    return work, answer
+
+
+def _openai_work(asked, config: ServerConfig, scheduler: Scheduler, named: dict) -> tuple[Work, dict]:
     from . import openai_images as openai_api
 
     model = asked.model or (config.models[0] if config.models else None)
@@ -181,7 +206,7 @@ def openai_work(asked, config: ServerConfig, scheduler: Scheduler) -> tuple[Work
         model = config.aliases.resolve(model)
     no_path(model)
     request = Request(prompt=asked.prompt, model=model, width=asked.width, height=asked.height,
-                      num_images=asked.n, output=None, **asked.sana)
+                      num_images=asked.n, output=None, **asked.sana, **named)
     try:
         ref = model_for(request)
     except SanaError as exc:
