@@ -516,10 +516,16 @@ class Scheduler:
 
         options = RunOptions(decode=loaded.options.decode_for(first.decode), abort_in_flight=True,
                              previews=previews if any(w.partial_images for w in works) else None)
-        # The input files the requests sent, by sha256: the only input files this run may open.
+        # The input files the requests sent, by sha256 (and by the name a job gives each, where one name means
+        # one file in this run): the only input files this run may open.
         from ..inputs.supplied import supplying
+        from .wire import file_refs
 
-        with supplying({digest: path for work in works for digest, path in work.inputs.items()}):
+        names: dict = {}
+        for job in jobs:
+            for _, value, digest in file_refs(job):
+                names.setdefault(value, set()).add(digest)
+        with supplying({digest: path for work in works for digest, path in work.inputs.items()}, names):
             outcome = run(plan, loaded, options, events=events, stop=stop, keep_text_encoder=True)
         done = done_event(outcome, loaded.describe())
         log(f"run {run_number}: done in {outcome.timings.get('total', 0.0):.2f} s")
