@@ -442,6 +442,13 @@ CASES = [
     Case("SANA_SERVER sending another job's image",
          ["generate", "a cat", "--model", "tiny", "--size", "128", "-o", "{tmp}/"], 1,
          "does not carry the key of the job it was sent for", env={"SANA_SERVER": "unix:{files}/other-key.sock"}),
+    Case("input image changed between planning and sending it to a server",
+         ["generate", "a street", "--model", "tiny-sprint", "--image", "{files}/changing.png", "-o", "{tmp}/"], 2,
+         "changed after the run was planned (its sha256 differs); run again",
+         env={"SANA_SERVER": "unix:{files}/changes.sock"}),
+    Case("input image larger than a server is sent",
+         ["generate", "a street", "--model", "tiny-sprint", "--image", "{files}/huge.png", "-o", "{tmp}/"], 2,
+         "is larger than the 256 MiB a file sent to a server may be", env={"SANA_SERVER": "unix:{files}/ok.sock"}),
 ]
 
 
@@ -603,6 +610,19 @@ def _fake_servers(root: Path) -> None:
     _FAKES.append(FakeServer(unix=root / "garbage.sock", events=lambda jobs: [b"<html>hello</html>\n"]))
     _FAKES.append(FakeServer(unix=root / "other-key.sock", events=lambda jobs: [
         image_event(jobs[0]["index"], image_bytes(jobs[0], key="f" * 64))]))
+    from PIL import Image
+
+    from sana_cli.server.wire import MAX_INPUT_FILE_BYTES
+
+    colours = iter(range(1, 10**6))
+    Image.new("RGB", (64, 64)).save(root / "changing.png")
+    changes = FakeServer(unix=root / "changes.sock")  # the handshake comes after planning: the file changes then
+    changes.on_health = lambda: Image.new("RGB", (64, 64), (next(colours) % 256, 0, 0)).save(root / "changing.png")
+    _FAKES.append(changes)
+    _FAKES.append(FakeServer(unix=root / "ok.sock"))
+    Image.new("RGB", (64, 64)).save(root / "huge.png")
+    with open(root / "huge.png", "r+b") as handle:  # a valid PNG followed by zeros (a sparse file)
+        handle.truncate(MAX_INPUT_FILE_BYTES + 1)
 
 
 def _input_files(root: Path) -> None:
@@ -839,7 +859,7 @@ HTTP_CASES = [
 ]
 
 
-def _png(size=(64, 64)) -> bytes:
+def _png_bytes(size=(64, 64)) -> bytes:
     import io
 
     from PIL import Image
@@ -864,7 +884,7 @@ def _edit(fields: dict | None = None, files: list | None = None, **changes):
     """An edit's form, made when sent: (fields, files) with one good image unless `files` is given."""
     return lambda: ({**_EDIT, **(fields or {}), **changes},
                     files() if callable(files) else files if files is not None else
-                    [("image", "in.png", _png(), "image/png")])
+                    [("image", "in.png", _png_bytes(), "image/png")])
 
 
 # Image edits (multipart forms), sent by tests/test_openai_clients.py to a real server; rows of the README table.
@@ -875,13 +895,13 @@ EDIT_CASES = [
     HttpCase("HTTP: an edit upload that is a decompression bomb", "POST", "/v1/images/edits",
              _edit(files=lambda: [("image", "bomb.png", _bomb(), "image/png")]), 400, "is too large"),
     HttpCase("HTTP: an edit with two images", "POST", "/v1/images/edits",
-             _edit(files=lambda: [("image[]", name, _png(), "image/png") for name in ("a.png", "b.png")]), 400,
+             _edit(files=lambda: [("image[]", name, _png_bytes(), "image/png") for name in ("a.png", "b.png")]), 400,
              "Sana edits one image at a time (image-to-image from one start image); this request sends 2"),
     HttpCase("HTTP: an edit with more files than a form takes", "POST", "/v1/images/edits",
-             _edit(files=lambda: [("image[]", f"{i}.png", _png((8, 8)), "image/png") for i in range(9)]), 400,
+             _edit(files=lambda: [("image[]", f"{i}.png", _png_bytes((8, 8)), "image/png") for i in range(9)]), 400,
              "too many files in one request (at most 8)"),
     HttpCase("HTTP: an edit upload over 50 MiB", "POST", "/v1/images/edits",
-             _edit(files=lambda: [("image", "big.png", _png() + b"\0" * (50 << 20), "image/png")]), 400,
+             _edit(files=lambda: [("image", "big.png", _png_bytes() + b"\0" * (50 << 20), "image/png")]), 400,
              "the uploaded image is larger than 50 MiB"),
     HttpCase("HTTP: an edit with strength out of range", "POST", "/v1/images/edits", _edit(strength=1.5), 400,
              "--strength must be in 0..1 (above 0), got 1.5"),
