@@ -342,6 +342,23 @@ def test_open_webui_edit_request_replayed(server, tmp_path):
         assert _image(body["data"][0]["b64_json"]).size == (128, 128) and "512x512" in body["size_note"]
 
 
+def test_an_edit_with_an_idempotency_key_renders_once(server, tmp_path):
+    """An edit retried with the same Idempotency-Key and the same form (fields, and files by their bytes) gets
+    the first answer without a second render; the key with another file is refused."""
+    start = _start_png(tmp_path / "s.png").read_bytes()
+    fields = {"model": "tiny-sprint", "prompt": "make it night", "seed": 2}
+    key = {"Idempotency-Key": "edit-retry-1"}
+    mark = len(server.lines)
+    first, second = (_post_form(server, "/v1/images/edits", fields, [("image", "s.png", start, "image/png")],
+                                headers=key) for _ in range(2))
+    assert first[0] == second[0] == 200 and first[1]["data"] == second[1]["data"]
+    assert _runs(server, mark) == 1
+    other = _post_form(server, "/v1/images/edits", fields,
+                       [("image", "s.png", _start_png(tmp_path / "t.png", seed=1).read_bytes(), "image/png")],
+                       headers=key)
+    assert other[0] == 400 and other[1]["error"]["code"] == "idempotency_key_reused"
+
+
 def test_bad_uploads_are_one_400_each_and_nothing_renders(server, tmp_path):
     """Each bad upload is a 400 (or 413 for a body over the bound) with one message naming its field, and
     nothing renders; a form a page of another site posts is 403; variations say where to go."""

@@ -23,6 +23,7 @@ objects with the CLI's message text. Nothing a client sends names a path on the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -117,10 +118,28 @@ async def edits(request: HttpRequest, state: ServerState = State):
                             max_fields=openai_api.MAX_EDIT_FIELDS)
     file_fields = tuple(name for name in openai_api.EDIT_FILES if name in FILE_FIELDS)
     asked, uploads = openai_api.parse_edit(parts, file_fields)
-    work, answer = await run_in_threadpool(intake.openai_work, asked, state.config, state.scheduler, uploads)
-    if asked.stream:
-        return answers.openai_events(state, request, work, answer)
-    return await answers.openai_answer(state, request, work, answer, watch=True)
+    key = _idempotency_key(request)
+
+    async def answer(watch: bool):
+        work, fields_ = await run_in_threadpool(intake.openai_work, asked, state.config, state.scheduler, uploads)
+        if asked.stream:
+            return answers.openai_events(state, request, work, fields_)
+        return await answers.openai_answer(state, request, work, fields_, watch=watch)
+
+    if asked.stream or key is None:
+        return await answer(watch=True)
+    # A retry is the same form: its fields, and each file by the sha256 of its bytes.
+    form = {"edit": [[name, value if isinstance(value, str) else hashlib.sha256(value[1]).hexdigest()]
+                     for name, value in parts]}
+    return await answers.remembered(state, key, form, lambda: answer(watch=False))
+
+
+def _idempotency_key(request: HttpRequest) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not answers.IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(400, "the Idempotency-Key header must be 1..256 visible ASCII characters",
+                       param="Idempotency-Key", code="invalid_idempotency_key")
+    return key
 
 
 @routes.post("/v1/images/variations")
@@ -167,10 +186,7 @@ async def generations(request: HttpRequest, state: ServerState = State):
     accepting(state)
     body = await read_json(request, MAX_BODY)
     asked = openai_api.parse(body)
-    key = request.headers.get("idempotency-key")
-    if key is not None and not answers.IDEMPOTENCY_KEY.fullmatch(key):
-        raise ApiError(400, "the Idempotency-Key header must be 1..256 visible ASCII characters",
-                       param="Idempotency-Key", code="invalid_idempotency_key")
+    key = _idempotency_key(request)
     work, answer = await run_in_threadpool(intake.openai_work, asked, state.config, state.scheduler)
     if asked.stream:
         return answers.openai_events(state, request, work, answer)

@@ -220,11 +220,6 @@ def unsendable(job) -> str | None:
     return LOCAL_CONTROLNET if controlnet and os.path.isabs(controlnet) else None
 
 
-def uses_input_files(job) -> bool:
-    """Whether a job needs input files (images, LoRAs) whose bytes travel with it."""
-    return bool(file_refs(job))
-
-
 def file_sources(jobs, offline: bool = False) -> dict:
     """{sha256: (file to read, what it is, as the user named it)} of every input file of these jobs, each
     no larger than MAX_INPUT_FILE_BYTES (a larger one is a usage error before anything is sent)."""
