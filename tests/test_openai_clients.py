@@ -109,8 +109,11 @@ def test_sdk_error_classes_carry_code_and_param(server):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
     with pytest.raises(openai.BadRequestError) as edits:
-        client.images.edit(image=io.BytesIO(b"x"), prompt="a cat", model="tiny")
-    assert edits.value.code == "unsupported_endpoint" and "generations" in edits.value.message
+        client.images.edit(image=("x.png", io.BytesIO(b"x")), prompt="a cat", model="tiny-sprint")
+    assert edits.value.param == "image" and "x.png is not a readable image" in edits.value.message
+    with pytest.raises(openai.BadRequestError) as variations:
+        client.images.create_variation(image=io.BytesIO(b"x"), model="tiny-sprint")
+    assert variations.value.code == "unsupported_endpoint" and "/v1/images/edits" in variations.value.message
 
 
 def test_output_compression_is_honoured_and_kept_in_the_metadata(server):
