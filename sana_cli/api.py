@@ -440,11 +440,13 @@ def _refuse_what_cannot_run(plan: Plan, done: set, options: LoadOptions, session
         check_cache_dir()
         _preflight(plan.model, replace(options, device=distributed.device_for(options.device, processes)))
     if session is not None and getattr(session.loaded, "remote", False):
-        from .server.wire import uses_input_files
+        from .server.wire import file_sources, unsendable
 
-        if any(uses_input_files(job) for i, job in enumerate(plan.jobs) if i not in done):
-            raise UsageError("rows name LoRA, ControlNet or input-image files, which are read only by an "
-                             "in-process run (a server never opens a client's path); run it with --no-server")
+        todo = [job for i, job in enumerate(plan.jobs) if i not in done]
+        problem = next((why for job in todo if (why := unsendable(job))), None)
+        if problem is not None:
+            raise UsageError(f"{problem}; run it with --no-server")
+        file_sources(todo, options.offline)  # every input file within what a server is sent, before anything changes
 
 
 def _render_batch(plan: Plan, result: BatchResult, directory, done: set, *, session: "Session | None",

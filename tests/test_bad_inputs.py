@@ -10,7 +10,9 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -500,6 +502,13 @@ CASES = [
     Case("SANA_SERVER sending another job's image",
          ["generate", "a cat", "--model", "tiny", "--size", "128", "-o", "{tmp}/"], 1,
          "does not carry the key of the job it was sent for", env={"SANA_SERVER": "unix:{files}/other-key.sock"}),
+    Case("input image changed between planning and sending it to a server",
+         ["generate", "a street", "--model", "tiny-sprint", "--image", "{files}/changing.png", "-o", "{tmp}/"], 2,
+         "changed after the run was planned (its sha256 differs); run again",
+         env={"SANA_SERVER": "unix:{files}/changes.sock"}),
+    Case("input image larger than a server is sent",
+         ["generate", "a street", "--model", "tiny-sprint", "--image", "{files}/huge.png", "-o", "{tmp}/"], 2,
+         "is larger than the 256 MiB a file sent to a server may be", env={"SANA_SERVER": "unix:{files}/ok.sock"}),
 ]
 
 
@@ -665,6 +674,19 @@ def _fake_servers(root: Path) -> None:
     _FAKES.append(FakeServer(unix=root / "garbage.sock", events=lambda jobs: [b"<html>hello</html>\n"]))
     _FAKES.append(FakeServer(unix=root / "other-key.sock", events=lambda jobs: [
         image_event(jobs[0]["index"], image_bytes(jobs[0], key="f" * 64))]))
+    from PIL import Image
+
+    from sana_cli.server.wire import MAX_INPUT_FILE_BYTES
+
+    colours = iter(range(1, 10**6))
+    Image.new("RGB", (64, 64)).save(root / "changing.png")
+    changes = FakeServer(unix=root / "changes.sock")  # the handshake comes after planning: the file changes then
+    changes.on_health = lambda: Image.new("RGB", (64, 64), (next(colours) % 256, 0, 0)).save(root / "changing.png")
+    _FAKES.append(changes)
+    _FAKES.append(FakeServer(unix=root / "ok.sock"))
+    Image.new("RGB", (64, 64)).save(root / "huge.png")
+    with open(root / "huge.png", "r+b") as handle:  # a valid PNG followed by zeros (a sparse file)
+        handle.truncate(MAX_INPUT_FILE_BYTES + 1)
 
 
 def _input_files(root: Path) -> None:
@@ -872,9 +894,10 @@ class HttpCase:
     name: str
     method: str
     path: str
-    body: object  # a dict sent as JSON, or bytes sent as they are
+    body: object  # a dict sent as JSON, or bytes sent as they are; for an edit, a function giving (fields, files)
     code: int
     says: str
+    headers: dict | None = None
 
 
 _TINY = {"prompt": "a cat", "model": "tiny", "size": "128x128"}
@@ -904,12 +927,70 @@ HTTP_CASES = [
              ('{"prompt": ' + "[" * 40 + "]" * 40 + "}").encode(), 400, "nests deeper than 32 levels"),
     HttpCase("HTTP: an attached job with a list for decode", "POST", "/v1/sana/jobs",
              {"model": "tiny", "decode": ["auto"], "jobs": [{"prompt": "a cat"}]}, 400, "'decode' must be text"),
-    HttpCase("HTTP: image edits", "POST", "/v1/images/edits", {}, 400,
-             "image edits are not supported by this server yet"),
+    HttpCase("HTTP: image variations", "POST", "/v1/images/variations", {}, 400,
+             "image variations are not supported: Sana's image-to-image needs a prompt"),
+    HttpCase("HTTP: an image edit sent as JSON", "POST", "/v1/images/edits", {"prompt": "a cat"}, 415,
+             "must be sent as multipart/form-data"),
     HttpCase("HTTP: GET on the generations route", "GET", "/v1/images/generations", None, 405,
              "GET is not allowed here; use POST"),
     HttpCase("HTTP: a model nobody aliased", "GET", "/v1/models/no-such-model", None, 404,
              "the model 'no-such-model' does not exist here"),
+]
+
+
+def _png_bytes(size=(64, 64)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _bomb() -> bytes:
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+_EDIT = {"prompt": "make it night", "model": "tiny-sprint", "seed": 1}
+
+
+def _edit(fields: dict | None = None, files: list | None = None, **changes):
+    """An edit's form, made when sent: (fields, files) with one good image unless `files` is given."""
+    return lambda: ({**_EDIT, **(fields or {}), **changes},
+                    files() if callable(files) else files if files is not None else
+                    [("image", "in.png", _png_bytes(), "image/png")])
+
+
+# Image edits (multipart forms), sent by tests/test_openai_clients.py to a real server; rows of the README table.
+EDIT_CASES = [
+    HttpCase("HTTP: an edit upload that is not an image", "POST", "/v1/images/edits",
+             _edit(files=[("image", "in.png", b"%!PS-Adobe-3.0\n", "image/png")]), 400,
+             "--image: in.png is not a readable image: not a PNG, JPEG or WebP file"),
+    HttpCase("HTTP: an edit upload that is a decompression bomb", "POST", "/v1/images/edits",
+             _edit(files=lambda: [("image", "bomb.png", _bomb(), "image/png")]), 400, "is too large"),
+    HttpCase("HTTP: an edit with two images", "POST", "/v1/images/edits",
+             _edit(files=lambda: [("image[]", name, _png_bytes(), "image/png") for name in ("a.png", "b.png")]), 400,
+             "Sana edits one image at a time (image-to-image from one start image); this request sends 2"),
+    HttpCase("HTTP: an edit with more files than a form takes", "POST", "/v1/images/edits",
+             _edit(files=lambda: [("image[]", f"{i}.png", _png_bytes((8, 8)), "image/png") for i in range(9)]), 400,
+             "too many files in one request (at most 8)"),
+    HttpCase("HTTP: an edit upload over 50 MiB", "POST", "/v1/images/edits",
+             _edit(files=lambda: [("image", "big.png", _png_bytes() + b"\0" * (50 << 20), "image/png")]), 400,
+             "the uploaded image is larger than 50 MiB"),
+    HttpCase("HTTP: an edit with strength out of range", "POST", "/v1/images/edits", _edit(strength=1.5), 400,
+             "--strength must be in 0..1 (above 0), got 1.5"),
+    HttpCase("HTTP: an edit without an image", "POST", "/v1/images/edits", _edit(files=[]), 400,
+             "'image' is required"),
+    HttpCase("HTTP: an edit's image as text", "POST", "/v1/images/edits", _edit(image="https://example.com/a.png",
+                                                                                  files=[]), 400,
+             "'image' must be an uploaded file"),
+    HttpCase("HTTP: an edit form posted by another site's page", "POST", "/v1/images/edits", _edit(), 403,
+             "a form posted by a page of another site is refused", headers={"Origin": "https://evil.example"}),
 ]
 
 
@@ -922,7 +1003,7 @@ def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[1].isdigit():
             rows[cells[0]] = (int(cells[1]), cells[2])
-    for case in [*CASES, *HTTP_CASES]:
+    for case in [*CASES, *HTTP_CASES, *EDIT_CASES]:
         assert case.name in rows, f"README table lacks {case.name!r}"
         code, says = rows[case.name]
         assert code == case.code, case.name
@@ -930,5 +1011,5 @@ def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
 
 
 if __name__ == "__main__":  # print the README table rows
-    for case in [*CASES, *HTTP_CASES]:
+    for case in [*CASES, *HTTP_CASES, *EDIT_CASES]:
         print(f"| {case.name} | {case.code} | {('`' + case.says + '`') if case.says else 'works'} |")

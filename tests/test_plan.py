@@ -469,3 +469,14 @@ def test_a_parameter_added_as_one_table_row_reaches_options_columns_key_reproduc
     assert out["help"] == ["generate", "batch"] and out["columns"] is True
     assert "--sharpness 0.25" in out["command"]
     assert out["http"] == {"sharpness": 0.5}
+
+
+def test_a_model_name_too_long_for_a_path_is_a_usage_error_not_an_os_error():
+    """A server plans models its clients name: a name longer than a file name may be is not a directory, and
+    says so as any unknown model does (an OSError here was a 500 on the HTTP routes)."""
+    from sana_cli.errors import SanaError
+    from sana_cli.models.modelref import classify
+
+    with pytest.raises(SanaError) as caught:
+        classify("0" * 256)
+    assert caught.value.exit_code in (2, 4)

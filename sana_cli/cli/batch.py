@@ -99,11 +99,10 @@ def batch(file, output_dir, base_seed, extension, batch_size, shard, input_forma
 
             ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height,
                                     revision=revision))
-            # rows may name LoRAs or images too: the server refuses those rows, saying to use --no-server
-            input_files = bool(defaults.loras or defaults.controlnet or defaults.control_image or defaults.image)
+            # rows' input images and LoRAs travel as bytes; a local --controlnet directory keeps the run here;
             # videos render in this process: a server does not take them yet
-            remote = None if launched_processes() or ref.is_video else attach(ref, load, keep_latents, display,
-                                                                              input_files=input_files)
+            remote = None if launched_processes() or ref.is_video else attach(
+                ref, load, keep_latents, display, controlnet=defaults.controlnet)
             session = None if remote is None else Session(remote)
         stop = StopToken()
         try:

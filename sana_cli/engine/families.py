@@ -101,7 +101,7 @@ def call_controlnet(jobs: list[ImageJob], embeddings: tuple, *, generators: list
 
     first = jobs[0]
     kwargs = call_sana(jobs, embeddings, generators=generators, on_step=on_step, pipe=pipe)
-    kwargs.update(control_image=prepare(first.control_image, first.width, first.height),
+    kwargs.update(control_image=prepare(first.control_image, first.width, first.height, first.control_image_sha256),
                   controlnet_conditioning_scale=first.control_scale)
     return kwargs
 
@@ -114,7 +114,8 @@ def call_img2img(jobs: list[ImageJob], embeddings: tuple, *, generators: list, o
 
     first = jobs[0]
     kwargs = call_sprint(jobs, embeddings, generators=generators, on_step=on_step)
-    kwargs.update(image=prepare(first.image, first.width, first.height), strength=first.strength)
+    kwargs.update(image=prepare(first.image, first.width, first.height, first.image_sha256),
+                  strength=first.strength)
     return kwargs
 
 

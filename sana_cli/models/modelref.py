@@ -97,7 +97,11 @@ def classify(value: str):
     if preset is not None:
         return "preset", preset
     path = Path(value).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a name too long for a path (or with a NUL) names no directory
+        exists = False
+    if exists:
         return "local", path.resolve()
     if looks_like_path(value) or not is_hub_id(value):
         near = presets.suggest(value)

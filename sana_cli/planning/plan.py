@@ -136,7 +136,7 @@ def resolve_inputs(model: ModelRef, *, size: tuple[int, int] | None = None, pag_
         extra.update(image=path, image_sha256=digest, strength=strength)
         if mask is not None:
             control.check_takes_mask(model)
-            mask_path, mask_digest = inputs.check_mask(mask, option("mask"), path, option("image"), size)
+            mask_path, mask_digest = inputs.check_mask(mask, option("mask"), path, option("image"), size, digest)
             extra.update(mask=mask_path, mask_sha256=mask_digest)
     return extra
 
