@@ -8,12 +8,12 @@ Importing this package is cheap: torch and diffusers load only when a model does
 
 from .version import __version__
 
-__all__ = ["generate", "batch", "load", "Session", "__version__"]
+__all__ = ["generate", "video", "batch", "load", "Session", "__version__"]
 
 
 def __getattr__(name):
     # Lazy, so `import sana_cli` (and `sana --help`) never pays for torch.
-    if name in ("generate", "batch", "load", "Session"):
+    if name in ("generate", "video", "batch", "load", "Session"):
         from . import api
 
         return getattr(api, name)

@@ -146,6 +146,20 @@ def generate(prompt: str, *, model: str | None = None, size: int | None = None, 
     return run_plan(plan, options, decode=decode, keep_latents=keep_latents, events=events, stop=stop)
 
 
+def video(prompt: str, *, model: str | None = None, decode: str = "auto", options: LoadOptions | None = None,
+          keep_latents: bool = False, events: EventSink = no_events, stop: StopToken | None = None,
+          **request) -> GenerateResult:
+    """One-shot `sana video`: plan, load a SANA-Video model (default sana-video-2b-480p), render, write the MP4
+    or WebM. Keyword arguments are VideoRequest fields (width, height, frames, fps, motion_score, steps,
+    guidance, seed, negative_prompt, image, output, frames_dir, ...) or load options (as for load())."""
+    from .planning.video import VideoRequest, model_for_video, plan_video
+
+    options = load_options(options, **_split_load_keywords(request))
+    req = VideoRequest(prompt=prompt, model=model, **request)
+    plan = plan_video(req, model_for_video(req), options.pixels(options.decode_for(decode)))
+    return run_plan(plan, options, decode=decode, keep_latents=keep_latents, events=events, stop=stop)
+
+
 def run_plan(plan: Plan, options: LoadOptions | None = None, *, decode: str = "auto",
              events: EventSink = no_events, stop: StopToken | None = None, abort_in_flight: bool = True,
              on_result=None, loaded: LoadedModel | None = None, keep_latents: bool = False) -> GenerateResult:
@@ -247,7 +261,7 @@ def _finish(plan: Plan, outcome: RunOutcome, loaded: LoadedModel, load_seconds: 
         done = sum(r.ok for r in outcome.results)
         raise Interrupted(f"interrupted; {done} of {len(plan.jobs)} image(s) written, nothing partial left",
                           signal_number=outcome.stopped_by)
-    if plan.command == "generate" and outcome.failed:
+    if plan.command in ("generate", "video") and outcome.failed:
         first = outcome.failed[0]
         error = GenerationError(first.error or "generation failed")
         if first.error_exit_code:
@@ -339,8 +353,14 @@ def plan_batch_file(source: str, *, model: str | None = None, output_dir: str = 
     defaults = defaults or BatchDefaults()
     rows, invalid, name = batchfile.load(source, input_format)
     ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height, revision=revision))
-    plan, unplannable = plan_batch(rows, ref, defaults, output_dir, batch_size=batch_size, shard=shard,
-                                   overwrite=overwrite, pixels=pixels)
+    if ref.is_video:  # a SANA-Video model: each row is a video
+        from .planning.video import plan_video_batch
+
+        plan, unplannable = plan_video_batch(rows, ref, defaults, output_dir, shard=shard, overwrite=overwrite,
+                                             pixels=pixels)
+    else:
+        plan, unplannable = plan_batch(rows, ref, defaults, output_dir, batch_size=batch_size, shard=shard,
+                                       overwrite=overwrite, pixels=pixels)
     invalid = batchfile.settle(invalid + unplannable, name, skip_invalid, len(rows) - len(unplannable))
     return plan, invalid, name
 
@@ -420,11 +440,13 @@ def _refuse_what_cannot_run(plan: Plan, done: set, options: LoadOptions, session
         check_cache_dir()
         _preflight(plan.model, replace(options, device=distributed.device_for(options.device, processes)))
     if session is not None and getattr(session.loaded, "remote", False):
-        from .server.wire import uses_input_files
+        from .server.wire import file_sources, unsendable
 
-        if any(uses_input_files(job) for i, job in enumerate(plan.jobs) if i not in done):
-            raise UsageError("rows name LoRA, ControlNet or input-image files, which are read only by an "
-                             "in-process run (a server never opens a client's path); run it with --no-server")
+        todo = [job for i, job in enumerate(plan.jobs) if i not in done]
+        problem = next((why for job in todo if (why := unsendable(job))), None)
+        if problem is not None:
+            raise UsageError(f"{problem}; run it with --no-server")
+        file_sources(todo, options.offline)  # every input file within what a server is sent, before anything changes
 
 
 def _render_batch(plan: Plan, result: BatchResult, directory, done: set, *, session: "Session | None",

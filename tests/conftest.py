@@ -31,7 +31,7 @@ SANA = shutil.which("sana", path=os.path.dirname(sys.executable)) or shutil.whic
 # worker is free. Done by the scheduler below, not by xdist_group markers: with this pytest, markers added
 # at collection never reach xdist's --dist loadgroup (both workers built each of these fixtures).
 ONE_WORKER_FILES = ("test_serve.py", "test_serve_hostile.py", "test_openai_clients.py", "test_decode.py",
-                    "test_lora_control_img2img.py", "test_report.py", "test_bench.py", "test_gpu.py")
+                    "test_lora_control_img2img.py", "test_report.py", "test_bench.py", "test_gpu.py", "test_video.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

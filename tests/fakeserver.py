@@ -61,6 +61,8 @@ class FakeServer:
         self.gate = threading.Event()
         self.gate.set()
         self.runs: list[list[dict]] = []  # the jobs of each attached run received
+        self.files: list[dict] = []  # the input files each attached run sent ({sha256: base64})
+        self.on_health = None  # called on each handshake (after a CLI has planned, before it sends)
         handler = self._handler()
         if unix is not None:
             unix.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -101,6 +103,8 @@ class FakeServer:
 
             def do_GET(self):
                 if self.path.endswith("/health"):
+                    if fake.on_health is not None:
+                        fake.on_health()
                     self.answer(200, fake.health)
                 else:
                     self.answer(404, b'{"error": {"message": "no such route"}}')
@@ -112,6 +116,7 @@ class FakeServer:
                     return
                 jobs = body.get("jobs", [])
                 fake.runs.append(jobs)
+                fake.files.append(body.get("files") or {})
                 fake.gate.wait(120)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson")

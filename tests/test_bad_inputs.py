@@ -10,7 +10,9 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +174,12 @@ CASES = [
     Case("decompression bomb given to sana info", ["info", "{files}/bomb.png"], 2,
          "is too large to be an image sana-cli wrote"),
     Case("image without generation metadata", ["info", "{files}/plain.png"], 2, "has no generation metadata"),
+    Case("file named .mp4 that is not a video given to sana info", ["info", "{files}/garbage.mp4"], 2,
+         "is not a readable video"),
+    Case("FIFO named .mp4 given to sana info", ["info", "{files}/fifo.mp4"], 2, "is a FIFO, not a regular file"),
+    Case("link to /dev/zero named .webm given to sana info", ["info", "{files}/zero.webm"], 2,
+         "is a character device, not a regular file", limit_memory=2**30),
+    Case("video without generation metadata", ["info", "{files}/plain.mp4"], 2, "has no generation metadata"),
     Case("--command on an image without sana metadata", ["info", "{files}/params-only.png", "--command"], 2,
          "has no sana metadata to rebuild a command from"),
     Case("--command on metadata without a model", ["info", "{files}/no-model.png", "--command"], 2,
@@ -417,6 +425,42 @@ CASES = [
                            "--strength", "0", "-o", "{tmp}/"], 2, "--strength must be in 0..1 (above 0), got 0"),
     Case("--strength without --image", ["generate", "a cat", "--model", "tiny-sprint", "--strength", "0.5"], 2,
          "--strength needs --image"),
+    # `sana video`: frames and size against the Wan VAE's factors, the model's kind, the file, before anything loads.
+    Case("video frames not 4k+1", ["video", "a cat", "--model", "tiny-video", "--frames", "10", "-o", "{tmp}/"], 2,
+         "--frames 10 is not 4k+1 (the VAE makes 4 frames from each latent frame after the first) (try 9 or 13)"),
+    Case("video frames zero", ["video", "a cat", "--model", "tiny-video", "--frames", "0", "-o", "{tmp}/"], 2,
+         "--frames must be 1..1021, got 0"),
+    Case("more video frames than the transformer places", ["video", "a cat", "--model", "tiny-video", "--frames",
+                                                           "129", "-o", "{tmp}/"], 2,
+         "--frames 129 is more than tiny-video can place in time (32 latent frames) (at most 125)"),
+    Case("video side not a multiple of 32", ["video", "a cat", "--model", "tiny-video", "-W", "100", "-o", "{tmp}/"],
+         2, "--width 100 is not a multiple of 32 (try 96 or 128)"),
+    Case("video size the model cannot make", ["video", "a cat", "--model", "sana-video-2b-480p", "-W", "2048", "-H",
+                                              "2048", "-o", "{tmp}/"], 2,
+         "sana-video-2b-480p makes 832x480 videos and 2048x2048 is 11x its pixel count (try --width 832 --height 480"),
+    Case("video with an image model", ["video", "a cat", "--model", "tiny", "-o", "{tmp}/"], 2,
+         "tiny is an image model (SanaPipeline)"),
+    Case("first frame for a model without image-to-video", ["video", "a cat", "--model", "tiny", "--image",
+                                                           "{files}/input.png", "-o", "{tmp}/"], 2,
+         "tiny is an image model (SanaPipeline)"),
+    Case("first frame that is not an image", ["video", "a cat", "--model", "tiny-video", "--image", "{files}/ok.txt",
+                                              "-o", "{tmp}/"], 2, "is not a readable image"),
+    Case("image command with a video model", ["generate", "a cat", "--model", "tiny-video", "-o", "{tmp}/"], 2,
+         "tiny-video is a SANA-Video model; it makes videos"),
+    Case("video file that exists", ["video", "a cat", "--model", "tiny-video", "-o", "{files}/taken.mp4"], 2,
+         "already exists (pass --overwrite"),
+    Case("unsupported video extension", ["video", "a cat", "--model", "tiny-video", "-o", "{tmp}/clip.gif"], 2,
+         "cannot write '.gif' videos (use .mp4 or .webm)"),
+    Case("motion score out of range", ["video", "a cat", "--model", "tiny-video", "--motion-score", "101", "-o",
+                                       "{tmp}/"], 2, "--motion-score must be 0..100, got 101"),
+    Case("image decode strategy for a video", ["video", "a cat", "--model", "tiny-video", "--decode", "strips", "-o",
+                                               "{tmp}/"], 2, "--decode strips is an image decode"),
+    Case("video column in an image batch", ["batch", "{files}/frames-row.jsonl", "--model", "tiny", "-o", "{tmp}/b"], 2,
+         "line 1: 'frames' is for SANA-Video models; tiny makes images"),
+    Case("image-only column in a video batch", ["batch", "{files}/lora-row-video.jsonl", "--model", "tiny-video", "-o",
+                                                "{tmp}/b"], 2, "line 1: 'lora' is for images; a video row takes"),
+    Case("video batch frames not 4k+1", ["batch", "{files}/frames-bad-row.jsonl", "--model", "tiny-video", "-o",
+                                         "{tmp}/b"], 2, "line 1: 'frames' 6 is not 4k+1"),
     # --quantize: a weight format is checked before anything loads; what the machine cannot run is exit 4.
     Case("unknown --quantize value", ["generate", "a cat", "--model", "tiny", "--quantize", "int4", "-o", "{tmp}/"], 2,
          "'int4' is not one of 'int8', 'fp8', 'nf4'"),
@@ -458,6 +502,13 @@ CASES = [
     Case("SANA_SERVER sending another job's image",
          ["generate", "a cat", "--model", "tiny", "--size", "128", "-o", "{tmp}/"], 1,
          "does not carry the key of the job it was sent for", env={"SANA_SERVER": "unix:{files}/other-key.sock"}),
+    Case("input image changed between planning and sending it to a server",
+         ["generate", "a street", "--model", "tiny-sprint", "--image", "{files}/changing.png", "-o", "{tmp}/"], 2,
+         "changed after the run was planned (its sha256 differs); run again",
+         env={"SANA_SERVER": "unix:{files}/changes.sock"}),
+    Case("input image larger than a server is sent",
+         ["generate", "a street", "--model", "tiny-sprint", "--image", "{files}/huge.png", "-o", "{tmp}/"], 2,
+         "is larger than the 256 MiB a file sent to a server may be", env={"SANA_SERVER": "unix:{files}/ok.sock"}),
 ]
 
 
@@ -485,6 +536,10 @@ def files(tmp_path_factory, tiny_models) -> Path:
     (root / "custom-code" / "model_index.json").write_text(json.dumps(index))
     (root / "a-file").write_text("in the way")
     (root / "taken.png").write_bytes(b"precious")
+    (root / "taken.mp4").write_bytes(b"precious")
+    (root / "frames-row.jsonl").write_text('{"prompt": "a cat", "frames": 9}\n')
+    (root / "lora-row-video.jsonl").write_text('{"prompt": "a cat", "lora": "x.safetensors"}\n')
+    (root / "frames-bad-row.jsonl").write_text('{"prompt": "a cat", "frames": 6}\n')
     (root / "empty.txt").write_text("# nothing here\n\n")
     (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     (root / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
@@ -619,6 +674,19 @@ def _fake_servers(root: Path) -> None:
     _FAKES.append(FakeServer(unix=root / "garbage.sock", events=lambda jobs: [b"<html>hello</html>\n"]))
     _FAKES.append(FakeServer(unix=root / "other-key.sock", events=lambda jobs: [
         image_event(jobs[0]["index"], image_bytes(jobs[0], key="f" * 64))]))
+    from PIL import Image
+
+    from sana_cli.server.wire import MAX_INPUT_FILE_BYTES
+
+    colours = iter(range(1, 10**6))
+    Image.new("RGB", (64, 64)).save(root / "changing.png")
+    changes = FakeServer(unix=root / "changes.sock")  # the handshake comes after planning: the file changes then
+    changes.on_health = lambda: Image.new("RGB", (64, 64), (next(colours) % 256, 0, 0)).save(root / "changing.png")
+    _FAKES.append(changes)
+    _FAKES.append(FakeServer(unix=root / "ok.sock"))
+    Image.new("RGB", (64, 64)).save(root / "huge.png")
+    with open(root / "huge.png", "r+b") as handle:  # a valid PNG followed by zeros (a sparse file)
+        handle.truncate(MAX_INPUT_FILE_BYTES + 1)
 
 
 def _input_files(root: Path) -> None:
@@ -691,6 +759,16 @@ def _untrusted_files(root: Path, tiny: Path) -> None:
     os.mkfifo(root / "fifo.png")
     os.mkfifo(root / "fifo-out.png")
     (root / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(root / "fifo.mp4")
+    (root / "zero.webm").symlink_to("/dev/zero")
+    (root / "garbage.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video at all " * 50)
+    import av
+
+    with av.open(str(root / "plain.mp4"), mode="w") as container:  # a video from elsewhere: no tags of ours
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for packet in [*stream.encode(av.VideoFrame.from_image(Image.new("RGB", (32, 32), "red"))), *stream.encode()]:
+            container.mux(packet)
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
@@ -750,8 +828,9 @@ def test_bad_input(case: Case, files, tiny_dir, tmp_path):
     assert process.stdout == ""
     after = sorted(p.name for p in tmp_path.iterdir())
     assert after == before, "a failed run left files behind"
-    if "taken.png" in " ".join(args):
-        assert (files / "taken.png").read_bytes() == b"precious"
+    for taken in ("taken.png", "taken.mp4"):
+        if taken in " ".join(args):
+            assert (files / taken).read_bytes() == b"precious"
 
 
 def test_allow_pickle_loads_what_the_default_refuses(sana, files, tmp_path):
@@ -815,9 +894,10 @@ class HttpCase:
     name: str
     method: str
     path: str
-    body: object  # a dict sent as JSON, or bytes sent as they are
+    body: object  # a dict sent as JSON, or bytes sent as they are; for an edit, a function giving (fields, files)
     code: int
     says: str
+    headers: dict | None = None
 
 
 _TINY = {"prompt": "a cat", "model": "tiny", "size": "128x128"}
@@ -847,12 +927,70 @@ HTTP_CASES = [
              ('{"prompt": ' + "[" * 40 + "]" * 40 + "}").encode(), 400, "nests deeper than 32 levels"),
     HttpCase("HTTP: an attached job with a list for decode", "POST", "/v1/sana/jobs",
              {"model": "tiny", "decode": ["auto"], "jobs": [{"prompt": "a cat"}]}, 400, "'decode' must be text"),
-    HttpCase("HTTP: image edits", "POST", "/v1/images/edits", {}, 400,
-             "image edits are not supported by this server yet"),
+    HttpCase("HTTP: image variations", "POST", "/v1/images/variations", {}, 400,
+             "image variations are not supported: Sana's image-to-image needs a prompt"),
+    HttpCase("HTTP: an image edit sent as JSON", "POST", "/v1/images/edits", {"prompt": "a cat"}, 415,
+             "must be sent as multipart/form-data"),
     HttpCase("HTTP: GET on the generations route", "GET", "/v1/images/generations", None, 405,
              "GET is not allowed here; use POST"),
     HttpCase("HTTP: a model nobody aliased", "GET", "/v1/models/no-such-model", None, 404,
              "the model 'no-such-model' does not exist here"),
+]
+
+
+def _png_bytes(size=(64, 64)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _bomb() -> bytes:
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+_EDIT = {"prompt": "make it night", "model": "tiny-sprint", "seed": 1}
+
+
+def _edit(fields: dict | None = None, files: list | None = None, **changes):
+    """An edit's form, made when sent: (fields, files) with one good image unless `files` is given."""
+    return lambda: ({**_EDIT, **(fields or {}), **changes},
+                    files() if callable(files) else files if files is not None else
+                    [("image", "in.png", _png_bytes(), "image/png")])
+
+
+# Image edits (multipart forms), sent by tests/test_openai_clients.py to a real server; rows of the README table.
+EDIT_CASES = [
+    HttpCase("HTTP: an edit upload that is not an image", "POST", "/v1/images/edits",
+             _edit(files=[("image", "in.png", b"%!PS-Adobe-3.0\n", "image/png")]), 400,
+             "--image: in.png is not a readable image: not a PNG, JPEG or WebP file"),
+    HttpCase("HTTP: an edit upload that is a decompression bomb", "POST", "/v1/images/edits",
+             _edit(files=lambda: [("image", "bomb.png", _bomb(), "image/png")]), 400, "is too large"),
+    HttpCase("HTTP: an edit with two images", "POST", "/v1/images/edits",
+             _edit(files=lambda: [("image[]", name, _png_bytes(), "image/png") for name in ("a.png", "b.png")]), 400,
+             "Sana edits one image at a time (image-to-image from one start image); this request sends 2"),
+    HttpCase("HTTP: an edit with more files than a form takes", "POST", "/v1/images/edits",
+             _edit(files=lambda: [("image[]", f"{i}.png", _png_bytes((8, 8)), "image/png") for i in range(9)]), 400,
+             "too many files in one request (at most 8)"),
+    HttpCase("HTTP: an edit upload over 50 MiB", "POST", "/v1/images/edits",
+             _edit(files=lambda: [("image", "big.png", _png_bytes() + b"\0" * (50 << 20), "image/png")]), 400,
+             "the uploaded image is larger than 50 MiB"),
+    HttpCase("HTTP: an edit with strength out of range", "POST", "/v1/images/edits", _edit(strength=1.5), 400,
+             "--strength must be in 0..1 (above 0), got 1.5"),
+    HttpCase("HTTP: an edit without an image", "POST", "/v1/images/edits", _edit(files=[]), 400,
+             "'image' is required"),
+    HttpCase("HTTP: an edit's image as text", "POST", "/v1/images/edits", _edit(image="https://example.com/a.png",
+                                                                                  files=[]), 400,
+             "'image' must be an uploaded file"),
+    HttpCase("HTTP: an edit form posted by another site's page", "POST", "/v1/images/edits", _edit(), 403,
+             "a form posted by a page of another site is refused", headers={"Origin": "https://evil.example"}),
 ]
 
 
@@ -865,7 +1003,7 @@ def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[1].isdigit():
             rows[cells[0]] = (int(cells[1]), cells[2])
-    for case in [*CASES, *HTTP_CASES]:
+    for case in [*CASES, *HTTP_CASES, *EDIT_CASES]:
         assert case.name in rows, f"README table lacks {case.name!r}"
         code, says = rows[case.name]
         assert code == case.code, case.name
@@ -873,5 +1011,5 @@ def test_at_least_thirty_bad_inputs_and_the_readme_table_lists_every_case():
 
 
 if __name__ == "__main__":  # print the README table rows
-    for case in [*CASES, *HTTP_CASES]:
+    for case in [*CASES, *HTTP_CASES, *EDIT_CASES]:
         print(f"| {case.name} | {case.code} | {('`' + case.says + '`') if case.says else 'works'} |")

@@ -233,12 +233,13 @@ def test_help_and_dry_run_never_import_torch():
 import sys
 from sana_cli.cli import main
 for argv in (["--help"], ["generate", "--help"], ["models"], ["models", "--json"],
-             ["generate", "a cat", "--size", "4096", "--seed", "1", "--dry-run"]):
+             ["generate", "a cat", "--size", "4096", "--seed", "1", "--dry-run"], ["video", "--help"],
+             ["video", "a corgi", "--seed", "1", "--frames", "41", "--dry-run"]):
     try:
         main(argv)
     except SystemExit as exit:
         assert exit.code == 0, (argv, exit.code)
-heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'av'))
 print("HEAVY", heavy)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -116,6 +116,27 @@ def test_a_session_switching_loras_gives_each_set_its_own_pixels(session, parts,
     assert np.array_equal(pixels(plain), reference(tiny_models))
 
 
+def test_a_kept_model_holds_a_bounded_set_of_adapters_and_loads_an_evicted_one_again(session, parts, tiny_models,
+                                                                                     tmp_path, monkeypatch):
+    """A model kept for many calls (a server's) keeps at most MAX_LOADED_ADAPTERS adapters: loading another
+    deletes the least recently used one the call does not need, and asking for it again loads it again, with
+    its own pixels."""
+    monkeypatch.setattr(lora_engine, "MAX_LOADED_ADAPTERS", 1)
+    parts_c = tiny.build_lora(tmp_path / "lora-c", seed=3)  # new to the session, whatever it loaded before
+    name_a, name_c = (lora_engine.adapter_name(lora.sha256_file(path, "x")) for path in (parts["a"], parts_c))
+    first = make(session, tmp_path, "c1.png", loras=[str(parts_c)])
+    assert session.loaded.lora_state["loaded"] == {name_c}
+    other = make(session, tmp_path, "a.png", loras=[str(parts["a"])])
+    assert session.loaded.lora_state["loaded"] == {name_a}
+    assert lora_engine._adapter_modules(session.loaded.pipe.transformer, name_c) == []  # deleted, not just idle
+    again = make(session, tmp_path, "c2.png", loras=[str(parts_c)])
+    assert session.loaded.lora_state["loaded"] == {name_c}
+    assert np.array_equal(pixels(first), pixels(again)) and not np.array_equal(pixels(first), pixels(other))
+    assert np.array_equal(pixels(other), reference(tiny_models, (parts["a"], 1.0)))
+    both = make(session, tmp_path, "ac.png", loras=[str(parts["a"]), str(parts_c)])  # a call needs both: kept
+    assert session.loaded.lora_state["loaded"] == {name_a, name_c} and pixels(both).shape == (128, 128, 3)
+
+
 def test_pag_with_a_lora_equals_diffusers_pag_on_the_fused_transformer(session, parts, tiny_models, tmp_path):
     from diffusers import SanaPAGPipeline
 

@@ -109,8 +109,11 @@ def test_sdk_error_classes_carry_code_and_param(server):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
     with pytest.raises(openai.BadRequestError) as edits:
-        client.images.edit(image=io.BytesIO(b"x"), prompt="a cat", model="tiny")
-    assert edits.value.code == "unsupported_endpoint" and "generations" in edits.value.message
+        client.images.edit(image=("x.png", io.BytesIO(b"x")), prompt="a cat", model="tiny-sprint")
+    assert edits.value.param == "image" and "x.png is not a readable image" in edits.value.message
+    with pytest.raises(openai.BadRequestError) as variations:
+        client.images.create_variation(image=io.BytesIO(b"x"), model="tiny-sprint")
+    assert variations.value.code == "unsupported_endpoint" and "/v1/images/edits" in variations.value.message
 
 
 def test_output_compression_is_honoured_and_kept_in_the_metadata(server):
@@ -268,6 +271,126 @@ def test_librechat_dalle3_request_replayed(server):
     with urllib.request.urlopen(url, timeout=30) as fetched:
         image = Image.open(io.BytesIO(fetched.read()))
     assert image.size == (96, 160) and answer.quality == "high"
+
+
+# ---- image edits: a multipart form with the start image --------------------------------------------------
+
+def _start_png(path: Path, seed: int = 0) -> Path:
+    """A noisy RGBA start image with an EXIF orientation: transparency to composite, a rotation to apply, a
+    size (96x80) to resize and crop."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (80, 96, 4), dtype=np.uint8), "RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    image.save(path, exif=exif)
+    return path
+
+
+def _form(fields: dict, files: list) -> tuple[bytes, str]:
+    """A multipart/form-data body as an HTTP client builds it: text fields, then (name, file name, bytes,
+    type) file parts."""
+    from urllib3 import encode_multipart_formdata
+
+    parts = [(name, str(value)) for name, value in fields.items()]
+    parts += [(name, (filename, data, kind)) for name, filename, data, kind in files]
+    return encode_multipart_formdata(parts)
+
+
+def _post_form(server, path: str, fields: dict, files: list, headers: dict | None = None):
+    body, kind = _form(fields, files)
+    request = urllib.request.Request(server.url(path), data=body, method="POST",
+                                     headers={"Content-Type": kind, **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_sdk_images_edit_answers_the_pixels_of_the_clis_image_run(server, tmp_path):
+    """The openai SDK's images.edit (a multipart form: the file, the prompt, Sana's fields in extra_body) gives
+    the pixels of `sana generate --image --strength` with the same seed, and the same key; the upload went
+    through the input-image rule (EXIF rotation, transparency on white, cover-resize and crop)."""
+    from .conftest import run_sana
+    from sana_cli.storage.images import read_metadata
+
+    start = _start_png(tmp_path / "street.png")
+    with open(start, "rb") as handle:
+        answer = _client(server).images.edit(image=handle, prompt="a street at night", model="tiny-sprint",
+                                             response_format="b64_json", extra_body={"seed": 3, "strength": 0.5})
+    (tmp_path / "edit.png").write_bytes(base64.b64decode(answer.data[0].b64_json))
+    cli = run_sana("generate", "a street at night", "--model", "tiny-sprint", "--seed", 3, "--image", start,
+                   "--strength", 0.5, "-o", tmp_path / "cli.png", "--no-server", env=server.env)
+    assert cli.returncode == 0, cli.stderr
+    edited, made = (np.asarray(Image.open(tmp_path / name).convert("RGB")) for name in ("edit.png", "cli.png"))
+    assert np.array_equal(edited, made)
+    ours, theirs = (read_metadata(tmp_path / name)["sana"] for name in ("edit.png", "cli.png"))
+    assert ours["key"] == theirs["key"] and ours["image_sha256"] == theirs["image_sha256"]
+    assert ours["image"] == "street.png" and ours["strength"] == 0.5  # the uploaded name, never a server path
+    assert answer.data[0].seed == 3 if hasattr(answer.data[0], "seed") else True
+
+
+def test_open_webui_edit_request_replayed(server, tmp_path):
+    """Open WebUI's image edit, engine "openai": a multipart form with model (its edit model setting), prompt,
+    n and size as text, response_format b64_json, and the chat's image as `image` (one) or `image[]` (a list),
+    named <uuid>.png; it reads data[i].b64_json."""
+    start = _start_png(tmp_path / "s.png").read_bytes()
+    for name in ("image", "image[]"):
+        status, body = _post_form(server, "/v1/images/edits",
+                                  {"model": "tiny-sprint", "prompt": "make it night", "n": 1, "size": "512x512",
+                                   "response_format": "b64_json"},
+                                  [(name, "0b7c1e3a-6d1f-4c2e-9a57-1f0d3c2b4a5e.png", start, "image/png")],
+                                  headers={"Authorization": "Bearer sk-anything"})
+        assert status == 200, body
+        assert _image(body["data"][0]["b64_json"]).size == (128, 128) and "512x512" in body["size_note"]
+
+
+def test_an_edit_with_an_idempotency_key_renders_once(server, tmp_path):
+    """An edit retried with the same Idempotency-Key and the same form (fields, and files by their bytes) gets
+    the first answer without a second render; the key with another file is refused."""
+    start = _start_png(tmp_path / "s.png").read_bytes()
+    fields = {"model": "tiny-sprint", "prompt": "make it night", "seed": 2}
+    key = {"Idempotency-Key": "edit-retry-1"}
+    mark = len(server.lines)
+    first, second = (_post_form(server, "/v1/images/edits", fields, [("image", "s.png", start, "image/png")],
+                                headers=key) for _ in range(2))
+    assert first[0] == second[0] == 200 and first[1]["data"] == second[1]["data"]
+    assert _runs(server, mark) == 1
+    other = _post_form(server, "/v1/images/edits", fields,
+                       [("image", "s.png", _start_png(tmp_path / "t.png", seed=1).read_bytes(), "image/png")],
+                       headers=key)
+    assert other[0] == 400 and other[1]["error"]["code"] == "idempotency_key_reused"
+
+
+def test_bad_uploads_are_one_400_each_and_nothing_renders(server, tmp_path):
+    """Each bad upload is a 400 (or 413 for a body over the bound) with one message naming its field, and
+    nothing renders; a form a page of another site posts is 403; variations say where to go."""
+    from .test_bad_inputs import EDIT_CASES
+
+    mark = len(server.lines)
+    for case in EDIT_CASES:
+        status, body = _post_form(server, case.path, *case.body(), headers=case.headers)
+        assert status == case.code and case.says in body["error"]["message"], (case.name, status, body)
+        assert set(body["error"]) >= {"message", "type", "param", "code"}
+    assert _runs(server, mark) == 0
+
+
+def test_openai_masks_become_white_where_transparent():
+    """OpenAI's mask marks the area to edit by alpha 0; Sana's mask by white: an RGBA mask is converted, a mask
+    without alpha and bytes that are not an image are left as they are."""
+    from sana_cli.server.openai_images import openai_mask
+
+    mask = Image.new("RGBA", (4, 2), (0, 0, 0, 255))
+    mask.putpixel((1, 0), (0, 0, 0, 0))
+    mask.putpixel((3, 1), (10, 10, 10, 0))
+    out = io.BytesIO()
+    mask.save(out, format="PNG")
+    converted = Image.open(io.BytesIO(openai_mask(out.getvalue())))
+    assert converted.mode == "L"
+    assert np.asarray(converted).tolist() == [[0, 255, 0, 0], [0, 0, 0, 255]]
+    grey = io.BytesIO()
+    Image.new("L", (4, 2), 255).save(grey, format="PNG")
+    assert openai_mask(grey.getvalue()) == grey.getvalue() and openai_mask(b"not an image") == b"not an image"
 
 
 def test_openapi_document_and_schemathesis(server, tmp_path):

@@ -266,8 +266,9 @@ def test_the_media_seam_writes_the_still_codecs_bytes_unchanged(tmp_path, name):
 
 def test_every_suffix_the_planner_accepts_has_an_encoder():
     """A format is a suffix row in the planner and an encoder here; one without the other fails this."""
+    from sana_cli.planning.checks import VIDEO_SUFFIXES
     from sana_cli.planning.plan import IMAGE_SUFFIXES
 
-    assert set(IMAGE_SUFFIXES.values()) == set(media.ENCODERS)
+    assert set(IMAGE_SUFFIXES.values()) | set(VIDEO_SUFFIXES.values()) == set(media.ENCODERS)
     with pytest.raises(UsageError, match="cannot write '.gif' images"):
         media.write(media.Frames.still(noise_image()), "a.gif", META, overwrite=False)

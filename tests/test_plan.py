@@ -312,6 +312,7 @@ PIXEL_FIELD_PAIRS = {
     "control_image": (None, "/a/control.png"), "control_image_sha256": (None, "3" * 64), "control_scale": (None, 0.5),
     "image": (None, "/a/start.png"), "image_sha256": (None, "4" * 64), "strength": (None, 0.6),
     "mask": (None, "/a/mask.png"), "mask_sha256": (None, "5" * 64),
+    "frames": (None, 9), "fps": (None, 16), "motion_score": (None, 30),
 }
 PIXEL_OPTION_PAIRS = {"device": ("cpu", "cuda"), "dtype": ("fp32", "bf16"), "fp8": (False, True),
                       "decode": ("full", "tiled"), "quantize": (None, "int8")}
@@ -371,10 +372,15 @@ def test_both_commands_take_the_table_rows_as_the_same_options():
     from sana_cli.cli import cli
     from sana_cli.planning import fields
 
-    generate, batch = ({p.name: p for p in cli.commands[name].params} for name in ("generate", "batch"))
+    generate, batch, video = ({p.name: p for p in cli.commands[name].params}
+                              for name in ("generate", "batch", "video"))
     for row in fields.FIELDS:
         if not row.flags:
             assert row.name not in generate or row.name == "prompt", row.name  # the prompt is the argument
+            continue
+        if row.group == "video":  # `sana video`'s own rows
+            assert row.name not in generate and row.name not in batch, row.name
+            assert video[row.name].opts == list(row.flags) and video[row.name].help == row.help
             continue
         assert generate[row.name].opts == list(row.flags) and generate[row.name].help == row.help
         if row.in_batch:
@@ -463,3 +469,14 @@ def test_a_parameter_added_as_one_table_row_reaches_options_columns_key_reproduc
     assert out["help"] == ["generate", "batch"] and out["columns"] is True
     assert "--sharpness 0.25" in out["command"]
     assert out["http"] == {"sharpness": 0.5}
+
+
+def test_a_model_name_too_long_for_a_path_is_a_usage_error_not_an_os_error():
+    """A server plans models its clients name: a name longer than a file name may be is not a directory, and
+    says so as any unknown model does (an OSError here was a 500 on the HTTP routes)."""
+    from sana_cli.errors import SanaError
+    from sana_cli.models.modelref import classify
+
+    with pytest.raises(SanaError) as caught:
+        classify("0" * 256)
+    assert caught.value.exit_code in (2, 4)

@@ -180,21 +180,120 @@ def test_no_server_and_what_a_server_cannot_do_the_same_way_run_here(server, tmp
     assert "local model directory" in attach_blocker(resolve(str(tiny_dir)), LoadOptions(), keep_latents=False)
 
 
-def test_input_files_are_read_only_by_an_in_process_run(server, tmp_path):
-    """A server never opens a client's path: a run with a ControlNet image renders here, with a note, and a
-    batch row naming an image, sent to the server, is refused with one line that says what to do."""
+def _start_image(path: Path, size=(96, 80), seed: int = 0) -> Path:
+    """A noisy RGBA start image (transparency to composite, a size to resize and crop)."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8), "RGBA").save(path)
+    return path
 
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "in.png")
-    control = run_sana("generate", "a castle", "--model", "tiny", "--seed", 2, "--controlnet", "tiny-controlnet",
-                       "--control-image", tmp_path / "in.png", "-o", tmp_path / "c.png", env=server.env)
-    assert control.returncode == 0, control.stderr
-    assert "input-image files are read by this process" in control.stderr and (tmp_path / "c.png").is_file()
+
+def test_attached_image_and_control_image_render_on_the_server_with_the_no_server_bytes(server, tmp_path):
+    """The attaching CLI reads --image and --control-image and sends their bytes; the server renders them
+    (its log has the run, the CLI says it renders there and never that it renders here), and the files are
+    the bytes of a --no-server run."""
+    start = _start_image(tmp_path / "in.png")
+    runs = {"img2img": ("a street at night", "--model", "tiny-sprint", "--seed", 3, "--image", start,
+                        "--strength", 0.5),
+            "control": ("a castle", "--model", "tiny", "--seed", 2, "--steps", 3, "--controlnet", "tiny-controlnet",
+                        "--control-image", start)}
+    for name, args in runs.items():
+        before = len(server.lines)
+        attached = run_sana("generate", *args, "-o", tmp_path / f"{name}-att.png", env=server.env)
+        assert attached.returncode == 0, attached.stderr
+        assert "rendering on the server at unix:" in attached.stderr and "rendering here" not in attached.stderr
+        assert "loading" not in attached.stderr  # nothing loaded in the client
+        server.wait_for("attached run of 1 image(s)", after=before)
+        alone = run_sana("generate", *args, "-o", tmp_path / f"{name}-ref.png", "--no-server", env=server.env)
+        assert alone.returncode == 0, alone.stderr
+        assert (tmp_path / f"{name}-att.png").read_bytes() == (tmp_path / f"{name}-ref.png").read_bytes(), name
+
+
+def test_an_attached_batch_sends_its_rows_images_and_matches_no_server(server, tmp_path):
+    starts = [_start_image(tmp_path / f"s{i}.png", seed=i) for i in range(2)]
     rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"prompt": "a street", "image": str(tmp_path / "in.png")}) + "\n")
-    refused = run_sana("batch", rows, "--model", "tiny-sprint", "-o", tmp_path / "out", env=server.env)
-    assert refused.returncode == 2
-    assert "a server never opens a client's path); run it with --no-server" in one_line_error(refused)
-    assert not (tmp_path / "out").exists()  # refused before the directory was made
+    rows.write_text("".join(json.dumps({"prompt": f"a street {i}", "seed": i, "image": str(path), "strength": 0.6})
+                            + "\n" for i, path in enumerate(starts)))
+    attached = run_sana("batch", rows, "--model", "tiny-sprint", "-o", tmp_path / "att", "--json", env=server.env,
+                        check_json=True)
+    assert attached.returncode == 0, attached.stderr
+    assert "rendering on the server" in attached.stderr and attached.json["written"] == 2
+    alone = run_sana("batch", rows, "--model", "tiny-sprint", "-o", tmp_path / "ref", "--no-server", env=server.env)
+    assert alone.returncode == 0, alone.stderr
+    for image in (tmp_path / "ref").glob("*.png"):
+        assert (tmp_path / "att" / image.name).read_bytes() == image.read_bytes()
+
+
+def test_two_attached_clients_with_different_loras_at_once_never_see_each_others_weights(server, tmp_path):
+    """Two CLIs attach at the same moment with different LoRA files (the server gathers them into one run, two
+    GPU batches), a third right after with none: each image is the bytes of its --no-server run."""
+    from sana_cli.engine import tiny_build
+
+    loras = {"a": tiny_build.build_lora(tmp_path / "lora-a", seed=1),
+             "b": tiny_build.build_lora(tmp_path / "lora-b", seed=2)}
+    args = {name: ("--lora", f"{path}:0.8") for name, path in loras.items()}
+    args["plain"] = ()
+    common = ("generate", "a red fox, ink style", "--model", "tiny", "--seed", 4, "--steps", 3)
+    before = len(server.lines)
+    done = {}
+
+    def attached(name):
+        done[name] = run_sana(*common, *args[name], "-o", tmp_path / f"{name}-att.png", env=server.env)
+
+    threads = [threading.Thread(target=attached, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    attached("plain")
+    for name, process in done.items():
+        assert process.returncode == 0, process.stderr
+        assert "rendering on the server" in process.stderr and "rendering here" not in process.stderr
+    server.wait_for("attached run of 1 image(s)", after=before)
+    images = {}
+    for name in args:
+        alone = run_sana(*common, *args[name], "-o", tmp_path / f"{name}-ref.png", "--no-server", env=server.env)
+        assert alone.returncode == 0, alone.stderr
+        images[name] = (tmp_path / f"{name}-ref.png").read_bytes()
+        assert (tmp_path / f"{name}-att.png").read_bytes() == images[name], name
+    assert len({_pixels(data).tobytes() for data in images.values()}) == 3  # each LoRA changes the pixels
+
+
+def test_a_file_changed_between_plan_and_send_or_over_the_bound_is_exit_2(tmp_path, tiny_models):
+    """The attaching CLI reads each input file when it sends it and checks it against the hash its plan took:
+    a file changed in between (here: while the CLI shakes hands with the server, after planning) is exit 2
+    with one line, nothing sent, nothing written. A file larger than a server is sent is exit 2 before
+    anything is sent, and a batch naming one is refused before its directory is made."""
+    from sana_cli.server.wire import MAX_INPUT_FILE_BYTES
+
+    from .fakeserver import FakeServer
+
+    start = _start_image(tmp_path / "in.png")
+    fake = FakeServer()
+    try:
+        fake.on_health = lambda: _start_image(start, seed=5)  # another picture under the same name
+        changed = run_sana("generate", "a street", "--model", "tiny-sprint", "--seed", 1, "--image", start,
+                           "-o", tmp_path / "a.png", env=fake.env)
+        assert changed.returncode == 2, changed.stderr
+        assert "changed after the run was planned (its sha256 differs); run again" in one_line_error(changed)
+        assert fake.runs == [] and not (tmp_path / "a.png").exists()
+
+        fake.on_health = None
+        big = tmp_path / "big.png"
+        big.write_bytes(start.read_bytes())
+        with open(big, "r+b") as handle:  # a valid PNG with trailing bytes (sparse): over the bound
+            handle.truncate(MAX_INPUT_FILE_BYTES + 1)
+        over = run_sana("generate", "a street", "--model", "tiny-sprint", "--seed", 1, "--image", big,
+                        "-o", tmp_path / "b.png", env=fake.env)
+        assert over.returncode == 2, over.stderr
+        assert "is larger than the 256 MiB a file sent to a server may be" in one_line_error(over)
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"prompt": "a street", "image": str(big)}) + "\n")
+        batch = run_sana("batch", rows, "--model", "tiny-sprint", "-o", tmp_path / "out", env=fake.env)
+        assert batch.returncode == 2 and "256 MiB a file sent to a server" in one_line_error(batch)
+        assert fake.runs == [] and not (tmp_path / "out").exists() and not (tmp_path / "b.png").exists()
+    finally:
+        fake.close()
+
 
 def test_socket_is_user_only_and_a_foreign_or_open_socket_is_not_trusted(server, tmp_path):
     from sana_cli.server.client import private_place_problem

@@ -608,3 +608,38 @@ def test_input_image_limits_sit_below_pillows_and_the_largest_allowed_image_is_a
 
 def _chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def test_supplied_files_are_the_only_input_files_a_server_opens(tmp_path):
+    """Inside supplying(), an input file is the copy of the bytes with its sha256 (or, by name, the one file
+    that name was sent as); a name sent as two different files, or a path nobody sent, is a usage error,
+    never a read of that path. Outside, the path is the path."""
+    from sana_cli.errors import UsageError
+    from sana_cli.inputs import supplied
+    from sana_cli.inputs.images import check_image
+
+    from PIL import Image
+
+    client = tmp_path / "client.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(client)
+    copy = tmp_path / "copy.png"
+    Image.new("RGB", (8, 8), (200, 100, 0)).save(copy)
+    assert supplied.local(str(client)) == str(client)
+    with supplied.supplying({"d1": str(copy), "d2": str(tmp_path / "other")},
+                            {"/home/u/in.png": {"d1"}, "/home/u/twice.png": {"d1", "d2"}}):
+        assert supplied.local("/home/u/in.png") == str(copy)
+        assert supplied.local("/home/u/twice.png", "d2") == str(tmp_path / "other")
+        for path in ("/home/u/twice.png", str(client)):
+            with pytest.raises(UsageError, match="was not sent with the request"):
+                supplied.local(path)
+        # planning on a server hashes the copy and keeps the client's name for the file
+        assert check_image("/home/u/in.png", "--image") == ("/home/u/in.png", _sha256(copy))
+        with pytest.raises(UsageError, match="a server never opens a client's path"):
+            check_image(str(client), "--image")
+    assert not supplied.active()
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

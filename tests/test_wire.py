@@ -125,3 +125,57 @@ def test_the_jobs_a_client_sends_are_the_jobs_the_server_checks_and_queues(tmp_p
     with pytest.raises(ApiError) as refused:
         intake.attached_work(state, body)
     assert refused.value.status == 400 and "brand_new_field" in refused.value.message
+
+
+def test_a_jobs_input_files_travel_as_bytes_the_server_checks_by_hash_and_never_its_path(tmp_path, tiny_models):
+    """An img2img job's start image goes to the server as its bytes: the server plans with its own copy (here
+    the client's file is replaced by text after planning, and the server still takes the job: it never
+    opened that path), keeps the copy by sha256 in its scratch directory while the work lives, and lets go of
+    it when the work finishes. Bytes that do not hash to the sha256 they are sent as, a file a job names but
+    the request lacks, and a file no job names are each a 400 with one message, nothing kept pinned."""
+    import base64
+    import hashlib
+
+    from PIL import Image
+
+    from sana_cli.planning.plan import LoadOptions
+    from sana_cli.server import intake
+    from sana_cli.server.openai_images import ApiError
+    from sana_cli.server.state import ServerConfig, ServerState
+    from sana_cli.server.work_queue import Scheduler
+
+    start = tmp_path / "start.png"
+    Image.new("RGB", (128, 128), (10, 200, 30)).save(start)
+    request = Request(prompt="a street", model="tiny-sprint", seed=3, image=str(start), strength=0.5,
+                      output=str(tmp_path / "a.png"))
+    ref = model_for(request)
+    options = LoadOptions()
+    jobs = plan_generate(request, ref, options.pixels()).jobs
+    sources = wire.file_sources(jobs)
+    files = wire.input_files(jobs, sources)
+    digest = hashlib.sha256(start.read_bytes()).hexdigest()
+    assert list(files) == [digest] == [jobs[0].image_sha256]
+    body = json.loads(json.dumps(wire.jobs_request(ref, options, decode="auto", force_size=False, jobs=jobs,
+                                                   files=files)))
+    start.write_text("not an image any more")  # the server must not look here
+    state = ServerState(scheduler=Scheduler(window=30), config=ServerConfig(
+        api_key=None, output_dir=tmp_path / "out", scratch_dir=tmp_path / "scratch", load=options, models=[]))
+    work = intake.attached_work(state, body)
+    copy = tmp_path / "scratch" / "inputs" / digest
+    assert work.inputs == {digest: str(copy)} and work.jobs[0].image == str(start)
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == digest and oct(copy.stat().st_mode & 0o777) == "0o600"
+    work.finish()
+    assert state.config.inputs._pins == {}
+
+    def refused(changed: dict, says: str) -> None:
+        with pytest.raises(ApiError) as caught:
+            intake.attached_work(state, {**body, **changed})
+        assert caught.value.status == 400 and says in caught.value.message, caught.value.message
+        assert state.config.inputs._pins == {}
+
+    other = base64.b64encode(b"other bytes").decode()
+    refused({"files": {digest: other}}, "do not hash to the sha256")
+    refused({"files": {}}, "was not sent with the job (a server never opens a client's path)")
+    refused({"files": {**body["files"], hashlib.sha256(b"x").hexdigest(): base64.b64encode(b"x").decode()}},
+            "a file no job names")
+    refused({"files": {digest: "!!not base64!!"}}, "are not base64")

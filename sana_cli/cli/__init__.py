@@ -16,7 +16,7 @@ from ..errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE
 from ..version import __version__
 from .options import EPILOG
 from .running import StdoutLost, fail, out, state
-from . import generate, batch, serve, models, decode, doctor, info
+from . import generate, batch, serve, models, decode, doctor, info, video
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
@@ -121,6 +121,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 for _command in (generate.generate, batch.batch, serve.serve, models.models, decode.decode_command,
-                 doctor.doctor, info.info):
+                 doctor.doctor, info.info, video.video):
     cli.add_command(_command)
 

@@ -34,8 +34,8 @@ def parse_shard(ctx, param, value):
 @image_options["batch"]
 @click.option("--seed", "base_seed", type=int, default=0, show_default=True, metavar="N",
               help="Base seed for rows without their own seed (see README: seeds).")
-@click.option("--ext", "extension", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,
-              help="Image format of the files.")
+@click.option("--ext", "extension", type=click.Choice(["png", "jpg", "webp", "mp4", "webm"]), default="png",
+              show_default=True, help="Format of the files (a SANA-Video model: mp4 unless webm).")
 @click.option("--batch-size", type=int, metavar="N", help="Images per GPU batch. Default: 4 at 1024px, 1 at 4K.")
 @click.option("--shard", callback=parse_shard, metavar="I/N",
               help="Render only slice I of N (0-based), for job arrays. The union of all slices equals the whole run.")
@@ -59,7 +59,8 @@ def batch(file, output_dir, base_seed, extension, batch_size, shard, input_forma
     .txt:   one prompt per line; blank lines and lines starting with # are skipped.
     .jsonl: {"prompt": ..., "negative_prompt", "seed", "size" | "width"/"height",
             "steps", "guidance", "pag_scale", "name", "n", "lora" (one, or a list),
-            "control_image", "control_scale", "image", "strength", "mask"} per line.
+            "control_image", "control_scale", "image", "strength", "mask"} per line; with a SANA-Video
+            model a row is a video: "frames", "fps", "motion_score" too, "image" its first frame.
     .csv:   a header row with the same field names.
 
     Every row is checked before anything loads. Rerunning the same command resumes: finished images are
@@ -98,10 +99,10 @@ def batch(file, output_dir, base_seed, extension, batch_size, shard, input_forma
 
             ref = model_for(Request(prompt="", model=model, width=defaults.width, height=defaults.height,
                                     revision=revision))
-            # rows may name LoRAs or images too: the server refuses those rows, saying to use --no-server
-            input_files = bool(defaults.loras or defaults.controlnet or defaults.control_image or defaults.image)
-            remote = None if launched_processes() else attach(ref, load, keep_latents, display,
-                                                               input_files=input_files)
+            # rows' input images and LoRAs travel as bytes; a local --controlnet directory keeps the run here;
+            # videos render in this process: a server does not take them yet
+            remote = None if launched_processes() or ref.is_video else attach(
+                ref, load, keep_latents, display, controlnet=defaults.controlnet)
             session = None if remote is None else Session(remote)
         stop = StopToken()
         try:

@@ -51,10 +51,7 @@ def generate(prompt, output, overwrite, force_size, batch_size, model, revision,
         from ..reporting.results import StopToken
 
         display = ProgressDisplay(len(plan.jobs), quiet=quiet)
-        from ..server.wire import uses_input_files
-
-        remote = None if no_server else attach(plan.model, load, keep_latents, display,
-                                                input_files=any(uses_input_files(job) for job in plan.jobs))
+        remote = None if no_server else attach(plan.model, load, keep_latents, display, jobs=plan.jobs)
         stop = StopToken()
         try:
             with graceful_signals(stop, display, "stopping at the next step"):

@@ -13,18 +13,19 @@ from .running import emit_json, out, reporting
 
 
 @click.command()
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image", metavar="FILE", type=click.Path(dir_okay=False))
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
-@click.option("--command", "as_command", is_flag=True, help="Print the `sana generate` command that reproduces it.")
+@click.option("--command", "as_command", is_flag=True,
+              help="Print the `sana generate` (or `sana video`) command that reproduces it.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def info(image, json_output, as_command, debug):
-    """Show the generation parameters embedded in an IMAGE (PNG, JPEG or WebP).
+    """Show the generation parameters embedded in a FILE: an image (PNG, JPEG or WebP) or a video (MP4 or WebM).
 
     Text from the image is shown with control and invisible characters escaped; --json is strict
     JSON; --command prints a command quoted for the shell, with the prompt after `--`.
     """
     with reporting(json_output, debug):
-        from ..storage.images import read_metadata
+        from ..storage.media import read_metadata
 
         meta = read_metadata(image)
         if not meta["parameters"] and not meta["sana"]:

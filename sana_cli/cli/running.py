@@ -20,7 +20,7 @@ from ..terminal import json_text, printable
 
 
 
-def attach(model, load, keep_latents: bool, display, input_files: bool = False):
+def attach(model, load, keep_latents: bool, display, jobs=(), controlnet: str | None = None):
     """The server this run goes to (a RemoteModel), or None to run here. SANA_SERVER that cannot be
     reached is exit 4; a run a server cannot do the same way (see client.attach_blocker) stays here."""
     from ..server import client
@@ -28,7 +28,7 @@ def attach(model, load, keep_latents: bool, display, input_files: bool = False):
     endpoint = client.discover(note=lambda message: display.log(f"sana: {message}"))
     if endpoint is None:
         return None
-    blocker = client.attach_blocker(model, load, keep_latents=keep_latents, input_files=input_files)
+    blocker = client.attach_blocker(model, load, keep_latents=keep_latents, jobs=jobs, controlnet=controlnet)
     if blocker is not None:
         display.log(f"sana: not using the server at {endpoint.describe()}: {blocker}; rendering here")
         return None

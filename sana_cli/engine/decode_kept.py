@@ -13,10 +13,19 @@ from ..storage.latents import _SHORT, Kept, read
 def check_fits(kept: Kept, vae) -> None:
     """The latents against the loaded VAE: its channels, and its scale times their size equal to the size
     the metadata records, so what is decoded is the image the metadata describes."""
-    channels = int(vae.config.latent_channels)
+    video = kept.latents.dim() == 5  # a video's (1, C, F, h, w) for a Wan VAE
+    if video != hasattr(vae.config, "z_dim"):
+        raise UsageError(f"the latents are {'a video' if video else 'an image'}'s and {kept.meta['model_id']}'s VAE "
+                         f"makes {'images' if video else 'videos'}")
+    channels = int(vae.config.z_dim if video else vae.config.latent_channels)
     scale = int(getattr(vae, "spatial_compression_ratio", 0) or 2 ** (len(vae.config.decoder_block_out_channels) - 1))
-    _, got, h, w = tuple(kept.latents.shape)
+    got, h, w = (kept.latents.shape[1], *kept.latents.shape[-2:])
     width, height = kept.meta["width"], kept.meta["height"]
+    if video:
+        temporal = int(vae.config.scale_factor_temporal)
+        if (kept.meta["frames"] - 1) % temporal or (kept.meta["frames"] - 1) // temporal + 1 != kept.latents.shape[2]:
+            raise UsageError(f"the latents' {kept.latents.shape[2]} frames do not decode into the "
+                             f"{kept.meta['frames']} frames their metadata records")
     if got != channels or (w * scale, h * scale) != (width, height):
         raise UsageError(f"the latents ({got} channels, {w}x{h}) do not fit the VAE of {kept.meta['model_id']} "
                          f"({channels} channels, {scale}x): they would not decode into the {width}x{height} image "
@@ -48,7 +57,12 @@ def finish(path: str, *, output: str | None = None, decode: str = "auto", device
     ensure_directory(str(Path(target).parent))  # after every refusal loading can make: a refused run makes none
     budget = None if max_memory is None else int(max_memory * 2**30)
     check_fits(kept, loaded.pipe.vae)
-    frames, decoded = decode_frames(loaded, kept.latents.to(loaded.device), decode, budget)
+    if kept.latents.dim() == 5:
+        from .runner import decode_video
+
+        frames, decoded = decode_video(loaded, kept.latents.to(loaded.device), decode, fps=kept.meta.get("fps") or 16)
+    else:
+        frames, decoded = decode_frames(loaded, kept.latents.to(loaded.device), decode, budget)
     meta = decoded_metadata(meta, decoded.strategy, loaded.device.type)
     return media.write(frames, target, meta, overwrite=overwrite), meta
 

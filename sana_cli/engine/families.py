@@ -101,7 +101,7 @@ def call_controlnet(jobs: list[ImageJob], embeddings: tuple, *, generators: list
 
     first = jobs[0]
     kwargs = call_sana(jobs, embeddings, generators=generators, on_step=on_step, pipe=pipe)
-    kwargs.update(control_image=prepare(first.control_image, first.width, first.height),
+    kwargs.update(control_image=prepare(first.control_image, first.width, first.height, first.control_image_sha256),
                   controlnet_conditioning_scale=first.control_scale)
     return kwargs
 
@@ -114,15 +114,47 @@ def call_img2img(jobs: list[ImageJob], embeddings: tuple, *, generators: list, o
 
     first = jobs[0]
     kwargs = call_sprint(jobs, embeddings, generators=generators, on_step=on_step)
-    kwargs.update(image=prepare(first.image, first.width, first.height), strength=first.strength)
+    kwargs.update(image=prepare(first.image, first.width, first.height, first.image_sha256),
+                  strength=first.strength)
+    return kwargs
+
+
+# ---- SANA-Video (SanaVideoPipeline; SanaImageToVideoPipeline from its components for a first frame) ------
+
+def video_prompt(job: ImageJob) -> str:
+    """The prompt with the motion score appended, exactly as the model card writes it."""
+    return f"{job.prompt} motion score: {job.motion_score}."
+
+
+def encode_video(pipe, jobs: list[ImageJob], *, max_sequence_length: int) -> tuple:
+    """Prompt and negative-prompt embeddings, exactly as SanaVideoPipeline computes them itself."""
+    return tuple(pipe.encode_prompt([video_prompt(job) for job in jobs],
+                                    do_classifier_free_guidance=jobs[0].guidance > 1.0,
+                                    negative_prompt=[job.negative_prompt for job in jobs], num_videos_per_prompt=1,
+                                    device=pipe._execution_device, clean_caption=False,
+                                    max_sequence_length=max_sequence_length, complex_human_instruction=_chi(pipe)))
+
+
+def call_video(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
+    """Keyword arguments for one SanaVideoPipeline / SanaImageToVideoPipeline call that returns latents."""
+    from ..inputs.images import prepare
+
+    first = jobs[0]
+    kwargs = call_sana(jobs, embeddings, generators=generators, on_step=on_step)
+    kwargs["frames"] = first.frames
+    if first.image:
+        kwargs["image"] = prepare(first.image, first.width, first.height)
     return kwargs
 
 
 def pipeline_of(job: ImageJob, loaded_pipeline: str | None) -> str | None:
     """The pipeline class that makes a job's image: SanaPAGPipeline, SanaControlNetPipeline or
     SanaSprintImg2ImgPipeline (each built from the loaded pipeline's components) when the job uses
-    PAG, a ControlNet or a start image with a SANA-Sprint model; else the loaded pipeline. (A Sana model's
-    image-to-image runs the pipeline it would run without the image: the image and strength say the rest.)"""
+    PAG, a ControlNet or a start image with a SANA-Sprint model; SanaImageToVideoPipeline for a video with a
+    first frame; else the loaded pipeline. (A Sana model's image-to-image runs the pipeline it would run
+    without the image: the image and strength say the rest.)"""
+    if job.frames:
+        return "SanaImageToVideoPipeline" if job.image else loaded_pipeline
     if job.controlnet:
         return "SanaControlNetPipeline"
     if job.image and loaded_pipeline == SANA_SPRINT:
@@ -143,9 +175,12 @@ SANA_ADAPTER = Adapter(encode=encode_sana, build_call=call_sana, metadata=metada
 SPRINT_ADAPTER = Adapter(encode=encode_sprint, build_call=call_sprint, metadata=metadata_sprint)
 CONTROLNET_ADAPTER = Adapter(encode=encode_sana, build_call=call_controlnet, metadata=metadata_sana)
 IMG2IMG_ADAPTER = Adapter(encode=encode_sprint, build_call=call_img2img, metadata=metadata_sprint)
+VIDEO_ADAPTER = Adapter(encode=encode_video, build_call=call_video, metadata=metadata_sana)
 
 
 def adapter_for(ref: ModelRef, job: ImageJob | None = None) -> Adapter:
+    if ref.is_video:
+        return VIDEO_ADAPTER
     if job is not None and job.controlnet:
         return CONTROLNET_ADAPTER
     if job is not None and job.image and ref.is_sprint:

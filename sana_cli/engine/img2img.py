@@ -105,7 +105,8 @@ def start(pipe, jobs, generators: list) -> Start:
 
     first = jobs[0]
     device = pipe._execution_device
-    x0 = encode_image(pipe, prepare(first.image, first.width, first.height), first.height, first.width)
+    x0 = encode_image(pipe, prepare(first.image, first.width, first.height, first.image_sha256), first.height,
+                      first.width)
     x0 = x0.expand(len(jobs), -1, -1, -1)
     noise = pipe.prepare_latents(len(jobs), pipe.transformer.config.in_channels, first.height, first.width,
                                  torch.float32, device, generators)
@@ -117,7 +118,8 @@ def start(pipe, jobs, generators: list) -> Start:
         latents = (1 - sigma) * x0 + sigma * noise
     mask = None
     if first.mask:
-        mask = latent_mask(prepare_mask(first.mask, first.width, first.height), pipe.vae_scale_factor, device)
+        mask = latent_mask(prepare_mask(first.mask, first.width, first.height, first.mask_sha256),
+                           pipe.vae_scale_factor, device)
     return Start(latents=latents, image_latents=x0, noise=noise, mask=mask)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..cache import cache_root
 from ..errors import EnvironmentProblem, UsageError
 from ..models.modelref import ModelRef, check_components
-from ..models.presets import SANA, SANA_PAG, SANA_SPRINT, component_dtypes, fp8_refusal, pag_supported
+from ..models.presets import SANA, SANA_PAG, SANA_SPRINT, SANA_VIDEO, component_dtypes, fp8_refusal, pag_supported
 from ..planning.plan import LoadOptions, quantize_choice
 from . import tiny_build as tiny
 from .load_errors import loading_error, offline_missing
@@ -48,6 +48,7 @@ class LoadedModel:
     lora_restorable: bool = False  # keep a copy of the weights a LoRA changes, to change the set later
     _controlnets: dict = field(default_factory=dict)  # ControlNet source -> SanaControlNetPipeline
     _img2img: object = None
+    _image_to_video: object = None
     # The per-call state every pipeline shares, as loaded, taken before the first call (see prepare_call).
     _loaded_scheduler: object = None
     _loaded_processors: dict | None = None
@@ -103,6 +104,13 @@ class LoadedModel:
                 pipe.set_progress_bar_config(disable=True)
                 self._controlnets[job.controlnet] = pipe
             return self._controlnets[job.controlnet]
+        if job.image and self.ref.pipeline == SANA_VIDEO:  # the first frame of an image-to-video job
+            if self._image_to_video is None:
+                from diffusers import SanaImageToVideoPipeline
+
+                self._image_to_video = SanaImageToVideoPipeline(**self._base_components())
+                self._image_to_video.set_progress_bar_config(disable=True)
+            return self._image_to_video
         if job.image and self.ref.is_sprint:
             if self._img2img is None:
                 from diffusers import SanaSprintImg2ImgPipeline
@@ -142,7 +150,7 @@ class LoadedModel:
                 current[name] is not processor for name, processor in self._loaded_processors.items()):
             transformer.set_attn_processor(dict(self._loaded_processors))
         pipe.scheduler = copy.deepcopy(self._loaded_scheduler)
-        if job.image and not self.ref.is_sprint:
+        if job.image and not (self.ref.is_sprint or self.ref.is_video):  # a video's image is its first frame
             from . import img2img
 
             img2img.truncate_schedule(pipe.scheduler, img2img.skipped_steps(job))
@@ -335,7 +343,7 @@ def _dtype_plan(ref: ModelRef, device, requested: str, checkpoint: str | None):
     """(dtype argument for from_pretrained, {component: torch.dtype}) by presets.component_dtypes."""
     import torch
 
-    names = component_dtypes(checkpoint, requested, device.type)
+    names = component_dtypes(checkpoint, requested, device.type, video=ref.pipeline == SANA_VIDEO)
     dtypes = {name: getattr(torch, value) for name, value in names.items()}
     if dtypes["transformer"] == dtypes["vae"] == dtypes["text_encoder"]:
         return dtypes["transformer"], dtypes
@@ -416,8 +424,9 @@ def _pipeline_class(ref: ModelRef, source: str, offline: bool, revision: str | N
             raise loading_error(ref, exc, offline) from exc
         name = data.get("_class_name")
         check_components(ref.name, data)
-        if name not in (SANA, SANA_PAG, SANA_SPRINT):
-            raise UsageError(f"{ref.name} holds a {name} pipeline; sana-cli runs Sana, Sana PAG and Sprint")
+        if name not in (SANA, SANA_PAG, SANA_SPRINT, SANA_VIDEO):
+            raise UsageError(f"{ref.name} holds a {name} pipeline; sana-cli runs Sana, Sana PAG, Sprint and "
+                             "SANA-Video")
     # A PAG checkpoint has the same components: load it as SanaPipeline and derive PAG with from_pipe.
     return getattr(diffusers, SANA if name == SANA_PAG else name), name
 

@@ -40,22 +40,47 @@ def adapter_name(digest: str) -> str:
     return "lora_" + digest[:16]
 
 
+# Adapters a model keeps loaded at once (a server's model serves many clients' LoRAs): loading one more
+# deletes the least recently used that the run does not need, so the set held never grows without bound.
+MAX_LOADED_ADAPTERS = 8
+
+
 def prepare(loaded, sets, *, restorable: bool) -> None:
     """Load every LoRA a run needs as a named adapter before any image is made, so one that does not
-    fit fails the run at once (exit 2) instead of failing the rows that use it."""
+    fit fails the run at once (exit 2) instead of failing the rows that use it. Beyond MAX_LOADED_ADAPTERS,
+    the least recently used adapters this run does not need are deleted first (loaded again when asked for)."""
     state = loaded.lora_state
+    needed = [adapter_name(digest) for loras in sets for _, digest, _ in loras]
+    used = state.setdefault("used", {})  # adapter name -> a use counter: least recently used first
+    for name in needed:
+        used[name] = state["uses"] = state.get("uses", 0) + 1
     missing = {(identity, digest) for loras in sets for identity, digest, _ in loras
                if adapter_name(digest) not in state.setdefault("loaded", set())}
     if not missing:
         return
     if state.get("fused"):
         _restore(loaded)
+    _make_room(loaded, keep=set(needed), coming=len(missing))
     state.setdefault("requires_grad", {name: p.requires_grad for name, p in loaded.pipe.transformer.named_parameters()})
     for identity, digest in sorted(missing):
         load_adapter(loaded, identity, digest)
     loaded.pipe.disable_lora()  # nothing acts until a set is applied
     _plain_flags(loaded, base=True)
     state["restorable"] = restorable
+
+
+def _make_room(loaded, *, keep: set, coming: int) -> None:
+    """Delete least recently used adapters not in `keep` until `coming` more fit within MAX_LOADED_ADAPTERS."""
+    state = loaded.lora_state
+    held = state["loaded"]
+    spare = sorted((name for name in held if name not in keep), key=lambda name: state["used"].get(name, 0))
+    gone = spare[:max(0, len(held) + coming - MAX_LOADED_ADAPTERS)]
+    if not gone:
+        return
+    loaded.pipe.delete_adapters(gone)
+    for name in gone:
+        held.discard(name)
+        state["used"].pop(name, None)
 
 
 def _plain_flags(loaded, *, base: bool) -> None:

@@ -51,9 +51,10 @@ class Writer:
     manifest cannot be written: disk full) is fatal, and from then on the thread only drains the
     queue, so the main thread is never left waiting on a dead consumer and signals keep working."""
 
-    def __init__(self, *, overwrite: bool, on_written: Callable[[ImageResult], None]):
+    def __init__(self, *, overwrite: bool, on_written: Callable[[ImageResult], None], frames_dir: str | None = None):
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._overwrite = overwrite
+        self._frames_dir = frames_dir  # also keep a video's frames as PNGs here (sana video --frames-dir)
         self._on_written = on_written
         self.failure: BaseException | None = None  # what stopped the results from being recorded
         self._thread = threading.Thread(target=self._loop, name="sana-writer", daemon=True)
@@ -105,6 +106,8 @@ class Writer:
             started = time.perf_counter()
             try:
                 result.written = media.write(frames, result.job.path, meta, overwrite=self._overwrite)
+                if self._frames_dir is not None and frames.kind == "video":
+                    media.write_frames(frames, self._frames_dir, result.job.path, meta, overwrite=self._overwrite)
             except SanaError as exc:
                 result.error, result.error_exit_code = exc.line(), exc.exit_code
             except Exception as exc:  # noqa: BLE001 - a write failure fails this image only
@@ -198,7 +201,7 @@ def run(plan: Plan, loaded: LoadedModel, options: RunOptions | None = None, *, e
     lora.prepare(loaded, sets, restorable=loaded.lora_restorable)  # a LoRA that does not fit: exit 2, no image
     for job in {plan.jobs[i].controlnet: plan.jobs[i] for group in pending for i in group}.values():
         loaded.pipeline_for_job(job)  # likewise a ControlNet
-    writer = Writer(overwrite=plan.overwrite, on_written=written)
+    writer = Writer(overwrite=plan.overwrite, on_written=written, frames_dir=plan.frames_dir)
     embeddings: dict[int, tuple] = {}
     try:
         if not keep_text_encoder and sum(map(len, pending)) <= ENCODE_AHEAD_MAX:
@@ -417,7 +420,7 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
             on_failed(job, _failure(error), alone=retried_alone)
             continue
         try:
-            frames, decoded = decode_frames(loaded, one, options.decode, options.max_memory_bytes)
+            frames, decoded = decode_frames(loaded, one, options.decode, options.max_memory_bytes, job=job)
         except Exception as exc:  # noqa: BLE001 - every fallback is spent; keep the denoise, not the traceback
             if on_failed is None:
                 raise
@@ -439,7 +442,9 @@ def _run_group(loaded: LoadedModel, jobs: list[ImageJob], *, write: list[bool], 
 
 def denoising_steps(job: ImageJob) -> int:
     """The steps a job's pipeline call runs: all of them, or with a start image the ones its strength keeps."""
-    return kept_steps(job.steps, job.strength) if job.image else job.steps
+    if job.image and not job.frames:  # a video's image is its first frame, not a start to denoise from
+        return kept_steps(job.steps, job.strength)
+    return job.steps
 
 
 PREVIEW_LATENT_SIDE = 8  # a preview's larger latent side: 256 px with Sana's 32x DC-AE, whatever the image's size
@@ -464,10 +469,12 @@ def _preview(loaded: LoadedModel, latents: torch.Tensor):
 
 @torch.no_grad()
 def decode_frames(loaded: LoadedModel, latents: torch.Tensor, strategy: str,
-                  max_memory_bytes: int | None = None) -> tuple[media.Frames, object]:
+                  max_memory_bytes: int | None = None, *, job: ImageJob | None = None) -> tuple[media.Frames, object]:
     """Decode one job's latents exactly as the pipeline would (cast, unscale, decode, postprocess) into its
-    frames (one, for an image) and the decode's account (strategy, fallbacks). `auto` picks its strategy
-    within free memory and, when given, the --max-memory budget."""
+    frames (one, for an image; a video job's all) and the decode's account (strategy, fallbacks). `auto` picks
+    its strategy within free memory and, when given, the --max-memory budget."""
+    if job is not None and job.frames:
+        return decode_video(loaded, latents, strategy, fps=job.fps)
     vae = loaded.pipe.vae
     latents = latents.to(vae.dtype)
     free = None
@@ -482,6 +489,35 @@ def decode_frames(loaded: LoadedModel, latents: torch.Tensor, strategy: str,
                         "was written", hint="try --dtype fp32")
     frames = loaded.pipe.image_processor.postprocess(decoded.image, output_type="pil")
     return media.Frames(tuple(frames)), decoded
+
+
+@torch.no_grad()
+def decode_video(loaded: LoadedModel, latents: torch.Tensor, strategy: str, *, fps: int) -> tuple[media.Frames, object]:
+    """A video's latents (1, C, F, H, W) to its frames exactly as SanaVideoPipeline decodes them: cast to the VAE's
+    dtype, un-normalise with the Wan VAE's latents_mean and latents_std, decode, postprocess. `tiled` uses the Wan
+    VAE's own tiling for this call alone (less memory, not exact); anything else decodes whole."""
+    vae = loaded.pipe.vae
+    latents = latents.to(vae.dtype)
+    if not bool(torch.isfinite(latents).all()):
+        raise NonFinite(NON_FINITE_LATENTS)
+    channels = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1).to(latents.device,
+                                                                                           latents.dtype)
+    tiled = strategy.split(":")[0] == "tiled"
+    if tiled:
+        vae.enable_tiling()
+    try:
+        video = vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+    finally:
+        if tiled:
+            vae.disable_tiling()
+    if not bool(torch.isfinite(video).all()):
+        raise NonFinite(f"the decoded video holds NaN or infinity (the VAE overflowed in {vae.dtype}); no video "
+                        "was written", hint="the Wan VAE runs in fp32 unless --dtype says otherwise")
+    frames = loaded.pipe.video_processor.postprocess_video(video, output_type="pil")[0]
+    return media.Frames(tuple(frames), kind="video", fps=fps), decoding.Decoded(
+        image=video, strategy="tiled" if tiled else "full")
 
 
 def image_metadata(loaded: LoadedModel, job: ImageJob, decode_strategy: str) -> dict:

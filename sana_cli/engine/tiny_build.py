@@ -20,6 +20,7 @@ from ..models.tiny import (
     GEMMA2_CONFIG,
     VAE_CONFIG,
     VARIANTS,
+    VIDEO_VAE_CONFIG,
     controlnet_config,
     tiny_path,
     transformer_config,
@@ -98,6 +99,8 @@ def build(variant: str, directory: str | Path):
     """Build a tiny pipeline of the given variant and save it to directory; returns the pipeline."""
     if variant == CONTROLNET:
         return build_controlnet(directory)
+    if variant == "video":
+        return build_video(directory)
     import torch
     from diffusers import (
         AutoencoderDC,
@@ -124,6 +127,27 @@ def build(variant: str, directory: str | Path):
         scheduler = DPMSolverMultistepScheduler(**FLOW_DPM_CONFIG, flow_shift=3.0)
         pipeline = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                 transformer=transformer, scheduler=scheduler)
+    pipeline.save_pretrained(directory)
+    return pipeline
+
+
+def build_video(directory: str | Path):
+    """The tiny SANA-Video pipeline (SanaVideoPipeline: 3-D transformer, Wan VAE, the tiny Gemma and
+    tokenizer), saved to directory. Image-to-video uses the same components (SanaImageToVideoPipeline)."""
+    import torch
+    from diffusers import AutoencoderKLWan, DPMSolverMultistepScheduler, SanaVideoPipeline, SanaVideoTransformer3DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Gemma2Model(Gemma2Config(**GEMMA2_CONFIG, vocab_size=len(tokenizer), attn_implementation="eager"))
+    torch.manual_seed(0)
+    transformer = SanaVideoTransformer3DModel(**transformer_config("video"))
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**VIDEO_VAE_CONFIG)
+    scheduler = DPMSolverMultistepScheduler(**FLOW_DPM_CONFIG, flow_shift=8.0)
+    pipeline = SanaVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                                 scheduler=scheduler)
     pipeline.save_pretrained(directory)
     return pipeline
 

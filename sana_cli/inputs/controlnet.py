@@ -47,8 +47,15 @@ def resolve_controlnet(value: str, model) -> str:
     if not isinstance(value, str) or not value.strip():
         raise UsageError("--controlnet is empty")
     check_takes_controlnet(model)
+    from . import supplied
+
     if value in CONTROLNETS:
         source, config = value, _tiny_config()
+    elif supplied.active():  # on a server: a built-in name or a hub id, never a path of the client's
+        if not is_hub_id(value):
+            raise UsageError(f"--controlnet {value} is not a hub id or a built-in ControlNet (a server never opens "
+                             "a client's path)")
+        source, config = value, _cached_config(value)
     else:
         path = Path(value).expanduser()
         if path.exists():

@@ -18,6 +18,9 @@ after their EXIF orientation), so the one resize and crop puts it over the same 
 transparency is composited on black (a transparent pixel is kept, so white strokes on a transparent layer mark
 what to repaint), a palette through its colours, 16-bit grey by its top 8 bits, colour by its luminance (ITU-R
 601). It is resized and cropped as the image is, then made binary: grey MASK_THRESHOLD or above is repainted.
+
+On a server the bytes come from the client (inputs.supplied): the file opened is the server's copy of
+them, and messages still name the path the client wrote.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import warnings
 
 from ..errors import UsageError
+from . import supplied
 from ..safeio import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, close_image, image_problem, open_image, read_bounded
 
 MAX_SIDE = 8192  # the longest side of an input image, as of any image sana-cli writes
@@ -44,20 +48,24 @@ def check_image(path, what: str, size: tuple[int, int] | None = None) -> tuple[s
     is found before anything loads."""
     if not isinstance(path, str) or not path.strip():
         raise UsageError(f"{what} is empty")
+    source = supplied.local(path, what=what)
     try:
-        data = read_bounded(path, MAX_IMAGE_BYTES)
-        image = open_image(path)
+        data = read_bounded(source, MAX_IMAGE_BYTES)
+        image = open_image(source)
         try:
             check_bounds(image.size, size, f"{what}: {path}")
         finally:
             close_image(image)
-        image = _decoded(path)
+        image = _decoded(source)
         close_image(image)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - every way a file is not a usable image is one line
-        raise UsageError(f"{what}: {image_problem(path, exc)}") from None
-    return os.path.abspath(path), hashlib.sha256(data).hexdigest()
+        problem = image_problem(source, exc)
+        raise UsageError(f"{what}: {problem.replace(str(source), path) if source != path else problem}") from None
+    # On a server the path is the client's name for the file (already absolute from a CLI, a plain file name
+    # from an upload): kept as it is, never made a path of the server's.
+    return path if supplied.active() else os.path.abspath(path), hashlib.sha256(data).hexdigest()
 
 
 def check_bounds(image_size: tuple[int, int], size: tuple[int, int] | None, what: str) -> None:
@@ -125,20 +133,23 @@ def fit(image, width: int, height: int):
     return resized.crop((left, top, left + width, top + height))
 
 
-def prepare(path: str, width: int, height: int):
-    """The RGB image a run feeds the pipeline, by the module's rule."""
-    image = _decoded(path)
+def prepare(path: str, width: int, height: int, digest: str | None = None):
+    """The RGB image a run feeds the pipeline, by the module's rule; `digest` (the sha256 planning recorded)
+    picks the supplied copy on a server."""
+    image = _decoded(supplied.local(path, digest, "the input image"))
     try:
         return fit(to_rgb(image), width, height)
     finally:
         close_image(image)
 
 
-def check_mask(path, what: str, image: str, image_what: str, size: tuple[int, int] | None = None) -> tuple[str, str]:
+def check_mask(path, what: str, image: str, image_what: str, size: tuple[int, int] | None = None,
+               image_digest: str | None = None) -> tuple[str, str]:
     """(absolute path, sha256) of an inpainting mask, checked as an input image (check_image), whose size after
-    its EXIF orientation is the start image's (`image`, already checked)."""
+    its EXIF orientation is the start image's (`image`, already checked, whose bytes hash to image_digest)."""
     checked = check_image(path, what, size)
-    mask_size, image_size = oriented_size(checked[0]), oriented_size(image)
+    mask_size = oriented_size(supplied.local(checked[0], checked[1], what))
+    image_size = oriented_size(supplied.local(image, image_digest, image_what))
     if mask_size != image_size:
         raise UsageError(f"{what} is {mask_size[0]}x{mask_size[1]} and {image_what} {image_size[0]}x{image_size[1]}: "
                          "a mask must be the size of the image it masks")
@@ -175,9 +186,10 @@ def to_mask(image):
     return image.convert("L")
 
 
-def prepare_mask(path: str, width: int, height: int):
-    """The binary mask a run uses (mode L, 255 = repaint, 0 = keep), resized and cropped as the image is."""
-    image = _decoded(path)
+def prepare_mask(path: str, width: int, height: int, digest: str | None = None):
+    """The binary mask a run uses (mode L, 255 = repaint, 0 = keep), resized and cropped as the image is;
+    `digest` picks the supplied copy on a server, as for prepare."""
+    image = _decoded(supplied.local(path, digest, "the mask"))
     try:
         grey = fit(to_mask(image), width, height)
     finally:

@@ -43,7 +43,11 @@ def resolve(source: str, *, offline: bool = False) -> tuple[str, str, str]:
     """(id for metadata, local weights file, sha256) of a LoRA source. Usage errors for anything that
     is not a safetensors LoRA; an environment error when a hub LoRA cannot be fetched."""
     from ..models.modelref import is_hub_id, looks_like_path
+    from . import supplied
 
+    if supplied.active():  # on a server: the copy of the bytes the client sent, never its path or the hub
+        weights = supplied.local(source, what="LoRA")
+        return source, weights, sha256_file(weights, source)
     path = Path(source).expanduser()
     if path.exists():
         weights = _local_weights(source, path)
@@ -207,8 +211,8 @@ def resolve_all(specs, model_ref, *, offline: bool = False) -> tuple[tuple[str, 
     resolved, seen = [], set()
     config = None
     for spec in specs or ():
-        if isinstance(spec, (tuple, list)) and len(spec) == 2:
-            source, scale = spec[0], check_scale(spec[1], str(spec[0]))
+        if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):  # (source, scale) or resolved (id, sha256, scale)
+            source, scale = spec[0], check_scale(spec[-1], str(spec[0]))
         else:
             source, scale = parse_spec(spec)
         identity, weights, digest = _resolved(source, offline)
@@ -226,6 +230,10 @@ _CACHE: dict[tuple, tuple] = {}  # one run resolves the same LoRA for every row:
 
 
 def _resolved(source: str, offline: bool):
+    from . import supplied
+
+    if supplied.active():  # a server's copies are hashed per request, never cached by a client's path
+        return resolve(source, offline=offline)
     try:
         stat = os.stat(os.path.expanduser(source))
         marker = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
@@ -238,7 +246,16 @@ def _resolved(source: str, offline: bool):
 
 
 def weights_file(identity: str, digest: str, offline: bool = False) -> str:
-    """The local file of a resolved LoRA, re-checked against its hash (it may have changed since planning)."""
+    """The local file of a resolved LoRA, re-checked against its hash (it may have changed since planning).
+    On a server, the copy of the bytes the client sent with this sha256."""
+    from . import supplied
+
+    if supplied.active():
+        weights = supplied.local(identity, digest, "LoRA")
+        now = sha256_file(weights, identity)
+        if now != digest:
+            raise UsageError(f"LoRA {identity}: the server's copy does not hash to its sha256; run again")
+        return weights
     _, weights, now = resolve(identity, offline=offline)
     if now != digest:
         raise UsageError(f"LoRA {identity} changed after the run was planned (its sha256 differs); run again")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import EnvironmentProblem, UsageError
 from . import presets
-from .presets import SANA, SANA_SPRINT, SUPPORTED_PIPELINES, Preset, pag_supported
+from .presets import SANA, SANA_SPRINT, SANA_VIDEO, SUPPORTED_PIPELINES, Preset, pag_supported
 
 # Hugging Face repo ids: ASCII letters, digits, '-', '_' and '.', one '/', neither part starting or
 # ending with '-' or '.', no '--' or '..', at most 96 characters each (huggingface_hub's own rules).
@@ -55,6 +55,11 @@ class ModelRef:
     def is_sprint(self) -> bool:
         return self.pipeline == SANA_SPRINT
 
+    @property
+    def is_video(self) -> bool:
+        """A SANA-Video model (`sana video`), which `sana generate` does not run."""
+        return self.pipeline == SANA_VIDEO
+
     def describe(self) -> str:
         detail = self.source if self.source != self.name else ""
         parts = [p for p in (detail, self.pipeline or "pipeline read at load time") if p]
@@ -92,7 +97,11 @@ def classify(value: str):
     if preset is not None:
         return "preset", preset
     path = Path(value).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a name too long for a path (or with a NUL) names no directory
+        exists = False
+    if exists:
         return "local", path.resolve()
     if looks_like_path(value) or not is_hub_id(value):
         near = presets.suggest(value)
@@ -162,8 +171,10 @@ def _from_configs(name: str, source: str, kind: str, read, revision: str | None,
         pipeline = SANA_SPRINT
     sprint = pipeline == SANA_SPRINT
     supports_pag = pag_supported(pipeline, timestep_scale=transformer.get("timestep_scale", 1.0))
+    video = pipeline == SANA_VIDEO
     return ModelRef(name=name, source=source, kind=kind, pipeline=pipeline, native_size=native,
-                    steps=2 if sprint else 20, guidance=4.5, revision=revision, supports_pag=supports_pag,
+                    steps=2 if sprint else 50 if video else 20, guidance=6.0 if video else 4.5, revision=revision,
+                    supports_pag=supports_pag,
                     min_steps=1, max_steps=4 if sprint else 1000)
 
 

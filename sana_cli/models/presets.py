@@ -18,7 +18,8 @@ from ..errors import UsageError
 SANA = "SanaPipeline"
 SANA_PAG = "SanaPAGPipeline"
 SANA_SPRINT = "SanaSprintPipeline"
-SUPPORTED_PIPELINES = (SANA, SANA_PAG, SANA_SPRINT)
+SANA_VIDEO = "SanaVideoPipeline"  # text-to-video; its checkpoints also serve SanaImageToVideoPipeline
+SUPPORTED_PIPELINES = (SANA, SANA_PAG, SANA_SPRINT, SANA_VIDEO)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Preset:
     description: str = ""
     params: str = ""  # parameter count, for `sana models`
     tags: tuple[str, ...] = field(default=())
+    video: "VideoDefaults | None" = None  # a SANA-Video checkpoint's defaults (None for an image model)
 
     @property
     def is_tiny(self) -> bool:
@@ -53,6 +55,27 @@ class Preset:
     @property
     def uses_cfg(self) -> bool:
         return self.pipeline != SANA_SPRINT
+
+
+@dataclass(frozen=True)
+class VideoDefaults:
+    """What a SANA-Video model card runs by default, and its VAE's factors (Wan: 4 frames a latent after
+    the first, 8 pixels a side)."""
+
+    width: int
+    height: int
+    frames: int
+    fps: int
+    motion_score: int = 30
+    temporal_factor: int = 4
+    spatial_factor: int = 8
+
+
+# The model card's negative prompt (SANA-Video_2B_480p_diffusers, and the diffusers pipeline's example).
+VIDEO_CARD_NEGATIVE_PROMPT = (
+    "A chaotic sequence with misshapen, deformed limbs in heavy motion blur, sudden disappearance, jump cuts, jerky "
+    "movements, rapid shot changes, frames out of sync, inconsistent character shapes, temporal artifacts, jitter, "
+    "and ghosting effects, creating a disorienting visual experience.")
 
 
 def pag_supported(pipeline: str | None, *, timestep_scale: float = 1.0, tags: tuple[str, ...] = ()) -> bool:
@@ -139,6 +162,16 @@ PRESETS: tuple[Preset, ...] = (
     Preset(name="tiny-teacher", repo="tiny:teacher", pipeline=SANA, dtype="float32", variant=None, native_size=128,
            steps=4, guidance=4.5, flow_shift=3.0, params="tiny", tags=("no-pag",),
            description="built-in random tiny Sprint-teacher config (qk_norm, timestep_scale)"),
+    # The card loads it with a bf16 dtype, then puts the VAE in fp32 and Gemma in bf16 (component_dtypes), and
+    # keeps the scheduler as shipped (its flow-shift override is commented out).
+    Preset(name="sana-video-2b-480p", repo="Efficient-Large-Model/SANA-Video_2B_480p_diffusers", pipeline=SANA_VIDEO,
+           dtype="bfloat16", variant=None, native_size=480, steps=50, guidance=6.0, aliases=("sana-video",),
+           params="2B", tags=("no-pag",), video=VideoDefaults(width=832, height=480, frames=81, fps=16),
+           description="SANA-Video 2B, 480p, 81 frames at 16 fps; text- and image-to-video (`sana video`)"),
+    Preset(name="tiny-video", repo="tiny:video", pipeline=SANA_VIDEO, dtype="float32", variant=None, native_size=64,
+           steps=4, guidance=6.0, params="tiny", tags=("no-pag",),
+           video=VideoDefaults(width=64, height=64, frames=9, fps=16),
+           description="built-in random tiny SANA-Video (Wan VAE), for tests and CI (`sana video`)"),
 )
 
 _BY_NAME = {p.name: p for p in PRESETS}
@@ -190,10 +223,12 @@ DTYPE_NAMES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16
 DTYPE_RULE = ("auto runs each checkpoint in the dtype it ships in, on every device, as the model cards do: BF16 "
               "checkpoints in bf16; FP16 checkpoints with the transformer in fp16 and Gemma and the DC-AE in bf16 "
               "(they overflow in fp16); fp32-stored weights in bf16 on CUDA and fp32 on the CPU. --dtype fp16 "
-              "likewise keeps Gemma and the DC-AE in bf16.")
+              "likewise keeps Gemma and the DC-AE in bf16. SANA-Video's Wan VAE runs in fp32 under every --dtype, as "
+              "its card loads it.")
 
 
-def component_dtypes(checkpoint: str | None, requested: str, device_type: str) -> dict[str, str]:
+def component_dtypes(checkpoint: str | None, requested: str, device_type: str, *,
+                     video: bool = False) -> dict[str, str]:
     """The dtype name of each component (transformer, text_encoder, vae) for a checkpoint whose weights are
     stored in `checkpoint` ("bfloat16", "float16", "float32" or None when unknown), a --dtype value and a
     device type ("cuda" or "cpu"). Pure, so a plan or a job key can state it without loading anything."""
@@ -206,8 +241,12 @@ def component_dtypes(checkpoint: str | None, requested: str, device_type: str) -
         else:  # fp32 files are storage, not a precision choice: Sana runs in bf16 on a GPU
             wanted = "bfloat16" if device_type == "cuda" else "float32"
     if wanted == "float16":
-        return {"transformer": "float16", "text_encoder": "bfloat16", "vae": "bfloat16"}
-    return dict.fromkeys(COMPONENTS, wanted)
+        dtypes = {"transformer": "float16", "text_encoder": "bfloat16", "vae": "bfloat16"}
+    else:
+        dtypes = dict.fromkeys(COMPONENTS, wanted)
+    if video:  # the SANA-Video card runs its Wan VAE in fp32 whatever the transformer's dtype
+        dtypes["vae"] = "float32"
+    return dtypes
 
 
 def fp8_refusal(dtypes: dict[str, str]) -> str | None:

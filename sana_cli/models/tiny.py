@@ -8,7 +8,7 @@ from pathlib import Path
 from ..cache import cache_root
 
 VERSION = "v1"  # bump when the recipe changes, so stale caches are not reused
-VARIANTS = ("sana", "sprint", "teacher")
+VARIANTS = ("sana", "sprint", "teacher", "video")
 CONTROLNET = "controlnet"  # a SanaControlNetModel matching the tiny Sana transformer (a model, not a pipeline)
 
 
@@ -35,12 +35,24 @@ FLOW_DPM_CONFIG = dict(
     num_train_timesteps=1000)
 
 
+# SANA-Video: a 3-D transformer over the Wan VAE's latents (16 channels, 4x in time, 8x in space, patches of
+# 1x2x2), fed by the same tiny Gemma. The VAE is the smallest AutoencoderKLWan with the real one's factors.
+VIDEO_TRANSFORMER_CONFIG = dict(
+    in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+    num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=8,
+    mlp_ratio=2.5, sample_size=30, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+VIDEO_VAE_CONFIG = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                        temperal_downsample=[False, True, True], scale_factor_temporal=4, scale_factor_spatial=8)
+
+
 def tiny_path(variant: str) -> Path:
     return cache_root() / f"tiny-{VERSION}" / variant
 
 
 def transformer_config(variant: str) -> dict:
     """The tiny transformer's config for a variant (what build() makes), without torch."""
+    if variant == "video":
+        return dict(VIDEO_TRANSFORMER_CONFIG)
     config = dict(TRANSFORMER_CONFIG)
     if variant == "sprint":
         config.update(qk_norm="rms_norm_across_heads", guidance_embeds=True, guidance_embeds_scale=0.1)

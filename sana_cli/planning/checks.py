@@ -32,6 +32,7 @@ MAX_IMAGES = 10000  # images for one prompt (-n) or one batch row (n)
 MAX_BATCH_SIZE = 256  # images in one GPU batch
 MAX_BATCH_IMAGES = 1_000_000  # images in one batch run: each planned image costs memory before any renders
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+VIDEO_SUFFIXES = {".mp4": "MP4", ".webm": "WEBM"}  # `sana video`: H.264 in MP4, VP9 in WebM
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _LAYERS: dict[tuple, int | None] = {}  # one batch plans many rows of one model: read its config once
 
@@ -142,6 +143,20 @@ def image_format(path: str) -> str:
     if suffix not in IMAGE_SUFFIXES:
         raise UsageError(f"cannot write '{suffix or path}' images", hint="use .png, .jpg or .webp")
     return IMAGE_SUFFIXES[suffix]
+
+
+def video_format(path: str) -> str:
+    """The container a video path's extension names; anything else is a usage error."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise UsageError(f"cannot write '{suffix or path}' videos", hint="use .mp4 or .webm")
+    return VIDEO_SUFFIXES[suffix]
+
+
+def media_format(path: str) -> str:
+    """The format of any path sana-cli writes: an image's or a video's."""
+    suffix = Path(path).suffix.lower()
+    return VIDEO_SUFFIXES[suffix] if suffix in VIDEO_SUFFIXES else image_format(path)
 
 
 _NAME_FORBIDDEN = set('/\\<>:"|?*')

@@ -39,7 +39,8 @@ class Field:
     help: str = ""  # `sana generate --help`
     batch_help: str | None = None  # `sana batch --help` when it differs; "" when batch has no such option
     show_default: bool = False
-    group: str = "image"  # the option group: image (size, sampling) or input (LoRA, ControlNet, img2img)
+    group: str = "image"  # the option group: image (size, sampling), input (LoRA, ControlNet, img2img), or video
+    #                       (options of `sana video` alone)
     # -- where it lives
     request: bool = True  # a field of Request (what generate and the API take)
     batch_default: bool | None = None  # a field of BatchDefaults; None: when batch has the option
@@ -141,6 +142,21 @@ FIELDS: tuple[Field, ...] = (
           group="input", column="mask", pixels=True, optional=True, in_key=False, resolve="inputs",
           reproduce="path", names_file=True),
     Field("mask_sha256", "str | None", request=False, pixels=True, optional=True, derived=True),
+    # SANA-Video (`sana video`, and batch rows with a SANA-Video model): unused (None) for an image, so image keys
+    # stay as they were.
+    Field("frames", "int | None", flags=("--frames",), metavar="N",
+          help="Frames to make, 4k+1 (the Wan VAE packs 4 frames into each latent after the first). "
+               "Default: the model's (81; tiny-video 9).",
+          group="video", request=False, batch_default=False, column="frames", pixels=True, optional=True,
+          resolve="video", reproduce="optional_int"),
+    Field("fps", "int | None", flags=("--fps",), metavar="N",
+          help="Frames per second of the file. Default: the model's (16).", group="video", request=False,
+          batch_default=False, column="fps", pixels=True, optional=True, resolve="video", reproduce="optional_int"),
+    Field("motion_score", "int | None", flags=("--motion-score",), metavar="N",
+          help="How much motion, 0-100: appended to the prompt as ' motion score: N.', as the model card does. "
+               "Default: 30 (the card's).",
+          group="video", request=False, batch_default=False, column="motion_score", pixels=True, optional=True,
+          resolve="video", reproduce="optional_int"),
 )
 
 BY_NAME = {row.name: row for row in FIELDS}
@@ -185,8 +201,9 @@ def column_type(row: Field) -> type:
 
 
 def options(command: str, group: str) -> list[Field]:
-    """The rows that are options of `command` (generate or batch) in `group`, in help order."""
-    rows = [row for row in FIELDS if row.flags and row.group == group and (command == "generate" or row.in_batch)]
+    """The rows that are options of `command` (generate, batch or video) in `group`, in help order."""
+    rows = [row for row in FIELDS if row.flags and row.group == group
+            and (command in ("generate", "video") or row.in_batch)]
     return ordered(rows, HELP_ORDER)
 
 

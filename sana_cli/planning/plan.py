@@ -136,7 +136,7 @@ def resolve_inputs(model: ModelRef, *, size: tuple[int, int] | None = None, pag_
         extra.update(image=path, image_sha256=digest, strength=strength)
         if mask is not None:
             control.check_takes_mask(model)
-            mask_path, mask_digest = inputs.check_mask(mask, option("mask"), path, option("image"), size)
+            mask_path, mask_digest = inputs.check_mask(mask, option("mask"), path, option("image"), size, digest)
             extra.update(mask=mask_path, mask_sha256=mask_digest)
     return extra
 
@@ -155,6 +155,7 @@ class Plan:
     seed_rule: str = ""
     force_size: bool = False
     seeds_drawn: bool = False  # no --seed: a run draws its own seeds when it starts, so a dry run cannot show them
+    frames_dir: str | None = None  # `sana video --frames-dir`: also keep each video's frames as PNGs here
 
     def to_dict(self) -> dict:
         """JSON-ready form (the --dry-run --json output)."""
@@ -187,7 +188,10 @@ class Plan:
             pag += "".join(f", LoRA {identity} x{scale:g}" for identity, _, scale in first.loras)
             if first.controlnet:
                 pag += f", ControlNet {first.controlnet} x{first.control_scale:g} on {first.control_image}"
-            if first.image:
+            if first.frames:
+                pag += f", {first.frames} frames at {first.fps} fps, motion score {first.motion_score}"
+                pag += f", first frame {first.image}" if first.image else ""
+            elif first.image:
                 pag += (f", from {first.image} at strength {first.strength:g} (the last "
                         f"{control.kept_steps(first.steps, first.strength)} steps)")
             if first.mask:
@@ -242,12 +246,15 @@ def rekey(plan: Plan, pixels: PixelOptions) -> Plan:
 def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None = None) -> Plan:
     """Resolve a `sana generate` request into a Plan. Raises UsageError for anything invalid."""
     pixels = pixels or PixelOptions()
+    _refuse_video(model)
     prompt = check_prompt(request.prompt)
     check_prompt(request.negative_prompt, "the negative prompt", allow_empty=True)
     check_count("--num-images", request.num_images, 1, MAX_IMAGES)
     if request.batch_size is not None:
         check_count("--batch-size", request.batch_size, 1, MAX_BATCH_SIZE)
-    params, notes = resolve_params(model, **{name: getattr(request, name) for name in PLANNING_INPUTS},
+    # the rows a Request lacks (the video rows, which only `sana video` takes) stay unset
+    params, notes = resolve_params(model, **{name: getattr(request, name) for name in PLANNING_INPUTS
+                                             if hasattr(request, name)},
                                    force_size=request.force_size, command_line=True, offline=request.offline)
     width, height = params["width"], params["height"]
     first_seed = check_seed(request.seed) if request.seed is not None else draw_seed()
@@ -267,6 +274,12 @@ def plan_generate(request: Request, model: ModelRef, pixels: PixelOptions | None
     return Plan(command="generate", model=model, jobs=jobs, groups=group_jobs(jobs, batch_size),
                 output_dir=str(Path(paths[0]).parent), overwrite=request.overwrite, notes=notes, seed_rule=rule,
                 force_size=request.force_size, seeds_drawn=request.seed is None)
+
+
+def _refuse_video(model: ModelRef) -> None:
+    if model.is_video:
+        raise UsageError(f"{model.name} is a SANA-Video model; it makes videos", hint=f"use `sana video --model "
+                                                                                       f"{model.name} PROMPT`")
 
 
 def _generate_paths(request: Request, prompt: str, seeds: list[int]) -> list[str]:
@@ -294,6 +307,7 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
     from .batchfile import RowError
 
     pixels = pixels or PixelOptions()
+    _refuse_video(model)
     if batch_size is not None:
         check_count("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
     check_seed(defaults.base_seed, "--seed")
@@ -332,6 +346,9 @@ def plan_batch(rows, model: ModelRef, defaults: BatchDefaults, output_dir: str, 
 
 
 def _row_jobs(row, model, defaults, extension, output_dir, occurrences, start, pixels) -> list[ImageJob]:
+    for row_ in table.FIELDS:  # the video rows' columns make no image
+        if row_.group == "video" and row_.column and row.get(row_.column) is not None:
+            raise UsageError(f"'{row_.column}' is for SANA-Video models; {model.name} makes images")
     check_prompt(row.prompt)
     check_prompt(row.get("negative_prompt", ""), "the negative prompt", allow_empty=True)
     if row.get("size") is not None and (row.get("width") is not None or row.get("height") is not None):

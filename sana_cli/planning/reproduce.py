@@ -1,4 +1,5 @@
-"""The `sana generate` command that makes an image again, from the `sana` metadata inside it.
+"""The `sana generate` (or, for a video, `sana video`) command that makes an image again, from the `sana`
+metadata inside it.
 
 One table, OPTIONS, maps every metadata field that decides the pixels to the option that sets it, and
 NOT_OPTIONS names every other field with the reason it needs no option. A test generates images over
@@ -141,6 +142,10 @@ def _optional_number(value, meta):
     return None if value is None else _number(value, meta)
 
 
+def _optional_int(value, meta):
+    return None if value is None else _int(value, meta)
+
+
 def _quantize(value, meta):
     """--quantize as asked (int8 or nf4; fp8 is recorded as --fp8), from the pixel options."""
     if value is None:
@@ -169,7 +174,8 @@ def _revision(value, meta):
 
 # The rules a row of the field table names (its `reproduce`): metadata value -> option value.
 RULES: dict[str, Callable[[object, dict], str | bool | list | None]] = {
-    "int": _int, "number": _number, "text": _text, "optional_number": _optional_number, "path": _path,
+    "int": _int, "number": _number, "text": _text, "optional_number": _optional_number, "optional_int": _optional_int,
+    "path": _path,
     "loras": _loras, "pag_scale": _pag_scale, "pag_layers": _pag_layers,
 }
 # The options that are not per-image fields: the model's revision and the load options that decide pixels.
@@ -222,6 +228,7 @@ NOT_OPTIONS = {
     "controlnet_sha256": "checked when the command runs: another directory content gives another key",
     "image_sha256": "checked when the command runs: another file gives another key",
     "mask_sha256": "checked when the command runs: another file gives another key",
+    "frame": "the frame's number in its video (a `sana video --frames-dir` PNG): the command makes the video",
 }
 
 
@@ -255,7 +262,7 @@ def unknown_fields(meta: dict) -> list[str]:
     return sorted(str(k) for k in meta if k not in known)
 
 
-def needs_force_size(model: str, revision: str | None, width: int, height: int) -> bool:
+def needs_force_size(model: str, revision: str | None, width: int, height: int, *, video: bool = False) -> bool:
     """Whether `sana generate` would refuse this size for this model without --force-size. When the
     model cannot be resolved here (not cached, not on this machine) it is assumed to: the flag only
     permits a size, it never changes pixels."""
@@ -263,6 +270,14 @@ def needs_force_size(model: str, revision: str | None, width: int, height: int) 
         ref = modelref.resolve(model, revision=revision)
     except SanaError:
         return True
+    if video:
+        from .video import check_video_size, video_defaults
+
+        try:
+            check_video_size(ref, video_defaults(ref), width, height, False)
+        except UsageError:
+            return True
+        return False
     if ref.native_size is None:
         return True
     try:
@@ -278,7 +293,9 @@ def command_parts(meta: dict, output: str | None = None) -> list[tuple[str, bool
     prompt = meta.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadMetadata("its sana metadata has no prompt")
-    parts: list[tuple[str, bool]] = [("sana", False), ("generate", False), ("--model", False), (model, local)]
+    video = meta.get("frames") is not None
+    parts: list[tuple[str, bool]] = [("sana", False), ("video" if video else "generate", False), ("--model", False),
+                                     (model, local)]
     values: dict[str, str] = {}
     for option in OPTIONS:
         try:
@@ -294,7 +311,7 @@ def command_parts(meta: dict, output: str | None = None) -> list[tuple[str, bool
                 parts.append((one, False))
     if "width" not in values or "height" not in values:
         raise BadMetadata("its sana metadata has no width and height")
-    if needs_force_size(model, values.get("revision"), int(values["width"]), int(values["height"])):
+    if needs_force_size(model, values.get("revision"), int(values["width"]), int(values["height"]), video=video):
         parts.append(("--force-size", False))
     if output:
         parts += [("-o", False), (output, False)]

@@ -51,7 +51,7 @@ class Inbox:
         self._ended = False
         work.sink = lambda message: loop.call_soon_threadsafe(self._queue.put_nowait, message)
         try:
-            self.scheduler.submit(work)
+            self._submit(work)
         except QueueFull:
             raise ApiError(429, f"the queue is full ({self.scheduler.max_queue} requests wait); retry later",
                            type_="rate_limit_error", code="queue_full", exit_code=4,
@@ -59,6 +59,13 @@ class Inbox:
         except Draining:
             raise ApiError(503, "the server is shutting down and takes no new work", type_="server_error",
                            code="shutting_down", exit_code=4) from None
+
+    def _submit(self, work: Work) -> None:
+        try:
+            self.scheduler.submit(work)
+        except (QueueFull, Draining):
+            work.finish()  # never queued: its input files may go
+            raise
 
     async def next(self, request: HttpRequest, *, watch: bool = True) -> dict | None:
         """The work's next message as it comes; None after its "done" or "error", or once it finished with

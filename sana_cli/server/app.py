@@ -8,7 +8,8 @@ Endpoints:
   POST /v1/images/generations   OpenAI's images API (b64_json or url), Sana's own parameters as extra fields
                                 (openai_images checks every field); "stream": true answers OpenAI's
                                 Server-Sent Events (partial images, then each completed image)
-  POST /v1/images/edits, /variations   an OpenAI error saying they are not supported yet
+  POST /v1/images/edits         OpenAI's image edits (a multipart form): image-to-image from one uploaded image
+  POST /v1/images/variations    an OpenAI error: image-to-image needs a prompt (use /edits)
   GET  /openapi.json            the OpenAPI document of these public endpoints
   GET  /v1/images/files/ID      an image of a `url` response (only the server's own output directory)
   GET  /v1/sana/health          version and state (the attaching CLI's handshake; the protocol is in wire)
@@ -22,6 +23,7 @@ objects with the CLI's message text. Nothing a client sends names a path on the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -35,7 +37,9 @@ from ..safeio import MAX_IMAGE_BYTES, open_regular
 from ..version import __version__
 from . import answers, intake
 from . import openai_images as openai_api
-from .http_io import Guard, RequestId, accepting, authorize, from_sana, install_error_answers, read_json, server_state
+from ..planning.fields import FILE_FIELDS
+from .http_io import Guard, RequestId, accepting, authorize, from_sana, install_error_answers, read_form, read_json
+from .http_io import server_state
 from .http_io import MAX_BODY
 from .openai_images import ApiError
 from .page import PAGE
@@ -105,12 +109,45 @@ async def model(model_id: str, request: HttpRequest, state: ServerState = State)
 
 
 @routes.post("/v1/images/edits")
-@routes.post("/v1/images/variations")
-async def not_yet(request: HttpRequest, state: ServerState = State):
+async def edits(request: HttpRequest, state: ServerState = State):
+    """OpenAI's image edits: a multipart form with one start image (and a mask where the server has mask
+    input), planned and rendered as image-to-image with the form's other fields as a generation's."""
     authorize(request, state.config)
-    what = request.url.path.rsplit("/", 1)[1]
-    raise ApiError(400, f"image {what} are not supported by this server yet (it takes no input image); "
-                   "it supports POST /v1/images/generations", param="image", code="unsupported_endpoint")
+    accepting(state)
+    parts = await read_form(request, openai_api.MAX_EDIT_BODY, max_files=openai_api.MAX_EDIT_FILES,
+                            max_fields=openai_api.MAX_EDIT_FIELDS)
+    file_fields = tuple(name for name in openai_api.EDIT_FILES if name in FILE_FIELDS)
+    asked, uploads = openai_api.parse_edit(parts, file_fields)
+    key = _idempotency_key(request)
+
+    async def answer(watch: bool):
+        work, fields_ = await run_in_threadpool(intake.openai_work, asked, state.config, state.scheduler, uploads)
+        if asked.stream:
+            return answers.openai_events(state, request, work, fields_)
+        return await answers.openai_answer(state, request, work, fields_, watch=watch)
+
+    if asked.stream or key is None:
+        return await answer(watch=True)
+    # A retry is the same form: its fields, and each file by the sha256 of its bytes.
+    form = {"edit": [[name, value if isinstance(value, str) else hashlib.sha256(value[1]).hexdigest()]
+                     for name, value in parts]}
+    return await answers.remembered(state, key, form, lambda: answer(watch=False))
+
+
+def _idempotency_key(request: HttpRequest) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not answers.IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(400, "the Idempotency-Key header must be 1..256 visible ASCII characters",
+                       param="Idempotency-Key", code="invalid_idempotency_key")
+    return key
+
+
+@routes.post("/v1/images/variations")
+async def variations(request: HttpRequest, state: ServerState = State):
+    authorize(request, state.config)
+    raise ApiError(400, "image variations are not supported: Sana's image-to-image needs a prompt saying what to "
+                   "make of the image; send it to POST /v1/images/edits with a prompt (and 'strength')",
+                   param="prompt", code="unsupported_endpoint")
 
 
 @routes.get(HEALTH_PATH)
@@ -149,10 +186,7 @@ async def generations(request: HttpRequest, state: ServerState = State):
     accepting(state)
     body = await read_json(request, MAX_BODY)
     asked = openai_api.parse(body)
-    key = request.headers.get("idempotency-key")
-    if key is not None and not answers.IDEMPOTENCY_KEY.fullmatch(key):
-        raise ApiError(400, "the Idempotency-Key header must be 1..256 visible ASCII characters",
-                       param="Idempotency-Key", code="invalid_idempotency_key")
+    key = _idempotency_key(request)
     work, answer = await run_in_threadpool(intake.openai_work, asked, state.config, state.scheduler)
     if asked.stream:
         return answers.openai_events(state, request, work, answer)

@@ -34,7 +34,10 @@ from .wire import (
     auth_headers,
     error_from,
     error_text,
+    file_sources,
     image_line_limit,
+    in_requests,
+    input_files,
     jobs_request,
     model_request,
     private_place_problem,
@@ -191,12 +194,18 @@ def _check_health(endpoint: Endpoint) -> dict:
     return body
 
 
-def attach_blocker(model, options, *, keep_latents: bool, input_files: bool = False) -> str | None:
-    """Why this run cannot go to a server the same way it would run here (None: it can)."""
+def attach_blocker(model, options, *, keep_latents: bool, jobs=(), controlnet: str | None = None) -> str | None:
+    """Why this run cannot go to a server the same way it would run here (None: it can). Input images and
+    LoRAs travel as their bytes; a local ControlNet directory (a job's, or a batch's --controlnet) does not."""
+    from .wire import LOCAL_CONTROLNET, unsendable
+
     if model.kind == "local":
         return "a local model directory is loaded by this process (a server never opens a client's path)"
-    if input_files:
-        return "LoRA, ControlNet and input-image files are read by this process (a server never opens a client's path)"
+    problem = next((why for why in map(unsendable, jobs) if why), None)
+    if problem is not None:
+        return problem
+    if controlnet and os.path.exists(os.path.expanduser(controlnet)):
+        return LOCAL_CONTROLNET
     if options.max_memory_gib is not None:
         return "--max-memory caps one process's memory, which a shared server cannot do for one request"
     if keep_latents:
@@ -288,11 +297,19 @@ class RemoteModel:
             return wanted, waiting
 
         def render(wanted: list) -> None:
-            if self._announce is not None:
-                self._announce()
-                self._announce = None
-            for name, value in self._render(plan, options, wanted, outcome, events, stop, on_result).items():
-                timings[name] += value
+            # Input files travel as bytes: each checked against its bound first, then read (and checked
+            # against the hash planning took) just before the request that sends it.
+            sources = file_sources(wanted, self.options.offline)
+            for part in in_requests(wanted, sources):
+                if halted():
+                    break
+                files = input_files(part, sources)
+                if self._announce is not None:
+                    self._announce()
+                    self._announce = None
+                for name, value in self._render(plan, options, part, outcome, events, stop, on_result,
+                                                files).items():
+                    timings[name] += value
 
         pending = [group for group in plan.groups if any(i not in done for i in group)]
         wanted, waiting = claimable(pending)
@@ -313,8 +330,9 @@ class RemoteModel:
         outcome.results.sort(key=lambda r: r.job.index)
         return outcome
 
-    def _render(self, plan, options, wanted: list, outcome, events, stop, on_result) -> dict:
-        """Send wanted jobs in one request and write what comes back; the server's timings."""
+    def _render(self, plan, options, wanted: list, outcome, events, stop, on_result, files: dict) -> dict:
+        """Send wanted jobs (and the bytes of their input files) in one request and write what comes back;
+        the server's timings."""
         from ..reporting.events import BatchStarted, ImageFailed, ImageWritten, Noted, Step, Warned
         from ..reporting.results import ImageResult
         from ..storage.media import write_encoded
@@ -322,7 +340,8 @@ class RemoteModel:
         by_index = {job.index: job for job in wanted}
         line_limit = max(image_line_limit(job) for job in wanted)
         total_limit = sum(image_line_limit(job) for job in wanted) + EVENT_SLACK_BYTES
-        body = jobs_request(self.ref, self.options, decode=options.decode, force_size=plan.force_size, jobs=wanted)
+        body = jobs_request(self.ref, self.options, decode=options.decode, force_size=plan.force_size, jobs=wanted,
+                            files=files)
         connection = self.endpoint.connection(timeout=None)
         lines: queue.Queue = queue.Queue()
         try:

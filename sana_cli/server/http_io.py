@@ -85,13 +85,8 @@ def accepting(state: ServerState) -> None:
                        code="shutting_down", exit_code=4)
 
 
-async def read_json(request: HttpRequest, limit: int) -> dict:
-    # A web page may POST text/plain to a loopback server without asking first; application/json
-    # needs a CORS preflight, which this server never grants, so other sites cannot make it render.
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != JSON:
-        raise ApiError(415, "the request body must be sent with Content-Type: application/json",
-                       code="unsupported_media_type")
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The whole body, at most `limit` bytes (else 413) and within BODY_TIMEOUT (else 408)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
@@ -110,8 +105,19 @@ async def read_json(request: HttpRequest, limit: int) -> dict:
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:.0f} s",
                        code="timeout") from None
+    return b"".join(chunks)
+
+
+async def read_json(request: HttpRequest, limit: int) -> dict:
+    # A web page may POST text/plain to a loopback server without asking first; application/json
+    # needs a CORS preflight, which this server never grants, so other sites cannot make it render.
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != JSON:
+        raise ApiError(415, "the request body must be sent with Content-Type: application/json",
+                       code="unsupported_media_type")
+    raw = await read_body(request, limit)
     try:  # a large body parses for a while: off the event loop
-        body = await run_in_threadpool(json.loads, b"".join(chunks) or b"null")
+        body = await run_in_threadpool(json.loads, raw or b"null")
     except (ValueError, RecursionError):
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -119,6 +125,51 @@ async def read_json(request: HttpRequest, limit: int) -> dict:
     if not depth_ok(body, MAX_DEPTH):
         raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
     return body
+
+
+MULTIPART = "multipart/form-data"
+
+
+async def read_form(request: HttpRequest, limit: int, *, max_files: int, max_fields: int) -> list:
+    """A multipart/form-data body (OpenAI's image edits) as its parts in order: (name, text) for a field,
+    (name, (file name, bytes)) for a file. Bounded as a whole (413), in files and fields (400). A form is
+    what a page of any site may post to a loopback server without asking, so a request that a browser
+    marks as coming from another site's page (an Origin other than this server's) is refused (403)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != MULTIPART:
+        raise ApiError(415, f"the request body must be sent as {MULTIPART} (OpenAI's image edits form)",
+                       code="unsupported_media_type")
+    origin = request.headers.get("origin")
+    if origin is not None and origin.split("://", 1)[-1].rstrip("/").lower() != \
+            request.headers.get("host", "").lower():
+        raise ApiError(403, "a form posted by a page of another site is refused (its Origin is not this server)",
+                       code="cross_origin")
+    raw = await read_body(request, limit)
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def chunks():
+        yield raw
+
+    parser = MultiPartParser(request.headers, chunks(), max_files=max_files, max_fields=max_fields)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        message = str(exc)
+        if "Too many files" in message:
+            message = f"too many files in one request (at most {max_files})"
+        raise ApiError(400, f"the request body is not a usable {MULTIPART} form: {message}",
+                       code="invalid_form") from None
+    parts = []
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                parts.append((name, (value.filename or "", await value.read())))
+            else:
+                parts.append((name, value))
+    finally:
+        await form.close()
+    return parts
 
 
 def depth_ok(value, limit: int) -> bool:

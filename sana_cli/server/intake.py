@@ -24,7 +24,8 @@ from ..planning.plan import (
 from .http_io import from_sana
 from .openai_images import MAX_PROMPT_CHARS, OUTPUT_FORMATS, ApiError
 from .state import ServerConfig
-from .wire import job_from_wire, load_from_wire, uses_input_files
+from .wire import short
+from .wire import file_refs, files_from_wire, job_from_wire, load_from_wire, unsendable
 from .work_queue import Scheduler, Work
 
 NOT_A_PATH = "'model' must be a preset name or a hub id (org/name): the server never opens a client's path"
@@ -66,8 +67,8 @@ def model_and_options(body: dict):
 
 
 def attached_work(state, body: dict) -> Work:
-    """POST /jobs: the attached CLI's planned jobs, each checked, as one Work (blocking: planning reads
-    configs; run it off the event loop)."""
+    """POST /jobs: the attached CLI's planned jobs, each checked, and the input files they name, each
+    hashed, as one Work (blocking: planning reads configs and files; run it off the event loop)."""
     ref, options = model_and_options(body)
     decode = body.get("decode", "auto")
     force_size = body.get("force_size") is True
@@ -75,27 +76,43 @@ def attached_work(state, body: dict) -> Work:
     if not isinstance(wire, list) or not wire:
         raise ApiError(400, "'jobs' must be a non-empty list", param="jobs")
     try:
+        files = files_from_wire(body.get("files"))
+    except SanaError as exc:
+        raise from_sana(exc, "files") from None
+    store = state.config.inputs
+    kept = store.keep(files)  # pinned until the work is finished
+    try:
         if not isinstance(decode, str):
             raise UsageError("'decode' must be text")
         pixels = options.pixels(options.decode_for(decode))
-        planned = checked_jobs(ref, wire, pixels, force_size, state.config.scratch_dir)
+        planned = checked_jobs(ref, wire, pixels, force_size, state.config.scratch_dir, kept)
         check_pag_layers(state.scheduler, ref, options, planned)
+        needed = {digest for job in planned for _, _, digest in file_refs(job)}
+        if set(kept) - needed:
+            raise UsageError("'files' holds a file no job names")
     except SanaError as exc:
+        store.release(kept)
         raise from_sana(exc, "jobs") from None
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        store.release(kept)
         raise ApiError(400, f"a job is malformed: {type(exc).__name__}: {exc}"[:500], param="jobs") from None
     return Work(ref=ref, options=options, decode=decode, jobs=planned, sink=None, force_size=force_size,
-                label=f"attached run of {len(planned)} image(s)")
+                label=f"attached run of {len(planned)} image(s)", inputs=kept,
+                release=lambda: store.release(kept))
 
 
-def checked_jobs(ref, wire: list, pixels, force_size: bool, scratch: Path) -> list:
+def checked_jobs(ref, wire: list, pixels, force_size: bool, scratch: Path, files: dict | None = None) -> list:
     """Every job of an attached run checked (blocking: planning reads configs; run it off the event loop)."""
-    return [checked_job(ref, item, pixels, force_size, scratch) for item in wire]
+    return [checked_job(ref, item, pixels, force_size, scratch, files or {}) for item in wire]
 
 
-def checked_job(ref, item: dict, pixels, force_size: bool, scratch: Path):
+def checked_job(ref, item: dict, pixels, force_size: bool, scratch: Path, files: dict | None = None):
     """A job from an attached CLI, checked by the same planning code: its fields must be what
-    resolve_params makes of them, its seed valid, its key the hash of its fields."""
+    resolve_params makes of them, its seed valid, its key the hash of its fields. Its input files are
+    read from `files` ({sha256: the server's copy}, as sent): planning hashes them again, so a job whose
+    sha256 is not that of the bytes sent for it is refused; a path of the client's is never opened."""
+    from ..inputs.supplied import supplying
+
     if not isinstance(item, dict):
         raise UsageError("a job must be an object")
     item = dict(item)
@@ -108,12 +125,22 @@ def checked_job(ref, item: dict, pixels, force_size: bool, scratch: Path):
     if job.pixels != pixels:
         raise UsageError("a job's pixel options differ from its load options")
     check_seed(job.seed)
-    if uses_input_files(job):
-        raise UsageError("LoRA, ControlNet and input-image files are read only by an in-process run (a server "
-                         "never opens a client's path); run it with --no-server")
+    problem = unsendable(job)
+    if problem is not None:
+        raise UsageError(f"{problem}; run it with --no-server")
+    refs = file_refs(job)
+    names: dict = {}
+    for _, value, digest in refs:
+        if not isinstance(value, str) or not isinstance(digest, str) or digest not in (files or {}):
+            raise UsageError(f"the input file {short(value, 200)} was not sent with the job (a server never opens "
+                             "a client's path)")
+        names.setdefault(value, set()).add(digest)
+    if any(len(digests) > 1 for digests in names.values()):
+        raise UsageError("a job names one input file with two different contents")
     fields_ = [name for name in PIXEL_FIELDS if name != "seed"]
-    resolved, _ = resolve_params(ref, **{name: getattr(job, name) for name in PLANNING_INPUTS},
-                                 force_size=force_size, command_line=False)
+    with supplying({digest: (files or {})[digest] for _, _, digest in refs}, names):
+        resolved, _ = resolve_params(ref, **{name: getattr(job, name) for name in PLANNING_INPUTS},
+                                     force_size=force_size, command_line=False)
     if any(_plain(resolved.get(name)) != _plain(getattr(job, name)) for name in fields_):
         raise UsageError("a job's fields are not the ones planning makes of them")
     if job_key(ref, job.pixels, **job.params()) != job.key:
@@ -144,9 +171,34 @@ def check_pag_layers(scheduler: Scheduler, ref, options: LoadOptions, jobs) -> N
             loaded.check_pag_layers(value)
 
 
-def openai_work(asked, config: ServerConfig, scheduler: Scheduler) -> tuple[Work, dict]:
+def openai_work(asked, config: ServerConfig, scheduler: Scheduler, uploads: dict | None = None) -> tuple[Work, dict]:
     """An OpenAI images request as a planned Work (the CLI's planning and messages) and the fields of
-    its answer."""
+    its answer. `uploads` ({field: Upload}, an edit's files) are kept by sha256 and planned as the files of
+    those fields under their uploaded names: the input-image checks of a file, on the server's copy."""
+    import hashlib
+
+    from ..inputs.supplied import supplying
+    from . import openai_images as openai_api
+
+    files, names, named = {}, {}, {}
+    for field, upload in (uploads or {}).items():
+        data = openai_api.openai_mask(upload.data) if field == "mask" else upload.data
+        digest = hashlib.sha256(data).hexdigest()
+        files[digest] = data
+        named[field] = openai_api.upload_name(upload, digest)
+        names.setdefault(named[field], set()).add(digest)
+    kept = config.inputs.keep(files)  # pinned until the work is finished
+    try:
+        with supplying(kept, names):
+            work, answer = _openai_work(asked, config, scheduler, named)
+    except BaseException:
+        config.inputs.release(kept)
+        raise
+    work.inputs, work.release = kept, lambda: config.inputs.release(kept)
+    return work, answer
+
+
+def _openai_work(asked, config: ServerConfig, scheduler: Scheduler, named: dict) -> tuple[Work, dict]:
     from . import openai_images as openai_api
 
     model = asked.model or (config.models[0] if config.models else None)
@@ -154,7 +206,7 @@ def openai_work(asked, config: ServerConfig, scheduler: Scheduler) -> tuple[Work
         model = config.aliases.resolve(model)
     no_path(model)
     request = Request(prompt=asked.prompt, model=model, width=asked.width, height=asked.height,
-                      num_images=asked.n, output=None, **asked.sana)
+                      num_images=asked.n, output=None, **asked.sana, **named)
     try:
         ref = model_for(request)
     except SanaError as exc:

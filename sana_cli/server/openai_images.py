@@ -20,6 +20,12 @@ What each OpenAI field does (the README's table is this one):
   stream              true: Server-Sent Events as OpenAI sends them
   partial_images      0..3 previews while streaming (small approximate decodes at evenly spaced steps)
   user, safety_identifier  text, accepted and not stored
+
+POST /v1/images/edits takes the same fields as a multipart form (parse_edit), and:
+  image / image[]     exactly one uploaded start image (image-to-image); several are refused, naming the count
+  mask                an uploaded mask, where the server has a mask field (inpainting); refused otherwise
+  input_fidelity      high/low: accepted, no effect (`strength` is Sana's control of how far the image moves)
+  markup              refused (an OpenAI annotation input Sana has no use for)
 """
 
 from __future__ import annotations
@@ -183,12 +189,13 @@ def _sana_type(name: str, value, annotation: str):
     return value
 
 
-def parse(body: dict) -> OpenAIRequest:
-    """Check every field of an images request; raises ApiError (400) naming the field."""
+def parse(body: dict, extra: tuple = ()) -> OpenAIRequest:
+    """Check every field of an images request (and the `extra` fields of its route); raises ApiError (400)
+    naming the field."""
     from ..planning.plan import Request
 
     for name in body:
-        if name not in OPENAI_FIELDS and name not in SANA_FIELDS:
+        if name not in OPENAI_FIELDS and name not in SANA_FIELDS and name not in extra:
             raise ApiError(400, f"unknown field '{name}'", param=name, code="unknown_parameter")
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
@@ -220,6 +227,7 @@ def parse(body: dict) -> OpenAIRequest:
         raise bad("background", "background 'transparent' cannot be rendered: Sana makes opaque images "
                   "(use opaque or auto)")
     _choice(body, "style", STYLES)
+    _choice(body, "input_fidelity", INPUT_FIDELITIES)
     _choice(body, "moderation", MODERATIONS)
     _text(body, "user")
     _text(body, "safety_identifier")
@@ -244,6 +252,128 @@ def parse(body: dict) -> OpenAIRequest:
                          quality=quality, response_format=response_format, output_format=output_format,
                          output_compression=compression, background=background, stream=bool(stream),
                          partial_images=partial or 0, sana=sana)
+
+
+# ---- POST /v1/images/edits: a multipart form ------------------------------------------------------------
+
+EDIT_FIELDS = ("input_fidelity",)  # form fields of an edit beyond those of a generation
+INPUT_FIDELITIES = ("high", "low")
+EDIT_FILES = ("image", "mask")  # the file parts an edit may upload (image[] is image, as the SDK sends several)
+MAX_UPLOAD_BYTES = 50 << 20  # one uploaded file (OpenAI's own limit for an edit's image)
+MAX_EDIT_FILES = 8  # file parts the form parser takes before refusing the body
+MAX_EDIT_FIELDS = 64
+MAX_EDIT_BODY = 2 * MAX_UPLOAD_BYTES + (1 << 20)
+_INT_FORM_FIELDS = ("n", "output_compression", "partial_images")
+
+
+@dataclass
+class Upload:
+    """One uploaded file of an edit: the form field it fills, the name the client gave it, its bytes."""
+
+    field: str
+    filename: str
+    data: bytes
+
+
+def parse_edit(parts: list, file_fields: tuple) -> tuple[OpenAIRequest, dict]:
+    """The parts of an edit's form ((name, text) or (name, (file name, bytes))) as a checked request and its
+    uploads {field: Upload}. `file_fields` are the job fields that take a file here (image; mask where the
+    server has one). Every refusal is a 400 naming its field."""
+    body: dict = {}
+    files: dict = {}
+    for name, value in parts:
+        field = name[:-2] if name.endswith("[]") else name
+        if isinstance(value, tuple):
+            if field == "markup":
+                raise bad("markup", "'markup' is not supported here: Sana takes no annotation image",
+                          code="unsupported_parameter")
+            if field not in EDIT_FILES:
+                raise ApiError(400, f"unknown file field '{name}'", param=name, code="unknown_parameter")
+            if field not in file_fields:
+                raise bad(field, f"'{field}' is not supported by this server (it has no {field} input)",
+                          code="unsupported_parameter")
+            filename, data = value
+            if len(data) > MAX_UPLOAD_BYTES:
+                raise bad(field, f"the uploaded {field} is larger than {MAX_UPLOAD_BYTES >> 20} MiB")
+            files.setdefault(field, []).append(Upload(field, filename, data))
+            continue
+        if field in EDIT_FILES or field == "markup":
+            raise bad(field, f"'{field}' must be an uploaded file (a multipart file part)")
+        if name in body:
+            raise bad(name, f"'{name}' is given twice")
+        body[name] = _form_value(name, value)
+    images = files.get("image", [])
+    if not images:
+        raise bad("image", "'image' is required: the image to edit, as an uploaded file",
+                  code="missing_required_parameter")
+    for field, uploads in files.items():
+        if len(uploads) > 1:
+            raise bad(field, f"Sana edits one image at a time (image-to-image from one start image); this request "
+                      f"sends {len(uploads)} as '{field}'")
+    return parse(body, extra=EDIT_FIELDS), {field: uploads[0] for field, uploads in files.items()}
+
+
+def _form_value(name: str, text: str):
+    """A form field's text as the JSON value its field takes: whole numbers, finite numbers, true/false;
+    text that is none of these stays text (and is refused by the field's own check)."""
+    from ..planning.plan import Request
+
+    types = {f.name: str(f.type) for f in fields(Request)}
+    kind = types.get(name, "") if name in SANA_FIELDS else "int" if name in _INT_FORM_FIELDS else ""
+    if name == "stream":
+        return {"true": True, "false": False}.get(text.strip().lower(), text)
+    if "int" in kind and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", text):
+        return int(text)
+    if "float" in kind:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return text
+
+
+def upload_name(upload: Upload, digest: str) -> str:
+    """The name an uploaded file goes by in the image's metadata (and so in `sana info --command`): the plain
+    file name the client gave it, or upload-<sha256 prefix>.png when that is not a plain, visible name."""
+    from ..planning.checks import check_name
+    from ..errors import UsageError
+
+    name = upload.filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    try:
+        if not name or len(name) > 128:
+            raise UsageError("no name")
+        check_name(name)
+    except UsageError:
+        name = f"upload-{digest[:16]}.png"
+    return name if upload.field == "image" else f"{upload.field}-{name}"
+
+
+def openai_mask(data: bytes) -> bytes:
+    """OpenAI's mask (transparent where the image is to be edited) as Sana's (white where it is repainted): a
+    mask with an alpha channel becomes a greyscale PNG, white where its alpha is 0 and black elsewhere. A mask
+    without alpha is taken as it is (white = repaint). Bytes that are not an image are left for the input-image
+    checks to refuse."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from ..safeio import IMAGE_FORMATS, MAX_IMAGE_PIXELS
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return data
+            if not (image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info):
+                return data
+            alpha = image.convert("RGBA").getchannel("A")
+    except Exception:  # noqa: BLE001 - not an image: the planning checks refuse it with their own words
+        return data
+    out = io.BytesIO()
+    alpha.point(lambda value: 255 if value == 0 else 0).save(out, format="PNG")
+    return out.getvalue()
 
 
 def nearest_size(native: int, width: int, height: int) -> tuple[int, int]:
@@ -293,6 +423,8 @@ def answer_quality(model_ref, steps: int) -> str:
 
 # Words of planning errors -> the request field they are about.
 _PARAM_WORDS = (
+    (re.compile(r"^--image\b|cannot start from an image"), "image"),
+    (re.compile(r"^--mask\b"), "mask"),
     (re.compile(r"^(width|height)\b|aspect ratio|^\d+x\d+ is|px model|--force-size|native size"), "size"),
     (re.compile(r"negative prompt"), "negative_prompt"),
     (re.compile(r"prompt"), "prompt"),

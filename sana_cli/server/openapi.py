@@ -53,6 +53,21 @@ REQUEST = {
     },
 }
 
+def _edit_request() -> dict:
+    """An edit's multipart form: the generation's fields as text parts (numbers as their text), one image."""
+    properties = {}
+    for name, schema in REQUEST["properties"].items():
+        if name in ("stream", "partial_images"):
+            continue  # streamed edits work; the document keeps the form to what every client sends
+        # a form part has no null: the field's own type (a number travels as its text)
+        properties[name] = schema["anyOf"][0] if "anyOf" in schema else schema
+    properties["input_fidelity"] = {"type": "string", "enum": list(oa.INPUT_FIDELITIES)}
+    properties["image"] = {"type": "string", "format": "binary",
+                           "description": "the image to start from (PNG, JPEG or WebP); one"}
+    return {"type": "object", "required": ["image", "prompt"], "additionalProperties": False,
+            "properties": properties}
+
+
 ANSWER_FIELDS = {
     "size": {"type": "string"}, "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
     "quality": {"type": "string", "enum": ["low", "medium", "high"]},
@@ -86,10 +101,19 @@ def _json(schema: dict, description: str) -> dict:
 def document(version: str) -> dict:
     key = [{"bearer": []}, {}]
     unsupported = {
-        "summary": "not supported yet (needs image input): answers an OpenAI error naming what is",
+        "summary": "not supported: image-to-image needs a prompt (use /v1/images/edits); answers an OpenAI error",
         "security": key,
         "responses": _errors(400, 401),
     }
+    edits = {
+        "summary": "image-to-image from one uploaded image (OpenAI's image edits), with a generation's fields",
+        "security": key,
+        "requestBody": {"required": True, "content": {"multipart/form-data": {
+            "schema": {"$ref": "#/components/schemas/ImageEditRequest"}}}},
+        "responses": {
+            "200": {"description": "the images",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}}}},
+            **_errors(400, 401, 403, 404, 408, 413, 415, 429, 500, 503)}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "sana serve", "version": version,
@@ -97,7 +121,8 @@ def document(version: str) -> dict:
                                 "header renders once: a retry with the same key and body gets the same answer."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": ERROR, "ImagesRequest": REQUEST, "ImagesResponse": IMAGES, "Model": MODEL},
+            "schemas": {"Error": ERROR, "ImagesRequest": REQUEST, "ImageEditRequest": _edit_request(),
+                        "ImagesResponse": IMAGES, "Model": MODEL},
         },
         "paths": {
             "/v1/models": {"get": {
@@ -121,7 +146,7 @@ def document(version: str) -> dict:
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}},
                                         "text/event-stream": {"schema": {"type": "string"}}}},
                     **_errors(400, 401, 404, 413, 415, 429, 500, 503)}}},
-            "/v1/images/edits": {"post": unsupported},
+            "/v1/images/edits": {"post": edits},
             "/v1/images/variations": {"post": unsupported},
             "/v1/images/files/{name}": {"get": {
                 "summary": "an image of a url answer", "security": key,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..planning.plan import LoadOptions
+from .inputs import InputStore
 from .openai_images import Aliases
 from .work_queue import Scheduler
 
@@ -20,6 +21,7 @@ class ServerConfig:
         self.allow_hosts = {name.lower().rstrip(".") for name in allow_hosts}
         self.output_dir = output_dir
         self.scratch_dir = scratch_dir
+        self.inputs = InputStore(Path(scratch_dir) / "inputs")  # input files clients sent, by sha256
         self.load = load
         self.models = models
         self.aliases = aliases or Aliases()

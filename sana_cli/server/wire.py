@@ -124,7 +124,11 @@ def same_installation(answer: dict) -> bool:
 # (a shared server cannot cap itself for one request; such a run stays in-process).
 CLIENT_ONLY_LOAD_FIELDS = ("verbose", "only", "max_memory_gib")
 INPUT_FILE_FIELDS = FILE_FIELDS  # job fields that name files on this machine (the field table's)
-MAX_JOBS_BODY = 256 << 20  # a POST /jobs body: as large as a batch file may be
+# Input files travel as their bytes: each at most this large, and one request's files together at most
+# MAX_INPUT_BYTES (a batch whose files are larger is sent in several requests).
+MAX_INPUT_FILE_BYTES = 256 << 20
+MAX_INPUT_BYTES = 512 << 20
+MAX_JOBS_BODY = (256 << 20) + MAX_INPUT_BYTES * 4 // 3 + (1 << 20)  # a batch file's jobs and their files in base64
 
 
 def model_request(ref, options) -> dict:
@@ -134,10 +138,12 @@ def model_request(ref, options) -> dict:
             "load": load_to_wire(options)}
 
 
-def jobs_request(ref, options, *, decode: str, force_size: bool, jobs) -> dict:
-    """POST /jobs's body: planned jobs to render with this model, decode and size rule."""
+def jobs_request(ref, options, *, decode: str, force_size: bool, jobs, files: dict | None = None) -> dict:
+    """POST /jobs's body: planned jobs to render with this model, decode and size rule, and the bytes of
+    the input files they name ({sha256: base64}; see input_files)."""
     return {**model_request(ref, options), "decode": decode, "force_size": force_size,
-            "jobs": [job_to_wire(job) for job in jobs]}
+            "jobs": [job_to_wire(job) for job in jobs],
+            "files": {digest: base64.b64encode(data).decode() for digest, data in (files or {}).items()}}
 
 
 def job_to_wire(job) -> dict:
@@ -182,9 +188,138 @@ def load_from_wire(data: dict):
     return LoadOptions(**data)
 
 
-def uses_input_files(job) -> bool:
-    """Whether a job needs a LoRA, a ControlNet or an input image, which only this process may open."""
-    return any(getattr(job, name, None) for name in INPUT_FILE_FIELDS)
+# ---- input files: sent as bytes, checked by hash on both sides --------------------------------------
+# A job names its input files by the path the client wrote and the sha256 planning took of their bytes
+# (the key holds the sha256). The client sends the bytes; the server keeps them only if they hash to
+# what the job says, and renders from its own copy (inputs.supplied): it never opens a client's path.
+# A row of the field table that names a file, X, carries its bytes' hash in the row X_sha256; LoRAs
+# carry theirs in each (id, sha256, scale). A ControlNet is a model: a preset or hub id travels by
+# name; a local ControlNet directory is a whole model, which the client does not send (in-process).
+
+
+def file_refs(job) -> list[tuple[str, str, str]]:
+    """(field, the path or id the client named, sha256) of every input file a job needs the bytes of."""
+    refs = []
+    for name in INPUT_FILE_FIELDS:
+        value = getattr(job, name, None)
+        if not value:
+            continue
+        if name == "loras":
+            refs += [(name, identity, digest) for identity, digest, _ in value]
+        elif name != "controlnet":
+            refs.append((name, value, getattr(job, f"{name}_sha256", None)))
+    return refs
+
+
+LOCAL_CONTROLNET = "a local ControlNet directory is loaded by this process (a server never opens a client's path)"
+
+
+def unsendable(job) -> str | None:
+    """Why a job's inputs cannot go to a server (None: they can): a local ControlNet directory."""
+    controlnet = getattr(job, "controlnet", None)
+    return LOCAL_CONTROLNET if controlnet and os.path.isabs(controlnet) else None
+
+
+def file_sources(jobs, offline: bool = False) -> dict:
+    """{sha256: (file to read, what it is, as the user named it)} of every input file of these jobs, each
+    no larger than MAX_INPUT_FILE_BYTES (a larger one is a usage error before anything is sent)."""
+    from ..inputs.lora import weights_file
+
+    sources: dict = {}
+    for job in jobs:
+        for name, value, digest in file_refs(job):
+            if digest in sources:
+                continue
+            what = "LoRA" if name == "loras" else f"--{name.replace('_', '-')}"
+            path = weights_file(value, digest, offline) if name == "loras" else value
+            try:
+                size = os.stat(path).st_size
+            except OSError as exc:
+                raise UsageError(f"{what} {value}: {exc.strerror or exc}") from None
+            if size > MAX_INPUT_FILE_BYTES:
+                raise UsageError(f"{what} {value} is larger than the {MAX_INPUT_FILE_BYTES >> 20} MiB a file sent "
+                                 "to a server may be", hint="pass --no-server to render it in this process")
+            sources[digest] = (path, what, value, size)
+    return sources
+
+
+def in_requests(jobs, sources: dict) -> list[list]:
+    """The jobs in order, cut into the requests that send them: each request's files together at most
+    MAX_INPUT_BYTES (a request sends the files its jobs name)."""
+    requests, current, files = [], [], set()
+    for job in jobs:
+        wanted = files | {digest for _, _, digest in file_refs(job)}
+        if current and sum(sources[digest][3] for digest in wanted) > MAX_INPUT_BYTES:
+            requests.append(current)
+            current, wanted = [], {digest for _, _, digest in file_refs(job)}
+        current.append(job)
+        files = wanted
+    return requests + ([current] if current else [])
+
+
+def input_files(jobs, sources: dict) -> dict:
+    """{sha256: bytes} of the input files of these jobs, each read now (bounded, a regular file) and
+    checked against the sha256 planning took: a file changed since is a usage error, never sent."""
+    files: dict = {}
+    for job in jobs:
+        for _, _, digest in file_refs(job):
+            if digest not in files:
+                path, what, shown, _ = sources[digest]
+                files[digest] = read_input_file(path, what, shown, digest)
+    return files
+
+
+def read_input_file(path: str, what: str, shown: str, digest: str | None) -> bytes:
+    """The bytes of one input file, read now: at most MAX_INPUT_FILE_BYTES (also if it grew since it was
+    planned) and hashing to `digest`, else a usage error naming it."""
+    import hashlib
+
+    from ..safeio import read_bounded
+
+    try:
+        data = read_bounded(path, MAX_INPUT_FILE_BYTES)
+    except OSError as exc:
+        try:
+            grown = os.stat(path).st_size > MAX_INPUT_FILE_BYTES
+        except OSError:
+            grown = False
+        if grown:
+            raise UsageError(f"{what} {shown} is larger than the {MAX_INPUT_FILE_BYTES >> 20} MiB a file sent to a "
+                             "server may be", hint="pass --no-server to render it in this process") from None
+        raise UsageError(f"{what} {shown}: {getattr(exc, 'strerror', None) or exc}") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise UsageError(f"{what} {shown} changed after the run was planned (its sha256 differs); run again")
+    return data
+
+
+def files_from_wire(raw) -> dict:
+    """The server's side: {sha256: bytes} of a jobs body's files, each decoded, bounded and hashed. A file
+    whose bytes do not hash to the sha256 it is sent under is a usage error."""
+    import hashlib
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError("'files' must be an object of sha256 to base64 bytes")
+    files, total = {}, 0
+    for digest, data in raw.items():
+        if not isinstance(data, str) or not isinstance(digest, str) or len(digest) != 64:
+            raise UsageError("'files' must be an object of sha256 to base64 bytes")
+        if len(data) > (MAX_INPUT_FILE_BYTES * 4 // 3) + 4:
+            raise UsageError(f"an input file is larger than the {MAX_INPUT_FILE_BYTES >> 20} MiB a file sent to a "
+                             "server may be")
+        try:
+            content = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise UsageError("an input file's bytes are not base64") from None
+        total += len(content)
+        if total > MAX_INPUT_BYTES:
+            raise UsageError(f"the input files of one request are larger than {MAX_INPUT_BYTES >> 20} MiB")
+        if hashlib.sha256(content).hexdigest() != digest:
+            raise UsageError(f"an input file's bytes do not hash to the sha256 {short(digest, 64)} it was sent as "
+                             "(changed on the way?)")
+        files[digest] = content
+    return files
 
 
 # ---- answers: bounds ----------------------------------------------------------------------------------

@@ -45,8 +45,17 @@ class Work:
     label: str = ""
     force_size: bool = False
     partial_images: int = 0  # previews per image while it renders (OpenAI streaming), at evenly spaced steps
+    inputs: dict = field(default_factory=dict)  # sha256 -> the server's copy of an input file the request sent
+    release: Callable[[], None] | None = None  # lets go of those copies once the work is finished
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
+
+    def finish(self) -> None:
+        """The work is over (rendered, failed, dropped): its input files may be evicted from now on."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+        self.finished.set()
 
     def family(self) -> tuple:
         """Work of one family can share GPU batches: same model, load options and decode."""
@@ -324,7 +333,7 @@ class Scheduler:
         with self._cond:
             if work in self._queue:
                 self._queue.remove(work)
-                work.finished.set()
+                work.finish()
                 log(f"dropped {work.label} ({len(work.jobs)} image(s)): the client went away while it was queued")
             elif work in self._running:
                 log(f"{work.label}: the client went away while it was rendering; its images are discarded")
@@ -364,7 +373,7 @@ class Scheduler:
         message = f"the server's work queue stopped ({reason}); the server is exiting"
         for work in pending:
             _send(work, error_event(message, 4, 503))
-            work.finished.set()
+            work.finish()
         if self.on_death is not None:
             self.on_death(reason)
 
@@ -397,7 +406,7 @@ class Scheduler:
                     self._running = []
                     self._stop = None
                 for work in works:
-                    work.finished.set()
+                    work.finish()
 
     def _ready_family(self):
         """(Under the lock) the family of the first queued work whose model is loaded; a model that is
@@ -423,7 +432,7 @@ class Scheduler:
                     self._queue.remove(work)
             self._fail(failed, exc)
             for work in failed:
-                work.finished.set()
+                work.finish()
         finally:
             with self._cond:
                 self._loading.discard(key)
@@ -507,7 +516,17 @@ class Scheduler:
 
         options = RunOptions(decode=loaded.options.decode_for(first.decode), abort_in_flight=True,
                              previews=previews if any(w.partial_images for w in works) else None)
-        outcome = run(plan, loaded, options, events=events, stop=stop, keep_text_encoder=True)
+        # The input files the requests sent, by sha256 (and by the name a job gives each, where one name means
+        # one file in this run): the only input files this run may open.
+        from ..inputs.supplied import supplying
+        from .wire import file_refs
+
+        names: dict = {}
+        for job in jobs:
+            for _, value, digest in file_refs(job):
+                names.setdefault(value, set()).add(digest)
+        with supplying({digest: path for work in works for digest, path in work.inputs.items()}, names):
+            outcome = run(plan, loaded, options, events=events, stop=stop, keep_text_encoder=True)
         done = done_event(outcome, loaded.describe())
         log(f"run {run_number}: done in {outcome.timings.get('total', 0.0):.2f} s")
         for work in works:

@@ -82,7 +82,7 @@ class BatchDirectory:
 def was_made_meanwhile(job, overwrite: bool, started_ns: int) -> bool:
     """Whether another process made this image (with this key) since this run looked: then it is
     done, not to be rendered again. With overwrite, only files newer than this run's start count."""
-    from .images import read_metadata
+    from .media import read_metadata
 
     try:
         info = os.lstat(job.path)

@@ -15,6 +15,7 @@ tampered manifest nor a symlink can make the report write or delete anything els
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import html
 import io
@@ -130,8 +131,9 @@ def thumbnail_path(output_dir: str | Path, file: str) -> Path:
 
 def render_thumbnail(image_path: str | Path, max_side: int = THUMBNAIL_MAX_SIDE) -> tuple[bytes, tuple[int, int]]:
     """JPEG bytes of a thumbnail (longest side <= max_side) and its size. Only PNG, JPEG or WebP files
-    of at most the largest size sana-cli writes are decoded; JPEG at a reduced scale."""
-    with image_file(image_path) as image:
+    of at most the largest size sana-cli writes are decoded; JPEG at a reduced scale. A video's (MP4, WebM)
+    thumbnail is its first frame."""
+    with _still_of(image_path) as image:
         image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster for 4K
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # in place: no full-size copy
         image = ImageOps.exif_transpose(image)  # on the small image (the box is square, so order is free)
@@ -143,6 +145,25 @@ def render_thumbnail(image_path: str | Path, max_side: int = THUMBNAIL_MAX_SIDE)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=_THUMBNAIL_QUALITY, optimize=True)
         return buffer.getvalue(), image.size
+
+
+@contextlib.contextmanager
+def _still_of(path: str | Path):
+    """The picture a card shows: the image itself, or a video's first frame."""
+    from ..planning.checks import VIDEO_SUFFIXES
+
+    if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
+        with image_file(path) as image:
+            yield image
+        return
+    from ..safeio import MAX_IMAGE_PIXELS
+    from .video import first_frame
+
+    image = first_frame(path, MAX_IMAGE_PIXELS)
+    try:
+        yield image
+    finally:
+        image.close()
 
 
 def make_thumbnail(image_path: str | Path, target: str | Path, max_side: int = THUMBNAIL_MAX_SIDE) -> tuple[int, int]:

@@ -88,6 +88,7 @@ def check(path: str) -> tuple[dict, str, str]:
     size within generate's limits, a device), an image name that is a plain file name, and w x h times a
     power-of-two scale equal to the size the metadata records (the VAE's own scale and channels are checked
     once it is loaded: see check_fits). Anything else is a usage error, one line."""
+    from ..planning.checks import VIDEO_SUFFIXES
     from ..planning.plan import IMAGE_SUFFIXES, check_side
     from ..safeio import BadSafetensors, read_safetensors_header
 
@@ -111,13 +112,26 @@ def check(path: str) -> tuple[dict, str, str]:
         raise refuse("its metadata is not a JSON object")
     image = info.get("image", "")
     if not image or image != Path(image).name or image in (".", "..") or "\\" in image \
-            or any(ord(ch) < 32 for ch in image) or Path(image).suffix.lower() not in IMAGE_SUFFIXES:
-        raise refuse(f"its image name {image!r} is not a plain .png, .jpg or .webp file name")
+            or any(ord(ch) < 32 for ch in image) \
+            or Path(image).suffix.lower() not in (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES):
+        raise refuse(f"its image name {image!r} is not a plain .png, .jpg or .webp file name (.mp4 or .webm for a "
+                     "video)")
     if set(tensors) != {"latents"}:
         raise refuse(f"it holds {', '.join(map(repr, sorted(tensors))) or 'no tensor'}, not one tensor 'latents'")
     dtype, shape, _ = tensors["latents"]
-    if dtype not in _LATENT_DTYPES or len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
-        raise refuse(f"its latents are {dtype} {list(shape)}, not one image's (1, C, h, w) in a float dtype")
+    video = Path(image).suffix.lower() in VIDEO_SUFFIXES  # a video's latents: (1, C, frames, h, w)
+    if dtype not in _LATENT_DTYPES or len(shape) != (5 if video else 4) or shape[0] != 1 or min(shape) < 1:
+        what = "one video's (1, C, F, h, w)" if video else "one image's (1, C, h, w)"
+        raise refuse(f"its latents are {dtype} {list(shape)}, not {what} in a float dtype")
+    if video:
+        frames = meta.get("frames")
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= 4096:
+            raise refuse(f"its metadata records {frames!r} frames")
+        fps = meta.get("fps")
+        if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 120:
+            raise refuse(f"its metadata records {fps!r} frames per second")
+        if not 1 <= shape[2] <= frames:
+            raise refuse(f"its latents have {shape[2]} frames for the {frames} its metadata records")
     if not isinstance(meta.get("model_id"), str) or not meta["model_id"].strip():
         raise refuse("its metadata names no model")
     if meta.get("revision") is not None and not isinstance(meta["revision"], str):
@@ -129,9 +143,9 @@ def check(path: str) -> tuple[dict, str, str]:
         width, height = check_side("width", meta.get("width")), check_side("height", meta.get("height"))
     except UsageError as exc:
         raise refuse(f"its metadata: {exc.message}") from None
-    scale = width // shape[3]
-    if scale < 1 or scale & (scale - 1) or shape[3] * scale != width or shape[2] * scale != height:
-        raise refuse(f"its latents are {shape[3]}x{shape[2]}, which no VAE decodes into the {width}x{height} "
+    scale = width // shape[-1]
+    if scale < 1 or scale & (scale - 1) or shape[-1] * scale != width or shape[-2] * scale != height:
+        raise refuse(f"its latents are {shape[-1]}x{shape[-2]}, which no VAE decodes into the {width}x{height} "
                      "its metadata records")
     if shape[1] > MAX_CHANNELS:
         raise refuse(f"its latents have {shape[1]} channels; a Sana VAE has 32")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..errors import GenerationError, UsageError
 from .files import STALE_SECONDS, _host, _writer_gone, sha256_file
-from .images import read_metadata
+from .media import read_metadata
 
 MANIFEST = "results.jsonl"
 _MANIFEST_NAME = re.compile(r"results(\.shard-\d+-of-\d+)?(\.rank-\d+-of-\d+)?\.jsonl\Z")

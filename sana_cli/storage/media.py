@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UsageError
-from ..planning.plan import image_format
+from ..planning.checks import media_format
 from .files import Written, write_encoded
 from .images import encode_image
+from .video import encode_video
 
-__all__ = ["ENCODERS", "Frames", "Written", "encode", "format_for", "write", "write_encoded"]
+__all__ = ["ENCODERS", "Frames", "Written", "encode", "format_for", "read_metadata", "write", "write_encoded",
+           "write_frames"]
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,13 @@ def _still(frames: Frames, fmt: str, meta: dict, quality: int) -> bytes:
 
 
 # Format name (planning.plan.IMAGE_SUFFIXES' values) -> encoder(frames, format, metadata, quality) -> bytes.
-ENCODERS: dict[str, Callable[[Frames, str, dict, int], bytes]] = {"PNG": _still, "JPEG": _still, "WEBP": _still}
+ENCODERS: dict[str, Callable[[Frames, str, dict, int], bytes]] = {"PNG": _still, "JPEG": _still, "WEBP": _still,
+                                                                  "MP4": encode_video, "WEBM": encode_video}
 
 
 def format_for(path: str | Path) -> str:
     """The format a path's suffix asks for; an unknown suffix is a usage error."""
-    return image_format(str(path))
+    return media_format(str(path))
 
 
 def encode(frames: Frames, fmt: str, meta: dict, *, quality: int = 95) -> bytes:
@@ -72,3 +75,33 @@ def encode(frames: Frames, fmt: str, meta: dict, *, quality: int = 95) -> bytes:
 def write(frames: Frames, path: str | Path, meta: dict, *, overwrite: bool, quality: int = 95) -> Written:
     """Encode in the format the path's suffix names and write atomically; its path, size and sha256."""
     return write_encoded(encode(frames, format_for(path), meta, quality=quality), path, overwrite=overwrite)
+
+
+def write_frames(frames: Frames, directory: str | Path, video_path: str | Path, meta: dict, *,
+                 overwrite: bool) -> list[Written]:
+    """Each frame of a video as a PNG (metadata inside, plus its frame number) in `directory`, named after the
+    video: <name>-0001.png onwards; each written atomically."""
+    from ..planning.video import frame_paths
+    from .files import ensure_directory
+
+    ensure_directory(directory)
+    written = []
+    for number, (image, path) in enumerate(zip(frames.frames, frame_paths(str(directory), str(video_path),
+                                                                         len(frames))), 1):
+        data = encode_image(image, "PNG", {**meta, "frame": number})
+        written.append(write_encoded(data, path, overwrite=overwrite))
+    return written
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of any file sana-cli writes, by its suffix: a video's container tags (storage.video) or an
+    image's chunks (storage.images); both give {'sana': dict|None, 'parameters': str|None, ...}."""
+    from ..planning.checks import VIDEO_SUFFIXES
+
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        from .video import read_video_metadata
+
+        return read_video_metadata(path)
+    from .images import read_metadata as read_image_metadata
+
+    return read_image_metadata(path)
