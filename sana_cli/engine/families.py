@@ -47,16 +47,22 @@ def encode_sana(pipe, jobs: list[ImageJob], *, max_sequence_length: int) -> tupl
                                     **_common_encode(pipe, max_sequence_length)))
 
 
-def call_sana(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable, pipe) -> dict:
-    """Keyword arguments for one SanaPipeline / SanaPAGPipeline call that returns latents. With a start image,
-    the call starts from its noised latents (and blends a mask's known region back after each step): the
-    schedule itself was cut to the kept steps by LoadedModel.prepare_call (see engine.img2img)."""
+def _with_negative(jobs: list[ImageJob], embeddings: tuple, generators: list, on_step: Callable) -> dict:
+    """The keyword arguments the Sana image and video pipelines share: prompts, negative prompt, PAG scale."""
     negative_embeds, negative_mask = embeddings[2:]
     kwargs = _common_call(jobs, embeddings, generators, on_step)
     kwargs.update(negative_prompt=None, negative_prompt_embeds=negative_embeds,
                   negative_prompt_attention_mask=negative_mask)
     if jobs[0].pag_scale > 0:
         kwargs["pag_scale"] = jobs[0].pag_scale
+    return kwargs
+
+
+def call_sana(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable, pipe) -> dict:
+    """Keyword arguments for one SanaPipeline / SanaPAGPipeline call that returns latents. With a start image,
+    the call starts from its noised latents (and blends a mask's known region back after each step): the
+    schedule itself was cut to the kept steps by LoadedModel.prepare_call (see engine.img2img)."""
+    kwargs = _with_negative(jobs, embeddings, generators, on_step)
     if jobs[0].image:
         from . import img2img
 
@@ -135,12 +141,12 @@ def encode_video(pipe, jobs: list[ImageJob], *, max_sequence_length: int) -> tup
                                     max_sequence_length=max_sequence_length, complex_human_instruction=_chi(pipe)))
 
 
-def call_video(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable) -> dict:
+def call_video(jobs: list[ImageJob], embeddings: tuple, *, generators: list, on_step: Callable, pipe=None) -> dict:
     """Keyword arguments for one SanaVideoPipeline / SanaImageToVideoPipeline call that returns latents."""
     from ..inputs.images import prepare
 
     first = jobs[0]
-    kwargs = call_sana(jobs, embeddings, generators=generators, on_step=on_step)
+    kwargs = _with_negative(jobs, embeddings, generators, on_step)  # a video's image is its first frame, not a start
     kwargs["frames"] = first.frames
     if first.image:
         kwargs["image"] = prepare(first.image, first.width, first.height)
