@@ -100,7 +100,8 @@ class Workload:
         return [SEED + i for i in range(self.prompts)]
 
 
-def workloads(scale: str, batch_prompts_count: int | None = None, size: int | None = None) -> dict[str, Workload]:
+def workloads(scale: str, batch_prompts_count: int | None = None, size: int | None = None,
+              steps: int | None = None) -> dict[str, Workload]:
     """Full: the benchmark's sizes (4096px, 1024px, a 1024px batch, Sprint). Tiny: 128x128 everywhere,
     the native size of the tiny 1024 and Sprint models (sample_size 32 x VAE ratio 4). The tiny 4K
     model (sample_size 128) is native 512, but bf16 convolutions are slow on a CPU, so it renders
@@ -113,6 +114,8 @@ def workloads(scale: str, batch_prompts_count: int | None = None, size: int | No
               "1024": Workload("1024", "1024", small, small, 20, 4.5),
               "batch": Workload("batch", "1024", small, small, 20, 4.5, prompts=count),
               "sprint": Workload("sprint", "sprint", small, small, 2, 4.5)}
+    if steps is not None:  # a quick check with fewer steps (--steps); Sprint's 2 are its model's
+        chosen = {key: w if key == "sprint" else replace(w, steps=steps) for key, w in chosen.items()}
     if size is not None:  # a quick check at another size (--size): sana-cli needs force_size for it
         chosen = {key: replace(w, width=size, height=size, force_size=w.force_size or size != w.width)
                   for key, w in chosen.items()}
@@ -704,6 +707,9 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, default=None,
                         help="render every workload at SIZExSIZE instead (quick checks only: not the full "
                              "workloads; sana-cli then runs with force_size)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps of the 4k, 1024 and batch workloads instead of 20 (quick checks only: "
+                             "not the full workloads; Sprint keeps its 2)")
     parser.add_argument("--decode", default="auto", help="sana-cli decode strategy for api and cli (default auto)")
     parser.add_argument("--no-exactness", dest="exactness", action="store_false",
                         help="skip the extra recipe run without the text-encoder cast (one image per workload)")
@@ -734,7 +740,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     checkpoints = Path(args.checkpoints or HERE / "checkpoints" / args.scale).resolve()
-    chosen = workloads(args.scale, args.batch_prompts, args.size)
+    chosen = workloads(args.scale, args.batch_prompts, args.size, args.steps)
     needed = sorted({chosen[key].model for key in args.workloads}, key=make_checkpoints.MODEL_KEYS.index)
     manifest = make_checkpoints.build(checkpoints, needed, args.scale, device=device.type, log=log)
     work = Path(args.work or tempfile.mkdtemp(prefix="sana-bench-")).resolve()
