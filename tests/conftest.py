@@ -205,6 +205,17 @@ def run_sana(*args, cwd=None, env=None, input=None, timeout=180, check_json=Fals
     return process
 
 
+def shell_env(env=None) -> dict:
+    """os.environ plus env, with PATH led by a directory whose `sana` is what a shell should find to run a
+    command line sana printed (`sana info --command`): this worker's zygote when one stands for this
+    environment (see zygote.launch), else the installed console script."""
+    full_env = dict(os.environ, **(env or {}))
+    zygote = _forked_sana(full_env)
+    directory = os.path.dirname(SANA) if zygote is None else zygote.shim(SANA)
+    full_env["PATH"] = f"{directory}{os.pathsep}{full_env.get('PATH', '')}"
+    return full_env
+
+
 def run_python(code: str, *args, cwd=None, env=None, timeout=300):
     """subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, ...), forked from
     this worker's zygote like run_sana: for a test's script that imports what `sana` imports."""

@@ -6,7 +6,6 @@ new columns; a changed LoRA file is never taken for a finished image."""
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import subprocess
 
@@ -22,7 +21,7 @@ from sana_cli.inputs import lora
 from sana_cli.errors import UsageError
 from sana_cli.storage.images import read_metadata
 
-from .conftest import SANA, run_sana
+from .conftest import run_sana, shell_env
 
 PROMPT = "a red fox in the snow"
 
@@ -202,7 +201,7 @@ def test_info_command_reproduces_lora_controlnet_and_img2img(model, request_, pa
     assert {"loras", "controlnet", "control_image", "image"} & set(meta)
     shown = run_sana("info", first, "--command")
     assert shown.returncode == 0 and shown.stderr == "", shown.stderr
-    env = dict(os.environ, PATH=f"{os.path.dirname(SANA)}:{os.environ['PATH']}")
+    env = shell_env()
     again = subprocess.run(["bash", "-c", shown.stdout.strip()], capture_output=True, text=True, cwd=tmp_path, env=env,
                            timeout=180)
     assert again.returncode == 0, again.stderr

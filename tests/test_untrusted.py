@@ -24,7 +24,7 @@ from PIL import Image
 from sana_cli.storage.images import encode_image
 from sana_cli.planning.reproduce import NOT_OPTIONS, OPTIONS
 
-from .conftest import SANA, limited, one_line_error, run_sana
+from .conftest import SANA, limited, one_line_error, run_sana, shell_env
 
 GIB = 2**30
 
@@ -371,7 +371,7 @@ def test_info_command_reproduces_the_same_pixels(options, prompt, suffix, tmp_pa
     command = shown.stdout.strip()
     assert "\n" not in command and " -- " in command
     assert_terminal_safe(command)
-    env = dict(os.environ, PATH=f"{os.path.dirname(SANA)}:{os.environ['PATH']}")
+    env = shell_env()
     again = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180)
     assert again.returncode == 0, (command, again.stderr)
     second = tmp_path / f"first-again{suffix}"
@@ -419,7 +419,7 @@ def test_command_quotes_a_local_model_path_and_says_so(tmp_path, tiny_dir):
     assert shown.returncode == 0
     assert f"--model '{model_dir}'" in shown.stdout
     assert "names the local model directory" in shown.stderr
-    env = dict(os.environ, PATH=f"{os.path.dirname(SANA)}:{os.environ['PATH']}")
+    env = shell_env()
     again = subprocess.run(["bash", "-c", shown.stdout], capture_output=True, text=True, cwd=tmp_path, env=env,
                            timeout=180)
     assert again.returncode == 0, again.stderr

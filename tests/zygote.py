@@ -161,6 +161,28 @@ def run_child(target) -> None:
     os._exit(code & 0xFF)
 
 
+
+def launch(path: str, argv: list[str]) -> None:
+    """`sana ARGS` for a shell that runs a printed command line: this process's descriptors, directory and
+    environment become the command's, signals a shell sends here are passed on, and this process ends as
+    the command did (its exit status, or killed by the same signal). Runs under `python -S`: stdlib only."""
+    import signal
+
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.connect(path)
+    request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
+    socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+    answers = connection.makefile("rb")
+    pid = json.loads(answers.readline())["pid"]
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(number, lambda received, _frame: os.kill(pid, received))
+    status = json.loads(answers.readline())["status"]
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
 # ---- the client side, used by conftest in the test worker ----
 
 # Variables sana reads only while it runs (never a library at import time): a command may set them and still
@@ -187,6 +209,18 @@ class Zygote:
         if ready != b"ready\n":
             self.process.kill()
             raise RuntimeError(f"the test zygote did not start (it said {ready!r})")
+
+    def shim(self, sana: str) -> str:
+        """A directory whose `sana` runs commands forked from this zygote (see launch), for a shell's PATH."""
+        directory = os.path.join(os.path.dirname(self.path), "bin")
+        if not os.path.isdir(directory):
+            os.mkdir(directory)
+            script = os.path.join(directory, "sana")
+            with open(script, "w", encoding="utf-8") as stream:
+                stream.write(f'#!/bin/sh\nexec "{sys.executable}" -S "{os.path.abspath(__file__)}" launch '
+                             f'"{self.path}" "{sana}" "$@"\n')
+            os.chmod(script, 0o755)
+        return directory
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -388,7 +422,9 @@ def run(zygote: Zygote, argv: list[str], *, cwd, env: dict, input: str | None, t
     return subprocess.CompletedProcess(argv, process.returncode, out, err)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] == "launch":
+    launch(sys.argv[2], sys.argv[3:])
+elif __name__ == "__main__":
     import gc
 
     preload()
