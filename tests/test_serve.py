@@ -188,12 +188,16 @@ def _start_image(path: Path, size=(96, 80), seed: int = 0) -> Path:
 
 
 def test_attached_image_and_control_image_render_on_the_server_with_the_no_server_bytes(server, tmp_path):
-    """The attaching CLI reads --image and --control-image and sends their bytes; the server renders them
-    (its log has the run, the CLI says it renders there and never that it renders here), and the files are
-    the bytes of a --no-server run."""
+    """The attaching CLI reads --image, --mask and --control-image and sends their bytes; the server renders
+    them (its log has the run, the CLI says it renders there and never that it renders here), and the files
+    are the bytes of a --no-server run."""
     start = _start_image(tmp_path / "in.png")
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.tri(80, 96, dtype=np.uint8) * 255).save(mask)  # the start image's size: repaint one half
     runs = {"img2img": ("a street at night", "--model", "tiny-sprint", "--seed", 3, "--image", start,
                         "--strength", 0.5),
+            "inpaint": ("a street at night", "--model", "tiny", "--seed", 4, "--steps", 4, "--image", start,
+                        "--strength", 0.75, "--mask", mask),
             "control": ("a castle", "--model", "tiny", "--seed", 2, "--steps", 3, "--controlnet", "tiny-controlnet",
                         "--control-image", start)}
     for name, args in runs.items():
