@@ -45,7 +45,7 @@ def invoke(*args):
 def test_installed_sana_generates_a_png_identical_to_a_direct_diffusers_call(sana, tiny_dir, tmp_path):
     target = tmp_path / "panda.png"
     process = sana("generate", PROMPT, "--model", tiny_dir, "--seed", 7, "--steps", 4, "-o", target, "--json",
-                   check_json=True)
+                   check_json=True, fresh=True)  # the console script itself, in a fresh interpreter
     assert process.returncode == 0, process.stderr
     data = process.json  # stdout is exactly one JSON object
     assert data["ok"] is True and data["images"][0]["path"] == str(target)

@@ -14,7 +14,7 @@ from sana_cli import api
 from sana_cli.planning.plan import Request, model_for, plan_generate
 from sana_cli.engine.speed import compile_pays_off, estimated_saving_seconds
 
-from .conftest import SANA
+from .conftest import sana_popen
 
 
 def call_order(plan, keep_text_encoder: bool):
@@ -69,16 +69,19 @@ def test_compile_matches_eager_and_a_second_process_reuses_the_cache(tmp_path, t
     env = dict(os.environ, SANA_CLI_CACHE=str(cache))
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     args = ["generate", "a red fox", "--model", "tiny", "--seed", "3", "--steps", "2", "-q"]
-    eager = subprocess.run([SANA, *args, "--compile", "off", "-o", str(tmp_path / "eager.png")], env=env,
-                           capture_output=True, text=True, timeout=300)
-    first = subprocess.run([SANA, *args, "--compile", "on", "-o", str(tmp_path / "first.png")], env=env,
-                           capture_output=True, text=True, timeout=600)
+
+    def run(*more):  # each a process of its own: the second compiles from the disk cache alone
+        process = sana_popen([*args, *more], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = process.communicate(timeout=600)
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+    eager = run("--compile", "off", "-o", tmp_path / "eager.png")
+    first = run("--compile", "on", "-o", tmp_path / "first.png")
     assert eager.returncode == 0 and first.returncode == 0, first.stderr[-2000:]
     inductor = cache / "inductor"
     cached = {p for p in inductor.rglob("*") if p.is_file()}
     assert cached, "the compile cache was not written under SANA_CLI_CACHE"
-    second = subprocess.run([SANA, *args, "--compile", "on", "-o", str(tmp_path / "second.png")], env=env,
-                            capture_output=True, text=True, timeout=600)
+    second = run("--compile", "on", "-o", tmp_path / "second.png")
     assert second.returncode == 0
     a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("eager", "first", "second"))
     assert np.abs(a - b).max() <= 1
