@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -173,11 +174,19 @@ def _forked_sana(env: dict):
     from .zygote import Zygote, import_time_environment
 
     key = import_time_environment(env)
+    if key in _zygotes and _zygotes[key] is None:  # it could not start: fresh processes for this environment
+        return None
     zygote = _zygotes.get(key)
     if zygote is None:
         if len(_zygotes) >= MAX_ZYGOTES:
             return None
-        zygote = _zygotes[key] = Zygote(tempfile.mkdtemp(prefix="sana-zygote-"), env)
+        try:
+            zygote = Zygote(tempfile.mkdtemp(prefix="sana-zygote-"), env)
+        except (OSError, RuntimeError) as exc:  # only slower without one: this environment's commands start fresh
+            warnings.warn(f"no test zygote ({exc}); commands start a fresh interpreter", stacklevel=2)
+            _zygotes[key] = None
+            return None
+        _zygotes[key] = zygote
         atexit.register(zygote.close)
     return zygote if zygote.alive() else None
 
@@ -267,7 +276,7 @@ def _cpu_seconds() -> float:
     own = os.times()
     total = own.user + own.system + own.children_user + own.children_system
     ticks = os.sysconf("SC_CLK_TCK")
-    for zygote in _zygotes.values():
+    for zygote in filter(None, _zygotes.values()):
         try:
             fields = Path(f"/proc/{zygote.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += sum(int(value) for value in fields[11:15]) / ticks  # utime stime cutime cstime
