@@ -68,8 +68,8 @@ def _send(connection: socket.socket, message: dict) -> None:
 
 
 def serve(path: str) -> dict:
-    """Answer commands until the client side closes the listening socket's directory or kills us.
-    Returns only in a forked child, with the request that child is to run."""
+    """Answer commands until killed (Zygote.close). Returns only in a forked child, with the request that
+    child is to run."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -119,12 +119,11 @@ def _become_child(request: dict, fds: list[int], owned: list, others: list) -> d
     return request
 
 
-
 def run_child(target) -> None:
     """target() as a fresh interpreter runs a script (for `sana`: `sys.exit(main())`, as the console script
-    does), and the interpreter's shutdown up to the point
-    where it tears down its modules: waiting for threads, atexit handlers, flushing stdout and stderr,
-    the exit status of an uncaught exception, and death by SIGINT after an uncaught KeyboardInterrupt.
+    does), and the interpreter's shutdown up to the point where it tears down its modules: waiting for
+    threads, atexit handlers, flushing stdout and stderr, the exit status of an uncaught exception, and
+    death by SIGINT after an uncaught KeyboardInterrupt.
     The module teardown is left out: in a process that has inherited the zygote's heap it touches every
     object, copies every page and costs seconds, and it decides nothing a command's caller can see."""
     import atexit
