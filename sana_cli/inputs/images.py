@@ -105,8 +105,9 @@ def _decoded(path):
     return image
 
 
-def to_rgb(image):
-    """An 8-bit RGB copy of any Pillow image, with the EXIF orientation applied and transparency on white."""
+def _flattened(image, mode: str, background: tuple[int, int, int, int]):
+    """An 8-bit copy of any Pillow image in `mode`, with the EXIF orientation applied, 16-bit grey by its top
+    8 bits, a palette through its colours, and transparency composited on `background`."""
     from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(image)
@@ -116,9 +117,13 @@ def to_rgb(image):
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba).convert(mode)
+    return image.convert(mode)
+
+
+def to_rgb(image):
+    """An 8-bit RGB copy of any Pillow image, with the EXIF orientation applied and transparency on white."""
+    return _flattened(image, "RGB", (255, 255, 255, 255))
 
 
 def fit(image, width: int, height: int):
@@ -172,18 +177,7 @@ def oriented_size(path: str) -> tuple[int, int]:
 
 def to_mask(image):
     """A mask's 8-bit grey copy (EXIF orientation applied, transparency on black), by the module's rule."""
-    from PIL import Image, ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I"):  # 16-bit grey: its top 8 bits
-        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("L")
-    return image.convert("L")
+    return _flattened(image, "L", (0, 0, 0, 255))
 
 
 def prepare_mask(path: str, width: int, height: int, digest: str | None = None):
